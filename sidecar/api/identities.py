@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+import msgspec
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromQuery, JSONBody, QueryParameter
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from msgspec import UNSET
+
+from sidecar.api.auth import admin_guard
+from sidecar.errors import InvalidRequest, NotFound
+from sidecar.identity import model
+from sidecar.identity.model import Identity, IdentityCreate, IdentityPatch, InvalidField
+from sidecar.identity.store import IdentityStore
+
+PREFIX = "/v2/identities"
+MAX_REF = 255
+Store = NamedDependency[IdentityStore]
+
+
+class IdentityList(msgspec.Struct):
+    data: list[Identity]
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+def _profile(fields: IdentityCreate | IdentityPatch) -> model.Profile:
+    try:
+        return model.profile(fields)
+    except InvalidField as exc:
+        raise InvalidRequest(exc.message, param=exc.param) from None
+
+
+def identity_ref(request: Request[Any, Any, Any]) -> str:
+    """The `{id}` of the path, from the raw path so that an encoded '/' stays inside the id."""
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    tail = raw.split(b"?", 1)[0].decode("latin-1")[len(PREFIX) + 1 :]
+    ref = unquote(tail, errors="strict") if tail else ""
+    if not ref or "/" in tail:
+        raise NotFound(f"no route for {request.method} {request.url.path}")
+    if len(ref) > MAX_REF:
+        raise InvalidRequest(f"id must be at most {MAX_REF} characters", param="id")
+    return ref
+
+
+async def _find(store: Store, ref: str, include_metrics: FromQuery[bool] = False) -> Identity:
+    identity = await store.get(ref, include_metrics=include_metrics)
+    if identity is None:
+        raise NotFound(f"no identity with _id or external_id {ref!r}", param="id")
+    return identity
+
+
+class IdentityController(Controller):
+    path = PREFIX
+    tags = ["identities"]
+    guards = [admin_guard]
+
+    @post(status_code=HTTP_201_CREATED, operation_id="createIdentity")
+    async def create(self, data: JSONBody[IdentityCreate], store: Store) -> Identity:
+        try:
+            external_id = model.external_id(data.external_id)
+        except InvalidField as exc:
+            raise InvalidRequest(exc.message, param=exc.param) from None
+        return await store.create(external_id, _profile(data))
+
+    @get(operation_id="listIdentities")
+    async def list(
+        self,
+        store: Store,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 10,
+        starting_after: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        ending_before: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        search: Annotated[str | None, QueryParameter(max_length=255)] = None,
+        tags: Annotated[list[str] | None, QueryParameter(name="filter_by.tags")] = None,
+        include_metrics: FromQuery[bool] = False,
+    ) -> IdentityList:
+        if starting_after and ending_before:
+            raise InvalidRequest(
+                "send starting_after or ending_before, not both", param="ending_before"
+            )
+        if search and model.has_control(search):
+            raise InvalidRequest("search must not contain control characters", param="search")
+        if tags and (len(tags) > 50 or any(model.has_control(t) for t in tags)):
+            raise InvalidRequest(
+                "filter_by.tags: at most 50 printable tags", param="filter_by.tags"
+            )
+        page = await store.page(
+            limit=limit,
+            starting_after=starting_after,
+            ending_before=ending_before,
+            search=search,
+            tags=tags or (),
+            include_metrics=include_metrics,
+        )
+        return IdentityList(data=page.data, has_more=page.has_more)
+
+    @get("/{ref:path}", operation_id="getIdentity")
+    async def get(
+        self,
+        request: Request[Any, Any, Any],
+        store: Store,
+        include_metrics: FromQuery[bool] = False,
+    ) -> Identity:
+        return await _find(store, identity_ref(request), include_metrics)
+
+    @patch("/{ref:path}", operation_id="updateIdentity")
+    async def update(
+        self, request: Request[Any, Any, Any], data: JSONBody[IdentityPatch], store: Store
+    ) -> Identity:
+        identity = await _find(store, identity_ref(request))
+        if data.external_id is not UNSET and data.external_id.strip() != identity.external_id:
+            raise InvalidRequest(
+                "external_id cannot be changed; create a new identity", param="external_id"
+            )
+        updated = await store.patch(identity, _profile(data))
+        if updated is None:
+            raise NotFound(f"identity {identity.external_id!r} was deleted", param="id")
+        return updated
+
+    @delete("/{ref:path}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteIdentity")
+    async def remove(self, request: Request[Any, Any, Any], store: Store) -> None:
+        await store.delete(await _find(store, identity_ref(request)))

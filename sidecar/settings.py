@@ -1,0 +1,263 @@
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from sidecar.usage.pricing import ModelPrice
+
+DEFAULT_CONFIG = "config.toml"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 33_554_432
+    data_dir: str = ".sidecar"
+    workers: int = 1
+
+
+class UpstreamSettings(_Section):
+    url: str | None = None
+    timeout_s: float = 600.0
+
+
+class RedisSettings(_Section):
+    url: str | None = None
+    key_prefix: str = "sidecar"
+    timeout_ms: int = 50
+    on_error: Literal["allow", "deny"] = "allow"
+
+
+class AdminSettings(_Section):
+    token: str | None = None
+    hook_token: str | None = None
+
+
+class MeteringSettings(_Section):
+    extra_paths: list[str] = msgspec.field(default_factory=list)
+
+
+class IdentitySettings(_Section):
+    header: str = "X-ORQ-IDENTITY-ID"
+    required: bool = False
+
+
+class ApiKeyOwner(_Section):
+    sha256: str
+    owner: str
+
+
+class PoliciesSettings(_Section):
+    paths: list[str] = msgspec.field(default_factory=list)
+
+
+class PricingSettings(_Section):
+    models: dict[str, ModelPrice] = msgspec.field(default_factory=dict)
+
+
+class Settings(_Section):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
+    identity: IdentitySettings = msgspec.field(default_factory=IdentitySettings)
+    api_keys: list[ApiKeyOwner] = msgspec.field(default_factory=list)
+    policies: PoliciesSettings = msgspec.field(default_factory=PoliciesSettings)
+    pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
+    # Where the config came from; relative paths in it resolve against this folder.
+    base_dir: str = "."
+    source: str = "<defaults>"
+
+    @property
+    def data_path(self) -> Path:
+        return resolve_path(self.base_dir, self.server.data_dir)
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "redis": RedisSettings,
+    "admin": AdminSettings,
+    "metering": MeteringSettings,
+    "identity": IdentitySettings,
+    "policies": PoliciesSettings,
+    "pricing": PricingSettings,
+}
+
+_ENV: dict[str, tuple[str, str, type]] = {
+    "SIDECAR_HOST": ("server", "host", str),
+    "SIDECAR_PORT": ("server", "port", int),
+    "SIDECAR_UPSTREAM_URL": ("upstream", "url", str),
+    "SIDECAR_REDIS_URL": ("redis", "url", str),
+    "SIDECAR_ADMIN_TOKEN": ("admin", "token", str),
+    "SIDECAR_DATA_DIR": ("server", "data_dir", str),
+}
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PATH_RE = re.compile(r"`\$((?:\.[^`\[]+|\[\d+\])*)`")
+
+
+def resolve_path(base_dir: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def _where(prefix: str, err: msgspec.ValidationError) -> str:
+    """Turn msgspec's "... - at `$.a.b[0]`" into "prefix.a.b[0]: ..."."""
+    text = str(err)
+    message, _, location = text.rpartition(" - at ")
+    if not message:
+        return f"{prefix}: {text}"
+    match = _PATH_RE.fullmatch(location)
+    suffix = match.group(1) if match else ""
+    key = prefix + suffix
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", message)
+    if unknown:
+        return f"{key}.{unknown.group(1)}: unknown key"
+    return f"{key}: {message[0].lower()}{message[1:]}"
+
+
+def _check_values(s: Settings) -> list[str]:
+    problems = []
+    if not 0 <= s.server.port <= 65535:
+        problems.append("server.port: must be 0-65535")
+    if s.server.max_body_bytes < 1024:
+        problems.append("server.max_body_bytes: must be at least 1024")
+    if s.server.workers < 1:
+        problems.append("server.workers: must be at least 1")
+    if s.upstream.url is not None and not re.match(r"https?://[^/]+", s.upstream.url):
+        problems.append("upstream.url: must be an http:// or https:// URL")
+    if s.upstream.timeout_s <= 0:
+        problems.append("upstream.timeout_s: must be positive")
+    if s.redis.url is not None:
+        from sidecar.store.connect import SCHEMES
+
+        scheme = s.redis.url.partition("://")[0]
+        if scheme not in SCHEMES:
+            problems.append(
+                f"redis.url: scheme must be one of {', '.join(sorted(SCHEMES))}, not {scheme!r}"
+            )
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", s.redis.key_prefix):
+        problems.append("redis.key_prefix: 1-64 of letters, digits, '_', '-', '.'")
+    if not 1 <= s.redis.timeout_ms <= 60_000:
+        problems.append("redis.timeout_ms: must be 1-60000")
+    for name, token in (("admin.token", s.admin.token), ("admin.hook_token", s.admin.hook_token)):
+        if token is not None and len(token) < 16:
+            problems.append(f"{name}: must be at least 16 characters")
+    if not re.fullmatch(r"[A-Za-z0-9\-]{1,128}", s.identity.header):
+        problems.append("identity.header: must be an HTTP header name")
+    for path in s.metering.extra_paths:
+        if not path.startswith("/"):
+            problems.append(f"metering.extra_paths: {path!r} must start with '/'")
+    owners: set[str] = set()
+    for i, key in enumerate(s.api_keys):
+        if not _SHA256.fullmatch(key.sha256):
+            problems.append(f"api_keys[{i}].sha256: must be 64 lowercase hex digits")
+        elif key.sha256 in owners:
+            problems.append(f"api_keys[{i}].sha256: listed twice")
+        owners.add(key.sha256)
+        if not key.owner.strip() or len(key.owner) > 255:
+            problems.append(f"api_keys[{i}].owner: must be 1-255 characters")
+    for model, price in s.pricing.models.items():
+        for field in msgspec.structs.fields(price):
+            value = getattr(price, field.name)
+            if value is not None and value < 0:
+                problems.append(f"pricing.models.{model}.{field.name}: must not be negative")
+    return problems
+
+
+def parse(raw: Mapping[str, Any], *, base_dir: str = ".") -> Settings:
+    """Typed settings from a TOML mapping; every problem found is reported at once."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "api_keys":
+            if not isinstance(value, list):
+                problems.append("api_keys: expected an array of tables ([[api_keys]])")
+                continue
+            items = []
+            for i, item in enumerate(value):
+                try:
+                    items.append(msgspec.convert(item, ApiKeyOwner))
+                except msgspec.ValidationError as exc:
+                    problems.append(_where(f"api_keys[{i}]", exc))
+            sections[key] = items
+        elif key in _SECTIONS:
+            try:
+                sections[key] = msgspec.convert(value, _SECTIONS[key])
+            except msgspec.ValidationError as exc:
+                problems.append(_where(key, exc))
+        else:
+            problems.append(f"{key}: unknown key")
+    if problems:
+        raise ConfigError(problems)
+    settings = Settings(**sections, base_dir=base_dir)
+    problems = _check_values(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    problems = []
+    for var, (section, key, kind) in _ENV.items():
+        if var not in env:
+            continue
+        value: Any = env[var]
+        if kind is int:
+            try:
+                value = int(value)
+            except ValueError:
+                problems.append(f"{var}: expected an integer, got {env[var]!r}")
+                continue
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):
+            table[key] = value
+    return problems
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Config file (explicit, $SIDECAR_CONFIG, ./config.toml, or none), then the environment."""
+    env = os.environ if env is None else env
+    path = path or env.get("SIDECAR_CONFIG")
+    explicit = path is not None
+    file = Path(path or DEFAULT_CONFIG)
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if explicit or file.exists():
+        source = str(file)
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"{file}: no such file"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{file}: cannot read: {exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{file}: invalid TOML: {exc}"]) from None
+    problems = _apply_env(raw, env)
+    try:
+        settings = parse(raw, base_dir=str(file.parent.resolve()) if explicit or raw else ".")
+    except ConfigError as exc:
+        problems += exc.problems
+        settings = None
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    assert settings is not None
+    return msgspec.structs.replace(settings, source=source)
