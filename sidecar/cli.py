@@ -75,9 +75,9 @@ def serve(args: argparse.Namespace) -> int:
             "no [redis] url: using the embedded Redis at %s (data in %s)", store.url, store.data_dir
         )
         settings = _settings(args.config)
-    token = admin_token(settings, create=True)
-    if not settings.admin.token:
+    if not settings.admin.token and stored_token(settings):
         log.info("admin token read from %s", settings.data_path / TOKEN_FILE)
+    token = admin_token(settings, create=True)
     try:
         _run_server(settings, token)
     finally:
@@ -117,7 +117,7 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def mock_upstream(args: argparse.Namespace) -> int:
-    from sidecar import mock_upstream as mock
+    from sidecar import mock
 
     return mock.run(args)
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file (default ./config.toml when present)")
     p.set_defaults(run=check_config)
 
-    from sidecar import mock_upstream as mock
+    from sidecar import mock
 
     p = commands.add_parser("mock-upstream", help="a fake OpenAI/Anthropic upstream")
     mock.add_arguments(p)

@@ -122,15 +122,15 @@ def resolve_path(base_dir: str, path: str) -> Path:
 def _where(prefix: str, err: msgspec.ValidationError) -> str:
     """Turn msgspec's "... - at `$.a.b[0]`" into "prefix.a.b[0]: ..."."""
     text = str(err)
-    message, _, location = text.rpartition(" - at ")
-    if not message:
-        return f"{prefix}: {text}"
+    message, sep, location = text.rpartition(" - at ")
+    if not sep:
+        message, location = text, ""
     match = _PATH_RE.fullmatch(location)
-    suffix = match.group(1) if match else ""
-    key = prefix + suffix
-    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", message)
-    if unknown:
+    key = prefix + (match.group(1) if match else "")
+    if unknown := re.fullmatch(r"Object contains unknown field `(.+)`", message):
         return f"{key}.{unknown.group(1)}: unknown key"
+    if missing := re.fullmatch(r"Object missing required field `(.+)`", message):
+        return f"{key}.{missing.group(1)}: required key missing"
     return f"{key}: {message[0].lower()}{message[1:]}"
 
 
@@ -183,6 +183,21 @@ def _check_values(s: Settings) -> list[str]:
     return problems
 
 
+def _unknown_keys(prefix: str, value: Any, struct: type[msgspec.Struct]) -> list[str]:
+    """Every key the struct does not have, nested structs included; dropped from `value`."""
+    if not isinstance(value, dict):
+        return []
+    problems = []
+    for key in list(value):
+        if key not in struct.__struct_fields__:
+            problems.append(f"{prefix}.{key}: unknown key")
+            del value[key]
+        elif struct is PricingSettings and isinstance(value[key], dict):
+            for name, price in value[key].items():
+                problems += _unknown_keys(f"{prefix}.{key}.{name}", price, ModelPrice)
+    return problems
+
+
 def parse(raw: Mapping[str, Any], *, base_dir: str = ".") -> Settings:
     """Typed settings from a TOML mapping; every problem found is reported at once."""
     problems: list[str] = []
@@ -194,12 +209,14 @@ def parse(raw: Mapping[str, Any], *, base_dir: str = ".") -> Settings:
                 continue
             items = []
             for i, item in enumerate(value):
+                problems += _unknown_keys(f"api_keys[{i}]", item, ApiKeyOwner)
                 try:
                     items.append(msgspec.convert(item, ApiKeyOwner))
                 except msgspec.ValidationError as exc:
                     problems.append(_where(f"api_keys[{i}]", exc))
             sections[key] = items
         elif key in _SECTIONS:
+            problems += _unknown_keys(key, value, _SECTIONS[key])
             try:
                 sections[key] = msgspec.convert(value, _SECTIONS[key])
             except msgspec.ValidationError as exc:

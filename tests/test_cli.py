@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.redis_server import free_port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
+def sidecar(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], cwd=cwd, env=env or clean_env(),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_check_config_ok_and_bad(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[server]\nport = 9000\n[upstream]\nurl = "http://127.0.0.1:4000"\n')
+    ok = sidecar("check-config", "--config", str(good), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"{good}: ok"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "x"\nbogus = 1\n[upstreams]\nurl = "x"\n')
+    result = sidecar("check-config", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{bad}: server.bogus: unknown key",
+        f"{bad}: server.port: expected `int`, got `str`",
+        f"{bad}: upstreams: unknown key",
+    ]  # fmt: skip
+
+
+def test_check_config_reads_config_toml_in_the_working_folder(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("[nope]\n")
+    result = sidecar("check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config.toml: nope: unknown key"
+
+
+@contextmanager
+def serving(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    env = clean_env(SIDECAR_DATA_DIR=str(tmp_path / "data"), SIDECAR_PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith("sidecar listening"):
+            break
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    try:
+        yield proc, lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=20)
+        lines += rest.splitlines()
+
+
+def test_serve_on_the_embedded_store_keeps_identities_across_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with serving(tmp_path, port) as (proc, lines):
+        token_lines = [line for line in lines if "shown once" in line]
+        assert len(token_lines) == 1, lines
+        token = token_lines[0].rsplit(" ", 1)[1]
+        assert any("embedded Redis" in line for line in lines), lines
+        auth = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"{url}/v2/identities", json={"external_id": "persisted"}, headers=auth)
+        assert r.status_code == 201, r.text
+    assert proc.returncode == 0, lines
+    token_file = tmp_path / "data" / "admin_token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert token_file.read_text().strip() == token
+    assert not (tmp_path / "data" / "redis.sock").exists(), "embedded Redis left running"
+    assert any("embedded Redis stopped" in line for line in lines)
+
+    with serving(tmp_path, port) as (_, lines):
+        assert not any(token in line for line in lines), "the token is printed only once"
+        got = httpx.get(f"{url}/v2/identities/persisted", headers=auth)
+        assert got.status_code == 200, got.text
+        assert got.json()["external_id"] == "persisted"

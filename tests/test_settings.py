@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.settings import ConfigError, load, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def problems(path: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(path, env=env or {})
+    return info.value.problems
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load(env={})
+    assert settings.server.port == 8080
+    assert settings.redis.url is None
+    assert settings.identity.header == "X-ORQ-IDENTITY-ID"
+    assert settings.source == "<defaults>"
+
+
+def test_example_config_documents_a_valid_config() -> None:
+    settings = load(str(ROOT / "config.example.toml"), env={})
+    assert settings.upstream.url == "http://127.0.0.1:4000"
+    assert settings.api_keys[0].owner == "user_123"
+    assert settings.pricing.models["my-finetune"].output_per_mtok == 2.0
+
+
+def test_example_config_names_every_key() -> None:
+    text = (ROOT / "config.example.toml").read_text()
+    from sidecar import settings as module
+
+    for section, struct in module._SECTIONS.items():
+        assert f"[{section}" in text
+        if section == "pricing":
+            continue
+        for field in struct.__struct_fields__:
+            assert f"{field} =" in text, f"{section}.{field} is not documented"
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nport = 1\n[redis]\nurl = "redis://a:1/0"\n')
+    env = {
+        "SIDECAR_PORT": "9999",
+        "SIDECAR_HOST": "0.0.0.0",
+        "SIDECAR_REDIS_URL": "redis://b:2/0",
+        "SIDECAR_UPSTREAM_URL": "http://up:4000",
+        "SIDECAR_ADMIN_TOKEN": "x" * 20,
+        "SIDECAR_DATA_DIR": "/var/lib/sidecar",
+    }
+    s = load(path, env=env)
+    assert (s.server.port, s.server.host, s.redis.url) == (9999, "0.0.0.0", "redis://b:2/0")
+    assert s.upstream.url == "http://up:4000"
+    assert s.admin.token == "x" * 20
+    assert s.data_path == Path("/var/lib/sidecar")
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 1234\n")
+    assert load(env={"SIDECAR_CONFIG": path}).server.port == 1234
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\ndata_dir = "state"\n')
+    assert load(path, env={}).data_path == tmp_path / "state"
+
+
+def test_every_problem_is_reported_with_file_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+prot = 1
+[server]
+port = "eighty"
+[redis]
+url = "http://nope"
+timeout_ms = 50
+colour = "red"
+[[api_keys]]
+sha256 = "abc"
+owner = "x"
+[[api_keys]]
+owner = "y"
+[identity]
+required = "yes"
+""",
+    )
+    found = problems(path)
+    assert found == [
+        f"{path}: prot: unknown key",
+        f"{path}: server.port: expected `int`, got `str`",
+        f"{path}: redis.colour: unknown key",
+        f"{path}: api_keys[1].sha256: required key missing",
+        f"{path}: identity.required: expected `bool`, got `str`",
+    ]
+
+
+def test_value_checks(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+port = 70000
+[redis]
+url = "http://nope"
+on_error = "maybe"
+""",
+    )
+    assert problems(path) == [f"{path}: redis.on_error: invalid enum value 'maybe'"]
+    path = write(tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\n')
+    found = problems(path)
+    assert f"{path}: server.port: must be 0-65535" in found
+    assert any(p.startswith(f"{path}: redis.url: scheme must be one of") for p in found)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\n")
+    (only,) = problems(path)
+    assert only.startswith(f"{path}: invalid TOML")
+    assert problems(str(tmp_path / "absent.toml")) == [f"{tmp_path / 'absent.toml'}: no such file"]
+
+
+def test_bad_environment_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    assert problems(path, {"SIDECAR_PORT": "http"}) == [
+        f"{path}: SIDECAR_PORT: expected an integer, got 'http'"
+    ]
+
+
+def test_api_key_digest_must_be_sha256() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"api_keys": [{"sha256": "secret-key", "owner": "u"}]})
+    assert info.value.problems == ["api_keys[0].sha256: must be 64 lowercase hex digits"]
