@@ -26,7 +26,7 @@ def bearer(value: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     expected: str = connection.app.state.admin_token
     if not token_matches(bearer(connection.headers.get("authorization")), expected):
         raise Unauthorized("missing or invalid admin token (Authorization: Bearer <token>)")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import msgspec
@@ -93,7 +93,7 @@ class Identity(msgspec.Struct, kw_only=True):
 
 
 def rfc3339(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_ms // 1000))
 
 
 def _text(param: str, value: str, limit: int) -> str:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,20 +17,14 @@ from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys, xid_digest
 from sidecar.store.scripts import Script
 from sidecar.usage import buckets
+from sidecar.usage.buckets import COUNTERS_LUA
 
 Clock = Callable[[], float]
 
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 _FIELDS = {"display_name": "n", "email": "e", "avatar_url": "a"}
-_SCAN_BUDGET = 2048  # identities one scan call looks at: bounds how long one call holds Redis
-_METRIC_FIELDS = [
-    buckets.REQUESTS,
-    buckets.ERRORS,
-    buckets.INPUT,
-    buckets.OUTPUT,
-    buckets.COST,
-    buckets.RATE_LIMITED,
-]
+_SCAN_BUDGET = 5000  # identities one scan call looks at: bounds how long one call holds Redis
+_CACHE_SIZE = 65_536  # external id -> _id mappings remembered per process
 
 _encode = msgspec.json.Encoder().encode
 _decode_tags = msgspec.json.Decoder(list[str]).decode
@@ -40,9 +35,22 @@ def is_ulid(value: str) -> bool:
     return _ULID.fullmatch(value) is not None
 
 
-def search_text(external_id: str, name: str | None, email: str | None, tags: list[str]) -> str:
-    head = "\0".join((external_id.lower(), (name or "").lower(), (email or "").lower()))
-    return head + "\1" + "".join(f"{t}\1" for t in tags)
+_CROCKFORD = {c: n for n, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
+
+
+def ulid_ms(identity_id: str) -> int:
+    """The creation time a ULID carries (its first ten characters), in epoch milliseconds."""
+    ms = 0
+    for char in identity_id[:10]:
+        ms = ms * 32 + _CROCKFORD[char]
+    return ms
+
+
+def order_member(identity: Identity) -> str:
+    """The identity's entry in the order set: its _id, then what search and tag filters read."""
+    text = (identity.external_id, identity.display_name or "", identity.email or "")
+    head = "\0".join(t.lower() for t in text)
+    return f"{identity.id}\0{head}\1" + "".join(f"{t}\1" for t in identity.tags)
 
 
 class Page(msgspec.Struct):
@@ -57,23 +65,42 @@ class IdentityStore:
         self.client = client
         self.keys = keys
         self.clock = clock
-        self._merge = Script("sidecar.identity.lua", "merge")
-        self._claim = Script("sidecar.identity.lua", "claim")
-        self._reindex = Script("sidecar.identity.lua", "reindex")
-        self._unindex = Script("sidecar.identity.lua", "unindex")
-        self._scan = Script("sidecar.identity.lua", "scan")
-        self._metrics = Script("sidecar.usage.lua", "metrics")
-        self._scripts = [self._merge, self._claim, self._reindex, self._unindex, self._scan]
+        # An external id keeps its _id until the identity is deleted, so the mapping can be
+        # remembered; every use checks the record's external id, and a stale entry is dropped.
+        self._ids: OrderedDict[str, str] = OrderedDict()
+        lua = "sidecar.identity.lua"
+        self._merge, self._claim, self._reindex, self._unindex, self._scan, self._erase = (
+            Script(lua, name) for name in ("merge", "claim", "reindex", "unindex", "scan", "erase")
+        )
+        self._read = Script(lua, "read", prelude=COUNTERS_LUA)
 
     async def load_scripts(self) -> None:
-        for script in [*self._scripts, self._metrics]:
+        for script in (
+            self._merge,
+            self._claim,
+            self._reindex,
+            self._unindex,
+            self._scan,
+            self._read,
+            self._erase,
+        ):
             await script.load(self.client)
 
     # -- reads ------------------------------------------------------------------------------
 
     async def id_for(self, external_id: str) -> str | None:
         raw = await self._call(self.client.hget(self.keys.external_ids, xid_digest(external_id)))
-        return raw.decode() if raw else None
+        if not raw:
+            return None
+        identity_id: str = raw.decode()
+        self._remember(external_id, identity_id)
+        return identity_id
+
+    def _remember(self, external_id: str, identity_id: str) -> None:
+        self._ids[external_id] = identity_id
+        self._ids.move_to_end(external_id)
+        if len(self._ids) > _CACHE_SIZE:
+            self._ids.popitem(last=False)
 
     async def get(self, ref: str, *, include_metrics: bool = False) -> Identity | None:
         """By `_id`, else by external id."""
@@ -81,6 +108,12 @@ class IdentityStore:
             found = await self._records([ref], include_metrics)
             if found:
                 return found[0]
+        cached = self._ids.get(ref)
+        if cached is not None:
+            found = await self._records([cached], include_metrics)
+            if found and found[0].external_id == ref:
+                return found[0]
+            self._ids.pop(ref, None)
         identity_id = await self.id_for(ref)
         if identity_id is None:
             return None
@@ -102,42 +135,40 @@ class IdentityStore:
         cursor = starting_after or ending_before
         if cursor is not None:
             param = "starting_after" if starting_after else "ending_before"
-            exists = is_ulid(cursor) and await self._call(
-                self.client.zscore(self.keys.order, cursor)
-            )
-            if exists is None or exists is False:
+            if not is_ulid(cursor) or not await self._call(
+                self.client.zrangebylex(self.keys.order, f"[{cursor}\0", f"({cursor}\1", 0, 1)
+            ):
                 raise InvalidRequest(f"{param}: no identity has _id {cursor[:64]!r}", param=param)
         newest_first = ending_before is None
-        bound = f"({cursor}" if cursor else ("+" if newest_first else "-")
+        if cursor:
+            bound = f"({cursor}" if newest_first else f"({cursor}\1"
+        else:
+            bound = "+" if newest_first else "-"
         needle = (search or "").lower()
         if needle or tags:
-            ids = await self._scan_matching(bound, newest_first, needle, list(tags), limit + 1)
+            members = await self._scan_matching(bound, newest_first, needle, list(tags), limit + 1)
         elif newest_first:
-            raw = await self._call(
+            members = await self._call(
                 self.client.zrevrangebylex(self.keys.order, bound, "-", start=0, num=limit + 1)
             )
-            ids = [i.decode() for i in raw]
         else:
-            raw = await self._call(
+            members = await self._call(
                 self.client.zrangebylex(self.keys.order, bound, "+", start=0, num=limit + 1)
             )
-            ids = [i.decode() for i in raw]
-        has_more = len(ids) > limit
-        ids = ids[:limit]
+        has_more = len(members) > limit
+        ids = [m[:26].decode() for m in members[:limit]]
         if not newest_first:
             ids.reverse()
         return Page(data=await self._records(ids, include_metrics), has_more=has_more)
 
     async def _scan_matching(
         self, bound: str, newest_first: bool, needle: str, tags: list[str], want: int
-    ) -> list[str]:
-        found: list[str] = []
+    ) -> list[bytes]:
+        found: list[bytes] = []
         while len(found) < want:
             args = [bound, "1" if newest_first else "0", needle, want - len(found), _SCAN_BUDGET]
-            ids, bound_raw = await self._run(
-                self._scan, [self.keys.order, self.keys.search], [*args, *tags]
-            )
-            found += [i.decode() for i in ids]
+            members, bound_raw = await self._run(self._scan, [self.keys.order], [*args, *tags])
+            found += members
             bound = bound_raw.decode()
             if not bound:
                 break
@@ -146,25 +177,23 @@ class IdentityStore:
     async def _records(self, ids: list[str], include_metrics: bool) -> list[Identity]:
         if not ids:
             return []
-        days = buckets.last_days(self.clock()) if include_metrics else []
+        today = buckets.day(self.clock())
 
         def queue(pipe: Any) -> None:
             for identity_id in ids:
-                pipe.hgetall(self.keys.identity(identity_id))
+                keys = [self.keys.identity(identity_id)]
                 if include_metrics:
-                    day_keys = [self.keys.usage_day(identity_id, d) for d in days]
-                    self._metrics.queue(pipe, day_keys, _METRIC_FIELDS)
+                    keys.append(self.keys.usage_days(identity_id))
+                self._read.queue(pipe, keys, [today])
 
-        replies = await self._pipeline(queue, [self._metrics] if include_metrics else [])
-        step = 2 if include_metrics else 1
+        replies = await self._pipeline(queue, [self._read])
         out = []
-        for n, identity_id in enumerate(ids):
-            record = replies[n * step]
-            if not record:
+        for identity_id, reply in zip(ids, replies, strict=True):
+            if not reply[0]:
                 continue  # deleted between the index read and this one
-            identity = _identity(identity_id, record)
+            identity = _identity(identity_id, reply[0])
             if include_metrics:
-                identity.metrics = _metrics(replies[n * step + 1])
+                identity.metrics = _metrics(reply[1])
             out.append(identity)
         return out
 
@@ -183,6 +212,12 @@ class IdentityStore:
 
     async def upsert(self, external_id: str, profile: Profile) -> tuple[Identity, bool]:
         """Create the identity, or overwrite the given fields; True when it was created."""
+        cached = self._ids.get(external_id)
+        if cached is not None:
+            updated = await self._update(cached, external_id, profile)
+            if updated is not None:
+                return updated, False
+            self._ids.pop(external_id, None)
         for _ in range(5):
             owner = await self.id_for(external_id)
             if owner is not None:
@@ -207,15 +242,18 @@ class IdentityStore:
         """Erase the record, its index entries and its usage buckets."""
         await self._run(
             self._unindex,
-            [self.keys.external_ids, self.keys.order, self.keys.search],
+            [self.keys.external_ids, self.keys.order],
             [xid_digest(identity.external_id), identity.id],
         )
-        now = self.clock()
-        keys = [self.keys.identity(identity.id)]
-        keys += [self.keys.usage_day(identity.id, d) for d in buckets.last_days(now, 40)]
-        keys += [self.keys.usage_hour(identity.id, h) for h in buckets.last_hours(now, 40 * 24)]
-        # Every key shares the identity's hash tag, so one DEL is one slot even on a cluster.
-        await self._call(self.client.delete(*keys))
+        self._ids.pop(identity.external_id, None)
+        # Every hour bucket younger than the retention (and a margin) goes; older ones expired.
+        last_hour = buckets.hour(self.clock())
+        first_hour = last_hour - (buckets.RETENTION_DAYS + 2) * 24
+        await self._run(
+            self._erase,
+            [self.keys.identity(identity.id), self.keys.usage_days(identity.id)],
+            [self.keys.usage_hours(identity.id), first_hour, last_hour + 1],
+        )
 
     async def _create(self, external_id: str, profile: Profile) -> tuple[Identity, bool]:
         """Write a new record, then claim the external id; the loser of a race backs out."""
@@ -227,13 +265,13 @@ class IdentityStore:
         )
         assert status == b"created", status
         identity = _identity(candidate, record)
-        text = search_text(external_id, identity.display_name, identity.email, identity.tags)
         owner = await self._run(
             self._claim,
-            [self.keys.external_ids, self.keys.order, self.keys.search],
-            [xid_digest(external_id), candidate, text],
+            [self.keys.external_ids, self.keys.order],
+            [xid_digest(external_id), candidate, order_member(identity)],
         )
         if owner.decode() == candidate:
+            self._remember(external_id, candidate)
             return identity, True
         await self._call(self.client.delete(self.keys.identity(candidate)))
         identity.id = owner.decode()
@@ -255,15 +293,14 @@ class IdentityStore:
             or profile.email is not UNSET
             or profile.tags is not UNSET
         ):
-            text = search_text(external_id, identity.display_name, identity.email, identity.tags)
-            await self._run(self._reindex, [self.keys.order, self.keys.search], [identity_id, text])
+            await self._run(self._reindex, [self.keys.order], [identity_id, order_member(identity)])
         return identity
 
     async def _drop_stale(self, external_id: str, identity_id: str) -> None:
         """The index names a record that is gone (evicted, or lost to a crash): forget it."""
         await self._run(
             self._unindex,
-            [self.keys.external_ids, self.keys.order, self.keys.search],
+            [self.keys.external_ids, self.keys.order],
             [xid_digest(external_id), identity_id],
         )
 
@@ -320,7 +357,7 @@ def _identity(identity_id: str, record: Any) -> Identity:
     if isinstance(record, list):
         record = dict(zip(record[::2], record[1::2], strict=True))
     text = {k.decode(): v for k, v in record.items()}
-    created = ULID.from_str(identity_id).milliseconds
+    created = ulid_ms(identity_id)
     return Identity(
         id=identity_id,
         external_id=text["x"].decode(),

@@ -15,25 +15,23 @@ def xid_digest(external_id: str) -> str:
 
 
 class Keys:
-    __slots__ = ("_p", "external_ids", "order", "search")
+    __slots__ = ("_p", "external_ids", "order")
 
     def __init__(self, prefix: str) -> None:
         self._p = prefix
         self.external_ids = f"{prefix}:{{idx}}:xid"  # hash: digest of external id -> _id
-        self.order = f"{prefix}:{{idx}}:order"  # sorted set, all scores 0: _ids in ULID order
-        self.search = f"{prefix}:{{idx}}:text"  # hash: _id -> searchable text and tags
+        # Sorted set, every score 0, so members sort by bytes: "<_id>\0<search text>", in ULID
+        # (creation) order. The text rides along so that a search scan reads nothing else.
+        self.order = f"{prefix}:{{idx}}:order"
 
     def identity(self, identity_id: str) -> str:
         return f"{self._p}:id:{{{identity_id}}}"  # hash: the profile
 
-    def tombstone(self, identity_id: str) -> str:
-        return f"{self._p}:id:{{{identity_id}}}:gone"
+    def usage_days(self, identity_id: str) -> str:
+        # Hash of daily counters, fields "<day>:<counter>" (days since the epoch, UTC): a
+        # 30-day sum is one HMGET. The recorder trims days past the retention.
+        return f"{self._p}:u:{{{identity_id}}}:d"
 
-    def usage_day(self, identity_id: str, day: str) -> str:
-        return f"{self._p}:u:{{{identity_id}}}:d:{day}"  # hash: counters of one UTC day
-
-    def usage_hour(self, identity_id: str, hour: str) -> str:
-        return f"{self._p}:u:{{{identity_id}}}:h:{hour}"  # hash: counters of one UTC hour
-
-    def usage_pattern(self, identity_id: str) -> str:
-        return f"{self._p}:u:{{{identity_id}}}:*"
+    def usage_hours(self, identity_id: str) -> str:
+        """Prefix of the hour buckets: append the hour number."""
+        return f"{self._p}:u:{{{identity_id}}}:h:"  # hash per UTC hour: counters

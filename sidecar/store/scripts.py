@@ -11,9 +11,14 @@ from sidecar.store.connect import RedisClient
 class Script:
     """A Lua script shipped as package data, loaded once, run by SHA."""
 
-    def __init__(self, package: str, name: str) -> None:
+    def __init__(self, package: str, name: str, *, prelude: str | None = None) -> None:
+        """`prelude` ("package/name") is Lua that the script's source starts with."""
         self.name = name
         self.source = resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
+        if prelude is not None:
+            where, _, what = prelude.rpartition("/")
+            head = resources.files(where).joinpath(f"{what}.lua").read_text("utf-8")
+            self.source = head + "\n" + self.source
         self.sha: str | None = None
 
     async def load(self, client: RedisClient) -> None:

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
-# Usage counters live in one hash per identity per UTC day and per UTC hour. Field names are
-# short because there is one hash per identity per hour.
+# Usage counters: per identity, one hash of daily counters with maintained 30-day sums (see
+# lua/counters.lua), and one hash per UTC hour. Days and hours are numbered since the Unix
+# epoch, so scripts can name a range with arithmetic. Field names are short: they repeat.
 REQUESTS = "r"
 ERRORS = "e"
 INPUT = "i"
@@ -15,25 +14,24 @@ COST = "c"  # nano-dollars
 RATE_LIMITED = "rl"
 FIELDS = (REQUESTS, ERRORS, INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT, REASONING, COST, RATE_LIMITED)
 
+# Lua prelude that keeps the 30-day sums (Script(..., prelude=COUNTERS_LUA)).
+COUNTERS_LUA = "sidecar.usage.lua/counters"
 METRICS_DAYS = 30
 # Buckets outlive the 30-day window by a margin, so the oldest day is whole when it is read.
 RETENTION_DAYS = 32
+DAY = 86_400
+HOUR = 3_600
 
 
-def day(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+def day(now: float) -> int:
+    return int(now // DAY)
 
 
-def hour(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H")
+def hour(now: float) -> int:
+    return int(now // HOUR)
 
 
-def last_days(now: float, count: int = METRICS_DAYS) -> list[str]:
-    """The UTC days of the window ending today, oldest first."""
-    today = datetime.fromtimestamp(now, UTC)
-    return [(today - timedelta(days=n)).strftime("%Y%m%d") for n in range(count - 1, -1, -1)]
-
-
-def last_hours(now: float, count: int) -> list[str]:
-    current = datetime.fromtimestamp(now, UTC)
-    return [(current - timedelta(hours=n)).strftime("%Y%m%d%H") for n in range(count - 1, -1, -1)]
+def window(now: float, days: int = METRICS_DAYS) -> tuple[int, int]:
+    """First and last day (inclusive) of the `days` UTC days ending today."""
+    today = day(now)
+    return today - days + 1, today

@@ -153,13 +153,15 @@ async def test_patch_cannot_rename(api: Client) -> None:
 async def test_delete_erases_record_indexes_and_usage(api: Client, redis: Redis) -> None:
     made = await create(api, external_id="gone", tags=["t"])
     keep = await create(api, external_id="kept")
-    await redis.hset(f"sidecar:u:{{{made['_id']}}}:d:20261118", "r", 3)
+    await redis.hset(f"sidecar:u:{{{made['_id']}}}:d", mapping={"20775:r": 3, "s:r": 3})
+    await redis.hset(f"sidecar:u:{{{made['_id']}}}:h:498611", "r", 3)
     assert (await api.delete("/v2/identities/gone")).status_code == 204
     assert (await api.get("/v2/identities/gone")).status_code == 404
     assert (await api.delete("/v2/identities/gone")).status_code == 404
     keys = [k.decode() for k in cast(list[bytes], await redis.keys("*"))]
     assert not any(made["_id"] in k for k in keys)
-    assert made["_id"].encode() not in await redis.zrange("sidecar:{idx}:order", 0, -1)
+    members = cast(list[bytes], await redis.zrange("sidecar:{idx}:order", 0, -1))
+    assert [m[:26].decode() for m in members] == [keep["_id"]]
     assert len(await redis.hgetall("sidecar:{idx}:xid")) == 1
     listed = (await api.get("/v2/identities")).json()["data"]
     assert [i["_id"] for i in listed] == [keep["_id"]]
@@ -275,17 +277,29 @@ async def test_include_metrics_gives_zeros_without_usage(api: Client) -> None:
     assert listed["data"][0]["metrics"] == zero
 
 
-async def test_metrics_sum_the_last_30_days_of_buckets(
-    api: Client, redis: Redis, clock: FakeClock
-) -> None:
+async def seed_days(
+    redis: Redis, identity_id: str, today: int, days: dict[int, dict[str, int]]
+) -> str:
+    """Day counters and their window sums as the recorder leaves them on `today`."""
+    key = "sidecar:u:{" + identity_id + "}:d"
+    sums: dict[str, int] = {}
+    for day, counters in days.items():
+        await redis.hset(key, mapping={f"{day}:{k}": v for k, v in counters.items()})
+        if today - 30 < day <= today:
+            for k, v in counters.items():
+                sums[k] = sums.get(k, 0) + v
+    await redis.hset(key, mapping={"s:day": today, **{f"s:{k}": v for k, v in sums.items()}})
+    return key
+
+
+async def test_metrics_sum_the_last_30_days(api: Client, redis: Redis, clock: FakeClock) -> None:
     made = await create(api, external_id="spender")
-    key = "sidecar:u:{" + made["_id"] + "}:d:"
-    # Today is 2026-11-18 on the fake clock; 2026-10-19 is the 31st day back: outside.
-    await redis.hset(
-        key + "20261118", mapping={"r": 2, "e": 1, "i": 600, "o": 300, "c": 4_500_000, "rl": 1}
-    )
-    await redis.hset(key + "20261020", mapping={"r": 1, "i": 400, "o": 200, "c": 3_000_000})
-    await redis.hset(key + "20261019", mapping={"r": 50, "i": 1, "c": 99})
+    # Day 20775 (2026-11-18) is today on the fake clock; 20746 is the 30th day back.
+    key = await seed_days(redis, made["_id"], 20775, {
+        20775: {"r": 2, "e": 1, "i": 600, "o": 300, "c": 4_500_000, "rl": 1},
+        20746: {"r": 1, "i": 400, "o": 200, "c": 3_000_000, "ci": 77},
+        20745: {"r": 50, "i": 1, "c": 99},
+    })  # fmt: skip
     got = (await api.get("/v2/identities/spender?include_metrics=true")).json()["metrics"]
     assert got == {
         "total_cost": 0.0075,
@@ -296,19 +310,36 @@ async def test_metrics_sum_the_last_30_days_of_buckets(
         "output_tokens": 500,
         "rate_limited_requests": 1,
     }
+    # A day later, day 20746 has left the window.
+    clock.advance(86_400)
+    got = (await api.get("/v2/identities/spender?include_metrics=true")).json()["metrics"]
+    assert (got["total_requests"], got["total_tokens"], got["total_cost"]) == (2, 900, 0.0045)
+    assert await redis.hget(key, "20746:r") == b"1", "kept until the retention ends"
+    # Forty days later nothing is left in the window, and days past retention are gone.
+    clock.advance(40 * 86_400)
+    got = (await api.get("/v2/identities", params={"include_metrics": "true"})).json()
+    assert got["data"][0]["metrics"]["total_requests"] == 0
+    assert got["data"][0]["metrics"]["total_cost"] == 0.0
+    fields = cast(list[bytes], await redis.hkeys(key))
+    assert [f for f in fields if not f.startswith(b"s:")] == []
 
 
 async def test_cost_sums_stay_exact_beyond_float_precision(api: Client, redis: Redis) -> None:
     made = await create(api, external_id="whale")
-    key = "sidecar:u:{" + made["_id"] + "}:d:"
-    await redis.hset(key + "20261118", "c", 9_007_199_254_740_993)  # 2**53 + 1
-    await redis.hset(key + "20261117", "c", 1)
-    await redis.hset(key + "20261118", "r", 1)
+    await seed_days(redis, made["_id"], 20775, {
+        20775: {"c": 9_007_199_254_740_993, "r": 1},  # 2**53 + 1
+        20774: {"c": 1_999_999_999, "r": 1},
+        20745: {"c": 7, "r": 1},
+    })  # fmt: skip
     from sidecar.store.scripts import Script
+    from sidecar.usage.buckets import COUNTERS_LUA
 
-    metrics = Script("sidecar.usage.lua", "metrics")
-    sums = await metrics(redis, [key + "20261118", key + "20261117"], ["c", "r"])
-    assert sums == [b"9007199254740994", b"1"]
+    read = Script("sidecar.identity.lua", "read", prelude=COUNTERS_LUA)
+    keys = ["sidecar:id:{" + made["_id"] + "}", "sidecar:u:{" + made["_id"] + "}:d"]
+    _, sums = await read(redis, keys, [20775])
+    assert sums == [b"2", b"0", b"0", b"0", b"9007201254740992", b"0"]
+    _, sums = await read(redis, keys, [20804])  # day 20774 leaves the window, exactly
+    assert sums == [b"1", b"0", b"0", b"0", b"9007199254740993", b"0"]
 
 
 async def test_50_concurrent_upserts_create_one_identity(api: Client, redis: Redis) -> None:

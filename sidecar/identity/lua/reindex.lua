@@ -1,7 +1,7 @@
--- Refresh an identity's search text, unless it was deleted meanwhile.
--- KEYS[1] order set, KEYS[2] search hash; ARGV[1] _id, ARGV[2] search text
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  return 1
-end
-return 0
+-- Replace an identity's order-set member (its search text changed), unless it was deleted.
+-- KEYS[1] order set; ARGV[1] _id, ARGV[2] the new member
+local old = redis.call('ZRANGEBYLEX', KEYS[1], '[' .. ARGV[1] .. '\0', '(' .. ARGV[1] .. '\1')
+if #old == 0 then return 0 end
+for i = 1, #old do redis.call('ZREM', KEYS[1], old[i]) end
+redis.call('ZADD', KEYS[1], 0, ARGV[2])
+return 1

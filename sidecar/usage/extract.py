@@ -1,0 +1,380 @@
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+from sidecar.usage.model import Kind, Usage, nanos_from_usd
+
+# A count above this is garbage rather than usage; it also keeps sums exact and far from int64.
+_MAX_COUNT = 2**53 - 1
+# Whatever the upstream sends, a decode failure of any of these kinds means "no usage here".
+_DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
+
+
+def _count(value: object) -> int:
+    if type(value) is int:
+        return value if 0 <= value <= _MAX_COUNT else 0
+    # Some gateways serialise counts as 12.0; is_integer() is False for nan and inf.
+    if type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT:
+        return int(value)
+    return 0
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _model_name(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _cost_nanos(value: object) -> int | None:
+    if type(value) is int:
+        return nanos_from_usd(Decimal(value))
+    if type(value) is float:
+        # str() gives the shortest text that round-trips, so 0.1 becomes exactly 0.1 USD.
+        return nanos_from_usd(Decimal(str(value)))
+    return None
+
+
+def _usage(
+    *,
+    input_tokens: int,
+    cached: int,
+    cache_write: int,
+    output_tokens: int,
+    reasoning: int,
+    raw: dict[str, Any],
+    model: str | None,
+) -> Usage:
+    # Parts never exceed their whole, so downstream arithmetic (and genai-prices, which rejects
+    # such usage) can rely on it even when an upstream reports nonsense.
+    cached = min(cached, input_tokens)
+    cache_write = min(cache_write, input_tokens - cached)
+    cost = _cost_nanos(raw.get("cost"))
+    if cost is None:
+        cost = _cost_nanos(raw.get("total_cost"))
+    return Usage(
+        input_tokens=input_tokens,
+        cached_input_tokens=cached,
+        cache_write_tokens=cache_write,
+        output_tokens=output_tokens,
+        reasoning_tokens=min(reasoning, output_tokens),
+        cost_nanos=cost,
+        model=model,
+    )
+
+
+def _from_chat(raw: dict[str, Any], model: str | None) -> Usage:
+    prompt = _mapping(raw.get("prompt_tokens_details"))
+    completion = _mapping(raw.get("completion_tokens_details"))
+    # LiteLLM also reports Anthropic-style cache fields at the top level of a chat usage object,
+    # DeepSeek its own; prompt_tokens includes them in both.
+    cached = (
+        _count(prompt.get("cached_tokens"))
+        or _count(raw.get("cache_read_input_tokens"))
+        or _count(raw.get("prompt_cache_hit_tokens"))
+    )
+    write = _count(prompt.get("cache_write_tokens")) or _count(
+        raw.get("cache_creation_input_tokens")
+    )
+    return _usage(
+        input_tokens=_count(raw.get("prompt_tokens")),
+        cached=cached,
+        cache_write=write,
+        output_tokens=_count(raw.get("completion_tokens")),
+        reasoning=_count(completion.get("reasoning_tokens")),
+        raw=raw,
+        model=model,
+    )
+
+
+def _from_responses(raw: dict[str, Any], model: str | None) -> Usage:
+    details_in = _mapping(raw.get("input_tokens_details"))
+    details_out = _mapping(raw.get("output_tokens_details"))
+    return _usage(
+        input_tokens=_count(raw.get("input_tokens")),
+        cached=_count(details_in.get("cached_tokens")),
+        cache_write=_count(details_in.get("cache_write_tokens")),
+        output_tokens=_count(raw.get("output_tokens")),
+        reasoning=_count(details_out.get("reasoning_tokens")),
+        raw=raw,
+        model=model,
+    )
+
+
+def _from_anthropic(raw: dict[str, Any], model: str | None) -> Usage:
+    # Anthropic's input_tokens excludes both cache reads and cache writes.
+    uncached = _count(raw.get("input_tokens"))
+    read = _count(raw.get("cache_read_input_tokens"))
+    write = _count(raw.get("cache_creation_input_tokens"))
+    if not write:
+        by_ttl = _mapping(raw.get("cache_creation"))
+        write = sum(_count(value) for value in by_ttl.values())
+    return _usage(
+        input_tokens=uncached + read + write,
+        cached=read,
+        cache_write=write,
+        output_tokens=_count(raw.get("output_tokens")),
+        reasoning=_count(_mapping(raw.get("output_tokens_details")).get("thinking_tokens")),
+        raw=raw,
+        model=model,
+    )
+
+
+def usage_from_mapping(kind: Kind, raw: dict[str, Any], model: str | None) -> Usage:
+    # The usage object's own keys decide its shape first: a gateway may answer an Anthropic-style
+    # path with an OpenAI-shaped body or the reverse. The kind settles the ambiguous cases.
+    chat_shaped = "prompt_tokens" in raw or "completion_tokens" in raw
+    io_shaped = "input_tokens" in raw or "output_tokens" in raw
+    if chat_shaped and not io_shaped:
+        return _from_chat(raw, model)
+    if (
+        kind is Kind.MESSAGES
+        or "cache_read_input_tokens" in raw
+        or ("cache_creation_input_tokens" in raw)
+    ):
+        return _from_anthropic(raw, model)
+    if io_shaped:
+        return _from_responses(raw, model)
+    return _from_chat(raw, model)
+
+
+class _Body(msgspec.Struct):
+    # Only the fields we read; msgspec skips the rest (choices, output, data) without building them.
+    usage: Any = None
+    model: Any = None
+
+
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+def extract_json(kind: Kind, body: bytes) -> Usage | None:
+    try:
+        doc = _body_decoder.decode(body)
+    except _DECODE_ERRORS:
+        return None
+    if not isinstance(doc.usage, dict):
+        return None
+    return usage_from_mapping(kind, doc.usage, _model_name(doc.model))
+
+
+_HEADER_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def cost_from_header(value: str | None) -> int | None:
+    # A strict grammar: float() would also take "nan", "inf" and "1_0".
+    if value is None or len(value) > 64:
+        return None
+    text = value.strip()
+    if not _HEADER_NUMBER.fullmatch(text):
+        return None
+    try:
+        return nanos_from_usd(Decimal(text))
+    except InvalidOperation:
+        return None
+
+
+def prepare_request(kind: Kind, body: dict[str, Any]) -> bool:
+    if kind not in (Kind.CHAT, Kind.COMPLETIONS) or body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    if options is None:
+        body["stream_options"] = {"include_usage": True}
+        return True
+    # A malformed stream_options is the upstream's to reject; we do not rewrite it.
+    if not isinstance(options, dict) or options.get("include_usage") is True:
+        return False
+    options["include_usage"] = True
+    return True
+
+
+class _Inner(msgspec.Struct):
+    usage: Any = None
+    model: Any = None
+
+
+class _Event(msgspec.Struct):
+    # message: Anthropic message_start; response: the Responses API events. Typed as structs so a
+    # response.completed event does not build its whole output just to reach the usage.
+    usage: Any = None
+    model: Any = None
+    choices: Any = None
+    message: _Inner | None = None
+    response: _Inner | None = None
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+
+# A blank line ends an event. Line ends are \r\n, \n or a lone \r.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+# Whole-buffer endings that certainly finish an event, checked before reaching for the regex.
+_CERTAIN_ENDS = (b"\n\n", b"\r\n\r\n")
+# What may follow a "usage" key whose value is not null.
+_LIVE_VALUE = re.compile(rb"\s*:\s*+(?!null)")
+# An unterminated event larger than this is not one we can use; stop buffering it.
+_MAX_HOLD = 16 * 1024 * 1024
+# Give up looking for a model name after this many events that mention one but do not parse.
+_MODEL_TRIES = 3
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    parts: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+        elif line == b"data":
+            parts.append(b"")
+    if not parts:
+        return None
+    data = parts[0] if len(parts) == 1 else b"\n".join(parts)
+    return None if data == b"[DONE]" else data
+
+
+class StreamUsage:
+    """Watches an SSE response for usage; optionally drops the usage-only chunk we asked for."""
+
+    __slots__ = ("_hold", "_kind", "_model", "_model_tries", "_raw", "_seen", "_strip")
+
+    def __init__(self, kind: Kind, *, strip_usage_chunk: bool = False) -> None:
+        self._kind = kind
+        # Only chat and completions streams have a usage chunk that the sidecar adds.
+        self._strip = strip_usage_chunk and kind in (Kind.CHAT, Kind.COMPLETIONS)
+        # Bytes of an event whose terminating blank line has not arrived yet.
+        self._hold = b""
+        self._raw: dict[str, Any] = {}
+        self._seen = False
+        self._model: str | None = None
+        self._model_tries = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        hold = self._hold
+        buf = hold + chunk if hold else chunk
+        if buf.endswith(_CERTAIN_ENDS):
+            complete = buf
+            self._hold = b""
+        else:
+            # The hold has no event end in it, so only its last few bytes can start one.
+            end = _last_event_end(buf, max(0, len(hold) - 3))
+            complete = buf[:end]
+            self._hold = buf[end:]
+        if not self._strip:
+            if complete:
+                self._scan(complete, final=False)
+            if len(self._hold) > _MAX_HOLD:
+                self._hold = b""
+            return chunk
+        out = self._scan(complete, final=False) if complete else b""
+        if len(self._hold) > _MAX_HOLD:
+            # Too big to be a usage chunk: pass it on rather than hold the client up.
+            out += self._hold
+            self._hold = b""
+        return out
+
+    def flush(self) -> bytes:
+        """Bytes held back at the end of the stream (strip mode only holds any)."""
+        tail, self._hold = self._hold, b""
+        if not tail:
+            return b""
+        # The stream is over: a last event without its blank line still counts if it parses.
+        out = self._scan(tail, final=True)
+        return out if self._strip else b""
+
+    def finish(self) -> Usage | None:
+        # In strip mode, call flush() first and forward what it returns.
+        self.flush()
+        if not self._seen:
+            return None
+        return usage_from_mapping(self._kind, self._raw, self._model)
+
+    def _wants(self, data: bytes) -> bool:
+        if _live_usage(data):
+            return True
+        return self._model is None and self._model_tries < _MODEL_TRIES and b'"model"' in data
+
+    def _scan(self, buf: bytes, *, final: bool) -> bytes:
+        if not self._wants(buf):
+            return buf
+        kept: list[bytes] = []
+        dropped = False
+        start = 0
+        for match in _EVENT_END.finditer(buf):
+            block = buf[start : match.end()]
+            start = match.end()
+            if self._wants(block) and self._take(block):
+                dropped = True
+            else:
+                kept.append(block)
+        if final and start < len(buf):
+            block = buf[start:]
+            if self._wants(block) and self._take(block):
+                dropped = True
+            else:
+                kept.append(block)
+        return b"".join(kept) if dropped else buf
+
+    def _take(self, block: bytes) -> bool:
+        """Records what the event says; True when it is a usage-only chunk to drop."""
+        data = _event_data(block)
+        if data is None:
+            return False
+        try:
+            event = _event_decoder.decode(data)
+        except _DECODE_ERRORS:
+            if self._model is None:
+                self._model_tries += 1
+            return False
+        message, response = event.message, event.response
+        for model in (
+            event.model,
+            message.model if message is not None else None,
+            response.model if response is not None else None,
+        ):
+            if isinstance(model, str) and model:
+                self._model = model
+        if self._model is None:
+            self._model_tries += 1
+        for usage in (
+            event.usage,
+            message.usage if message is not None else None,
+            response.usage if response is not None else None,
+        ):
+            if isinstance(usage, dict):
+                self._seen = True
+                # Anthropic's message_delta repeats some fields as null and updates others:
+                # the latest non-null value of each field is the current one.
+                for key, value in usage.items():
+                    if value is not None:
+                        self._raw[key] = value
+        return (
+            self._strip
+            and isinstance(event.usage, dict)
+            and (event.choices is None or event.choices == [])
+        )
+
+
+def _live_usage(data: bytes) -> bool:
+    # OpenAI sends "usage":null in every chunk once usage is on; only a non-null one is worth
+    # decoding. Quotes inside JSON strings are escaped, so "usage" then a colon is always a key.
+    at = data.find(b'"usage"')
+    while at >= 0:
+        at += 7
+        if not data.startswith(b":null", at) and _LIVE_VALUE.match(data, at):
+            return True
+        at = data.find(b'"usage"', at)
+    return False
+
+
+def _last_event_end(buf: bytes, start: int) -> int:
+    # A trailing \r may be the first half of \r\n: leave it out until the next byte arrives.
+    endpos = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+    end = 0
+    for match in _EVENT_END.finditer(buf, start, endpos):
+        end = match.end()
+    return end

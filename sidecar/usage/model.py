@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import enum
+from decimal import ROUND_HALF_UP, Context, Decimal
+
+import msgspec
+
+
+class Kind(enum.Enum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    RESPONSES = "responses"
+    EMBEDDINGS = "embeddings"
+    MESSAGES = "messages"
+
+
+# Longest suffix first: "/chat/completions" must win over "/completions".
+_SUFFIXES: tuple[tuple[str, Kind], ...] = (
+    ("/chat/completions", Kind.CHAT),
+    ("/completions", Kind.COMPLETIONS),
+    ("/responses", Kind.RESPONSES),
+    ("/embeddings", Kind.EMBEDDINGS),
+    ("/messages", Kind.MESSAGES),
+)
+
+
+def kind_for_path(path: str) -> Kind | None:
+    # A suffix match, so any mount point works: /v1/..., /openai/deployments/<name>/...
+    trimmed = "/" + path.strip("/")
+    for suffix, kind in _SUFFIXES:
+        if trimmed.endswith(suffix):
+            return kind
+    return None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    # Parts never exceed their wholes (extraction guarantees it):
+    # cached_input_tokens + cache_write_tokens <= input_tokens, reasoning_tokens <= output_tokens.
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_nanos: int | None = None
+    model: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+# Money is integer nano-dollars. The cap keeps every figure inside a signed 64-bit Redis counter.
+MAX_NANOS = 2**63 - 1
+# Wide enough that no figure we accept is rounded anywhere but in the final step.
+EXACT = Context(prec=80, rounding=ROUND_HALF_UP)
+_ONE = Decimal(1)
+
+
+def round_nanos(nanos: Decimal) -> int | None:
+    if not nanos.is_finite() or nanos < 0 or nanos > MAX_NANOS:
+        return None
+    return int(nanos.quantize(_ONE, rounding=ROUND_HALF_UP, context=EXACT))
+
+
+def nanos_from_usd(usd: Decimal) -> int | None:
+    return round_nanos(usd.scaleb(9, EXACT)) if usd.is_finite() else None
