@@ -219,18 +219,29 @@ class IdentityStore:
                 return updated, False
             self._ids.pop(external_id, None)
         for _ in range(5):
-            owner = await self.id_for(external_id)
-            if owner is not None:
-                updated = await self._update(owner, external_id, profile)
-                if updated is not None:
-                    return updated, False
-                await self._drop_stale(external_id, owner)
-            identity, created = await self._create(external_id, profile)
-            if created:
-                return identity, True
-            updated = await self._update(identity.id, external_id, profile)
+            # Look the external id up and write a candidate record in one round trip: a new
+            # identity then needs only the claim, and a known one discards the candidate.
+            candidate, args = self._candidate(external_id, profile)
+
+            def lookup_and_write(
+                pipe: Any, candidate: str = candidate, args: list[Any] = args
+            ) -> None:
+                pipe.hget(self.keys.external_ids, xid_digest(external_id))
+                self._merge.queue(pipe, [self.keys.identity(candidate)], args)
+
+            owner, (_, _, record) = await self._pipeline(lookup_and_write, [self._merge])
+            if owner is None:
+                identity, created = await self._claim_for(external_id, _identity(candidate, record))
+                if created:
+                    return identity, True
+                owner, discard = identity.id.encode(), None
+            else:
+                discard = candidate
+            updated = await self._update(owner.decode(), external_id, profile, discard=discard)
             if updated is not None:
+                self._remember(external_id, updated.id)
                 return updated, False
+            await self._drop_stale(external_id, owner.decode())
         raise StoreUnavailable(f"identity {external_id!r} changed too often to update; retry")
 
     async def patch(self, identity: Identity, profile: Profile) -> Identity | None:
@@ -255,36 +266,50 @@ class IdentityStore:
             [self.keys.usage_hours(identity.id), first_hour, last_hour + 1],
         )
 
+    def _candidate(self, external_id: str, profile: Profile) -> tuple[str, list[Any]]:
+        candidate = str(ULID.from_timestamp(self.clock()))
+        return candidate, [self._now_ms(), "1", external_id, *_field_args(profile)]
+
     async def _create(self, external_id: str, profile: Profile) -> tuple[Identity, bool]:
         """Write a new record, then claim the external id; the loser of a race backs out."""
-        candidate = str(ULID.from_timestamp(self.clock()))
-        status, _, record = await self._run(
-            self._merge,
-            [self.keys.identity(candidate)],
-            [self._now_ms(), "1", external_id, *_field_args(profile)],
-        )
+        candidate, args = self._candidate(external_id, profile)
+        status, _, record = await self._run(self._merge, [self.keys.identity(candidate)], args)
         assert status == b"created", status
-        identity = _identity(candidate, record)
+        return await self._claim_for(external_id, _identity(candidate, record))
+
+    async def _claim_for(self, external_id: str, identity: Identity) -> tuple[Identity, bool]:
+        """Claim the external id for a freshly written record, or discard it for the owner's."""
         owner = await self._run(
             self._claim,
             [self.keys.external_ids, self.keys.order],
-            [xid_digest(external_id), candidate, order_member(identity)],
+            [xid_digest(external_id), identity.id, order_member(identity)],
         )
-        if owner.decode() == candidate:
-            self._remember(external_id, candidate)
+        if owner.decode() == identity.id:
+            self._remember(external_id, identity.id)
             return identity, True
-        await self._call(self.client.delete(self.keys.identity(candidate)))
+        await self._discard(identity.id)
         identity.id = owner.decode()
         return identity, False
 
+    async def _discard(self, candidate: str) -> None:
+        await self._call(self.client.delete(self.keys.identity(candidate)))
+
     async def _update(
-        self, identity_id: str, external_id: str, profile: Profile
+        self, identity_id: str, external_id: str, profile: Profile, *, discard: str | None = None
     ) -> Identity | None:
-        status, _, record = await self._run(
-            self._merge,
-            [self.keys.identity(identity_id)],
-            [self._now_ms(), "0", external_id, *_field_args(profile)],
-        )
+        """Overwrite the given fields; `discard` names an unused candidate record to delete in
+        the same round trip."""
+
+        def queue(pipe: Any) -> None:
+            if discard is not None:
+                pipe.delete(self.keys.identity(discard))
+            self._merge.queue(
+                pipe,
+                [self.keys.identity(identity_id)],
+                [self._now_ms(), "0", external_id, *_field_args(profile)],
+            )
+
+        status, _, record = (await self._pipeline(queue, [self._merge]))[-1]
         if status in (b"missing", b"conflict"):
             return None
         identity = _identity(identity_id, record)
