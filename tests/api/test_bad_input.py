@@ -154,3 +154,14 @@ async def test_health_ready_and_schema(api: Client) -> None:
     assert (await api.get("/readyz", headers={"Authorization": ""})).status_code == 200
     schema = (await api.get("/schema/openapi.json")).json()
     assert "/v2/identities" in schema["paths"]
+
+
+async def test_body_over_the_api_limit_is_413(api: Client, redis: Redis) -> None:
+    r = await api.post(
+        "/v2/identities",
+        content=b'{"external_id": "big", "display_name": "' + b"x" * 3_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert await redis.dbsize() == 0
