@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import msgspec
 from litestar import Litestar, get
 from litestar.datastructures import State
@@ -19,9 +21,14 @@ from sidecar import __version__
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.identities import IdentityController
 from sidecar.identity.store import IdentityStore
+from sidecar.proxy.attribution import Attribution
+from sidecar.proxy.hooks import HookController
+from sidecar.proxy.inline import InlineProxy, Runtime
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.keys import Keys
+from sidecar.usage.pricing import Pricer
+from sidecar.usage.recorder import Recorder
 
 log = logging.getLogger("sidecar")
 
@@ -53,14 +60,42 @@ def provide_store(state: State) -> IdentityStore:
     return store
 
 
+# Paths the sidecar answers itself; everything else is forwarded upstream.
+OWNED_PREFIXES = ("/v2/identities", "/v2/usage", "/hooks/", "/schema", "/ui")
+OWNED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def owned(path: str) -> bool:
+    return path in OWNED_PATHS or path.startswith(OWNED_PREFIXES)
+
+
+class Sidecar:
+    """The ASGI app: the proxy for traffic, Litestar for the sidecar's own endpoints."""
+
+    def __init__(self, api: Litestar, proxy: InlineProxy) -> None:
+        self.api = api
+        self.proxy = proxy
+
+    @property
+    def state(self) -> State:
+        return self.api.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not owned(scope["path"]):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
     admin_token: str,
     redis: RedisClient | None = None,
     clock: Clock = time.time,
-) -> Litestar:
+) -> Sidecar:
     """The service. Connections open in the lifespan, never at import or build time."""
+    runtime = Runtime()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -69,21 +104,36 @@ def create_app(
             if settings.redis.url is None:
                 raise RuntimeError("no store URL: `sidecar serve` starts the embedded store")
             client = connect(settings.redis.url, timeout_ms=settings.redis.timeout_ms)
-        store = IdentityStore(client, Keys(settings.redis.key_prefix), clock)
+        keys = Keys(settings.redis.key_prefix)
+        store = IdentityStore(client, keys, clock)
+        recorder = Recorder(client, keys, clock)
         try:
             await store.load_scripts()
+            await recorder.load_scripts()
         except (RedisError, OSError) as exc:
             log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+        runtime.attribution = Attribution(
+            settings, store, recorder, Pricer(settings.pricing.models), clock
+        )
+        runtime.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, ttl_dns_cache=300, keepalive_timeout=30),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
         app.state.redis = client
         app.state.identity_store = store
+        app.state.runtime = runtime
         try:
             yield
         finally:
+            if runtime.tasks:
+                await asyncio.wait(list(runtime.tasks), timeout=10)
+            await runtime.session.close()
             if redis is None:
                 await client.aclose()
 
-    app = Litestar(
-        route_handlers=[IdentityController, healthz, readyz],
+    api = Litestar(
+        route_handlers=[IdentityController, HookController, healthz, readyz],
         dependencies={"store": Provide(provide_store, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
@@ -94,8 +144,8 @@ def create_app(
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
         ),
-        request_max_body_size=1_048_576 * 2,
+        request_max_body_size=2 * 1_048_576,
         logging_config=None,
         debug=False,
     )
-    return app
+    return Sidecar(api, InlineProxy(settings, runtime))

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from sidecar._msgspec import describe
 from sidecar.usage.pricing import ModelPrice
 
 DEFAULT_CONFIG = "config.toml"
@@ -111,7 +112,6 @@ _ENV: dict[str, tuple[str, str, type]] = {
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_PATH_RE = re.compile(r"`\$((?:\.[^`\[]+|\[\d+\])*)`")
 
 
 def resolve_path(base_dir: str, path: str) -> Path:
@@ -120,18 +120,12 @@ def resolve_path(base_dir: str, path: str) -> Path:
 
 
 def _where(prefix: str, err: msgspec.ValidationError) -> str:
-    """Turn msgspec's "... - at `$.a.b[0]`" into "prefix.a.b[0]: ..."."""
-    text = str(err)
-    message, sep, location = text.rpartition(" - at ")
-    if not sep:
-        message, location = text, ""
-    match = _PATH_RE.fullmatch(location)
-    key = prefix + (match.group(1) if match else "")
-    if unknown := re.fullmatch(r"Object contains unknown field `(.+)`", message):
-        return f"{key}.{unknown.group(1)}: unknown key"
-    if missing := re.fullmatch(r"Object missing required field `(.+)`", message):
-        return f"{key}.{missing.group(1)}: required key missing"
-    return f"{key}: {message[0].lower()}{message[1:]}"
+    key, message = describe(err, prefix)
+    if message == "unknown field":
+        return f"{key}: unknown key"
+    if message == "required field missing":
+        return f"{key}: required key missing"
+    return f"{key}: {message}"
 
 
 def _check_values(s: Settings) -> list[str]:

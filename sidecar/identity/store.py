@@ -96,6 +96,13 @@ class IdentityStore:
         self._remember(external_id, identity_id)
         return identity_id
 
+    def known_id(self, external_id: str) -> str | None:
+        """The `_id` this process last saw for the external id, without asking Redis."""
+        return self._ids.get(external_id)
+
+    def forget(self, external_id: str) -> None:
+        self._ids.pop(external_id, None)
+
     def _remember(self, external_id: str, identity_id: str) -> None:
         self._ids[external_id] = identity_id
         self._ids.move_to_end(external_id)
@@ -257,9 +264,9 @@ class IdentityStore:
             [xid_digest(identity.external_id), identity.id],
         )
         self._ids.pop(identity.external_id, None)
-        # Every hour bucket younger than the retention (and a margin) goes; older ones expired.
+        # Every hour bucket younger than its retention (and a margin) goes; older ones expired.
         last_hour = buckets.hour(self.clock())
-        first_hour = last_hour - (buckets.RETENTION_DAYS + 2) * 24
+        first_hour = last_hour - buckets.HOUR_RETENTION - 24
         await self._run(
             self._erase,
             [self.keys.identity(identity.id), self.keys.usage_days(identity.id)],

@@ -32,6 +32,11 @@ class Keys:
         # 30-day sum is one HMGET. The recorder trims days past the retention.
         return f"{self._p}:u:{{{identity_id}}}:d"
 
+    def request(self, identity_id: str, request_id: str) -> str:
+        # String with a TTL: a usage report with this request id was counted.
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:rq:{{{identity_id}}}:{digest}"
+
     def usage_hours(self, identity_id: str) -> str:
         """Prefix of the hour buckets: append the hour number."""
         return f"{self._p}:u:{{{identity_id}}}:h:"  # hash per UTC hour: counters

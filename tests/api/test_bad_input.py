@@ -143,8 +143,11 @@ async def test_admin_token_is_required(api: Client) -> None:
 
 
 async def test_unknown_route_and_method_are_json(api: Client) -> None:
-    r = await api.get("/v2/nothing")
+    r = await api.get("/v2/identities/someone/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # Paths the sidecar does not own go upstream; with none configured that is a 502.
+    r = await api.get("/v2/nothing")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "no_upstream"
     r = await api.put("/v2/identities", json={})
     assert r.status_code == 405 and "error" in r.json()
 

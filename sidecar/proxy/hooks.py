@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, post
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+from ulid import ULID
+
+from sidecar.api.auth import token_matches
+from sidecar.errors import InvalidRequest, Unauthorized
+from sidecar.identity import model
+from sidecar.identity.model import InvalidField
+from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
+from sidecar.proxy.attribution import Attribution
+from sidecar.proxy.inline import Runtime
+from sidecar.usage import buckets
+from sidecar.usage.extract import usage_from_mapping
+from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
+
+_decode = msgspec.json.Decoder().decode
+
+
+class HookIdentity(msgspec.Struct):
+    external_id: str
+    source: str
+
+
+class Authorization(msgspec.Struct):
+    request_id: str
+    identity: HookIdentity
+    policy: str | None = None
+
+
+class UsageReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    request_id: str
+    identity: str
+    model: str | None = None
+    status: int = 200
+    usage: dict[str, Any] | None = None
+    cost_usd: float | str | None = None
+    source: Literal["body", "header", "api_key", "anonymous"] | None = None
+    path: str | None = None  # the original request's path, to tell the usage shape apart
+
+
+class Accepted(msgspec.Struct):
+    request_id: str
+    counted: bool
+    duplicate: bool
+
+
+async def hook_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    # The hooks' Authorization header is the original client's; they authenticate apart.
+    settings = connection.app.state.settings
+    expected = settings.admin.hook_token or connection.app.state.admin_token
+    if not token_matches(connection.headers.get("x-sidecar-token"), expected):
+        raise Unauthorized("missing or invalid x-sidecar-token")
+
+
+def _attribution(request: Request[Any, Any, Any]) -> Attribution:
+    runtime: Runtime = request.app.state.runtime
+    return runtime.attribution
+
+
+class HookController(Controller):
+    path = "/hooks"
+    tags = ["hooks"]
+    guards = [hook_guard]
+
+    @post("/authorize", status_code=HTTP_200_OK, operation_id="authorize")
+    async def authorize(self, request: Request[Any, Any, Any]) -> Response[Authorization]:
+        """Resolve, upsert and check the identity of a request a proxy is about to send."""
+        raw = await request.body()
+        body: dict[str, Any] | None = None
+        if raw.strip():
+            try:
+                decoded = _decode(raw)
+            except msgspec.DecodeError:
+                raise InvalidRequest("request body is not valid JSON") from None
+            body = decoded if isinstance(decoded, dict) else None
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        attribution = _attribution(request)
+        try:
+            resolved = attribution.resolve(body, headers)
+        except InvalidField as exc:
+            raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
+        except MissingIdentity:
+            raise Unauthorized("an identity is required", code="identity_required") from None
+        await attribution.identify(resolved)
+        header = attribution.header
+        return Response(
+            Authorization(
+                request_id=str(ULID()),
+                identity=HookIdentity(resolved.external_id, resolved.source.value),
+            ),
+            # A proxy that copies response headers upstream (Envoy ext_authz) forwards this.
+            headers={header: encode_header_id(resolved.external_id)},
+        )
+
+    @post("/usage", status_code=HTTP_202_ACCEPTED, operation_id="reportUsage")
+    async def usage(self, request: Request[Any, Any, Any]) -> Accepted:
+        """Count a finished request; a report retried with the same request_id counts once."""
+        try:
+            report = msgspec.json.decode(await request.body(), type=UsageReport)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"usage report: {exc}") from None
+        except msgspec.DecodeError:
+            raise InvalidRequest("request body is not valid JSON") from None
+        if not 1 <= len(report.request_id) <= 128:
+            raise InvalidRequest("request_id must be 1-128 characters", param="request_id")
+        if not 100 <= report.status <= 599:
+            raise InvalidRequest("status must be an HTTP status code", param="status")
+        try:
+            external_id = model.external_id(report.identity, "identity")
+        except InvalidField as exc:
+            raise InvalidRequest(exc.message, param=exc.param) from None
+        kind = kind_for_path(report.path or "") or Kind.CHAT
+        usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()
+        upstream_cost = _cost(report.cost_usd)
+        if upstream_cost is not None:
+            usage = msgspec.structs.replace(usage, cost_nanos=upstream_cost)
+        attribution = _attribution(request)
+        resolved = Resolved(external_id, Source(report.source or "header"))
+        identity_id = await attribution.identify(resolved)
+        cost = attribution.cost(kind, report.model, usage, None)
+        counters = attribution.counters(
+            resolved.source, failed=report.status >= 400, usage=usage, cost=cost
+        )
+        if report.source is None:  # counted, but under no source
+            counters.pop(buckets.BY_SOURCE[resolved.source], None)
+        result = await attribution.record(
+            identity_id, resolved, counters, request_id=report.request_id
+        )
+        return Accepted(report.request_id, result.counted, result.duplicate)
+
+
+def _cost(value: float | str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        nanos = nanos_from_usd(Decimal(str(value)))
+    except InvalidOperation:
+        nanos = None
+    if nanos is None or isinstance(value, bool):
+        raise InvalidRequest("cost_usd must be a non-negative number of dollars", param="cost_usd")
+    return nanos

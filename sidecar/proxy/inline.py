@@ -1,0 +1,358 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from sidecar.api.errors import ErrorBody, ErrorResponse
+from sidecar.identity.model import InvalidField
+from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
+from sidecar.proxy.attribution import Attribution
+from sidecar.settings import Settings
+from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
+from sidecar.usage.model import Kind, Usage, kind_for_path
+
+log = logging.getLogger("sidecar.proxy")
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the client library sets itself.
+_REQUEST_SKIP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+    }
+)
+_RESPONSE_SKIP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
+)
+_JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+def error_body(status: int, message: str, type: str, code: str, param: str | None = None) -> bytes:
+    return _encode(ErrorResponse(ErrorBody(message=message, type=type, code=code, param=param)))
+
+
+async def send_error(
+    send: Send, status: int, message: str, type: str, code: str, param: str | None = None
+) -> None:
+    body = error_body(status, message, type, code, param)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionResetError("client went away while sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Runtime:
+    """What the proxy and the hooks need; filled in by the app's lifespan (sidecar.app)."""
+
+    def __init__(self) -> None:
+        self.session: aiohttp.ClientSession
+        self.attribution: Attribution
+        self.tasks: set[asyncio.Task[None]] = set()
+
+
+class InlineProxy:
+    """Raw ASGI: forwards what the sidecar does not own, attributing the metered calls.
+
+    It is not a Litestar route on purpose: it is on the path of every LLM request, and a
+    framework's routing, dependency injection and response classes cost more than the whole
+    forwarding step (see README, Benchmarks)."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.upstream = (settings.upstream.url or "").rstrip("/")
+        self.limit = settings.server.max_body_bytes
+        self.extra_paths = frozenset(settings.metering.extra_paths)
+        self.header = settings.identity.header.lower()
+        self.header_bytes = self.header.encode()
+        self.timeout = aiohttp.ClientTimeout(total=settings.upstream.timeout_s, sock_connect=10)
+
+    def metered(self, method: str, path: str) -> tuple[bool, Kind | None]:
+        if method != "POST":
+            return False, None
+        kind = kind_for_path(path)
+        return kind is not None or path in self.extra_paths, kind
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.upstream:
+            await send_error(
+                send, 502, "no upstream configured: set [upstream] url", "api_error", "no_upstream"
+            )
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            await send_error(
+                send,
+                413,
+                f"request body over {self.limit} bytes",
+                "invalid_request_error",
+                "payload_too_large",
+            )
+            return
+        try:
+            body = await read_body(receive, self.limit)
+        except BodyTooLarge:
+            await send_error(
+                send,
+                413,
+                f"request body over {self.limit} bytes",
+                "invalid_request_error",
+                "payload_too_large",
+            )
+            return
+        except ConnectionResetError:
+            return
+        method: str = scope["method"]
+        metered, kind = self.metered(method, scope["path"])
+        if not metered:
+            await self._forward(scope, send, body, self._headers(scope, None), None)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        payload = _json_object(body, headers.get("content-type", ""))
+        try:
+            resolved = self.runtime.attribution.resolve(payload, headers)
+        except InvalidField as exc:
+            await send_error(
+                send, 400, exc.message, "invalid_request_error", "invalid_identity", exc.param
+            )
+            return
+        except MissingIdentity:
+            await send_error(
+                send,
+                401,
+                "this sidecar requires an identity: send an `identity` "
+                f"object, the {self.header} header or a known API key",
+                "authentication_error",
+                "identity_required",
+            )
+            return
+        strip = False
+        if payload is not None:
+            strip = kind is not None and prepare_request(kind, payload)
+            if strip or resolved.source is Source.BODY:
+                body = _encode(payload)  # without the identity object, with stream_options
+        identify = asyncio.create_task(self.runtime.attribution.identify(resolved))
+        await self._forward(
+            scope, send, body, self._headers(scope, resolved), (resolved, kind, identify, strip)
+        )
+
+    def _headers(self, scope: Scope, resolved: Resolved | None) -> list[tuple[str, str]]:
+        out = []
+        for name, value in scope["headers"]:
+            lower = name.lower()
+            if lower in _REQUEST_SKIP or (resolved is not None and lower == self.header_bytes):
+                continue
+            if resolved is not None and lower == b"accept-encoding":
+                continue  # usage is read from the response: ask for it uncompressed
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if resolved is not None:
+            out.append((self.header, encode_header_id(resolved.external_id)))
+            out.append(("accept-encoding", "identity"))
+        return out
+
+    async def _forward(
+        self,
+        scope: Scope,
+        send: Send,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        meter: tuple[Resolved, Kind | None, asyncio.Task[str], bool] | None,
+    ) -> None:
+        url = self.upstream + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        status: int | None = None
+        usage: Usage | None = None
+        header_cost: str | None = None
+        model: str | None = None
+        complete = False
+        try:
+            async with self.runtime.session.request(
+                scope["method"],
+                url,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                timeout=self.timeout,
+            ) as upstream:
+                status = upstream.status
+                header_cost = upstream.headers.get("x-litellm-response-cost")
+                out_headers = [
+                    (k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in upstream.headers.items()
+                    if k.lower() not in _RESPONSE_SKIP
+                ]
+                kind = meter[1] if meter else None
+                sse = "text/event-stream" in upstream.headers.get("content-type", "")
+                if meter and sse and kind is not None:
+                    usage = await self._relay_stream(upstream, send, out_headers, kind, meter[3])
+                elif meter and kind is not None:
+                    usage = await self._relay_json(upstream, send, out_headers, kind)
+                else:
+                    await _relay(upstream, send, out_headers)
+                complete = True
+        except TimeoutError:
+            if status is None:
+                await send_error(
+                    send,
+                    504,
+                    "the upstream did not answer in time",
+                    "api_error",
+                    "upstream_timeout",
+                )
+        except (aiohttp.ClientError, OSError) as exc:
+            if status is None:
+                await send_error(
+                    send,
+                    502,
+                    f"the upstream cannot be reached: {type(exc).__name__}",
+                    "api_error",
+                    "upstream_unreachable",
+                )
+        finally:
+            if meter is not None:
+                if usage is not None:
+                    model = usage.model
+                failed = status is None or status >= 400 or not complete
+                self._after(meter, failed, usage, model, header_cost)
+        if status is not None and not complete:
+            return  # headers went out: returning unfinished makes the server drop the connection
+
+    async def _relay_stream(
+        self,
+        upstream: aiohttp.ClientResponse,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        kind: Kind,
+        strip: bool,
+    ) -> Usage | None:
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        stream = StreamUsage(kind, strip_usage_chunk=strip)
+        # A client that leaves keeps costing: read to the end so the usage is known (the
+        # server's send is a no-op once the client is gone).
+        async for chunk in upstream.content.iter_any():
+            out = stream.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        await send({"type": "http.response.body", "body": stream.flush(), "more_body": False})
+        return stream.finish()
+
+    async def _relay_json(
+        self,
+        upstream: aiohttp.ClientResponse,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        kind: Kind,
+    ) -> Usage | None:
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in upstream.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            size += len(chunk)
+            if size <= _JSON_CAP:
+                chunks.append(chunk)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if upstream.status >= 400 or size > _JSON_CAP:
+            return None
+        return extract_json(kind, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _after(
+        self,
+        meter: tuple[Resolved, Kind | None, asyncio.Task[str], bool],
+        failed: bool,
+        usage: Usage | None,
+        model: str | None,
+        header_cost: str | None,
+    ) -> None:
+        resolved, kind, identify, _ = meter
+        task = asyncio.create_task(
+            self._record(resolved, kind, identify, failed, usage, model, header_cost)
+        )
+        self.runtime.tasks.add(task)
+        task.add_done_callback(self.runtime.tasks.discard)
+
+    async def _record(
+        self,
+        resolved: Resolved,
+        kind: Kind | None,
+        identify: asyncio.Task[str],
+        failed: bool,
+        usage: Usage | None,
+        model: str | None,
+        header_cost: str | None,
+    ) -> None:
+        attribution = self.runtime.attribution
+        try:
+            identity_id = await identify
+            cost = attribution.cost(kind, model, usage, header_cost)
+            counters = attribution.counters(resolved.source, failed=failed, usage=usage, cost=cost)
+            await attribution.record(identity_id, resolved, counters)
+        except Exception:
+            log.exception("usage of %s (%s) not recorded", resolved.external_id, resolved.source)
+
+
+async def _relay(
+    upstream: aiohttp.ClientResponse, send: Send, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    async for chunk in upstream.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _json_object(body: bytes, content_type: str) -> dict[str, Any] | None:
+    if not body or ("json" not in content_type and content_type):
+        return None
+    try:
+        value = _decode(body)
+    except msgspec.DecodeError:
+        return None
+    return value if isinstance(value, dict) else None

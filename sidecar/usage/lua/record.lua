@@ -1,0 +1,23 @@
+-- Count one request for one identity.
+-- KEYS[1] record hash, KEYS[2] day-counter hash, KEYS[3] hour bucket, KEYS[4] (optional)
+-- idempotency key for the request id.
+-- ARGV[1] day, ARGV[2] hour, ARGV[3] when the hour bucket expires (epoch seconds),
+-- ARGV[4] idempotency key lifetime (seconds), ARGV[5] source, ARGV[6] now (epoch ms),
+-- ARGV[7..] counter, increment pairs.
+-- Returns 1 when counted, 0 when the identity no longer exists (erased: nothing may
+-- recreate its usage), 2 when this request id was counted before.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if KEYS[4] and not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[4]) then return 2 end
+local day = tonumber(ARGV[1])
+local current = align(KEYS[2], day)
+local in_window = day > current - WINDOW
+local kept = day > current - RETENTION
+for i = 7, #ARGV, 2 do
+  local counter, n = ARGV[i], ARGV[i + 1]
+  if kept then redis.call('HINCRBY', KEYS[2], day .. ':' .. counter, n) end
+  if in_window then redis.call('HINCRBY', KEYS[2], 's:' .. counter, n) end
+  redis.call('HINCRBY', KEYS[3], counter, n)
+end
+redis.call('EXPIREAT', KEYS[3], ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 's:src', ARGV[5], 's:at', ARGV[6]) end
+return 1

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.app import Sidecar, create_app
+from sidecar.mock import MockServer, start_mock
+from sidecar.settings import parse
+from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
+from tests.redis_server import RedisServer
+from tests.serving import ApiClient, serve
+
+
+@dataclass
+class Env:
+    url: str  # the sidecar
+    mock: MockServer
+    app: Sidecar
+    api: ApiClient
+    redis: Redis
+
+    async def settle(self) -> None:
+        """Wait for the usage writes that run after each response."""
+        for _ in range(100):
+            tasks = list(self.app.state.runtime.tasks)
+            if not tasks:
+                return
+            await asyncio.wait(tasks, timeout=5)
+        raise AssertionError("usage writes did not finish")
+
+    async def metrics(self, external_id: str) -> dict[str, Any]:
+        await self.settle()
+        r = await self.api.get(f"/v2/identities/{external_id}", params={"include_metrics": "true"})
+        assert r.status_code == 200, r.text
+        metrics: dict[str, Any] = r.json()["metrics"]
+        return metrics
+
+
+MakeEnv = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_env(
+    redis: Redis, redis_server: RedisServer, clock: FakeClock
+) -> AsyncIterator[MakeEnv]:
+    opened: list[Any] = []
+
+    async def make(upstream_url: str | None = None, **config: Any) -> Env:
+        mock = await start_mock()
+        opened.append(mock)
+        raw: dict[str, Any] = {"redis": {"url": redis_server.url}}
+        raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
+        for section, values in config.items():
+            raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}
+        app = create_app(parse(raw), admin_token=ADMIN_TOKEN, redis=redis, clock=clock)
+        context = serve(app)
+        url = await context.__aenter__()
+        opened.append(context)
+        api = ApiClient(base_url=url, headers=AUTH)
+        opened.append(api)
+        return Env(url=url, mock=mock, app=app, api=api, redis=redis)
+
+    yield make
+    for item in reversed(opened):
+        if isinstance(item, ApiClient):
+            await item.aclose()
+        elif isinstance(item, MockServer):
+            await item.close()
+        else:
+            await item.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def env(make_env: MakeEnv) -> Env:
+    made: Env = await make_env()
+    return made
