@@ -13,12 +13,26 @@ from msgspec import UNSET
 from sidecar.api.auth import admin_guard
 from sidecar.errors import InvalidRequest, NotFound
 from sidecar.identity import model
-from sidecar.identity.model import Identity, IdentityCreate, IdentityPatch, InvalidField
+from sidecar.identity.model import (
+    Identity,
+    IdentityCreate,
+    IdentityPatch,
+    InvalidField,
+    Metrics,
+)
 from sidecar.identity.store import IdentityStore
+from sidecar.usage.reader import Series, series
 
 PREFIX = "/v2/identities"
 MAX_REF = 255
 Store = NamedDependency[IdentityStore]
+
+
+class IdentityMetrics(msgspec.Struct):
+    identity: Identity
+    totals: Metrics
+    series: Series
+    object: Literal["identity.metrics"] = "identity.metrics"
 
 
 class IdentityList(msgspec.Struct):
@@ -34,19 +48,22 @@ def _profile(fields: IdentityCreate | IdentityPatch) -> model.Profile:
         raise InvalidRequest(exc.message, param=exc.param) from None
 
 
-def identity_ref(request: Request[Any, Any, Any]) -> str:
-    """The `{id}` of the path, from the raw path so that an encoded '/' stays inside the id."""
+def identity_ref(request: Request[Any, Any, Any], sub: str | None = None) -> str:
+    """The `{id}` of `/v2/identities/{id}[/sub]`, read from the raw path so that an encoded
+    '/' stays inside the id."""
     raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
-    tail = raw.split(b"?", 1)[0].decode("latin-1")[len(PREFIX) + 1 :]
-    ref = unquote(tail, errors="strict") if tail else ""
-    if not ref or "/" in tail:
+    segments = raw.split(b"?", 1)[0].decode("latin-1")[len(PREFIX) + 1 :].split("/")
+    if len(segments) != (1 if sub is None else 2) or (sub is not None and segments[1] != sub):
+        raise NotFound(f"no route for {request.method} {request.url.path}")
+    ref = unquote(segments[0], errors="strict")
+    if not ref:
         raise NotFound(f"no route for {request.method} {request.url.path}")
     if len(ref) > MAX_REF:
         raise InvalidRequest(f"id must be at most {MAX_REF} characters", param="id")
     return ref
 
 
-async def _find(store: Store, ref: str, include_metrics: FromQuery[bool] = False) -> Identity:
+async def _find(store: Store, ref: str, include_metrics: bool = False) -> Identity:
     identity = await store.get(ref, include_metrics=include_metrics)
     if identity is None:
         raise NotFound(f"no identity with _id or external_id {ref!r}", param="id")
@@ -103,7 +120,18 @@ class IdentityController(Controller):
         request: Request[Any, Any, Any],
         store: Store,
         include_metrics: FromQuery[bool] = False,
-    ) -> Identity:
+        granularity: FromQuery[Literal["day", "hour"]] = "day",
+    ) -> Identity | IdentityMetrics:
+        """`/v2/identities/{id}`: the identity; `/v2/identities/{id}/metrics`: its usage over
+        time (`granularity=day`: the 30-day window; `hour`: the retained hours)."""
+        path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+        if path.count(b"/") == 4 and path.endswith(b"/metrics"):
+            identity = await _find(store, identity_ref(request, "metrics"), include_metrics=True)
+            identity_totals = identity.metrics
+            assert isinstance(identity_totals, Metrics)
+            usage = await series(store.client, store.keys, identity.id, granularity, store.clock())
+            identity.metrics = UNSET
+            return IdentityMetrics(identity=identity, totals=identity_totals, series=usage)
         return await _find(store, identity_ref(request), include_metrics)
 
     @patch("/{ref:path}", operation_id="updateIdentity")

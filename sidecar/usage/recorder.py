@@ -57,7 +57,8 @@ class Recorder:
         args: list[str | int] = [
             buckets.day(at),
             hour,
-            (hour + buckets.HOUR_RETENTION + 1) * buckets.HOUR,
+            # Relative to this process's clock, so that buckets expire by the time they count.
+            int((hour + buckets.HOUR_RETENTION + 1) * buckets.HOUR - now),
             IDEMPOTENCY_TTL,
             source,
             int(now * 1000),

@@ -1,7 +1,7 @@
 -- Count one request for one identity.
 -- KEYS[1] record hash, KEYS[2] day-counter hash, KEYS[3] hour bucket, KEYS[4] (optional)
 -- idempotency key for the request id.
--- ARGV[1] day, ARGV[2] hour, ARGV[3] when the hour bucket expires (epoch seconds),
+-- ARGV[1] day, ARGV[2] hour, ARGV[3] seconds the hour bucket has left (<= 0: past retention),
 -- ARGV[4] idempotency key lifetime (seconds), ARGV[5] source, ARGV[6] now (epoch ms),
 -- ARGV[7..] counter, increment pairs.
 -- Returns 1 when counted, 0 when the identity no longer exists (erased: nothing may
@@ -12,12 +12,13 @@ local day = tonumber(ARGV[1])
 local current = align(KEYS[2], day)
 local in_window = day > current - WINDOW
 local kept = day > current - RETENTION
+local hour_ttl = tonumber(ARGV[3])
 for i = 7, #ARGV, 2 do
   local counter, n = ARGV[i], ARGV[i + 1]
   if kept then redis.call('HINCRBY', KEYS[2], day .. ':' .. counter, n) end
   if in_window then redis.call('HINCRBY', KEYS[2], 's:' .. counter, n) end
-  redis.call('HINCRBY', KEYS[3], counter, n)
+  if hour_ttl > 0 then redis.call('HINCRBY', KEYS[3], counter, n) end
 end
-redis.call('EXPIREAT', KEYS[3], ARGV[3])
+if hour_ttl > 0 then redis.call('EXPIRE', KEYS[3], hour_ttl) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 's:src', ARGV[5], 's:at', ARGV[6]) end
 return 1
