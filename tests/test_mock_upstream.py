@@ -419,6 +419,15 @@ async def test_status_header_on_a_stream_fails_before_streaming(oai: openai.Asyn
         )
 
 
+async def test_control_header_names_are_case_insensitive(oai: openai.AsyncOpenAI) -> None:
+    completion = await oai.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "x"}],
+        extra_headers={"X-Mock-Output-Tokens": "3"},
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+
+
 async def test_invalid_control_header_is_a_400(oai: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="x-mock-output-tokens"):
         await oai.chat.completions.create(
