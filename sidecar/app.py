@@ -128,6 +128,7 @@ def create_app(
         finally:
             if runtime.tasks:
                 await asyncio.wait(list(runtime.tasks), timeout=10)
+            await asyncio.wait_for(recorder.drain(), timeout=10)
             await runtime.session.close()
             if redis is None:
                 await client.aclose()

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from sidecar.identity.model import Profile
 from sidecar.identity.resolve import Resolved, Source, resolve
 from sidecar.identity.store import IdentityStore
@@ -17,6 +19,10 @@ from sidecar.usage.pricing import Cost, Pricer
 from sidecar.usage.recorder import Recorded, Recorder
 
 log = logging.getLogger("sidecar.attribution")
+
+PROFILE_REFRESH_S = 30.0
+_WRITTEN_SIZE = 65_536
+_encode = msgspec.json.Encoder().encode
 
 Clock = Callable[[], float]
 
@@ -39,6 +45,8 @@ class Attribution:
         self.header = settings.identity.header
         self.required = settings.identity.required
         self._owners = {k.sha256: k.owner for k in settings.api_keys}
+        # external id -> (the profile this process last wrote, when to write it again anyway)
+        self._written: dict[str, tuple[bytes, float]] = {}
 
     def key_owner(self, digest: str) -> str | None:
         return self._owners.get(digest)
@@ -49,15 +57,33 @@ class Attribution:
             body, headers, header=self.header, key_owner=self.key_owner, required=self.required
         )
 
+    def known(self, resolved: Resolved) -> str | None:
+        """The `_id`, when nothing needs writing first (see `identify`)."""
+        known = self.store.known_id(resolved.external_id)
+        if known is None or resolved.profile is None:
+            return known
+        seen = self._written.get(resolved.external_id)
+        if seen is not None and seen[0] == _encode(resolved.profile) and self.clock() < seen[1]:
+            return known
+        return None
+
     async def identify(self, resolved: Resolved) -> str:
         """The `_id` to count under: a body identity upserts; the others get a bare record
-        when unknown and never change an existing one."""
-        if resolved.profile is not None:
-            identity, _ = await self.store.upsert(resolved.external_id, resolved.profile)
-            return identity.id
-        known = self.store.known_id(resolved.external_id)
+        when unknown and never change an existing one.
+
+        A body identity that brings the same fields as the last one this process wrote, less
+        than PROFILE_REFRESH_S ago, is not written again: clients send their identity with
+        every request, and rewriting identical fields costs a round trip each time."""
+        known = self.known(resolved)
         if known is not None:
             return known
+        if resolved.profile is not None:
+            identity, _ = await self.store.upsert(resolved.external_id, resolved.profile)
+            digest = _encode(resolved.profile)
+            self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
+            if len(self._written) > _WRITTEN_SIZE:
+                del self._written[next(iter(self._written))]
+            return identity.id
         identity, _ = await self.store.upsert(resolved.external_id, Profile())
         return identity.id
 
@@ -89,12 +115,30 @@ class Attribution:
         if not result.counted and not result.duplicate:
             # The identity was erased after this process learnt its _id: attribute the request
             # to the identity as it exists now (recreated bare unless the body brings a profile).
-            self.store.forget(resolved.external_id)
+            self.forget(resolved.external_id)
             identity_id = await self.identify(resolved)
             result = await self.recorder.record(
                 identity_id, counters, source=resolved.source.value, at=at, request_id=request_id
             )
         return result
+
+    def add(self, identity_id: str, resolved: Resolved, counters: dict[str, int]) -> None:
+        """Count an inline request: written within milliseconds, batched with others."""
+
+        async def missing(_: str, counters: dict[str, int], source: str, at: float) -> None:
+            self.forget(resolved.external_id)
+            try:
+                identity_id = await self.identify(resolved)
+            except Exception:
+                log.exception("usage of %s not recorded", resolved.external_id)
+                return
+            self.recorder.add(identity_id, counters, source=source, at=at)
+
+        self.recorder.add(identity_id, counters, source=resolved.source.value, on_missing=missing)
+
+    def forget(self, external_id: str) -> None:
+        self.store.forget(external_id)
+        self._written.pop(external_id, None)
 
     @staticmethod
     def counters(

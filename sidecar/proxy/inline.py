@@ -41,6 +41,7 @@ _RESPONSE_SKIP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
 )
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
+_WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
@@ -60,6 +61,26 @@ async def send_error(
 
 class BodyTooLarge(Exception):
     pass
+
+
+class _Meter:
+    """What the proxy knows of a metered request while it forwards it."""
+
+    __slots__ = ("identity", "kind", "model", "resolved", "strip")
+
+    def __init__(
+        self,
+        resolved: Resolved,
+        kind: Kind | None,
+        identity: str | asyncio.Task[str],
+        strip: bool,
+        model: str | None,
+    ) -> None:
+        self.resolved = resolved
+        self.kind = kind
+        self.identity = identity  # the _id, or the task that upserts and finds it
+        self.strip = strip
+        self.model = model  # as requested; the response's own name wins when it has one
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -167,10 +188,15 @@ class InlineProxy:
             strip = kind is not None and prepare_request(kind, payload)
             if strip or resolved.source is Source.BODY:
                 body = _encode(payload)  # without the identity object, with stream_options
-        identify = asyncio.create_task(self.runtime.attribution.identify(resolved))
-        await self._forward(
-            scope, send, body, self._headers(scope, resolved), (resolved, kind, identify, strip)
+        attribution = self.runtime.attribution
+        known = attribution.known(resolved)
+        # A write, when one is needed, runs while the upstream works.
+        identity = known or asyncio.create_task(attribution.identify(resolved))
+        requested = payload.get("model") if payload is not None else None
+        meter = _Meter(
+            resolved, kind, identity, strip, requested if isinstance(requested, str) else None
         )
+        await self._forward(scope, send, body, self._headers(scope, resolved), meter)
 
     def _headers(self, scope: Scope, resolved: Resolved | None) -> list[tuple[str, str]]:
         out = []
@@ -192,7 +218,7 @@ class InlineProxy:
         send: Send,
         body: bytes,
         headers: list[tuple[str, str]],
-        meter: tuple[Resolved, Kind | None, asyncio.Task[str], bool] | None,
+        meter: _Meter | None,
     ) -> None:
         url = self.upstream + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
@@ -200,7 +226,6 @@ class InlineProxy:
         status: int | None = None
         usage: Usage | None = None
         header_cost: str | None = None
-        model: str | None = None
         complete = False
         try:
             async with self.runtime.session.request(
@@ -218,10 +243,10 @@ class InlineProxy:
                     for k, v in upstream.headers.items()
                     if k.lower() not in _RESPONSE_SKIP
                 ]
-                kind = meter[1] if meter else None
+                kind = meter.kind if meter else None
                 sse = "text/event-stream" in upstream.headers.get("content-type", "")
                 if meter and sse and kind is not None:
-                    usage = await self._relay_stream(upstream, send, out_headers, kind, meter[3])
+                    usage = await self._relay_stream(upstream, send, out_headers, kind, meter.strip)
                 elif meter and kind is not None:
                     usage = await self._relay_json(upstream, send, out_headers, kind)
                 else:
@@ -247,12 +272,13 @@ class InlineProxy:
                 )
         finally:
             if meter is not None:
-                if usage is not None:
-                    model = usage.model
                 failed = status is None or status >= 400 or not complete
-                self._after(meter, failed, usage, model, header_cost)
-        if status is not None and not complete:
-            return  # headers went out: returning unfinished makes the server drop the connection
+                try:
+                    self._after(meter, failed, usage, header_cost)
+                except Exception:
+                    log.exception("usage of %s not recorded", meter.resolved.external_id)
+        # When headers went out but the body did not finish, returning now makes the server
+        # drop the connection, so the client sees the failure.
 
     async def _relay_stream(
         self,
@@ -281,52 +307,54 @@ class InlineProxy:
         headers: list[tuple[bytes, bytes]],
         kind: Kind,
     ) -> Usage | None:
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in upstream.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            size += len(chunk)
-            if size <= _JSON_CAP:
-                chunks.append(chunk)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if upstream.status >= 400 or size > _JSON_CAP:
+        if upstream.content_length is not None and upstream.content_length <= _WHOLE:
+            body = await upstream.read()
+            await send({"type": "http.response.start", "status": upstream.status,
+                        "headers": headers})  # fmt: skip
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await send({"type": "http.response.start", "status": upstream.status,
+                        "headers": headers})  # fmt: skip
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in upstream.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                size += len(chunk)
+                if size <= _JSON_CAP:
+                    chunks.append(chunk)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if size > _JSON_CAP:
+                return None
+            body = b"".join(chunks)
+        if upstream.status >= 400:
             return None
-        return extract_json(kind, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return extract_json(kind, body)
 
     def _after(
-        self,
-        meter: tuple[Resolved, Kind | None, asyncio.Task[str], bool],
-        failed: bool,
-        usage: Usage | None,
-        model: str | None,
-        header_cost: str | None,
+        self, meter: _Meter, failed: bool, usage: Usage | None, header_cost: str | None
     ) -> None:
-        resolved, kind, identify, _ = meter
-        task = asyncio.create_task(
-            self._record(resolved, kind, identify, failed, usage, model, header_cost)
-        )
+        attribution = self.runtime.attribution
+        resolved = meter.resolved
+        model = usage.model if usage is not None and usage.model else meter.model
+        cost = attribution.cost(meter.kind, model, usage, header_cost)
+        counters = attribution.counters(resolved.source, failed=failed, usage=usage, cost=cost)
+        if isinstance(meter.identity, str):
+            attribution.add(meter.identity, resolved, counters)
+            return
+        task = asyncio.create_task(self._record_when_known(meter.identity, resolved, counters))
         self.runtime.tasks.add(task)
         task.add_done_callback(self.runtime.tasks.discard)
 
-    async def _record(
-        self,
-        resolved: Resolved,
-        kind: Kind | None,
-        identify: asyncio.Task[str],
-        failed: bool,
-        usage: Usage | None,
-        model: str | None,
-        header_cost: str | None,
+    async def _record_when_known(
+        self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]
     ) -> None:
-        attribution = self.runtime.attribution
         try:
             identity_id = await identify
-            cost = attribution.cost(kind, model, usage, header_cost)
-            counters = attribution.counters(resolved.source, failed=failed, usage=usage, cost=cost)
-            await attribution.record(identity_id, resolved, counters)
         except Exception:
-            log.exception("usage of %s (%s) not recorded", resolved.external_id, resolved.source)
+            log.exception("usage of %s (%s) not recorded: the identity could not be written",
+                          resolved.external_id, resolved.source.value)  # fmt: skip
+            return
+        self.runtime.attribution.add(identity_id, resolved, counters)
 
 
 async def _relay(

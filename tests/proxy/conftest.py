@@ -26,11 +26,14 @@ class Env:
 
     async def settle(self) -> None:
         """Wait for the usage writes that run after each response."""
+        runtime = self.app.state.runtime
         for _ in range(100):
-            tasks = list(self.app.state.runtime.tasks)
-            if not tasks:
+            tasks = list(runtime.tasks)
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+            await runtime.attribution.recorder.drain()
+            if not runtime.tasks:
                 return
-            await asyncio.wait(tasks, timeout=5)
         raise AssertionError("usage writes did not finish")
 
     async def metrics(self, external_id: str) -> dict[str, Any]:

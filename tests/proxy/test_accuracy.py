@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.proxy.conftest import Env, MakeEnv
+from tests.proxy.conftest import MakeEnv
 from tests.proxy.test_inline import MESSAGES
 
 KINDS = ["chat", "chat_stream", "chat_stream_usage", "responses", "responses_stream",
@@ -102,42 +102,48 @@ def control_headers(call: Call) -> dict[str, str]:
     return headers
 
 
-async def send(env: Env, call: Call) -> None:
+@dataclass
+class Clients:
+    openai: dict[str, openai.AsyncOpenAI]
+    anthropic: dict[str, anthropic.AsyncAnthropic]
+
+
+async def send(clients: Clients, call: Call) -> None:
     headers = control_headers(call)
     body: dict[str, Any] = {"identity": {"id": call.who}} if call.source == "body" else {}
     key = call.who if call.source == "api_key" else "sk-anonymous"
     model = "acc-model"
     if call.kind.startswith("messages"):
-        async with anthropic.AsyncAnthropic(base_url=env.url, api_key=key, max_retries=0) as claude:
-            if call.kind == "messages":
-                await claude.messages.create(model=model, max_tokens=64, messages=MESSAGES,
-                                             extra_headers=headers, extra_body=body)  # fmt: skip
-            else:
-                async with claude.messages.stream(
-                    model=model, max_tokens=64, messages=MESSAGES,
-                    extra_headers=headers, extra_body=body,
-                ) as stream:  # fmt: skip
-                    await stream.get_final_message()
-        return
-    async with openai.AsyncOpenAI(base_url=env.url + "/v1", api_key=key, max_retries=0) as oai:
-        common: dict[str, Any] = {"extra_headers": headers, "extra_body": body}
-        if call.kind == "chat":
-            await oai.chat.completions.create(model=model, messages=MESSAGES, **common)
-        elif call.kind.startswith("chat_stream"):
-            options: Any = {"include_usage": True} if call.kind == "chat_stream_usage" else None
-            stream = await oai.chat.completions.create(
-                model=model, messages=MESSAGES, stream=True, stream_options=options, **common
-            )
-            async for _ in stream:
-                pass
-        elif call.kind == "responses":
-            await oai.responses.create(model=model, input="hi", **common)
-        elif call.kind == "responses_stream":
-            events = await oai.responses.create(model=model, input="hi", stream=True, **common)
-            async for _ in events:
-                pass
+        claude = clients.anthropic[key]
+        if call.kind == "messages":
+            await claude.messages.create(model=model, max_tokens=64, messages=MESSAGES,
+                                         extra_headers=headers, extra_body=body)  # fmt: skip
         else:
-            await oai.embeddings.create(model=model, input="hi", **common)
+            async with claude.messages.stream(
+                model=model, max_tokens=64, messages=MESSAGES,
+                extra_headers=headers, extra_body=body,
+            ) as stream:  # fmt: skip
+                await stream.get_final_message()
+        return
+    oai = clients.openai[key]
+    common: dict[str, Any] = {"extra_headers": headers, "extra_body": body}
+    if call.kind == "chat":
+        await oai.chat.completions.create(model=model, messages=MESSAGES, **common)
+    elif call.kind.startswith("chat_stream"):
+        options: Any = {"include_usage": True} if call.kind == "chat_stream_usage" else None
+        stream = await oai.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, stream_options=options, **common
+        )
+        async for _ in stream:
+            pass
+    elif call.kind == "responses":
+        await oai.responses.create(model=model, input="hi", **common)
+    elif call.kind == "responses_stream":
+        events = await oai.responses.create(model=model, input="hi", stream=True, **common)
+        async for _ in events:
+            pass
+    else:
+        await oai.embeddings.create(model=model, input="hi", **common)
 
 
 @pytest.mark.timeout(240)
@@ -165,17 +171,28 @@ async def test_a_thousand_mixed_requests_are_counted_exactly(make_env: MakeEnv) 
         e.reasoning += call.reasoning
         e.cost += expected_cost(call)
     gate = asyncio.Semaphore(16)
+    keys = [*KEYS, "sk-anonymous"]
+    clients = Clients(
+        {k: openai.AsyncOpenAI(base_url=env.url + "/v1", api_key=k, max_retries=0) for k in keys},
+        {k: anthropic.AsyncAnthropic(base_url=env.url, api_key=k, max_retries=0) for k in keys},
+    )
 
     async def one(call: Call) -> None:
         async with gate:
             try:
-                await send(env, call)
+                await send(clients, call)
             except (openai.InternalServerError, anthropic.InternalServerError):
                 assert call.fail
             else:
                 assert not call.fail
 
-    await asyncio.gather(*(one(call) for call in calls))
+    try:
+        await asyncio.gather(*(one(call) for call in calls))
+    finally:
+        for oai in clients.openai.values():
+            await oai.close()
+        for claude in clients.anthropic.values():
+            await claude.close()
     await env.settle()
     assert len(env.mock.requests) == 1000
     for who, e in sorted(expected.items()):

@@ -3,7 +3,7 @@
 -- idempotency key for the request id.
 -- ARGV[1] day, ARGV[2] hour, ARGV[3] seconds the hour bucket has left (<= 0: past retention),
 -- ARGV[4] idempotency key lifetime (seconds), ARGV[5] source, ARGV[6] now (epoch ms),
--- ARGV[7..] counter, increment pairs.
+-- ARGV[7] the increments as 'counter n counter n ...' (one argument: cheaper to send).
 -- Returns 1 when counted, 0 when the identity no longer exists (erased: nothing may
 -- recreate its usage), 2 when this request id was counted before.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -13,8 +13,7 @@ local current = align(KEYS[2], day)
 local in_window = day > current - WINDOW
 local kept = day > current - RETENTION
 local hour_ttl = tonumber(ARGV[3])
-for i = 7, #ARGV, 2 do
-  local counter, n = ARGV[i], ARGV[i + 1]
+for counter, n in string.gmatch(ARGV[7], '(%S+) (%S+)') do
   if kept then redis.call('HINCRBY', KEYS[2], day .. ':' .. counter, n) end
   if in_window then redis.call('HINCRBY', KEYS[2], 's:' .. counter, n) end
   if hour_ttl > 0 then redis.call('HINCRBY', KEYS[3], counter, n) end
