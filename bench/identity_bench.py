@@ -257,10 +257,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             port = free_port()
             proc = start_sidecar(server.url, port, tmp + "/data")
             try:
-                runs = [
-                    api_latencies(port, args.identities)
-                    for _ in range(args.repeats)
-                ]
+                runs = [api_latencies(port, args.identities) for _ in range(args.repeats)]
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)

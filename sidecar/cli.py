@@ -105,6 +105,7 @@ def _run_server(settings: Settings, token: str) -> None:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        proxy_headers=False,  # the sidecar reads no X-Forwarded-*; the middleware costs per request
         log_level="warning",
         timeout_graceful_shutdown=30,
     )
