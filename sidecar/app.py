@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,8 @@ from sidecar.identity.store import IdentityStore
 from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.hooks import HookController
 from sidecar.proxy.inline import InlineProxy, Runtime
+from sidecar.quota.limiter import Limiter
+from sidecar.quota.service import Quota
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.keys import Keys
@@ -115,6 +118,22 @@ def create_app(
         runtime.attribution = Attribution(
             settings, store, recorder, Pricer(settings.pricing.models), clock
         )
+        limiter = Limiter(
+            client,
+            keys,
+            timeout_ms=settings.redis.timeout_ms,
+            on_error=settings.redis.on_error,
+            # A lease outlives the longest request, then frees its slot if nobody did.
+            lease_s=settings.upstream.timeout_s + 30,
+            clock=clock,
+        )
+        with contextlib.suppress(RedisError, OSError):  # logged above; loaded on first use
+            await limiter.load_scripts()
+        runtime.quota = Quota(
+            settings, limiter, store, clock, on_reload=runtime.attribution.use_keys
+        )
+        runtime.attribution.on_profile = runtime.quota.remember_profile
+        watcher = asyncio.create_task(runtime.quota.watch())
         runtime.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, ttl_dns_cache=300, keepalive_timeout=30),
             auto_decompress=False,
@@ -126,9 +145,13 @@ def create_app(
         try:
             yield
         finally:
+            watcher.cancel()
             if runtime.tasks:
                 await asyncio.wait(list(runtime.tasks), timeout=10)
-            await asyncio.wait_for(recorder.drain(), timeout=10)
+            try:
+                await asyncio.wait_for(recorder.drain(), timeout=10)
+            except TimeoutError:
+                log.error("shutting down with usage not written: Redis did not answer for 10 s")
             await runtime.session.close()
             if redis is None:
                 await client.aclose()

@@ -16,12 +16,17 @@ TOKEN_FILE = "admin_token"  # noqa: S105 (a file name)
 
 
 def _settings(path: str | None) -> Settings:
+    """The config and its policy files, checked; every problem printed, then exit 2."""
+    from sidecar.quota import loader
+
     try:
-        return load(path)
+        settings = load(path)
+        loader.load(settings.policies.paths, settings.base_dir)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise SystemExit(2) from None
+    return settings
 
 
 def stored_token(settings: Settings) -> str | None:
@@ -112,8 +117,14 @@ def _run_server(settings: Settings, token: str) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    from sidecar.quota import loader
+
     settings = _settings(args.config)
+    policies = loader.load(settings.policies.paths, settings.base_dir)
     print(f"{settings.source}: ok")
+    for file in policies.files:
+        names = [p.name for p in policies.policies if p.source == file]
+        print(f"{file}: ok ({', '.join(names) or 'no policies'})")
     return 0
 
 

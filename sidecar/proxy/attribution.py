@@ -16,7 +16,7 @@ from sidecar.usage import buckets
 from sidecar.usage.extract import cost_from_header
 from sidecar.usage.model import Kind, Usage
 from sidecar.usage.pricing import Cost, Pricer
-from sidecar.usage.recorder import Recorded, Recorder
+from sidecar.usage.recorder import Charges, Recorded, Recorder
 
 log = logging.getLogger("sidecar.attribution")
 
@@ -47,6 +47,8 @@ class Attribution:
         self._owners = {k.sha256: k.owner for k in settings.api_keys}
         # external id -> (the profile this process last wrote, when to write it again anyway)
         self._written: dict[str, tuple[bytes, float]] = {}
+        # Told the tags and metadata of every identity written (the policies match on them).
+        self.on_profile: Callable[[str, list[str], dict[str, Any]], None] | None = None
 
     def key_owner(self, digest: str) -> str | None:
         return self._owners.get(digest)
@@ -79,6 +81,8 @@ class Attribution:
             return known
         if resolved.profile is not None:
             identity, _ = await self.store.upsert(resolved.external_id, resolved.profile)
+            if self.on_profile is not None:
+                self.on_profile(resolved.external_id, identity.tags, identity.metadata)
             digest = _encode(resolved.profile)
             self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
             if len(self._written) > _WRITTEN_SIZE:
@@ -108,9 +112,15 @@ class Attribution:
         *,
         at: float | None = None,
         request_id: str | None = None,
+        charges: Charges | None = None,
     ) -> Recorded:
         result = await self.recorder.record(
-            identity_id, counters, source=resolved.source.value, at=at, request_id=request_id
+            identity_id,
+            counters,
+            source=resolved.source.value,
+            at=at,
+            request_id=request_id,
+            charges=charges,
         )
         if not result.counted and not result.duplicate:
             # The identity was erased after this process learnt its _id: attribute the request
@@ -122,7 +132,13 @@ class Attribution:
             )
         return result
 
-    def add(self, identity_id: str, resolved: Resolved, counters: dict[str, int]) -> None:
+    def add(
+        self,
+        identity_id: str,
+        resolved: Resolved,
+        counters: dict[str, int],
+        charges: Charges | None = None,
+    ) -> None:
         """Count an inline request: written within milliseconds, batched with others."""
 
         async def missing(_: str, counters: dict[str, int], source: str, at: float) -> None:
@@ -134,7 +150,8 @@ class Attribution:
                 return
             self.recorder.add(identity_id, counters, source=source, at=at)
 
-        self.recorder.add(identity_id, counters, source=resolved.source.value, on_missing=missing)
+        self.recorder.add(identity_id, counters, source=resolved.source.value, on_missing=missing,
+                          charges=charges)  # fmt: skip
 
     def forget(self, external_id: str) -> None:
         self.store.forget(external_id)
@@ -142,6 +159,17 @@ class Attribution:
 
     @staticmethod
     def counters(
-        source: Source, *, failed: bool, usage: Usage | None, cost: Cost | None
+        source: Source,
+        *,
+        failed: bool,
+        usage: Usage | None,
+        cost: Cost | None,
+        rate_limited: bool = False,
     ) -> dict[str, int]:
-        return buckets.increments(source=source, failed=failed, usage=usage, cost=cost)
+        return buckets.increments(
+            source=source, failed=failed, usage=usage, cost=cost, rate_limited=rate_limited
+        )
+
+    def use_keys(self, settings: Settings) -> None:
+        """Take the API key owners of a reloaded config."""
+        self._owners = {k.sha256: k.owner for k in settings.api_keys}

@@ -11,12 +11,13 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from ulid import ULID
 
 from sidecar.api.auth import token_matches
-from sidecar.errors import InvalidRequest, Unauthorized
+from sidecar.errors import InvalidRequest, StoreUnavailable, Unauthorized
 from sidecar.identity import model
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
 from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.inline import Runtime
+from sidecar.quota.service import refusal
 from sidecar.usage import buckets
 from sidecar.usage.extract import usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
@@ -60,9 +61,13 @@ async def hook_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRout
         raise Unauthorized("missing or invalid x-sidecar-token")
 
 
-def _attribution(request: Request[Any, Any, Any]) -> Attribution:
+def _runtime(request: Request[Any, Any, Any]) -> Runtime:
     runtime: Runtime = request.app.state.runtime
-    return runtime.attribution
+    return runtime
+
+
+def _attribution(request: Request[Any, Any, Any]) -> Attribution:
+    return _runtime(request).attribution
 
 
 class HookController(Controller):
@@ -71,7 +76,7 @@ class HookController(Controller):
     guards = [hook_guard]
 
     @post("/authorize", status_code=HTTP_200_OK, operation_id="authorize")
-    async def authorize(self, request: Request[Any, Any, Any]) -> Response[Authorization]:
+    async def authorize(self, request: Request[Any, Any, Any]) -> Response[Any]:
         """Resolve, upsert and check the identity of a request a proxy is about to send."""
         raw = await request.body()
         body: dict[str, Any] | None = None
@@ -89,15 +94,31 @@ class HookController(Controller):
             raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
         except MissingIdentity:
             raise Unauthorized("an identity is required", code="identity_required") from None
-        await attribution.identify(resolved)
-        header = attribution.header
+        identity_id = await attribution.identify(resolved)
+        request_id = str(ULID())
+        quota = _runtime(request).quota
+        decision = await quota.admit(identity_id, resolved, request_id)
+        headers = dict(decision.headers)
+        if not decision.admitted:
+            if decision.store_failed:
+                raise StoreUnavailable("the rate limiter cannot reach its store",
+                                       code="rate_limiter_unavailable")  # fmt: skip
+            counters = attribution.counters(resolved.source, failed=False, usage=None,
+                                            cost=None, rate_limited=True)  # fmt: skip
+            attribution.add(identity_id, resolved, counters)
+            headers["retry-after"] = str(decision.retry_after)
+            return Response(refusal(decision, resolved.external_id), status_code=429,
+                            headers=headers)  # fmt: skip
+        # A proxy that copies response headers upstream (Envoy ext_authz) forwards this one.
+        headers[attribution.header] = encode_header_id(resolved.external_id)
+        policy = decision.policy.name if decision.policy is not None else None
         return Response(
             Authorization(
-                request_id=str(ULID()),
+                request_id=request_id,
                 identity=HookIdentity(resolved.external_id, resolved.source.value),
+                policy=policy,
             ),
-            # A proxy that copies response headers upstream (Envoy ext_authz) forwards this.
-            headers={header: encode_header_id(resolved.external_id)},
+            headers=headers,
         )
 
     @post("/usage", status_code=HTTP_202_ACCEPTED, operation_id="reportUsage")
@@ -131,8 +152,16 @@ class HookController(Controller):
         )
         if report.source is None:  # counted, but under no source
             counters.pop(buckets.BY_SOURCE[resolved.source], None)
+        quota = _runtime(request).quota
+        charges = {}
+        if quota.active:
+            # The slot authorize took, if any, is free again (a retry finds it gone).
+            await quota.limiter.release(identity_id, report.request_id)
+            policy = await quota.policy_for(identity_id, resolved)
+            charges = quota.limiter.charges(identity_id, policy, usage.total_tokens,
+                                            cost.nanos if cost else 0, quota.clock())  # fmt: skip
         result = await attribution.record(
-            identity_id, resolved, counters, request_id=report.request_id
+            identity_id, resolved, counters, request_id=report.request_id, charges=charges
         )
         return Accepted(report.request_id, result.counted, result.duplicate)
 

@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 import msgspec
+from ulid import ULID
 
 from sidecar.api.errors import ErrorBody, ErrorResponse
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
 from sidecar.proxy.attribution import Attribution
+from sidecar.quota.limiter import Decision
+from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
@@ -66,7 +70,7 @@ class BodyTooLarge(Exception):
 class _Meter:
     """What the proxy knows of a metered request while it forwards it."""
 
-    __slots__ = ("identity", "kind", "model", "resolved", "strip")
+    __slots__ = ("decision", "identity", "kind", "model", "resolved", "strip")
 
     def __init__(
         self,
@@ -75,7 +79,9 @@ class _Meter:
         identity: str | asyncio.Task[str],
         strip: bool,
         model: str | None,
+        decision: Decision | None,
     ) -> None:
+        self.decision = decision  # the limit check's, when policies apply
         self.resolved = resolved
         self.kind = kind
         self.identity = identity  # the _id, or the task that upserts and finds it
@@ -105,7 +111,14 @@ class Runtime:
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession
         self.attribution: Attribution
+        self.quota: Quota
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run in the background; shutdown waits for it."""
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class InlineProxy:
@@ -190,13 +203,40 @@ class InlineProxy:
                 body = _encode(payload)  # without the identity object, with stream_options
         attribution = self.runtime.attribution
         known = attribution.known(resolved)
-        # A write, when one is needed, runs while the upstream works.
-        identity = known or asyncio.create_task(attribution.identify(resolved))
+        decision: Decision | None = None
+        identity: str | asyncio.Task[str]
+        if self.runtime.quota.active:
+            # Limits are kept under the identity's _id: it must be known before admission.
+            identity = known or await attribution.identify(resolved)
+            decision = await self.runtime.quota.admit(identity, resolved, str(ULID()))
+            if not decision.admitted:
+                await self._refuse(send, resolved, identity, decision)
+                return
+        else:
+            # A write, when one is needed, runs while the upstream works.
+            identity = known or asyncio.create_task(attribution.identify(resolved))
         requested = payload.get("model") if payload is not None else None
-        meter = _Meter(
-            resolved, kind, identity, strip, requested if isinstance(requested, str) else None
-        )
+        model = requested if isinstance(requested, str) else None
+        meter = _Meter(resolved, kind, identity, strip, model, decision)
         await self._forward(scope, send, body, self._headers(scope, resolved), meter)
+
+    async def _refuse(
+        self, send: Send, resolved: Resolved, identity_id: str, decision: Decision
+    ) -> None:
+        if decision.store_failed:  # on_error = "deny"
+            await send_error(send, 503, "the rate limiter cannot reach its store",
+                             "service_unavailable_error", "rate_limiter_unavailable")  # fmt: skip
+            return
+        body = _encode(refusal(decision, resolved.external_id))
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                   (b"retry-after", b"%d" % decision.retry_after)]  # fmt: skip
+        headers += [(k.encode(), v.encode()) for k, v in decision.headers]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        attribution = self.runtime.attribution
+        counters = attribution.counters(resolved.source, failed=False, usage=None, cost=None,
+                                        rate_limited=True)  # fmt: skip
+        attribution.add(identity_id, resolved, counters)
 
     def _headers(self, scope: Scope, resolved: Resolved | None) -> list[tuple[str, str]]:
         out = []
@@ -243,6 +283,8 @@ class InlineProxy:
                     for k, v in upstream.headers.items()
                     if k.lower() not in _RESPONSE_SKIP
                 ]
+                if meter is not None and meter.decision is not None:
+                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 kind = meter.kind if meter else None
                 sse = "text/event-stream" in upstream.headers.get("content-type", "")
                 if meter and sse and kind is not None:
@@ -338,12 +380,20 @@ class InlineProxy:
         model = usage.model if usage is not None and usage.model else meter.model
         cost = attribution.cost(meter.kind, model, usage, header_cost)
         counters = attribution.counters(resolved.source, failed=failed, usage=usage, cost=cost)
+        decision = meter.decision
         if isinstance(meter.identity, str):
-            attribution.add(meter.identity, resolved, counters)
+            charges = {}
+            if decision is not None:
+                limiter = self.runtime.quota.limiter
+                if decision.lease is not None:
+                    self.runtime.spawn(limiter.release(meter.identity, decision.lease))
+                tokens = usage.total_tokens if usage is not None else 0
+                nanos = cost.nanos if cost is not None else 0
+                charges = limiter.charges(meter.identity, decision.policy, tokens, nanos,
+                                          self.runtime.quota.clock())  # fmt: skip
+            attribution.add(meter.identity, resolved, counters, charges)
             return
-        task = asyncio.create_task(self._record_when_known(meter.identity, resolved, counters))
-        self.runtime.tasks.add(task)
-        task.add_done_callback(self.runtime.tasks.discard)
+        self.runtime.spawn(self._record_when_known(meter.identity, resolved, counters))
 
     async def _record_when_known(
         self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]

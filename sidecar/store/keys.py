@@ -32,6 +32,13 @@ class Keys:
         # 30-day sum is one HMGET. The recorder trims days past the retention.
         return f"{self._p}:u:{{{identity_id}}}:d"
 
+    def limit(self, identity_id: str, part: str) -> str:
+        """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
+        return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL
+
+    def leases(self, identity_id: str) -> str:
+        return f"{self._p}:cc:{{{identity_id}}}"  # sorted set: request id -> lease expiry (ms)
+
     def request(self, identity_id: str, request_id: str) -> str:
         # String with a TTL: a usage report with this request id was counted.
         digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]

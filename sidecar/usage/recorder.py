@@ -29,15 +29,20 @@ class Recorded(msgspec.Struct, frozen=True):
     duplicate: bool = False
 
 
-# Called with (identity_id, counters, source, at) when the identity no longer exists.
+# Called with the pending entry's identity_id, counters, source and time when the identity no
+# longer exists (its charges went with it).
 OnMissing = Callable[[str, dict[str, int], str, float], Awaitable[None]]
 
 
+Charges = Mapping[str, tuple[int, int]]  # rate-limit bucket key -> (amount, lifetime s)
+
+
 class _Pending:
-    __slots__ = ("at", "counters", "on_missing", "source")
+    __slots__ = ("at", "charges", "counters", "on_missing", "source")
 
     def __init__(self, source: str, at: float, on_missing: OnMissing | None) -> None:
         self.counters: dict[str, int] = {}
+        self.charges: dict[str, tuple[int, int]] = {}
         self.source = source
         self.at = at
         self.on_missing = on_missing
@@ -64,7 +69,7 @@ class Recorder:
         await self._record.load(self.client)
 
     def _call(self, identity_id: str, counters: Mapping[str, int], source: str, at: float,
-              request_id: str | None) -> tuple[list[str], list[Any]]:  # fmt: skip
+              request_id: str | None, charges: Charges) -> tuple[list[str], list[Any]]:  # fmt: skip
         now = self.clock()
         hour = buckets.hour(at)
         keys = [
@@ -74,6 +79,7 @@ class Recorder:
         ]
         if request_id is not None:
             keys.append(self.keys.request(identity_id, request_id))
+        keys += charges.keys()
         args: list[Any] = [
             buckets.day(at),
             hour,
@@ -83,6 +89,7 @@ class Recorder:
             source,
             int(now * 1000),
             " ".join(f"{counter} {n}" for counter, n in counters.items()),
+            " ".join(f"{amount} {lifetime}" for amount, lifetime in charges.values()),
         ]
         return keys, args
 
@@ -94,12 +101,13 @@ class Recorder:
         source: str = "",
         at: float | None = None,
         request_id: str | None = None,
+        charges: Charges | None = None,
     ) -> Recorded:
         """Add `counters` to the identity's buckets for the time `at` (default now), now.
 
         With a request id, a second report of the same id is not counted again."""
         at = self.clock() if at is None else at
-        keys, args = self._call(identity_id, counters, source, at, request_id)
+        keys, args = self._call(identity_id, counters, source, at, request_id, charges or {})
         result = await self._record(self.client, keys, args)
         return Recorded(counted=result == 1, duplicate=result == 2)
 
@@ -111,6 +119,7 @@ class Recorder:
         source: str,
         at: float | None = None,
         on_missing: OnMissing | None = None,
+        charges: Charges | None = None,
     ) -> None:
         """Count a request soon, together with others (see the class)."""
         at = self.clock() if at is None else at
@@ -126,6 +135,8 @@ class Recorder:
         entry.source, entry.at = source, max(entry.at, at)
         for counter, n in counters.items():
             entry.counters[counter] = entry.counters.get(counter, 0) + n
+        for bucket, (amount, lifetime) in (charges or {}).items():
+            entry.charges[bucket] = (entry.charges.get(bucket, (0, 0))[0] + amount, lifetime)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_soon())
 
@@ -163,9 +174,11 @@ class Recorder:
             return
         for counter, n in entry.counters.items():
             current.counters[counter] = current.counters.get(counter, 0) + n
+        for bucket, (amount, lifetime) in entry.charges.items():
+            current.charges[bucket] = (current.charges.get(bucket, (0, 0))[0] + amount, lifetime)
 
     async def _write(self, batch: list[tuple[tuple[str, int], _Pending]]) -> list[Any]:
-        calls = [self._call(k[0], e.counters, e.source, e.at, None) for k, e in batch]
+        calls = [self._call(k[0], e.counters, e.source, e.at, None, e.charges) for k, e in batch]
         if len(calls) == 1:
             keys, args = calls[0]
             return [await self._record(self.client, keys, args)]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,14 +54,24 @@ async def make_env(
 ) -> AsyncIterator[MakeEnv]:
     opened: list[Any] = []
 
-    async def make(upstream_url: str | None = None, **config: Any) -> Env:
+    async def make(
+        upstream_url: str | None = None,
+        real_clock: bool = False,
+        redis_client: Redis | None = None,
+        **config: Any,
+    ) -> Env:
         mock = await start_mock()
         opened.append(mock)
-        raw: dict[str, Any] = {"redis": {"url": redis_server.url}}
+        raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 200}}
         raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
         for section, values in config.items():
             raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}
-        app = create_app(parse(raw), admin_token=ADMIN_TOKEN, redis=redis, clock=clock)
+        app = create_app(
+            parse(raw),
+            admin_token=ADMIN_TOKEN,
+            redis=redis_client or redis,
+            clock=time.time if real_clock else clock,
+        )
         context = serve(app)
         url = await context.__aenter__()
         opened.append(context)

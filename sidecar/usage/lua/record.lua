@@ -1,13 +1,24 @@
 -- Count one request for one identity.
 -- KEYS[1] record hash, KEYS[2] day-counter hash, KEYS[3] hour bucket, KEYS[4] (optional)
--- idempotency key for the request id.
+-- idempotency key for the request id, then the rate-limit buckets to charge (see ARGV[8]).
 -- ARGV[1] day, ARGV[2] hour, ARGV[3] seconds the hour bucket has left (<= 0: past retention),
 -- ARGV[4] idempotency key lifetime (seconds), ARGV[5] source, ARGV[6] now (epoch ms),
--- ARGV[7] the increments as 'counter n counter n ...' (one argument: cheaper to send).
+-- ARGV[7] the increments as 'counter n counter n ...' (one argument: cheaper to send),
+-- ARGV[8] the charges of the last keys as 'amount lifetime amount lifetime ...' ('' if none).
 -- Returns 1 when counted, 0 when the identity no longer exists (erased: nothing may
 -- recreate its usage), 2 when this request id was counted before.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if KEYS[4] and not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[4]) then return 2 end
+local charges = {}
+for amount, lifetime in string.gmatch(ARGV[8], '(%S+) (%S+)') do
+  charges[#charges + 1] = {amount, lifetime}
+end
+local first_charge = #KEYS - #charges + 1
+if first_charge == 5 and not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[4]) then return 2 end
+for i = 1, #charges do
+  local key = KEYS[first_charge + i - 1]
+  redis.call('INCRBY', key, charges[i][1])
+  redis.call('EXPIRE', key, charges[i][2])
+end
 local day = tonumber(ARGV[1])
 local current = align(KEYS[2], day)
 local in_window = day > current - WINDOW

@@ -1,0 +1,59 @@
+-- Check every limit of one request and, only if all of them admit it, count it.
+-- KEYS: per limit, its current and previous bucket (the previous one is never read for a
+-- calendar window); then, when a concurrency limit applies, the identity's lease set.
+-- ARGV[1] number of limits, ARGV[2] now (ms), ARGV[3] concurrency limit (0: none),
+-- ARGV[4] lease member (the request id), ARGV[5] lease length (ms),
+-- then per limit: kind ('r' requests, 't' tokens, 'c' cost), amount, window (ms, 0 for a
+-- calendar window), ms elapsed in the current bucket, bucket lifetime (s).
+-- Returns {admitted (1/0), leases in use, then per limit: previous, current} with the counts
+-- as they are after this call. A refused request changes nothing.
+local n = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local counts = {}
+local refused = false
+for i = 1, n do
+  local a = 5 + (i - 1) * 5
+  local kind, amount = ARGV[a + 1], tonumber(ARGV[a + 2])
+  local window, elapsed = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local current = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local previous = 0
+  if window > 0 then previous = tonumber(redis.call('GET', KEYS[2 * i]) or '0') end
+  local used = current
+  if window > 0 then used = previous * (window - elapsed) / window + current end
+  if kind == 'r' then
+    if used + 1 > amount then refused = true end
+  elseif used >= amount then
+    refused = true
+  end
+  counts[#counts + 1] = previous
+  counts[#counts + 1] = current
+end
+local concurrency = tonumber(ARGV[3])
+local leases = 0
+local lease_key = KEYS[2 * n + 1]
+if concurrency > 0 then
+  redis.call('ZREMRANGEBYSCORE', lease_key, '-inf', now)
+  leases = redis.call('ZCARD', lease_key)
+  if leases >= concurrency then refused = true end
+end
+if refused then
+  local out = {0, leases}
+  for i = 1, #counts do out[#out + 1] = counts[i] end
+  return out
+end
+for i = 1, n do
+  local a = 5 + (i - 1) * 5
+  if ARGV[a + 1] == 'r' then
+    counts[2 * i] = redis.call('INCR', KEYS[2 * i - 1])
+    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[a + 5])
+  end
+end
+if concurrency > 0 then
+  -- Leases all last as long, so the newest expires last: the set lives as long as it does.
+  redis.call('ZADD', lease_key, now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', lease_key, tonumber(ARGV[5]))
+  leases = leases + 1
+end
+local out = {1, leases}
+for i = 1, #counts do out[#out + 1] = counts[i] end
+return out

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from sidecar.identity.resolve import Resolved
+from sidecar.identity.store import IdentityStore
+from sidecar.quota import loader
+from sidecar.quota.limiter import Decision, Limiter
+from sidecar.quota.policy import Dimension, Policy, choose
+from sidecar.settings import ConfigError, Settings, load
+
+log = logging.getLogger("sidecar.quota")
+
+Clock = Callable[[], float]
+
+PROFILE_TTL_S = 10.0  # how long a process matches policies on a profile it read
+_PROFILES = 65_536
+
+
+class RateLimitBody(msgspec.Struct):
+    message: str
+    type: str
+    code: str
+    param: None
+    identity: str
+    policy: str
+    dimension: str
+    limit: str
+
+
+class RateLimitError(msgspec.Struct):
+    error: RateLimitBody
+
+
+_PER = re.compile(r"\s*(?:/|\bper\b)\s*", re.IGNORECASE)
+
+
+def refusal(decision: Decision, external_id: str) -> RateLimitError:
+    """The 429 body, OpenAI-shaped, naming the identity, policy, dimension and limit."""
+    assert decision.policy is not None and decision.dimension is not None
+    dimension = decision.dimension
+    if decision.binding is not None:
+        text = decision.binding.text
+        amount, per = _PER.split(text, maxsplit=1)
+        what = f"${amount}" if dimension is Dimension.COST else f"{amount} {dimension.value}"
+        summary = f"{what} per {per.strip()}"
+    else:
+        text = str(decision.policy.concurrency)
+        summary = f"{text} concurrent requests"
+    return RateLimitError(
+        RateLimitBody(
+            message=f"Rate limit exceeded: {summary} for identity {external_id} "
+            f"(policy {decision.policy.name})",
+            type="rate_limit_error",
+            code=f"{dimension.value}_limit_exceeded",
+            param=None,
+            identity=external_id,
+            policy=decision.policy.name,
+            dimension=dimension.value,
+            limit=text,
+        )
+    )
+
+
+class Quota:
+    """The policies in force, and the limit checks that follow from them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        store: IdentityStore,
+        clock: Clock = time.time,
+        on_reload: Callable[[Settings], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.limiter = limiter
+        self.store = store
+        self.clock = clock
+        self.on_reload = on_reload
+        self.policies = loader.load(settings.policies.paths, settings.base_dir).policies
+        self.reload_errors = 0
+        self.reloads = 0
+        self._profiles: dict[str, tuple[list[str], dict[str, Any], float]] = {}
+        self._stamp = self._files_stamp()
+
+    @property
+    def active(self) -> bool:
+        return any(p.limited for p in self.policies)
+
+    def remember_profile(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None:
+        self._profiles[external_id] = (tags, metadata, self.clock() + PROFILE_TTL_S)
+        if len(self._profiles) > _PROFILES:
+            del self._profiles[next(iter(self._profiles))]
+
+    async def policy_for(self, identity_id: str, resolved: Resolved) -> Policy | None:
+        """The first policy matching the identity as stored, with what this request's body
+        identity sets (tags and metadata it brings replace the stored ones)."""
+        if not self.policies:
+            return None
+        given = resolved.profile
+        tags: list[str] | None = None
+        metadata: dict[str, Any] | None = None
+        if given is not None:
+            tags = given.tags if isinstance(given.tags, list) else None
+            metadata = given.metadata if isinstance(given.metadata, dict) else None
+        if tags is None or metadata is None:
+            cached = self._profiles.get(resolved.external_id)
+            if cached is None or cached[2] < self.clock():
+                record = await self.store.get(identity_id)
+                stored = (record.tags, record.metadata) if record is not None else ([], {})
+                self.remember_profile(resolved.external_id, *stored)
+                cached = self._profiles[resolved.external_id]
+            tags = cached[0] if tags is None else tags
+            metadata = cached[1] if metadata is None else metadata
+        return choose(self.policies, resolved.external_id, tags, metadata)
+
+    async def admit(self, identity_id: str, resolved: Resolved, request_id: str) -> Decision:
+        policy = await self.policy_for(identity_id, resolved)
+        return await self.limiter.admit(identity_id, policy, request_id)
+
+    # -- reloading -----------------------------------------------------------------------
+
+    def _files_stamp(self) -> tuple[tuple[str, float], ...]:
+        files = [str(f) for f in loader.policy_files(self.settings.policies.paths,
+                                                     self.settings.base_dir)]  # fmt: skip
+        if self.settings.source != "<defaults>":
+            files.append(self.settings.source)
+        stamp = []
+        for name in files:
+            try:
+                stamp.append((name, os.stat(name).st_mtime))
+            except OSError:
+                stamp.append((name, -1.0))
+        return tuple(stamp)
+
+    def reload(self) -> bool:
+        """Read the config's api_keys and the policy files again; a bad set keeps the last
+        good one, is logged and counted."""
+        self._stamp = self._files_stamp()
+        try:
+            settings = (
+                load(self.settings.source)
+                if self.settings.source != "<defaults>"
+                else self.settings
+            )
+            policies = loader.load(settings.policies.paths, settings.base_dir).policies
+        except ConfigError as exc:
+            self.reload_errors += 1
+            for problem in exc.problems:
+                log.error("reload refused, keeping the last good policies: %s", problem)
+            return False
+        self.policies = policies
+        self.settings = settings
+        self.reloads += 1
+        if self.on_reload is not None:
+            self.on_reload(settings)
+        log.info("reloaded %d policies", len(policies))
+        return True
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Reload on SIGHUP and whenever a policy file or the config file changes."""
+        hangup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Not possible off the main thread (tests): file changes still reload.
+        with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, hangup.set)
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(hangup.wait(), interval)
+                except TimeoutError:
+                    if self._files_stamp() == self._stamp:
+                        continue
+                hangup.clear()
+                self.reload()
+        finally:
+            with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from sidecar.quota.policy import Dimension, Limit
+
+# A sliding window of W ms is a pair of fixed buckets: the count "now" is the current bucket's
+# count plus the previous bucket's, weighted by how much of it the window still covers. A
+# calendar window (UTC day or month) is one bucket that starts empty at its boundary.
+
+
+def bucket(limit: Limit, now_ms: int) -> tuple[str, str | None, int, int]:
+    """(current bucket id, previous bucket id or None, ms elapsed in it, ms until it ends)."""
+    if limit.calendar is None:
+        window = limit.window_s * 1000
+        index = now_ms // window
+        elapsed = now_ms - index * window
+        return str(index), str(index - 1), elapsed, window - elapsed
+    moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+    if limit.calendar == "day":
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        end_ms = int(start.timestamp() * 1000) + 86_400_000
+        name = start.strftime("%Y%m%d")
+    else:
+        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        after = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else (start.replace(month=start.month + 1))
+        )
+        end_ms = int(after.timestamp() * 1000)
+        name = start.strftime("%Y%m")
+    start_ms = int(start.timestamp() * 1000)
+    return name, None, now_ms - start_ms, end_ms - now_ms
+
+
+def used(limit: Limit, previous: int, current: int, elapsed_ms: int) -> float:
+    if limit.calendar is not None:
+        return float(current)
+    window = limit.window_s * 1000
+    return previous * (window - elapsed_ms) / window + current
+
+
+def _need(limit: Limit) -> int:
+    # A request needs room for itself; tokens and cost are charged afterwards, so an identity
+    # is refused only once it is at or over the limit.
+    return 1 if limit.dimension is Dimension.REQUESTS else 0
+
+
+def admits(limit: Limit, previous: int, current: int, elapsed_ms: int) -> bool:
+    count = used(limit, previous, current, elapsed_ms)
+    if limit.dimension is Dimension.REQUESTS:
+        return count + 1 <= limit.amount
+    return count < limit.amount
+
+
+def wait_ms(limit: Limit, previous: int, current: int, elapsed_ms: int, left_ms: int) -> int:
+    """How long until the limit would admit again, counting nothing new meanwhile."""
+    if admits(limit, previous, current, elapsed_ms):
+        return 0
+    if limit.calendar is not None:
+        return left_ms
+    window = limit.window_s * 1000
+    room = limit.amount - _need(limit)
+    strict = limit.dimension is not Dimension.REQUESTS
+    if current <= room and not (strict and current >= limit.amount) and previous > 0:
+        # The previous bucket's weight falls enough before this bucket ends.
+        t = left_ms - window * (room - current) / previous
+        return max(0, math.ceil(t + (1 if strict else 0)))
+    # Only once this bucket is the previous one, and its weight has fallen enough.
+    share = 1 - room / current if current else 0.0
+    return left_ms + max(0, math.ceil(window * share + (1 if strict else 0)))
+
+
+def reset_ms(limit: Limit, previous: int, current: int, left_ms: int) -> int:
+    """Until the count is back to zero (OpenAI's x-ratelimit-reset-*)."""
+    if limit.calendar is not None:
+        return left_ms if current else 0
+    if current:
+        return left_ms + limit.window_s * 1000
+    return left_ms if previous else 0
+
+
+def duration(ms: int) -> str:
+    """As OpenAI formats x-ratelimit-reset-*: '20ms', '1s', '6m0s', '1h2m3s', '1.5s'."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"

@@ -1,0 +1,377 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from redis.asyncio import Redis
+
+from sidecar.mock import start_mock
+from tests.conftest import ADMIN_TOKEN, FakeClock
+from tests.proxy.conftest import MakeEnv
+from tests.proxy.test_inline import MESSAGES, tokens
+from tests.redis_server import RedisServer, free_port
+
+BODY = {"model": "gpt-4o", "messages": MESSAGES}
+
+
+def policy_file(tmp_path: Path, text: str) -> dict[str, Any]:
+    path = tmp_path / "policies.toml"
+    path.write_text(text)
+    return {"policies": {"paths": [str(path)]}}
+
+
+async def burst(url: str, n: int, who: str, **headers: str) -> Counter[int]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        replies = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": who, **headers}
+                )
+                for _ in range(n)
+            )
+        )
+    return Counter(r.status_code for r in replies)
+
+
+async def test_80_concurrent_against_20_per_minute_admit_exactly_20(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    env = await make_env(
+        **policy_file(tmp_path, '[[policy]]\nname = "p"\nrequests = ["20/minute"]\n')
+    )
+    assert await burst(env.url, 80, "burst") == {200: 20, 429: 60}
+    assert len(env.mock.requests) == 20
+    metrics = await env.metrics("burst")
+    assert (metrics["total_requests"], metrics["rate_limited_requests"]) == (20, 60)
+
+
+async def test_200_concurrent_never_over_admit(make_env: MakeEnv, tmp_path: Path) -> None:
+    env = await make_env(
+        **policy_file(
+            tmp_path,
+            """
+[[policy]]
+name = "p"
+requests = ["50/minute", "70/hour"]
+concurrency = 1000
+""",
+        )
+    )
+    assert await burst(env.url, 200, "crowd") == {200: 50, 429: 150}
+    assert (await burst(env.url, 50, "crowd"))[200] == 0
+
+
+async def test_refusal_shape_and_rate_limit_headers(
+    make_env: MakeEnv, tmp_path: Path, clock: FakeClock
+) -> None:
+    env = await make_env(
+        **policy_file(
+            tmp_path,
+            """
+[[policy]]
+name = "default"
+requests = ["2/minute", "100/day"]
+tokens = ["1000/hour"]
+cost_usd = ["5/day"]
+""",
+        )
+    )
+    clock.now = 1_795_000_040.0  # 20 s into a minute
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        ok = await client.post(
+            "/v1/chat/completions",
+            json=BODY,
+            headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(100, 50)},
+        )
+        assert ok.status_code == 200
+        assert ok.headers["x-ratelimit-limit-requests"] == "2"
+        assert ok.headers["x-ratelimit-remaining-requests"] == "1"
+        assert ok.headers["x-ratelimit-reset-requests"] == "1m40s"
+        assert ok.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert ok.headers["x-ratelimit-remaining-tokens"] == "1000"
+        assert ok.headers["x-ratelimit-limit-cost"] == "5"
+        await env.settle()
+        await client.post(
+            "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "user_123"}
+        )
+        refused = await client.post(
+            "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "user_123"}
+        )
+    assert refused.status_code == 429
+    assert refused.json() == {
+        "error": {
+            "message": "Rate limit exceeded: 2 requests per minute for identity user_123 "
+            "(policy default)",
+            "type": "rate_limit_error",
+            "code": "requests_limit_exceeded",
+            "param": None,
+            "identity": "user_123",
+            "policy": "default",
+            "dimension": "requests",
+            "limit": "2/minute",
+        }
+    }
+    # Two in this minute, 40 s left. 30 s into the next minute this one's two weigh 1: room.
+    assert refused.headers["retry-after"] == "70"
+    assert refused.headers["x-ratelimit-reset-requests"] == "1m40s"  # until both slid out
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "850"
+
+
+async def test_openai_client_raises_and_its_retry_honours_retry_after(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    env = await make_env(
+        real_clock=True,
+        **policy_file(tmp_path, '[[policy]]\nname = "slow"\nrequests = ["1/second"]\n'),
+    )
+    headers = {"X-ORQ-IDENTITY-ID": "patient"}
+    async with openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="k", max_retries=0) as oai:
+        await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)
+        with pytest.raises(openai.RateLimitError) as info:
+            await oai.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, extra_headers=headers
+            )
+        retry_after = int(info.value.response.headers["retry-after"])
+        assert 1 <= retry_after <= 2
+    began = time.monotonic()
+    async with openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="k", max_retries=3) as oai:
+        response = await oai.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, extra_headers=headers
+        )
+    assert response.http_response.status_code == 200
+    assert time.monotonic() - began >= 0.9, "the client waited as retry-after asked"
+
+
+async def test_token_and_cost_budgets_are_charged_then_enforced(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    env = await make_env(
+        **policy_file(
+            tmp_path,
+            """
+[[policy]]
+name = "metered"
+tokens = ["1000/hour"]
+cost_usd = ["0.001/day"]
+""",
+        )
+    )
+    async with httpx.AsyncClient(base_url=env.url) as client:
+
+        async def call(who: str, **extra: str) -> httpx.Response:
+            # A model no catalogue prices: only x-mock-cost costs anything here.
+            r = await client.post(
+                "/v1/chat/completions",
+                json={**BODY, "model": "in-house-7b"},
+                headers={"X-ORQ-IDENTITY-ID": who, **extra},
+            )
+            await env.settle()
+            return r
+
+        assert (await call("tok", **tokens(600, 100))).status_code == 200
+        assert (await call("tok", **tokens(200, 99))).status_code == 200  # 999 < 1000
+        assert (await call("tok", **tokens(1, 0))).status_code == 200  # reaches 1000
+        over = await call("tok")
+        assert over.status_code == 429 and over.json()["error"]["dimension"] == "tokens"
+        assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
+        assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
+        broke = await call("usd")
+    body = broke.json()["error"]
+    assert (broke.status_code, body["dimension"], body["limit"]) == (429, "cost", "0.001/day")
+    assert body["message"].startswith("Rate limit exceeded: $0.001 per day for identity usd")
+
+
+async def test_a_refused_request_consumes_nothing(
+    make_env: MakeEnv, tmp_path: Path, redis: Redis
+) -> None:
+    env = await make_env(
+        **policy_file(
+            tmp_path,
+            """
+[[policy]]
+name = "p"
+requests = ["5/minute"]
+tokens = ["10/hour"]
+""",
+        )
+    )
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        await client.post(
+            "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "x", **tokens(20, 0)}
+        )
+        await env.settle()
+        for _ in range(3):
+            r = await client.post(
+                "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "x"}
+            )
+            assert r.status_code == 429
+    request_keys = await redis.keys("sidecar:rl:*:r:60:*")
+    assert len(request_keys) == 1 and await redis.get(request_keys[0]) == b"1"
+
+
+async def test_concurrency_slots_are_released(make_env: MakeEnv, tmp_path: Path) -> None:
+    env = await make_env(**policy_file(tmp_path, '[[policy]]\nname = "c"\nconcurrency = 2\n'))
+    slow = {"x-mock-latency-ms": "400"}
+    assert await burst(env.url, 3, "busy", **slow) == {200: 2, 429: 1}
+    await env.settle()
+    assert await burst(env.url, 2, "busy", **slow) == {200: 2}
+    # Clients that hang up mid-stream free their slots too, once the upstream is done.
+    stream_body = {**BODY, "stream": True}
+    streaming = {"X-ORQ-IDENTITY-ID": "busy", "x-mock-chunks": "5", "x-mock-chunk-delay-ms": "40"}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for _ in range(2):
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=stream_body, headers=streaming
+            ) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_bytes():
+                    break
+    assert await burst(env.url, 1, "busy") == {429: 1}, "both slots still held"
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if await burst(env.url, 2, "busy") == {200: 2}:
+            break
+    else:
+        raise AssertionError("slots were not released")
+
+
+async def test_hot_reload_keeps_the_window_count(
+    make_env: MakeEnv, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = policy_file(tmp_path, '[[policy]]\nname = "p"\nrequests = ["5/minute"]\n')
+    env = await make_env(**config)
+    assert await burst(env.url, 7, "r") == {200: 5, 429: 2}
+    path = Path(config["policies"]["paths"][0])
+    path.write_text('[[policy]]\nname = "p"\nrequests = ["10/minute"]\n')
+    quota = env.app.state.runtime.quota
+    assert quota.reload()
+    assert await burst(env.url, 7, "r") == {200: 5, 429: 2}
+    path.write_text('[[policy]]\nname = "p"\nrequests = ["ten/minute"]\n')
+    assert not quota.reload()
+    assert quota.reload_errors == 1
+    assert "reload refused" in caplog.text
+    assert await burst(env.url, 1, "r") == {429: 1}, "the last good set stays"
+    path.write_text('[[policy]]\nname = "p"\nrequests = ["20/minute"]\n')
+    for _ in range(60):  # the watcher notices the file within a second or two
+        await asyncio.sleep(0.1)
+        if quota.policies[0].limits[0].amount == 20:
+            break
+    assert await burst(env.url, 12, "r") == {200: 10, 429: 2}
+
+
+async def test_hook_authorize_refuses_with_429(make_env: MakeEnv, tmp_path: Path) -> None:
+    env = await make_env(**policy_file(tmp_path, '[[policy]]\nname = "h"\nrequests = ["1/hour"]\n'))
+    hook = {"x-sidecar-token": ADMIN_TOKEN, "X-ORQ-IDENTITY-ID": "hooked"}
+    first = await env.api.post("/hooks/authorize", json={}, headers=hook)
+    assert first.status_code == 200 and first.json()["policy"] == "h"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    second = await env.api.post("/hooks/authorize", json={}, headers=hook)
+    assert second.status_code == 429
+    assert second.json()["error"]["policy"] == "h"
+    assert int(second.headers["retry-after"]) >= 1
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+async def test_redis_outage_follows_on_error_within_the_timeout(
+    private_redis: RedisServer, make_env: MakeEnv, tmp_path: Path, on_error: str
+) -> None:
+    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    env = await make_env(
+        redis_client=client,
+        redis={"on_error": on_error, "timeout_ms": 50},
+        **policy_file(tmp_path, '[[policy]]\nname = "p"\nrequests = ["100/minute"]\n'),
+    )
+    assert await burst(env.url, 1, "steady") == {200: 1}
+    private_redis.pause()
+    try:
+        times = []
+        statuses = Counter[int]()
+        async with httpx.AsyncClient(base_url=env.url) as http:
+            for _ in range(10):
+                began = time.monotonic()
+                r = await http.post(
+                    "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "steady"}
+                )
+                times.append(time.monotonic() - began)
+                statuses[r.status_code] += 1
+        assert statuses == ({200: 10} if on_error == "allow" else {503: 10})
+        assert max(times) < 0.05 + 0.2, "each check gives up after timeout_ms"
+        # The breaker opened after five failures: the rest did not wait for Redis at all.
+        assert sorted(times)[:5][-1] < 0.04
+    finally:
+        private_redis.resume()
+    await client.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_two_sidecar_processes_enforce_one_count(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    config = tmp_path / "config.toml"
+    (tmp_path / "p.toml").write_text('[[policy]]\nname = "g"\nrequests = ["20/minute"]\n')
+    mock = await start_mock()
+    # Three processes share two cores here: give the checks time to answer rather than
+    # failing open (the default 50 ms is sized for a sidecar that is not starved of CPU).
+    config.write_text(
+        f'[upstream]\nurl = "{mock.url}"\n[redis]\nurl = "{redis_server.url}"\n'
+        'timeout_ms = 2000\n[policies]\npaths = ["p.toml"]\n'
+    )
+    ports = [free_port(), free_port()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
+            env={
+                **env,
+                "SIDECAR_PORT": str(port),
+                "SIDECAR_ADMIN_TOKEN": ADMIN_TOKEN,
+                "SIDECAR_DATA_DIR": str(tmp_path / f"d{port}"),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for port in ports:
+                for _ in range(200):
+                    try:
+                        if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
+        first = await burst(f"http://127.0.0.1:{ports[1]}", 5, "shared")
+        assert first == {200: 5}
+        results = await asyncio.gather(
+            burst(f"http://127.0.0.1:{ports[0]}", 40, "shared"),
+            burst(f"http://127.0.0.1:{ports[1]}", 35, "shared"),
+        )
+        assert results[0] + results[1] == {200: 15, 429: 60}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+        await mock.close()
