@@ -102,8 +102,11 @@ cost_usd = ["5/day"]
         assert ok.headers["x-ratelimit-limit-cost"] == "5"
         await env.settle()
         await client.post(
-            "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "user_123"}
+            "/v1/chat/completions",
+            json=BODY,
+            headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(10, 0)},
         )
+        await env.settle()
         refused = await client.post(
             "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "user_123"}
         )
@@ -125,7 +128,7 @@ cost_usd = ["5/day"]
     assert refused.headers["retry-after"] == "70"
     assert refused.headers["x-ratelimit-reset-requests"] == "1m40s"  # until both slid out
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "850"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "840"
 
 
 async def test_openai_client_raises_and_its_retry_honours_retry_after(
@@ -291,11 +294,22 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
     server.kill()
 
 
+@pytest.fixture
+async def private_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    yield client  # closed after the app that uses it (fixtures end in reverse order)
+    await client.aclose()
+
+
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 async def test_redis_outage_follows_on_error_within_the_timeout(
-    private_redis: RedisServer, make_env: MakeEnv, tmp_path: Path, on_error: str
+    private_redis: RedisServer,
+    private_client: Redis,
+    make_env: MakeEnv,
+    tmp_path: Path,
+    on_error: str,
 ) -> None:
-    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    client = private_client
     env = await make_env(
         redis_client=client,
         redis={"on_error": on_error, "timeout_ms": 50},
@@ -320,7 +334,6 @@ async def test_redis_outage_follows_on_error_within_the_timeout(
         assert sorted(times)[:5][-1] < 0.04
     finally:
         private_redis.resume()
-    await client.aclose()
 
 
 @pytest.mark.timeout(60)
