@@ -40,11 +40,15 @@ Clock = Callable[[], float]
 
 class Health(msgspec.Struct):
     status: str
+    policies: int = 0
+    policy_reloads: int = 0
+    policy_reload_errors: int = 0  # reloads refused: the last good policies stayed
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
-def healthz() -> Health:
-    return Health("ok")
+def healthz(state: State) -> Health:
+    quota = state.runtime.quota
+    return Health("ok", len(quota.policies), quota.reloads, quota.reload_errors)
 
 
 @get("/readyz", operation_id="ready", tags=["ops"])

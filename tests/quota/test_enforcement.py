@@ -263,6 +263,12 @@ async def test_hot_reload_keeps_the_window_count(
     path.write_text('[[policy]]\nname = "p"\nrequests = ["ten/minute"]\n')
     assert not quota.reload()
     assert quota.reload_errors == 1
+    health = (await env.api.get("/healthz")).json()
+    assert (health["policies"], health["policy_reloads"], health["policy_reload_errors"]) == (
+        1,
+        1,
+        1,
+    )
     assert "reload refused" in caplog.text
     assert await burst(env.url, 1, "r") == {429: 1}, "the last good set stays"
     path.write_text('[[policy]]\nname = "p"\nrequests = ["20/minute"]\n')

@@ -1,0 +1,3 @@
+"""Callbacks that let an existing proxy call the sidecar's hooks (see docs/integrations.md)."""
+
+from __future__ import annotations

@@ -1,0 +1,487 @@
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import httpx2
+import openai
+import pytest
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from sidecar.integrations import litellm as integration
+from sidecar.integrations.litellm import ConfigError, Settings, SidecarCallback
+from tests.conftest import ADMIN_TOKEN
+from tests.integrations.litellm_proxy import LiteLLMProxy
+from tests.proxy.conftest import Env, MakeEnv
+from tests.redis_server import free_port
+from tests.serving import serve
+
+# Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
+# items, and the streaming code reading `model_computed_fields` from an instance.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Items? .* on TypedDict class .* `ReadOnly` qualifier:UserWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:Accessing the 'model_(computed_)?fields' attribute on the instance is deprecated"
+        ":pydantic.warnings.PydanticDeprecatedSince211"
+    ),
+]
+
+HELLO: Any = [{"role": "user", "content": "hello"}]
+
+
+def tokens(input_tokens: int, output_tokens: int) -> dict[str, str]:
+    return {"x-mock-input-tokens": str(input_tokens), "x-mock-output-tokens": str(output_tokens)}
+
+
+class Witness(CustomLogger):
+    """Registered after the callback under test: once it has seen a success event, so has that
+    callback (LiteLLM calls them in order), and its report is under way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.successes = 0
+        self._changed = asyncio.Event()
+
+    async def async_log_success_event(
+        self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        self.successes += 1
+        self._changed.set()
+
+    async def wait(self, successes: int) -> None:
+        async with asyncio.timeout(10):
+            while self.successes < successes:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@dataclass
+class Lite:
+    """A client, LiteLLM's proxy pipeline with the callback registered, and the sidecar."""
+
+    env: Env
+    client: openai.AsyncOpenAI
+    callback: SidecarCallback
+    witness: Witness
+    app: Any  # LiteLLM's proxy pipeline, as an ASGI app
+
+    async def settle(self, successes: int = 0) -> None:
+        await self.witness.wait(successes)
+        await self.callback.flush()
+        await self.env.settle()
+
+    async def series(self, external_id: str) -> dict[str, Any]:
+        r = await self.env.api.get(f"/v2/identities/{external_id}/metrics")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+
+LiteFactory = Callable[..., Awaitable[Lite]]
+
+
+@pytest.fixture
+async def make_lite(env: Env) -> AsyncIterator[LiteFactory]:
+    """`make_lite(sidecar_url=..., env=..., **settings)`: the pipeline, by default against `env`."""
+    proxy = LiteLLMProxy(env.mock.url, dead_url=f"http://127.0.0.1:{free_port()}")
+    opened: list[Any] = []
+
+    async def make(sidecar_url: str | None = None, on: Env = env, **settings: Any) -> Lite:
+        defaults: dict[str, Any] = {"timeout_s": 5.0, "report_backoff_s": 0.01}
+        callback = SidecarCallback(
+            Settings(url=sidecar_url or on.url, token=ADMIN_TOKEN, **{**defaults, **settings})
+        )
+        witness = Witness()
+        running = proxy.running(callback, witness)
+        running.__enter__()
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=proxy.app))
+        opened.extend([running, http, callback])
+        client = openai.AsyncOpenAI(
+            base_url="http://litellm.test/v1", api_key="sk-litellm", http_client=http, max_retries=0
+        )
+        return Lite(on, client, callback, witness, proxy.app)
+
+    yield make
+    for item in reversed(opened):
+        if isinstance(item, httpx2.AsyncClient | SidecarCallback):
+            await item.aclose()
+        else:
+            item.__exit__(None, None, None)
+    await proxy.aclose()
+    await GLOBAL_LOGGING_WORKER.stop()
+
+
+@pytest.fixture
+async def lite(make_lite: LiteFactory) -> Lite:
+    made: Lite = await make_lite()
+    return made
+
+
+async def chat(lite: Lite, model: str = "gpt-4o", **options: Any) -> Any:
+    return await lite.client.chat.completions.create(model=model, messages=HELLO, **options)
+
+
+# -- attribution ---------------------------------------------------------------------------------
+
+
+async def test_a_body_identity_is_attributed_with_litellms_cost_and_never_reaches_upstream(
+    lite: Lite,
+) -> None:
+    identity = {
+        "id": "lite-user",
+        "display_name": "Lite User",
+        "tags": ["gold"],
+        "metadata": [{"plan": "pro"}],
+    }
+    reply = await chat(
+        lite, "house-model", extra_body={"identity": identity}, extra_headers=tokens(120, 30)
+    )
+    await lite.settle(successes=1)
+    assert reply.usage is not None and reply.usage.prompt_tokens == 120
+    sent = lite.env.mock.requests[-1].json()
+    assert "identity" not in sent and sent["messages"] == HELLO
+    record = (await lite.env.api.get("/v2/identities/lite-user")).json()
+    assert (record["display_name"], record["tags"], record["metadata"]) == (
+        "Lite User",
+        ["gold"],
+        {"plan": "pro"},
+    )
+    metrics = await lite.env.metrics("lite-user")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        120,
+        30,
+    )
+    # LiteLLM's price for this model (0.001 and 0.002 USD a token); the sidecar has none.
+    assert metrics["total_cost"] == pytest.approx(120 * 0.001 + 30 * 0.002)
+    assert (await lite.series("lite-user"))["series"]["by_source"]["body"] == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "sent_rest"),
+    [
+        ({"orq": {"identity": {"id": "aliased"}, "trace": "t-1"}}, {"orq": {"trace": "t-1"}}),
+        ({"orq": {"identity": {"id": "aliased"}}}, {}),
+        ({"contact": {"id": "aliased"}}, {}),
+    ],
+)
+async def test_the_identity_aliases_are_read_and_removed(
+    lite: Lite, field: dict[str, Any], sent_rest: dict[str, Any]
+) -> None:
+    await chat(lite, extra_body=field, extra_headers=tokens(5, 1))
+    await lite.settle(successes=1)
+    sent = lite.env.mock.requests[-1].json()
+    assert {k: sent[k] for k in ("orq", "contact") if k in sent} == sent_rest
+    assert (await lite.env.metrics("aliased"))["input_tokens"] == 5
+
+
+async def test_the_identity_header_is_attributed_and_a_client_cannot_forge_the_hook_token(
+    lite: Lite,
+) -> None:
+    headers = {"X-ORQ-IDENTITY-ID": "by-header", "x-sidecar-token": "forged", **tokens(9, 4)}
+    await chat(lite, extra_headers=headers)
+    await lite.settle(successes=1)
+    metrics = await lite.env.metrics("by-header")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        9,
+        4,
+    )
+    assert (await lite.series("by-header"))["series"]["last_source"] == "header"
+
+
+async def test_the_owner_of_the_clients_key_is_attributed(
+    make_env: MakeEnv, make_lite: LiteFactory
+) -> None:
+    # LiteLLM keeps the client's key out of the headers it logs; the callback still passes it on.
+    digest = hashlib.sha256(b"sk-litellm").hexdigest()
+    keyed = await make_env(api_keys=[{"sha256": digest, "owner": "key-owner"}])
+    lite = await make_lite(on=keyed)
+    await chat(lite, extra_headers=tokens(11, 2))
+    await lite.settle(successes=1)
+    assert (await lite.env.metrics("key-owner"))["input_tokens"] == 11
+    assert (await lite.series("key-owner"))["series"]["by_source"]["api_key"] == 1
+
+
+async def test_a_stream_is_counted_from_the_assembled_response(lite: Lite) -> None:
+    stream = await chat(
+        lite, stream=True, extra_body={"identity": {"id": "streamer"}}, extra_headers=tokens(70, 20)
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await lite.settle(successes=1)
+    assert text
+    assert "identity" not in lite.env.mock.requests[-1].json()
+    metrics = await lite.env.metrics("streamer")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        70,
+        20,
+    )
+
+
+async def test_an_anthropic_messages_call_keeps_the_clients_metadata_and_is_counted(
+    lite: Lite,
+) -> None:
+    # On /v1/messages LiteLLM keeps its own metadata apart (`litellm_metadata`): the client's
+    # `metadata` is Anthropic's field and goes upstream untouched.
+    body = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": HELLO,
+        "metadata": {"user_id": "end-user-7"},
+        "identity": {"id": "anthropic-user"},
+    }
+    headers = {"x-api-key": "sk-litellm", "anthropic-version": "2023-06-01", **tokens(33, 12)}
+    transport = httpx.ASGITransport(app=lite.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://litellm.test") as http:
+        r = await http.post("/v1/messages", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    await lite.settle(successes=1)
+    assert r.json()["usage"]["input_tokens"] == 33
+    sent = lite.env.mock.requests[-1]
+    assert sent.path.endswith("/messages")
+    assert "identity" not in sent.json() and sent.json()["metadata"] == {"user_id": "end-user-7"}
+    metrics = await lite.env.metrics("anthropic-user")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        33,
+        12,
+    )
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+async def test_an_upstream_failure_is_reported_as_an_error(lite: Lite) -> None:
+    with pytest.raises(openai.InternalServerError):
+        await chat(
+            lite, extra_body={"identity": {"id": "unlucky"}}, extra_headers={"x-mock-status": "500"}
+        )
+    await lite.settle()
+    metrics = await lite.env.metrics("unlucky")
+    assert (metrics["total_requests"], metrics["error_rate"]) == (1, 1.0)
+
+
+async def test_a_failed_attempt_that_litellm_recovers_from_is_counted_as_the_success(
+    lite: Lite,
+) -> None:
+    # `flaky` cannot connect and falls back to gpt-4o: LiteLLM logs a failure event for the first
+    # attempt, then the success. The sidecar counts a request_id once, so only the final outcome
+    # may be reported.
+    reply = await chat(
+        lite, "flaky", extra_body={"identity": {"id": "recovered"}}, extra_headers=tokens(8, 2)
+    )
+    await lite.settle(successes=1)
+    assert reply.usage is not None and reply.usage.prompt_tokens == 8
+    metrics = await lite.env.metrics("recovered")
+    assert (metrics["total_requests"], metrics["error_rate"], metrics["input_tokens"]) == (
+        1,
+        0.0,
+        8,
+    )
+
+
+async def test_an_invalid_identity_is_the_clients_400_and_nothing_is_sent_or_written(
+    lite: Lite, redis: Redis
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await chat(lite, extra_body={"identity": {"id": "x", "tags": "gold"}})
+    await lite.settle()
+    assert refused.value.status_code == 400
+    error = refused.value.body
+    assert isinstance(error, dict) and "identity.tags" in error["message"]
+    assert error["param"] == "identity.tags" and error["type"] == "invalid_request_error"
+    assert len(lite.env.mock.requests) == 0
+    assert await redis.dbsize() == 0
+
+
+async def test_a_missing_identity_is_a_401_when_one_is_required(
+    make_env: MakeEnv, make_lite: LiteFactory
+) -> None:
+    strict = await make_env(identity={"required": True})
+    lite = await make_lite(on=strict)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await chat(lite)
+    assert refused.value.status_code == 401
+    assert len(strict.mock.requests) == 0
+
+
+async def test_a_rate_limit_refusal_is_the_clients_429_with_retry_after(
+    env: Env, make_lite: LiteFactory
+) -> None:
+    # The sidecar's limiter is not built yet: this stands in for it, answering as SPEC says.
+    error = {
+        "message": "Rate limit exceeded: 60 requests per minute for identity u1 (policy default)",
+        "type": "rate_limit_error",
+        "code": "requests_limit_exceeded",
+        "param": None,
+        "identity": "u1",
+        "policy": "default",
+        "dimension": "requests",
+        "limit": "60/minute",
+    }
+    headers = {
+        "retry-after": "7",
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "7s",
+    }
+
+    async def refuse(_: Request) -> Response:
+        return JSONResponse({"error": error}, status_code=429, headers=headers)
+
+    async with serve(
+        Starlette(routes=[Route("/hooks/authorize", refuse, methods=["POST"])])
+    ) as url:
+        lite = await make_lite(sidecar_url=url)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await chat(lite, extra_body={"identity": {"id": "u1"}})
+    assert refused.value.status_code == 429
+    assert refused.value.response.headers["retry-after"] == "7"
+    assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    body = refused.value.body
+    assert isinstance(body, dict) and body["message"] == error["message"]
+    assert body["type"] == "rate_limit_error"
+    assert len(env.mock.requests) == 0
+
+
+# -- the sidecar unavailable -------------------------------------------------------------------
+
+
+async def test_an_unreachable_sidecar_fails_open_with_one_warning(
+    make_lite: LiteFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    lite = await make_lite(sidecar_url=f"http://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING, logger="sidecar.integrations.litellm"):
+        for _ in range(2):
+            await chat(lite, extra_body={"identity": {"id": "unseen"}})
+        await lite.settle(successes=2)
+    assert [r.getMessage() for r in caplog.records if "let through" in r.getMessage()] == [
+        caplog.records[0].getMessage()
+    ]
+    assert len(caplog.records) == 1, "one warning per outage, and no report attempted"
+    assert "identity" not in lite.env.mock.requests[-1].json()
+    assert (await lite.env.api.get("/v2/identities/unseen")).status_code == 404
+
+
+async def test_a_slow_sidecar_fails_open_within_the_timeout(make_lite: LiteFactory) -> None:
+    released = asyncio.Event()
+
+    async def stall(_: Request) -> Response:
+        await released.wait()
+        return JSONResponse({})
+
+    async with serve(Starlette(routes=[Route("/hooks/authorize", stall, methods=["POST"])])) as url:
+        lite = await make_lite(sidecar_url=url, timeout_s=0.1)
+        started = time.perf_counter()
+        try:
+            await chat(lite)
+            assert time.perf_counter() - started < 1.0
+        finally:
+            released.set()
+
+
+async def test_an_unreachable_sidecar_fails_closed_when_told_to(make_lite: LiteFactory) -> None:
+    lite = await make_lite(sidecar_url=f"http://127.0.0.1:{free_port()}", fail_open=False)
+    with pytest.raises(openai.InternalServerError) as refused:
+        await chat(lite)
+    assert refused.value.status_code == 503
+    assert len(lite.env.mock.requests) == 0
+
+
+# -- usage reports -------------------------------------------------------------------------------
+
+
+async def test_a_lost_report_answer_is_retried_and_counted_once(
+    env: Env, make_lite: LiteFactory
+) -> None:
+    # A relay in front of the sidecar delivers the first usage report but loses the answer.
+    usage_posts: list[bytes] = []
+
+    async with httpx.AsyncClient(base_url=env.url) as upstream:
+
+        async def relay(request: Request) -> Response:
+            body = await request.body()
+            headers = {
+                k: v for k, v in request.headers.items() if k not in ("host", "content-length")
+            }
+            answer = await upstream.post(request.url.path, content=body, headers=headers)
+            if request.url.path == "/hooks/usage":
+                usage_posts.append(body)
+                if len(usage_posts) == 1:
+                    return Response(status_code=503)
+            return Response(answer.content, answer.status_code, media_type="application/json")
+
+        routes = [
+            Route(path, relay, methods=["POST"]) for path in ("/hooks/authorize", "/hooks/usage")
+        ]
+        async with serve(Starlette(routes=routes)) as url:
+            lite = await make_lite(sidecar_url=url)
+            await chat(
+                lite, extra_body={"identity": {"id": "retried"}}, extra_headers=tokens(40, 10)
+            )
+            await lite.settle(successes=1)
+    assert len(usage_posts) == 2 and usage_posts[0] == usage_posts[1]
+    metrics = await env.metrics("retried")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        40,
+        10,
+    )
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_the_module_handler_is_a_litellm_callback_configured_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert isinstance(integration.handler, CustomLogger)
+    monkeypatch.setenv("SIDECAR_URL", "http://sidecar:8080/")
+    monkeypatch.setenv("SIDECAR_HOOK_TOKEN", "hook-token")
+    monkeypatch.setenv("SIDECAR_TIMEOUT_MS", "350")
+    monkeypatch.setenv("SIDECAR_FAIL_OPEN", "false")
+    assert SidecarCallback().settings == Settings(
+        url="http://sidecar:8080", token="hook-token", timeout_s=0.35, fail_open=False
+    )
+    defaults = Settings.from_env({"SIDECAR_URL": "https://s", "SIDECAR_HOOK_TOKEN": "t"})
+    assert (defaults.timeout_s, defaults.fail_open) == (0.2, True)
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({}, "SIDECAR_URL and SIDECAR_HOOK_TOKEN"),
+        ({"SIDECAR_URL": "http://s"}, "SIDECAR_HOOK_TOKEN"),
+        ({"SIDECAR_URL": "sidecar:8080", "SIDECAR_HOOK_TOKEN": "t"}, "SIDECAR_URL"),
+        (
+            {"SIDECAR_URL": "http://s", "SIDECAR_HOOK_TOKEN": "t", "SIDECAR_TIMEOUT_MS": "0"},
+            "SIDECAR_TIMEOUT_MS",
+        ),
+        (
+            {"SIDECAR_URL": "http://s", "SIDECAR_HOOK_TOKEN": "t", "SIDECAR_TIMEOUT_MS": "fast"},
+            "SIDECAR_TIMEOUT_MS",
+        ),
+        (
+            {"SIDECAR_URL": "http://s", "SIDECAR_HOOK_TOKEN": "t", "SIDECAR_FAIL_OPEN": "maybe"},
+            "SIDECAR_FAIL_OPEN",
+        ),
+    ],
+)
+def test_a_bad_environment_names_the_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(environ)
