@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 from msgspec import UNSET
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 from ulid import ULID
 
@@ -65,6 +66,8 @@ class IdentityStore:
         self.client = client
         self.keys = keys
         self.clock = clock
+        # A single server runs a pipeline's commands in order; a cluster's nodes do not.
+        self._in_order = not isinstance(client, RedisCluster)
         # An external id keeps its _id until the identity is deleted, so the mapping can be
         # remembered; every use checks the record's external id, and a stale entry is dropped.
         self._ids: OrderedDict[str, str] = OrderedDict()
@@ -226,24 +229,49 @@ class IdentityStore:
                 return updated, False
             self._ids.pop(external_id, None)
         for _ in range(5):
-            # Look the external id up and write a candidate record in one round trip: a new
-            # identity then needs only the claim, and a known one discards the candidate.
             candidate, args = self._candidate(external_id, profile)
+            if self._in_order:
+                # One round trip: write a candidate record and claim the external id for it.
+                # A new identity is then done; a known one discards the candidate below.
+                member = order_member(_fresh(candidate, external_id, profile))
 
-            def lookup_and_write(
-                pipe: Any, candidate: str = candidate, args: list[Any] = args
-            ) -> None:
-                pipe.hget(self.keys.external_ids, xid_digest(external_id))
-                self._merge.queue(pipe, [self.keys.identity(candidate)], args)
+                def write_and_claim(
+                    pipe: Any,
+                    candidate: str = candidate,
+                    args: list[Any] = args,
+                    member: str = member,
+                ) -> None:
+                    self._merge.queue(pipe, [self.keys.identity(candidate)], args)
+                    self._claim.queue(
+                        pipe,
+                        [self.keys.external_ids, self.keys.order],
+                        [xid_digest(external_id), candidate, member],
+                    )
 
-            owner, (_, _, record) = await self._pipeline(lookup_and_write, [self._merge])
-            if owner is None:
-                identity, created = await self._claim_for(external_id, _identity(candidate, record))
-                if created:
-                    return identity, True
-                owner, discard = identity.id.encode(), None
+                scripts = [self._merge, self._claim]
+                (_, _, record), owner = await self._pipeline(write_and_claim, scripts)
+                if owner.decode() == candidate:
+                    self._remember(external_id, candidate)
+                    return _identity(candidate, record), True
+                discard: str | None = candidate
             else:
+                # On a cluster the record and the index live on different nodes, and a pipeline
+                # does not order them: the record must exist before the claim makes it visible.
+                def lookup_and_write(
+                    pipe: Any, candidate: str = candidate, args: list[Any] = args
+                ) -> None:
+                    pipe.hget(self.keys.external_ids, xid_digest(external_id))
+                    self._merge.queue(pipe, [self.keys.identity(candidate)], args)
+
+                owner, (_, _, record) = await self._pipeline(lookup_and_write, [self._merge])
                 discard = candidate
+                if owner is None:
+                    identity, created = await self._claim_for(
+                        external_id, _identity(candidate, record)
+                    )
+                    if created:
+                        return identity, True
+                    owner, discard = identity.id.encode(), None
             updated = await self._update(owner.decode(), external_id, profile, discard=discard)
             if updated is not None:
                 self._remember(external_id, updated.id)
@@ -370,6 +398,19 @@ class IdentityStore:
             except RedisError as exc:
                 raise StoreUnavailable(f"identity store unavailable: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+
+def _fresh(identity_id: str, external_id: str, profile: Profile) -> Identity:
+    """The record a create with this profile writes (for its index entry, before it exists)."""
+    return Identity(
+        id=identity_id,
+        external_id=external_id,
+        display_name=profile.display_name or None,
+        email=profile.email or None,
+        tags=profile.tags or [],
+        created="",
+        updated="",
+    )
 
 
 def _field_args(profile: Profile) -> list[str]:

@@ -34,7 +34,9 @@ __all__ = ["ConfigError", "Settings", "SidecarCallback", "SidecarRefusal", "hand
 
 log = logging.getLogger("sidecar.integrations.litellm")
 
-METADATA_KEY = "sidecar"  # our entry in LiteLLM's request metadata: request_id, identity, source
+# Our entry in LiteLLM's request metadata: request_id, identity, source, path, and the
+# sidecar's x-ratelimit-* headers for the client's response.
+METADATA_KEY = "sidecar"
 
 # Top-level request keys LiteLLM's proxy adds for itself (besides `litellm_*` and `_*`); they are
 # not the client's, and `api_key` may hold a provider credential.
@@ -221,14 +223,13 @@ class SidecarCallback(CustomLogger):
             grant = _grant(answer)
             if grant is None:
                 return self._unavailable(data, "malformed /hooks/authorize answer")
-            path = request_path(data)
-            if path is not None:
-                grant["path"] = path
+            grant["path"] = request_path(data)
+            grant["headers"] = _passed_back(answer.headers)
             request_metadata(data)[METADATA_KEY] = grant
             return data
         error = _error(answer)
         status = answer.status_code
-        if status in (400, 429) or (status == 401 and error.get("code") == "identity_required"):
+        if _is_refusal(status, error.get("code")):
             raise SidecarRefusal(status, error, _passed_back(answer.headers))
         # Anything else (a wrong token, a wrong URL, a sidecar failure) is ours, not the client's.
         return self._unavailable(data, f"HTTP {status}: {error.get('message', '')}")
@@ -262,13 +263,9 @@ class SidecarCallback(CustomLogger):
             entry = find_entry(kwargs.get("litellm_params"), kwargs)
             if entry is None:  # not authorized by us: the sidecar was down, or not a client call
                 return
-            report = {
-                **entry,
-                "status": 200,
-                "model": _model(kwargs.get("model"), response_obj),
-                "usage": usage_of(response_obj),
-                "cost_usd": cost_of(kwargs.get("response_cost")),
-            }
+            report = _report(entry, 200, _model(kwargs.get("model"), response_obj))
+            report["usage"] = usage_of(response_obj)
+            report["cost_usd"] = cost_of(kwargs.get("response_cost"))
             self._send_later(report)
         except Exception:
             log.exception("usage report not sent")
@@ -287,15 +284,24 @@ class SidecarCallback(CustomLogger):
             entry = find_entry(request_data)
             if entry is None:  # refused before the sidecar granted it (by the sidecar, say)
                 return None
-            report = {
-                **entry,
-                "status": status_of(original_exception),
-                "model": _model(request_data.get("model"), None),
-            }
-            self._send_later(report)
+            model = _model(request_data.get("model"), None)
+            self._send_later(_report(entry, status_of(original_exception), model))
         except Exception:
             log.exception("usage report not sent")
         return None
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: UserAPIKeyAuth,
+        response: object,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, object] | None = None,
+    ) -> dict[str, str] | None:
+        # The sidecar's x-ratelimit-* headers, on the answers LiteLLM gives (its newer versions).
+        entry = find_entry(data)
+        headers = entry.get("headers") if entry is not None else None
+        return dict(headers) if isinstance(headers, Mapping) and headers else None
 
     def _send_later(self, report: dict[str, Any]) -> None:
         task = asyncio.get_running_loop().create_task(self._send(report))
@@ -434,6 +440,22 @@ def status_of(exc: BaseException) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
             return value
     return 500
+
+
+def _report(entry: Mapping[str, Any], status: int, model: str | None) -> dict[str, Any]:
+    report = {key: entry.get(key) for key in ("request_id", "identity", "source", "path")}
+    report.update(status=status, model=model)
+    return report
+
+
+def _is_refusal(status: int, code: Any) -> bool:
+    """Whether the sidecar's answer is about the request (the client's to see), not a failure.
+    A 503 `rate_limiter_unavailable` is the sidecar applying its own `on_error = "deny"`."""
+    return (
+        status in (400, 429)
+        or (status == 401 and code == "identity_required")
+        or (status == 503 and code == "rate_limiter_unavailable")
+    )
 
 
 def _model(model: Any, response: Any) -> str | None:

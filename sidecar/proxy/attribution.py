@@ -9,10 +9,9 @@ from typing import Any
 import msgspec
 
 from sidecar.identity.model import Profile
-from sidecar.identity.resolve import Resolved, Source, resolve
+from sidecar.identity.resolve import Resolved, resolve
 from sidecar.identity.store import IdentityStore
 from sidecar.settings import Settings
-from sidecar.usage import buckets
 from sidecar.usage.extract import cost_from_header
 from sidecar.usage.model import Kind, Usage
 from sidecar.usage.pricing import Cost, Pricer
@@ -150,25 +149,13 @@ class Attribution:
                 return
             self.recorder.add(identity_id, counters, source=source, at=at)
 
-        self.recorder.add(identity_id, counters, source=resolved.source.value, on_missing=missing,
-                          charges=charges)  # fmt: skip
+        self.recorder.add(
+            identity_id, counters, source=resolved.source.value, on_missing=missing, charges=charges
+        )
 
     def forget(self, external_id: str) -> None:
         self.store.forget(external_id)
         self._written.pop(external_id, None)
-
-    @staticmethod
-    def counters(
-        source: Source,
-        *,
-        failed: bool,
-        usage: Usage | None,
-        cost: Cost | None,
-        rate_limited: bool = False,
-    ) -> dict[str, int]:
-        return buckets.increments(
-            source=source, failed=failed, usage=usage, cost=cost, rate_limited=rate_limited
-        )
 
     def use_keys(self, settings: Settings) -> None:
         """Take the API key owners of a reloaded config."""

@@ -19,6 +19,7 @@ from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.inline import Runtime
 from sidecar.quota.service import refusal
 from sidecar.usage import buckets
+from sidecar.usage.buckets import increments
 from sidecar.usage.extract import usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
 
@@ -101,14 +102,17 @@ class HookController(Controller):
         headers = dict(decision.headers)
         if not decision.admitted:
             if decision.store_failed:
-                raise StoreUnavailable("the rate limiter cannot reach its store",
-                                       code="rate_limiter_unavailable")  # fmt: skip
-            counters = attribution.counters(resolved.source, failed=False, usage=None,
-                                            cost=None, rate_limited=True)  # fmt: skip
+                raise StoreUnavailable(
+                    "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
+                )
+            counters = increments(
+                source=resolved.source, failed=False, usage=None, cost=None, rate_limited=True
+            )
             attribution.add(identity_id, resolved, counters)
             headers["retry-after"] = str(decision.retry_after)
-            return Response(refusal(decision, resolved.external_id), status_code=429,
-                            headers=headers)  # fmt: skip
+            return Response(
+                refusal(decision, resolved.external_id), status_code=429, headers=headers
+            )
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards this one.
         headers[attribution.header] = encode_header_id(resolved.external_id)
         policy = decision.policy.name if decision.policy is not None else None
@@ -147,8 +151,8 @@ class HookController(Controller):
         resolved = Resolved(external_id, Source(report.source or "header"))
         identity_id = await attribution.identify(resolved)
         cost = attribution.cost(kind, report.model, usage, None)
-        counters = attribution.counters(
-            resolved.source, failed=report.status >= 400, usage=usage, cost=cost
+        counters = increments(
+            source=resolved.source, failed=report.status >= 400, usage=usage, cost=cost
         )
         if report.source is None:  # counted, but under no source
             counters.pop(buckets.BY_SOURCE[resolved.source], None)
@@ -158,8 +162,9 @@ class HookController(Controller):
             # The slot authorize took, if any, is free again (a retry finds it gone).
             await quota.limiter.release(identity_id, report.request_id)
             policy = await quota.policy_for(identity_id, resolved)
-            charges = quota.limiter.charges(identity_id, policy, usage.total_tokens,
-                                            cost.nanos if cost else 0, quota.clock())  # fmt: skip
+            charges = quota.limiter.charges(
+                identity_id, policy, usage.total_tokens, cost.nanos if cost else 0, quota.clock()
+            )
         result = await attribution.record(
             identity_id, resolved, counters, request_id=report.request_id, charges=charges
         )

@@ -16,6 +16,7 @@ from sidecar.proxy.attribution import Attribution
 from sidecar.quota.limiter import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
+from sidecar.usage.buckets import increments
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
@@ -149,26 +150,14 @@ class InlineProxy:
                 send, 502, "no upstream configured: set [upstream] url", "api_error", "no_upstream"
             )
             return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            await send_error(
-                send,
-                413,
-                f"request body over {self.limit} bytes",
-                "invalid_request_error",
-                "payload_too_large",
-            )
-            return
         try:
+            declared = _content_length(scope)
+            if declared is not None and declared > self.limit:
+                raise BodyTooLarge  # refused before reading a byte of it
             body = await read_body(receive, self.limit)
         except BodyTooLarge:
-            await send_error(
-                send,
-                413,
-                f"request body over {self.limit} bytes",
-                "invalid_request_error",
-                "payload_too_large",
-            )
+            message = f"request body over {self.limit} bytes"
+            await send_error(send, 413, message, "invalid_request_error", "payload_too_large")
             return
         except ConnectionResetError:
             return
@@ -224,18 +213,27 @@ class InlineProxy:
         self, send: Send, resolved: Resolved, identity_id: str, decision: Decision
     ) -> None:
         if decision.store_failed:  # on_error = "deny"
-            await send_error(send, 503, "the rate limiter cannot reach its store",
-                             "service_unavailable_error", "rate_limiter_unavailable")  # fmt: skip
+            await send_error(
+                send,
+                503,
+                "the rate limiter cannot reach its store",
+                "service_unavailable_error",
+                "rate_limiter_unavailable",
+            )
             return
         body = _encode(refusal(decision, resolved.external_id))
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                   (b"retry-after", b"%d" % decision.retry_after)]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"retry-after", b"%d" % decision.retry_after),
+        ]
         headers += [(k.encode(), v.encode()) for k, v in decision.headers]
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
         attribution = self.runtime.attribution
-        counters = attribution.counters(resolved.source, failed=False, usage=None, cost=None,
-                                        rate_limited=True)  # fmt: skip
+        counters = increments(
+            source=resolved.source, failed=False, usage=None, cost=None, rate_limited=True
+        )
         attribution.add(identity_id, resolved, counters)
 
     def _headers(self, scope: Scope, resolved: Resolved | None) -> list[tuple[str, str]]:
@@ -351,12 +349,14 @@ class InlineProxy:
     ) -> Usage | None:
         if upstream.content_length is not None and upstream.content_length <= _WHOLE:
             body = await upstream.read()
-            await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": headers})  # fmt: skip
+            await send(
+                {"type": "http.response.start", "status": upstream.status, "headers": headers}
+            )
             await send({"type": "http.response.body", "body": body, "more_body": False})
         else:
-            await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": headers})  # fmt: skip
+            await send(
+                {"type": "http.response.start", "status": upstream.status, "headers": headers}
+            )
             chunks: list[bytes] = []
             size = 0
             async for chunk in upstream.content.iter_any():
@@ -379,7 +379,7 @@ class InlineProxy:
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         cost = attribution.cost(meter.kind, model, usage, header_cost)
-        counters = attribution.counters(resolved.source, failed=failed, usage=usage, cost=cost)
+        counters = increments(source=resolved.source, failed=failed, usage=usage, cost=cost)
         decision = meter.decision
         if isinstance(meter.identity, str):
             charges = {}
@@ -389,8 +389,9 @@ class InlineProxy:
                     self.runtime.spawn(limiter.release(meter.identity, decision.lease))
                 tokens = usage.total_tokens if usage is not None else 0
                 nanos = cost.nanos if cost is not None else 0
-                charges = limiter.charges(meter.identity, decision.policy, tokens, nanos,
-                                          self.runtime.quota.clock())  # fmt: skip
+                charges = limiter.charges(
+                    meter.identity, decision.policy, tokens, nanos, self.runtime.quota.clock()
+                )
             attribution.add(meter.identity, resolved, counters, charges)
             return
         self.runtime.spawn(self._record_when_known(meter.identity, resolved, counters))
@@ -401,8 +402,11 @@ class InlineProxy:
         try:
             identity_id = await identify
         except Exception:
-            log.exception("usage of %s (%s) not recorded: the identity could not be written",
-                          resolved.external_id, resolved.source.value)  # fmt: skip
+            log.exception(
+                "usage of %s (%s) not recorded: the identity could not be written",
+                resolved.external_id,
+                resolved.source.value,
+            )
             return
         self.runtime.attribution.add(identity_id, resolved, counters)
 

@@ -121,8 +121,13 @@ class Limiter:
             return self._unavailable(policy)
         now_ms = int(self.clock() * 1000)
         keys: list[str] = []
-        args: list[int | str] = [len(policy.limits), now_ms, policy.concurrency or 0, request_id,
-                                 self.lease_ms]  # fmt: skip
+        args: list[int | str] = [
+            len(policy.limits),
+            now_ms,
+            policy.concurrency or 0,
+            request_id,
+            self.lease_ms,
+        ]
         spans = []
         for limit in policy.limits:
             current, previous, elapsed, left = self._buckets(identity_id, limit, now_ms)
@@ -154,16 +159,27 @@ class Limiter:
         ]
         if waits:
             wait, binding = max(waits, key=lambda w: w[0])
-            return Decision(admitted=False, policy=policy, binding=binding,
-                            dimension=binding.dimension, headers=headers,
-                            retry_after=max(1, math.ceil(wait / 1000)))  # fmt: skip
+            return Decision(
+                admitted=False,
+                policy=policy,
+                binding=binding,
+                dimension=binding.dimension,
+                headers=headers,
+                retry_after=max(1, math.ceil(wait / 1000)),
+            )
         del leases  # refused by concurrency: a slot frees when a request ends
-        return Decision(admitted=False, policy=policy, dimension=Dimension.CONCURRENCY,
-                        headers=headers, retry_after=1)  # fmt: skip
+        return Decision(
+            admitted=False,
+            policy=policy,
+            dimension=Dimension.CONCURRENCY,
+            headers=headers,
+            retry_after=1,
+        )
 
     def _unavailable(self, policy: Policy) -> Decision:
-        return Decision(admitted=self.on_error == "allow", policy=policy, store_failed=True,
-                        retry_after=1)  # fmt: skip
+        return Decision(
+            admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
+        )
 
     def _headers(
         self, policy: Policy, counts: list[tuple[int, int]], spans: list[tuple[int, int]]

@@ -132,8 +132,10 @@ class Quota:
     # -- reloading -----------------------------------------------------------------------
 
     def _files_stamp(self) -> tuple[tuple[str, float], ...]:
-        files = [str(f) for f in loader.policy_files(self.settings.policies.paths,
-                                                     self.settings.base_dir)]  # fmt: skip
+        files = [
+            str(f)
+            for f in loader.policy_files(self.settings.policies.paths, self.settings.base_dir)
+        ]
         if self.settings.source != "<defaults>":
             files.append(self.settings.source)
         stamp = []

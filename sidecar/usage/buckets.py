@@ -26,9 +26,18 @@ UNPRICED = "up"
 BY_SOURCE = {Source.BODY: "sb", Source.HEADER: "sh", Source.API_KEY: "sk", Source.ANONYMOUS: "sa"}
 # The order of lua/counters.lua's COUNTERS.
 COUNTERS = (
-    REQUESTS, ERRORS, INPUT, CACHED_INPUT, CACHE_WRITE, OUTPUT, REASONING, COST, RATE_LIMITED,
-    UNPRICED, *BY_SOURCE.values(),
-)  # fmt: skip
+    REQUESTS,
+    ERRORS,
+    INPUT,
+    CACHED_INPUT,
+    CACHE_WRITE,
+    OUTPUT,
+    REASONING,
+    COST,
+    RATE_LIMITED,
+    UNPRICED,
+    *BY_SOURCE.values(),
+)
 
 # Lua prelude that keeps the 30-day sums (Script(..., prelude=COUNTERS_LUA)).
 COUNTERS_LUA = "sidecar.usage.lua/counters"

@@ -38,19 +38,36 @@ class Series(msgspec.Struct, kw_only=True):
 
 
 _POINT = (
-    buckets.REQUESTS, buckets.ERRORS, buckets.INPUT, buckets.CACHED_INPUT, buckets.CACHE_WRITE,
-    buckets.OUTPUT, buckets.REASONING, buckets.COST, buckets.RATE_LIMITED, buckets.UNPRICED,
-)  # fmt: skip
+    buckets.REQUESTS,
+    buckets.ERRORS,
+    buckets.INPUT,
+    buckets.CACHED_INPUT,
+    buckets.CACHE_WRITE,
+    buckets.OUTPUT,
+    buckets.REASONING,
+    buckets.COST,
+    buckets.RATE_LIMITED,
+    buckets.UNPRICED,
+)
 
 
 def _point(start_s: int, values: list[bytes | None]) -> Point:
     r, e, i, ci, cw, o, rs, c, rl, up = (int(v) if v else 0 for v in values)
     return Point(
-        start=rfc3339(start_s * 1000), requests=r, errors=e, input_tokens=i,
-        cached_input_tokens=ci, cache_write_tokens=cw, output_tokens=o, reasoning_tokens=rs,
-        total_tokens=i + o, cost=c / 1e9, cost_nanos=c, rate_limited_requests=rl,
+        start=rfc3339(start_s * 1000),
+        requests=r,
+        errors=e,
+        input_tokens=i,
+        cached_input_tokens=ci,
+        cache_write_tokens=cw,
+        output_tokens=o,
+        reasoning_tokens=rs,
+        total_tokens=i + o,
+        cost=c / 1e9,
+        cost_nanos=c,
+        rate_limited_requests=rl,
         unpriced_requests=up,
-    )  # fmt: skip
+    )
 
 
 async def series(

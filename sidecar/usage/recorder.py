@@ -68,8 +68,15 @@ class Recorder:
     async def load_scripts(self) -> None:
         await self._record.load(self.client)
 
-    def _call(self, identity_id: str, counters: Mapping[str, int], source: str, at: float,
-              request_id: str | None, charges: Charges) -> tuple[list[str], list[Any]]:  # fmt: skip
+    def _call(
+        self,
+        identity_id: str,
+        counters: Mapping[str, int],
+        source: str,
+        at: float,
+        request_id: str | None,
+        charges: Charges,
+    ) -> tuple[list[str], list[Any]]:
         now = self.clock()
         hour = buckets.hour(at)
         keys = [
@@ -128,8 +135,11 @@ class Recorder:
         if entry is None:
             if len(self._pending) >= MAX_PENDING:
                 self.dropped += 1
-                log.error("usage of %s not recorded: %d identity-hours already wait for Redis",
-                          identity_id, len(self._pending))  # fmt: skip
+                log.error(
+                    "usage of %s not recorded: %d identity-hours already wait for Redis",
+                    identity_id,
+                    len(self._pending),
+                )
                 return
             entry = self._pending[key] = _Pending(source, at, on_missing)
         entry.source, entry.at = source, max(entry.at, at)
@@ -158,8 +168,9 @@ class Recorder:
                 # Put them back, summed with what came since, and try again later.
                 for key, entry in batch:
                     self._merge_back(key, entry)
-                log.warning("usage write failed (%s); %d identity-hours wait", exc,
-                            len(self._pending))  # fmt: skip
+                log.warning(
+                    "usage write failed (%s); %d identity-hours wait", exc, len(self._pending)
+                )
                 delay = min(max(delay * 2, 0.05), 2.0)
                 continue
             delay = FLUSH_INTERVAL

@@ -342,10 +342,14 @@ async def test_cost_sums_stay_exact_beyond_float_precision(api: Client, redis: R
     assert sums == [b"1", b"0", b"0", b"0", b"9007199254740993", b"0"]
 
 
-async def test_50_concurrent_upserts_create_one_identity(api: Client, redis: Redis) -> None:
+@pytest.mark.parametrize("in_order", [True, False], ids=["single-server", "cluster-path"])
+async def test_50_concurrent_upserts_create_one_identity(
+    api: Client, redis: Redis, in_order: bool
+) -> None:
     from sidecar.identity.model import Profile
 
     store = api.app.state.identity_store
+    store._in_order = in_order  # the path a cluster client takes, on this single server
     results = await asyncio.gather(
         *(store.upsert("racer", Profile(display_name=f"n{i}", tags=[f"t{i}"])) for i in range(50))
     )
