@@ -19,7 +19,7 @@ log = logging.getLogger("sidecar.usage")
 Clock = Callable[[], float]
 
 IDEMPOTENCY_TTL = 7 * 86_400  # a usage report retried within a week is counted once
-FLUSH_INTERVAL = 0.002  # inline usage waits at most this long to share a round trip
+FLUSH_INTERVAL = 0.01  # inline usage waits at most this long to share a round trip (s)
 MAX_BATCH = 512  # script calls per pipeline
 MAX_PENDING = 100_000  # identity-hours held while Redis does not answer
 
