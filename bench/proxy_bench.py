@@ -3,10 +3,13 @@
     .venv/bin/python -m bench.proxy_bench [--repeats 3] [--duration 10] [--workers 1] [--soak 0] \\
         --markdown bench/out/proxy.md
 
-Three targets, all in one run so that ratios come from the same conditions:
+Four targets, all in one run so that ratios come from the same conditions:
 
 - direct:  the mock upstream (`sidecar mock-upstream`),
 - nginx:   one nginx worker proxying to that mock (the floor for a proxy hop),
+- bare:    `bench/bare_proxy.py`, a raw ASGI pass-through on the sidecar's stack (uvicorn,
+           uvloop, httptools, one pooled aiohttp session) in front of that mock: the floor for
+           any Python proxy on this machine,
 - sidecar: `sidecar serve` in inline mode in front of that mock, on a private redis-server.
 
 Per repeat: sequential requests on one keep-alive connection per target (chat completion with a
@@ -15,8 +18,9 @@ drift on a shared machine hits every target alike; sequential SSE streams (time 
 body byte); then `wrk` at 64 connections against each target in turn, sampling the sidecar's RSS.
 `--soak SECONDS` adds one long `wrk` run against the sidecar with RSS sampled every second.
 
-Everything started here (mock, nginx, redis-server, sidecar, wrk) is stopped on exit, error or
-Ctrl-C; load goes only to 127.0.0.1. JSON goes to stdout (or --json FILE), progress to stderr.
+Everything started here (mock, nginx, bare proxy, redis-server, sidecar, wrk) is stopped on exit,
+error or Ctrl-C; load goes only to 127.0.0.1. JSON goes to stdout (or --json FILE), progress to
+stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import datetime as dt
 import gc
 import http.client
+import importlib.metadata
 import json
 import math
 import os
@@ -57,7 +62,7 @@ WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "post_json.lua"
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 API_KEY = "sk-bench-0123456789abcdef"
 IDENTITY_HEADER = "X-ORQ-IDENTITY-ID"
-TARGETS = ("direct", "nginx", "sidecar")
+TARGETS = ("direct", "nginx", "bare", "sidecar")
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 SEQUENTIAL_SCENARIOS = ("chat_body_identity", "chat_header_identity", "embeddings_body_identity")
@@ -446,6 +451,47 @@ def start_nginx(workdir: Path, upstream_port: int) -> tuple[Proc, int]:
         proc.stop()
         raise
     return proc, port
+
+
+def start_bare(workdir: Path, upstream_port: int) -> tuple[Proc, int]:
+    """bench/bare_proxy.py in front of the mock, on a port of its own."""
+    port = free_port()
+    proc = Proc(
+        "bare",
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_proxy",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--upstream",
+            f"http://127.0.0.1:{upstream_port}",
+        ],
+        workdir / "bare.log",
+        env=clean_env(),
+    )
+    try:
+        wait_for("bare proxy", proc, lambda: port_open(port))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def bare_description() -> str:
+    return (
+        f"raw ASGI + aiohttp {package_version('aiohttp')} under uvicorn "
+        f"{package_version('uvicorn')} (uvloop, httptools), 1 process"
+    )
 
 
 def toml_key(key: str) -> str:
@@ -1018,7 +1064,7 @@ def measure_streams(
 def added_latency(
     by_target: Mapping[str, Mapping[str, Any]], key: str | None = None
 ) -> dict[str, Any]:
-    """Differences to direct (ms) and (sidecar - direct) / (nginx - direct)."""
+    """Differences to direct (ms); (sidecar - direct) over (nginx - direct) and (bare - direct)."""
 
     def get(target: str, q: str) -> float | None:
         stats = by_target.get(target)
@@ -1036,6 +1082,7 @@ def added_latency(
             continue
         side = get("sidecar", q)
         hop = get("nginx", q)
+        bare = get("bare", q)
         if side is not None:
             out[f"sidecar_minus_direct_{q}_ms"] = round(side - direct, 4)
         if hop is not None:
@@ -1044,6 +1091,13 @@ def added_latency(
             # Undefined when the nginx hop measured as free (or cheaper than direct): noise.
             out[f"sidecar_over_nginx_{q}"] = (
                 round((side - direct) / (hop - direct), 2) if hop - direct > 0 else None
+            )
+        if bare is not None:
+            out[f"bare_minus_direct_{q}_ms"] = round(bare - direct, 4)
+        if side is not None and bare is not None:
+            # Likewise undefined when the bare proxy measured as free.
+            out[f"sidecar_over_bare_{q}"] = (
+                round((side - direct) / (bare - direct), 2) if bare - direct > 0 else None
             )
     return out
 
@@ -1390,6 +1444,15 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
                 info["nginx"] = {"available": True, "port": nginx_port, "what": "nginx, 1 worker"}
                 log(f"nginx on 127.0.0.1:{nginx_port}")
 
+        if "bare" in opts.targets:
+            bare, bare_port = start_bare(workdir, upstream_port)
+            stack.callback(bare.stop)
+            if reason := probe_metered(bare_port, probe):
+                raise RuntimeError(f"the bare proxy does not proxy as expected: {reason}")
+            targets.append(Target("bare", bare_port, bare.pid))
+            info["bare"] = {"available": True, "port": bare_port, "what": bare_description()}
+            log(f"bare proxy on 127.0.0.1:{bare_port}")
+
         sidecar = Sidecar(None, None, 0, False, "not requested")
         redis: RedisServer | None = None
         if "sidecar" in opts.targets:
@@ -1566,34 +1629,54 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 ]
             )
     out += table(["request", "target", "p50", "p90", "p99", "errors"], rows)
+    # The bare proxy's columns only when it ran: without it the tables stay as they were.
+    bare = "bare" in targets
     rows = []
     for scenario in SEQUENTIAL_SCENARIOS:
         base = f"added_latency.{scenario}"
-        rows.append(
-            [
-                scenario,
-                cell(summary, f"{base}.sidecar_minus_direct_p50_ms"),
-                cell(summary, f"{base}.sidecar_minus_direct_p99_ms"),
-                cell(summary, f"{base}.nginx_minus_direct_p50_ms"),
-                cell(summary, f"{base}.nginx_minus_direct_p99_ms"),
-                cell(summary, f"{base}.sidecar_over_nginx_p50", 1),
+        row = [
+            scenario,
+            cell(summary, f"{base}.sidecar_minus_direct_p50_ms"),
+            cell(summary, f"{base}.sidecar_minus_direct_p99_ms"),
+            cell(summary, f"{base}.nginx_minus_direct_p50_ms"),
+            cell(summary, f"{base}.nginx_minus_direct_p99_ms"),
+            cell(summary, f"{base}.sidecar_over_nginx_p50", 1),
+        ]
+        if bare:
+            row += [
+                cell(summary, f"{base}.bare_minus_direct_p50_ms"),
+                cell(summary, f"{base}.bare_minus_direct_p99_ms"),
+                cell(summary, f"{base}.sidecar_over_bare_p50", 1),
+                cell(summary, f"{base}.sidecar_over_bare_p99", 1),
             ]
-        )
+        rows.append(row)
+    header = [
+        "request",
+        "sidecar - direct p50",
+        "sidecar - direct p99",
+        "nginx - direct p50",
+        "nginx - direct p99",
+        "(sidecar - direct) / (nginx - direct), p50",
+    ]
+    if bare:
+        header += [
+            "bare - direct p50",
+            "bare - direct p99",
+            "(sidecar - direct) / (bare - direct), p50",
+            "(sidecar - direct) / (bare - direct), p99",
+        ]
     out += [
         "Added over direct (issue 4 targets for the sidecar: p50 <= 0.4 ms, p99 <= 2 ms):",
         "",
-        *table(
-            [
-                "request",
-                "sidecar - direct p50",
-                "sidecar - direct p99",
-                "nginx - direct p50",
-                "nginx - direct p99",
-                "(sidecar - direct) / (nginx - direct), p50",
-            ],
-            rows,
-        ),
+        *table(header, rows),
     ]
+    if bare:
+        out += [
+            "bare - direct is the floor for any Python proxy on this machine (the sidecar's "
+            "server and HTTP client with nothing in between); the last two columns say how "
+            "many of those floors the sidecar costs.",
+            "",
+        ]
 
     out += [
         "## 2. Saturation",
@@ -1666,20 +1749,26 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         ["target", "TTFB p50", "TTFB p99", "last byte p50", "last byte p99", "reads", "errors"],
         rows,
     )
+    header = ["", "sidecar - direct", "nginx - direct"]
+    if bare:
+        header += ["bare - direct", "(sidecar - direct) / (bare - direct)"]
+    rows = []
+    for q in ("p50", "p99"):
+        row = [
+            q,
+            cell(summary, f"stream_added.ttfb.sidecar_minus_direct_{q}_ms"),
+            cell(summary, f"stream_added.ttfb.nginx_minus_direct_{q}_ms"),
+        ]
+        if bare:
+            row += [
+                cell(summary, f"stream_added.ttfb.bare_minus_direct_{q}_ms"),
+                cell(summary, f"stream_added.ttfb.sidecar_over_bare_{q}", 1),
+            ]
+        rows.append(row)
     out += [
         "TTFB added over direct (issue 4 target for the sidecar: within 1 ms):",
         "",
-        *table(
-            ["", "sidecar - direct", "nginx - direct"],
-            [
-                [
-                    q,
-                    cell(summary, f"stream_added.ttfb.sidecar_minus_direct_{q}_ms"),
-                    cell(summary, f"stream_added.ttfb.nginx_minus_direct_{q}_ms"),
-                ]
-                for q in ("p50", "p99")
-            ],
-        ),
+        *table(header, rows),
     ]
 
     out += ["## 4. Sidecar RSS", ""]
@@ -1894,7 +1983,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,nginx,sidecar (direct is required)",
+        help="comma-separated subset of direct,nginx,bare,sidecar (direct is required)",
     )
     p.add_argument(
         "--log-dir", default=None, help="keep the targets' logs and configs under this folder"

@@ -1,4 +1,5 @@
-"""Smoke test of bench/proxy_bench.py: a tiny run against the mock, nginx and the sidecar."""
+"""Smoke test of bench/proxy_bench.py: a tiny run against the mock, nginx, the bare proxy and the
+sidecar; and the bare proxy (bench/bare_proxy.py) on its own, in process."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from yarl import URL
 
 from bench import proxy_bench as pb
+from bench.bare_proxy import BareProxy, request_headers, response_headers
+from sidecar.mock import start_mock
 from sidecar.settings import load
 from tests.redis_server import free_port
+from tests.serving import serve
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
@@ -114,6 +120,24 @@ def test_nginx(result: dict[str, Any]) -> None:
 
 @needs_wrk
 @pytest.mark.timeout(120)
+def test_bare(result: dict[str, Any]) -> None:
+    assert result["targets"]["bare"]["available"]
+    assert "uvicorn" in result["targets"]["bare"]["what"]
+    check_target(result, "bare")
+    run = result["runs"][0]
+    added = run["added_latency"]["chat_body_identity"]
+    assert isinstance(added["bare_minus_direct_p50_ms"], float)
+    assert isinstance(added["bare_minus_direct_p99_ms"], float)
+    if result["targets"]["sidecar"]["available"]:
+        assert "sidecar_over_bare_p50" in added and "sidecar_over_bare_p99" in added
+    assert isinstance(run["stream_added"]["ttfb"]["bare_minus_direct_p50_ms"], float)
+    assert run["saturation"]["bare"]["cpu"]["proxy_cores"] > 0
+    assert "redis_cores" not in run["saturation"]["bare"]["cpu"]
+    assert "rss" not in run["saturation"]["bare"]
+
+
+@needs_wrk
+@pytest.mark.timeout(120)
 def test_sidecar(result: dict[str, Any]) -> None:
     info = result["targets"]["sidecar"]
     if not info["available"]:
@@ -139,7 +163,21 @@ def test_markdown(result: dict[str, Any]) -> None:
     for heading in ("## 1. Added latency", "## 2. Saturation", "## 3. Streams", "## 4. Sidecar"):
         assert heading in text
     assert "| chat_body_identity | direct |" in text
-    assert "| direct |" in text
+    assert "| chat_body_identity | bare |" in text
+    assert "| direct |" in text and "| bare |" in text
+    assert "| bare - direct p50 | bare - direct p99 |" in text
+    assert "(sidecar - direct) / (bare - direct), p99" in text
+    assert "| nginx - direct | bare - direct | (sidecar - direct) / (bare - direct) |" in text
+
+
+def test_markdown_without_the_bare_proxy_has_no_bare_columns() -> None:
+    opts = pb.Options(command="x")
+    meta = pb.metadata(opts) | {"loadavg_end": [0.0, 0.0, 0.0]}
+    targets = {"direct": {"available": True, "port": 1, "what": "mock"}}
+    text = pb.render_markdown({"meta": meta, "targets": targets, "runs": [], "summary": {}})
+    assert "- **bare**: not requested" in text
+    assert "bare - direct" not in text
+    assert "| request | sidecar - direct p50 |" in text
 
 
 def test_wrk_text_report_is_parsed() -> None:
@@ -168,14 +206,24 @@ def test_added_latency_and_ratio() -> None:
     by_target = {
         "direct": {"p50_ms": 0.2, "p99_ms": 0.5},
         "nginx": {"p50_ms": 0.25, "p99_ms": 0.6},
+        "bare": {"p50_ms": 0.3, "p99_ms": 1.0},
         "sidecar": {"p50_ms": 0.5, "p99_ms": 1.5},
     }
     added = pb.added_latency(by_target)
     assert added["sidecar_minus_direct_p50_ms"] == 0.3
     assert added["nginx_minus_direct_p99_ms"] == 0.1
     assert added["sidecar_over_nginx_p50"] == 6.0
+    assert added["bare_minus_direct_p50_ms"] == 0.1
+    assert added["bare_minus_direct_p99_ms"] == 0.5
+    assert added["sidecar_over_bare_p50"] == 3.0
+    assert added["sidecar_over_bare_p99"] == 2.0
     by_target["nginx"] = {"p50_ms": 0.2, "p99_ms": 0.4}
-    assert pb.added_latency(by_target)["sidecar_over_nginx_p50"] is None
+    by_target["bare"] = {"p50_ms": 0.2, "p99_ms": 0.4}
+    again = pb.added_latency(by_target)
+    assert again["sidecar_over_nginx_p50"] is None
+    assert again["sidecar_over_bare_p50"] is None and again["sidecar_over_bare_p99"] is None
+    del by_target["bare"]
+    assert not any(k.startswith(("bare", "sidecar_over_bare")) for k in pb.added_latency(by_target))
 
 
 def test_statistics() -> None:
@@ -243,3 +291,81 @@ def test_a_target_that_does_not_meter_is_reported_not_fatal(tmp_path: Path) -> N
     finally:
         proc.stop()
     assert not proc.alive()
+
+
+def test_bare_proxy_header_filters() -> None:
+    sent = [
+        (b"content-type", b"application/json"),
+        (b"Connection", b"keep-alive"),
+        (b"keep-alive", b"timeout=5"),
+        (b"te", b"trailers"),
+        (b"trailer", b"x"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"h2c"),
+        (b"host", b"example.com"),
+        (b"content-length", b"12"),
+        (b"Proxy-Authorization", b"Basic eA=="),
+        (b"proxy-connection", b"keep-alive"),
+        (b"x-custom", b"kept"),
+    ]
+    assert request_headers(sent) == [("content-type", "application/json"), ("x-custom", "kept")]
+    answered = [
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"12"),
+        (b"Connection", b"close"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Proxy-Authenticate", b"Basic"),
+        (b"X-Request-Id", b"abc"),
+    ]
+    assert response_headers(answered) == [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"12"),
+        (b"x-request-id", b"abc"),
+    ]
+
+
+@pytest.mark.timeout(30)
+async def test_bare_proxy_forwards_json_streams_and_errors() -> None:
+    mock = await start_mock()
+    chat = pb.chat_body(0)
+    try:
+        async with serve(BareProxy(mock.url)) as url, aiohttp.ClientSession() as client:
+            headers = pb.base_headers() | {
+                "Proxy-Authorization": "Basic eA==",
+                "TE": "trailers",
+                "X-Custom": "kept",
+            }
+            # Sent as is (no re-quoting on this side): the proxy must not re-quote either.
+            raw = URL(url + pb.CHAT_PATH + "?a=1&b=%2F", encoded=True)
+            async with client.post(raw, data=chat, headers=headers) as response:
+                assert response.status == 200
+                body = await response.read()
+                assert response.headers["Content-Length"] == str(len(body))
+                assert isinstance((await response.json())["usage"], dict)
+            paced = pb.base_headers() | {"x-mock-chunks": "3", "x-mock-chunk-delay-ms": "1"}
+            async with client.post(
+                url + pb.CHAT_PATH, data=pb.chat_body(1, stream=True), headers=paced
+            ) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/event-stream")
+                assert "Content-Length" not in response.headers
+                assert (await response.read()).rstrip().endswith(b"data: [DONE]")
+            async with client.post(url + "/v1/no-such-route", data=chat) as response:
+                assert response.status == 404
+        nowhere = BareProxy(f"http://127.0.0.1:{free_port()}")
+        async with (
+            serve(nowhere) as url,
+            aiohttp.ClientSession() as client,
+            client.get(url + "/v1/models") as gone,
+        ):
+            assert gone.status == 502
+    finally:
+        await mock.close()
+    first = mock.requests[0]
+    assert (first.method, first.path, first.query) == ("POST", pb.CHAT_PATH, "a=1&b=%2F")
+    assert first.body == chat
+    assert first.header("x-custom") == "kept"
+    assert first.header("authorization") == f"Bearer {pb.API_KEY}"
+    assert first.header("host") == f"127.0.0.1:{mock.port}"
+    assert first.header("proxy-authorization") is None and first.header("te") is None
+    assert len(mock.requests) == 3
