@@ -75,6 +75,21 @@ _NOT_FORWARDED = frozenset(
         "x-sidecar-token",
     }
 )
+# The inference calls, metered as inline mode meters them: by path, else by LiteLLM's call type.
+_METERED_PATHS = ("/completions", "/responses", "/embeddings", "/messages")
+_METERED_CALLS = frozenset(
+    {
+        "completion",
+        "acompletion",
+        "text_completion",
+        "atext_completion",
+        "embeddings",
+        "aembedding",
+        "responses",
+        "aresponses",
+        "anthropic_messages",
+    }
+)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
 _RETRIED_4XX = frozenset({408, 425, 429})
 _WARN_EVERY_S = 10.0
@@ -202,6 +217,11 @@ class SidecarCallback(CustomLogger):
         data: dict[str, Any],
         call_type: str,
     ) -> dict[str, Any]:
+        if not metered(data, call_type):
+            # Not an inference call (a stored response read back, a file, a batch...): neither
+            # limited nor counted, as in inline mode. The identity still stays here.
+            strip_identity(data)
+            return data
         settings = self.settings
         body = _encode(client_body(data))
         headers = {
@@ -335,6 +355,13 @@ class SidecarCallback(CustomLogger):
 
 
 # -- request and response plumbing (pure) -----------------------------------------------------
+
+
+def metered(data: Mapping[str, Any], call_type: str) -> bool:
+    path = request_path(data)
+    if path is not None:
+        return path.rstrip("/").endswith(_METERED_PATHS)
+    return call_type in _METERED_CALLS
 
 
 def client_body(data: Mapping[str, Any]) -> dict[str, Any]:

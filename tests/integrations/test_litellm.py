@@ -5,7 +5,9 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +31,7 @@ from tests.redis_server import free_port
 from tests.serving import serve
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
-# items, and the streaming code reading `model_computed_fields` from an instance.
+# items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.
 pytestmark = [
     pytest.mark.filterwarnings(
         "ignore:Items? .* on TypedDict class .* `ReadOnly` qualifier:UserWarning"
@@ -96,33 +98,32 @@ LiteFactory = Callable[..., Awaitable[Lite]]
 
 @pytest.fixture
 async def make_lite(env: Env) -> AsyncIterator[LiteFactory]:
-    """`make_lite(sidecar_url=..., env=..., **settings)`: the pipeline, by default against `env`."""
-    proxy = LiteLLMProxy(env.mock.url, dead_url=f"http://127.0.0.1:{free_port()}")
-    opened: list[Any] = []
+    """`make_lite(sidecar_url=None, on=env, **settings)`: LiteLLM in front of `on`'s upstream,
+    its callback calling `sidecar_url` (by default `on`'s sidecar). One per test."""
+    async with AsyncExitStack() as stack:
 
-    async def make(sidecar_url: str | None = None, on: Env = env, **settings: Any) -> Lite:
-        defaults: dict[str, Any] = {"timeout_s": 5.0, "report_backoff_s": 0.01}
-        callback = SidecarCallback(
-            Settings(url=sidecar_url or on.url, token=ADMIN_TOKEN, **{**defaults, **settings})
-        )
-        witness = Witness()
-        running = proxy.running(callback, witness)
-        running.__enter__()
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=proxy.app))
-        opened.extend([running, http, callback])
-        client = openai.AsyncOpenAI(
-            base_url="http://litellm.test/v1", api_key="sk-litellm", http_client=http, max_retries=0
-        )
-        return Lite(on, client, callback, witness, proxy.app)
+        async def make(sidecar_url: str | None = None, on: Env = env, **settings: Any) -> Lite:
+            proxy = LiteLLMProxy(on.mock.url, dead_url=f"http://127.0.0.1:{free_port()}")
+            stack.push_async_callback(GLOBAL_LOGGING_WORKER.stop)
+            stack.push_async_callback(proxy.aclose)
+            defaults: dict[str, Any] = {"timeout_s": 5.0, "report_backoff_s": 0.01}
+            callback = SidecarCallback(
+                Settings(url=sidecar_url or on.url, token=ADMIN_TOKEN, **{**defaults, **settings})
+            )
+            stack.push_async_callback(callback.aclose)
+            witness = Witness()
+            stack.enter_context(proxy.running(callback, witness))
+            http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=proxy.app))
+            await stack.enter_async_context(http)
+            client = openai.AsyncOpenAI(
+                base_url="http://litellm.test/v1",
+                api_key="sk-litellm",
+                http_client=http,
+                max_retries=0,
+            )
+            return Lite(on, client, callback, witness, proxy.app)
 
-    yield make
-    for item in reversed(opened):
-        if isinstance(item, httpx2.AsyncClient | SidecarCallback):
-            await item.aclose()
-        else:
-            item.__exit__(None, None, None)
-    await proxy.aclose()
-    await GLOBAL_LOGGING_WORKER.stop()
+        yield make
 
 
 @pytest.fixture
@@ -317,46 +318,34 @@ async def test_a_missing_identity_is_a_401_when_one_is_required(
     with pytest.raises(openai.AuthenticationError) as refused:
         await chat(lite)
     assert refused.value.status_code == 401
-    assert len(strict.mock.requests) == 0
+    assert len(lite.env.mock.requests) == 0
 
 
-async def test_a_rate_limit_refusal_is_the_clients_429_with_retry_after(
-    env: Env, make_lite: LiteFactory
+async def test_the_sidecars_limits_reach_the_client_429_and_retry_after_included(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
 ) -> None:
-    # The sidecar's limiter is not built yet: this stands in for it, answering as SPEC says.
-    error = {
-        "message": "Rate limit exceeded: 60 requests per minute for identity u1 (policy default)",
-        "type": "rate_limit_error",
-        "code": "requests_limit_exceeded",
-        "param": None,
-        "identity": "u1",
-        "policy": "default",
-        "dimension": "requests",
-        "limit": "60/minute",
-    }
-    headers = {
-        "retry-after": "7",
-        "x-ratelimit-limit-requests": "60",
-        "x-ratelimit-remaining-requests": "0",
-        "x-ratelimit-reset-requests": "7s",
-    }
-
-    async def refuse(_: Request) -> Response:
-        return JSONResponse({"error": error}, status_code=429, headers=headers)
-
-    async with serve(
-        Starlette(routes=[Route("/hooks/authorize", refuse, methods=["POST"])])
-    ) as url:
-        lite = await make_lite(sidecar_url=url)
-        with pytest.raises(openai.RateLimitError) as refused:
-            await chat(lite, extra_body={"identity": {"id": "u1"}})
+    policies = tmp_path / "policies.toml"
+    policies.write_text('[[policy]]\nname = "tight"\nrequests = ["1/minute"]\n')
+    limited = await make_env(policies={"paths": [str(policies)]})
+    lite = await make_lite(on=limited)
+    first = await lite.client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=HELLO, extra_headers={"X-ORQ-IDENTITY-ID": "u1", **tokens(3, 1)}
+    )
+    # The sidecar's rate-limit headers ride on LiteLLM's answer.
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as refused:
+        await chat(lite, extra_headers={"X-ORQ-IDENTITY-ID": "u1"})
+    await lite.settle(successes=1)
     assert refused.value.status_code == 429
-    assert refused.value.response.headers["retry-after"] == "7"
+    assert int(refused.value.response.headers["retry-after"]) >= 1
     assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     body = refused.value.body
-    assert isinstance(body, dict) and body["message"] == error["message"]
-    assert body["type"] == "rate_limit_error"
-    assert len(env.mock.requests) == 0
+    assert isinstance(body, dict) and body["type"] == "rate_limit_error"
+    assert body["message"].startswith("Rate limit exceeded: 1 requests per minute for identity u1")
+    assert len(lite.env.mock.requests) == 1
+    metrics = await limited.metrics("u1")
+    assert (metrics["total_requests"], metrics["rate_limited_requests"]) == (1, 1)
 
 
 # -- the sidecar unavailable -------------------------------------------------------------------
@@ -370,10 +359,9 @@ async def test_an_unreachable_sidecar_fails_open_with_one_warning(
         for _ in range(2):
             await chat(lite, extra_body={"identity": {"id": "unseen"}})
         await lite.settle(successes=2)
-    assert [r.getMessage() for r in caplog.records if "let through" in r.getMessage()] == [
-        caplog.records[0].getMessage()
-    ]
-    assert len(caplog.records) == 1, "one warning per outage, and no report attempted"
+    ours = [r.getMessage() for r in caplog.records if r.name == "sidecar.integrations.litellm"]
+    # One line per outage, not per request; and no usage report was attempted.
+    assert len(ours) == 1 and "let through unattributed" in ours[0], ours
     assert "identity" not in lite.env.mock.requests[-1].json()
     assert (await lite.env.api.get("/v2/identities/unseen")).status_code == 404
 
@@ -442,6 +430,30 @@ async def test_a_lost_report_answer_is_retried_and_counted_once(
         40,
         10,
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "call_type", "expected"),
+    [
+        ("/v1/chat/completions", "acompletion", True),
+        ("/chat/completions/", "acompletion", True),
+        ("/openai/deployments/gpt-4o/chat/completions", "acompletion", True),
+        ("/v1/messages", "anthropic_messages", True),
+        ("/v1/responses", "aresponses", True),
+        ("/v1/embeddings", "aembedding", True),
+        # A stored response read back replays the usage of the call that made it.
+        ("/v1/responses/resp_123", "aget_responses", False),
+        ("/v1/images/generations", "aimage_generation", False),
+        ("/v1/batches", "acreate_batch", False),
+        (None, "acompletion", True),
+        (None, "aget_responses", False),
+    ],
+)
+def test_only_inference_calls_are_metered(path: str | None, call_type: str, expected: bool) -> None:
+    data: dict[str, Any] = {"model": "m", "identity": {"id": "x"}}
+    if path is not None:
+        data["proxy_server_request"] = {"url": f"http://litellm{path}", "headers": {}}
+    assert integration.metered(data, call_type) is expected
 
 
 # -- configuration -------------------------------------------------------------------------------
