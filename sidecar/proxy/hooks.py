@@ -76,7 +76,11 @@ class HookController(Controller):
     tags = ["hooks"]
     guards = [hook_guard]
 
-    @post("/authorize", status_code=HTTP_200_OK, operation_id="authorize")
+    @post(
+        ["/authorize", "/authorize/{original:path}"],
+        status_code=HTTP_200_OK,
+        operation_id="authorize",
+    )
     async def authorize(self, request: Request[Any, Any, Any]) -> Response[Any]:
         """Resolve, upsert and check the identity of a request a proxy is about to send."""
         raw = await request.body()
@@ -113,8 +117,9 @@ class HookController(Controller):
             return Response(
                 refusal(decision, resolved.external_id), status_code=429, headers=headers
             )
-        # A proxy that copies response headers upstream (Envoy ext_authz) forwards this one.
+        # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
         headers[attribution.header] = encode_header_id(resolved.external_id)
+        headers["x-sidecar-request-id"] = request_id
         policy = decision.policy.name if decision.policy is not None else None
         return Response(
             Authorization(

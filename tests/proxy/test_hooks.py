@@ -28,6 +28,13 @@ async def test_authorize_resolves_and_upserts_a_body_identity(env: Env) -> None:
     assert body["identity"] == {"external_id": "hooked", "source": "body"}
     assert len(body["request_id"]) == 26
     assert r.headers["x-orq-identity-id"] == "hooked"
+    assert r.headers["x-sidecar-request-id"] == body["request_id"]
+    # Envoy's ext_authz appends the original path to the service's path prefix.
+    suffixed = await env.api.post(
+        "/hooks/authorize/v1/chat/completions", json={"identity": {"id": "hooked"}}, headers=HOOK
+    )
+    assert suffixed.status_code == 200
+    assert suffixed.json()["identity"] == {"external_id": "hooked", "source": "body"}
     record = (await env.api.get("/v2/identities/hooked")).json()
     assert record["tags"] == ["gold"]
 
