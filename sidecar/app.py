@@ -110,7 +110,10 @@ def create_app(
         if client is None:
             if settings.redis.url is None:
                 raise RuntimeError("no store URL: `sidecar serve` starts the embedded store")
-            client = connect(settings.redis.url, timeout_ms=settings.redis.timeout_ms)
+            # Only limit checks must give up after timeout_ms, and they do so themselves. Every
+            # other command waits longer: a write that times out after Redis applied it would
+            # be written again, and counted twice.
+            client = connect(settings.redis.url, timeout_ms=max(settings.redis.timeout_ms, 5000))
         keys = Keys(settings.redis.key_prefix)
         store = IdentityStore(client, keys, clock)
         recorder = Recorder(client, keys, clock)

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
@@ -165,11 +166,17 @@ class Recorder:
             try:
                 results = await self._write(batch)
             except RedisError as exc:
-                # Put them back, summed with what came since, and try again later.
+                # Put them back, summed with what came since, and try again later. A timeout
+                # leaves it unknown whether Redis applied the batch: retrying then risks a double
+                # count, dropping it a loss; the store's timeout is long so that this is rare.
                 for key, entry in batch:
                     self._merge_back(key, entry)
-                log.warning(
-                    "usage write failed (%s); %d identity-hours wait", exc, len(self._pending)
+                level = logging.ERROR if isinstance(exc, RedisTimeoutError) else logging.WARNING
+                log.log(
+                    level,
+                    "usage write failed (%s); %d identity-hours wait",
+                    exc,
+                    len(self._pending),
                 )
                 delay = min(max(delay * 2, 0.05), 2.0)
                 continue
