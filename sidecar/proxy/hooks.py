@@ -76,59 +76,20 @@ class HookController(Controller):
     tags = ["hooks"]
     guards = [hook_guard]
 
-    @post(
-        ["/authorize", "/authorize/{original:path}"],
-        status_code=HTTP_200_OK,
-        operation_id="authorize",
-    )
+    @post("/authorize", status_code=HTTP_200_OK, operation_id="authorize")
     async def authorize(self, request: Request[Any, Any, Any]) -> Response[Any]:
         """Resolve, upsert and check the identity of a request a proxy is about to send."""
-        raw = await request.body()
-        body: dict[str, Any] | None = None
-        if raw.strip():
-            try:
-                decoded = _decode(raw)
-            except msgspec.DecodeError:
-                raise InvalidRequest("request body is not valid JSON") from None
-            body = decoded if isinstance(decoded, dict) else None
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        attribution = _attribution(request)
-        try:
-            resolved = attribution.resolve(body, headers)
-        except InvalidField as exc:
-            raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
-        except MissingIdentity:
-            raise Unauthorized("an identity is required", code="identity_required") from None
-        identity_id = await attribution.identify(resolved)
-        request_id = str(ULID())
-        quota = _runtime(request).quota
-        decision = await quota.admit(identity_id, resolved, request_id)
-        headers = dict(decision.headers)
-        if not decision.admitted:
-            if decision.store_failed:
-                raise StoreUnavailable(
-                    "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
-                )
-            counters = increments(
-                source=resolved.source, failed=False, usage=None, cost=None, rate_limited=True
-            )
-            attribution.add(identity_id, resolved, counters)
-            headers["retry-after"] = str(decision.retry_after)
-            return Response(
-                refusal(decision, resolved.external_id), status_code=429, headers=headers
-            )
-        # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
-        headers[attribution.header] = encode_header_id(resolved.external_id)
-        headers["x-sidecar-request-id"] = request_id
-        policy = decision.policy.name if decision.policy is not None else None
-        return Response(
-            Authorization(
-                request_id=request_id,
-                identity=HookIdentity(resolved.external_id, resolved.source.value),
-                policy=policy,
-            ),
-            headers=headers,
-        )
+        return await _authorize(request)
+
+    # Envoy's ext_authz appends the original path to the service's path prefix.
+    @post(
+        "/authorize/{original:path}",
+        status_code=HTTP_200_OK,
+        operation_id="authorizeWithPath",
+        include_in_schema=False,
+    )
+    async def authorize_with_path(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        return await _authorize(request)
 
     @post("/usage", status_code=HTTP_202_ACCEPTED, operation_id="reportUsage")
     async def usage(self, request: Request[Any, Any, Any]) -> Accepted:
@@ -186,3 +147,50 @@ def _cost(value: float | str | None) -> int | None:
     if nanos is None or isinstance(value, bool):
         raise InvalidRequest("cost_usd must be a non-negative number of dollars", param="cost_usd")
     return nanos
+
+
+async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
+    raw = await request.body()
+    body: dict[str, Any] | None = None
+    if raw.strip():
+        try:
+            decoded = _decode(raw)
+        except msgspec.DecodeError:
+            raise InvalidRequest("request body is not valid JSON") from None
+        body = decoded if isinstance(decoded, dict) else None
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    attribution = _attribution(request)
+    try:
+        resolved = attribution.resolve(body, headers)
+    except InvalidField as exc:
+        raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
+    except MissingIdentity:
+        raise Unauthorized("an identity is required", code="identity_required") from None
+    identity_id = await attribution.identify(resolved)
+    request_id = str(ULID())
+    quota = _runtime(request).quota
+    decision = await quota.admit(identity_id, resolved, request_id)
+    headers = dict(decision.headers)
+    if not decision.admitted:
+        if decision.store_failed:
+            raise StoreUnavailable(
+                "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
+            )
+        counters = increments(
+            source=resolved.source, failed=False, usage=None, cost=None, rate_limited=True
+        )
+        attribution.add(identity_id, resolved, counters)
+        headers["retry-after"] = str(decision.retry_after)
+        return Response(refusal(decision, resolved.external_id), status_code=429, headers=headers)
+    # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
+    headers[attribution.header] = encode_header_id(resolved.external_id)
+    headers["x-sidecar-request-id"] = request_id
+    policy = decision.policy.name if decision.policy is not None else None
+    return Response(
+        Authorization(
+            request_id=request_id,
+            identity=HookIdentity(resolved.external_id, resolved.source.value),
+            policy=policy,
+        ),
+        headers=headers,
+    )
