@@ -50,7 +50,7 @@ import time
 import tomllib
 import types
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -900,6 +900,38 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def interleaved(
+    targets: Sequence[Target],
+    one: Callable[..., None],
+    tally: Tally,
+    warmup: int,
+    count: int,
+    block: int,
+    deadline: float,
+) -> bool:
+    """Warm every target up, then run `count` requests per target in blocks of `block`, the
+    targets' order rotating each block. True when the time budget cut it short."""
+    for target in targets:
+        for i in range(warmup):
+            if target.name in tally.aborted:
+                break
+            one(target, i, record=False)
+    done = 0
+    round_no = 0
+    while done < count:
+        if time.monotonic() > deadline:
+            return True
+        n = min(block, count - done)
+        for target in rotated(targets, round_no):
+            if target.name in tally.aborted:
+                continue
+            for i in range(done, done + n):
+                one(target, i, record=True)
+        done += n
+        round_no += 1
+    return False
+
+
 def measure_sequential(
     targets: Sequence[Target], scenario: Scenario, count: int, warmup: int, block: int
 ) -> dict[str, dict[str, Any]]:
@@ -928,25 +960,7 @@ def measure_sequential(
             tally.samples[target.name].append(elapsed)
 
     try:
-        for target in targets:
-            for i in range(warmup):
-                if target.name in tally.aborted:
-                    break
-                one(target, i, record=False)
-        done = 0
-        round_no = 0
-        while done < count:
-            if time.monotonic() > deadline:
-                truncated = True
-                break
-            n = min(block, count - done)
-            for target in rotated(targets, round_no):
-                if target.name in tally.aborted:
-                    continue
-                for i in range(done, done + n):
-                    one(target, i, record=True)
-            done += n
-            round_no += 1
+        truncated = interleaved(targets, one, tally, warmup, count, block, deadline)
     finally:
         for client in clients.values():
             client.close()
@@ -1018,25 +1032,7 @@ def measure_streams(
             reads[target.name].append(n_reads)
 
     try:
-        for target in targets:
-            for i in range(warmup):
-                if target.name in tally.aborted:
-                    break
-                one(target, i, record=False)
-        done = 0
-        round_no = 0
-        while done < count:
-            if time.monotonic() > deadline:
-                truncated = True
-                break
-            n = min(block, count - done)
-            for target in rotated(targets, round_no):
-                if target.name in tally.aborted:
-                    continue
-                for i in range(done, done + n):
-                    one(target, i, record=True)
-            done += n
-            round_no += 1
+        truncated = interleaved(targets, one, tally, warmup, count, block, deadline)
     finally:
         for client in clients.values():
             client.close()
