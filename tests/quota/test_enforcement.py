@@ -231,7 +231,8 @@ async def test_concurrency_slots_are_released(make_env: MakeEnv, tmp_path: Path)
     assert await burst(env.url, 2, "busy", **slow) == {200: 2}
     # Clients that hang up mid-stream free their slots too, once the upstream is done.
     stream_body = {**BODY, "stream": True}
-    streaming = {"X-ORQ-IDENTITY-ID": "busy", "x-mock-chunks": "5", "x-mock-chunk-delay-ms": "40"}
+    # Long enough (1 s) that both are still running when the next request is checked.
+    streaming = {"X-ORQ-IDENTITY-ID": "busy", "x-mock-chunks": "5", "x-mock-chunk-delay-ms": "200"}
     async with httpx.AsyncClient(base_url=env.url) as client:
         for _ in range(2):
             async with client.stream(
@@ -241,7 +242,7 @@ async def test_concurrency_slots_are_released(make_env: MakeEnv, tmp_path: Path)
                 async for _ in r.aiter_bytes():
                     break
     assert await burst(env.url, 1, "busy") == {429: 1}, "both slots still held"
-    for _ in range(50):
+    for _ in range(100):
         await asyncio.sleep(0.05)
         if await burst(env.url, 2, "busy") == {200: 2}:
             break
