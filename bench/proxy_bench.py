@@ -323,17 +323,23 @@ def exit_status(proc: Proc) -> str:
 
 
 def wait_for(what: str, proc: Proc, ready: Any, timeout: float = START_TIMEOUT_S) -> Any:
-    """Poll ready() until it returns something truthy; fail if proc exits or time runs out."""
+    """Poll ready() until it returns something truthy; fail if proc exits or time runs out.
+
+    On any failure (Ctrl-C included) the process is stopped before the error goes on."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = ready()
-        if result:
-            return result
-        if not proc.alive():
-            raise RuntimeError(f"{what} {exit_status(proc)}:\n{proc.log_tail()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{proc.log_tail()}")
-        time.sleep(0.02)
+    try:
+        while True:
+            result = ready()
+            if result:
+                return result
+            if not proc.alive():
+                raise RuntimeError(f"{what} {exit_status(proc)}:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{proc.log_tail()}")
+            time.sleep(0.02)
+    except BaseException:
+        proc.stop()
+        raise
 
 
 def port_open(port: int) -> bool:
@@ -373,16 +379,12 @@ def start_mock(workdir: Path) -> tuple[Proc, int]:
         workdir / "mock-upstream.log",
         env=clean_env(),
     )
-    try:
 
-        def bound() -> int | None:
-            match = re.search(r"mock-upstream listening on http://[^\s]+:(\d+)", proc.log_text())
-            return int(match.group(1)) if match else None
+    def bound() -> int | None:
+        match = re.search(r"mock-upstream listening on http://[^\s]+:(\d+)", proc.log_text())
+        return int(match.group(1)) if match else None
 
-        port: int = wait_for("mock-upstream", proc, bound)
-    except BaseException:
-        proc.stop()
-        raise
+    port: int = wait_for("mock-upstream", proc, bound)
     return proc, port
 
 
@@ -445,11 +447,7 @@ def start_nginx(workdir: Path, upstream_port: int) -> tuple[Proc, int]:
         workdir / "nginx.log",
         env=clean_env(),
     )
-    try:
-        wait_for("nginx", proc, lambda: port_open(port))
-    except BaseException:
-        proc.stop()
-        raise
+    wait_for("nginx", proc, lambda: port_open(port))
     return proc, port
 
 
@@ -472,11 +470,7 @@ def start_bare(workdir: Path, upstream_port: int) -> tuple[Proc, int]:
         workdir / "bare.log",
         env=clean_env(),
     )
-    try:
-        wait_for("bare proxy", proc, lambda: port_open(port))
-    except BaseException:
-        proc.stop()
-        raise
+    wait_for("bare proxy", proc, lambda: port_open(port))
     return proc, port
 
 
@@ -596,12 +590,8 @@ def start_sidecar(opts: Options, workdir: Path, upstream_port: int, redis_url: s
     )
     try:
         wait_for("sidecar", proc, lambda: http_ok(port, "/healthz"))
-    except RuntimeError as exc:
-        proc.stop()
+    except RuntimeError as exc:  # already stopped
         return Sidecar(None, None, workers, False, f"did not start: {exc}")
-    except BaseException:
-        proc.stop()
-        raise
     return Sidecar(proc, port, workers, True)
 
 
