@@ -62,7 +62,9 @@ async def make_env(
     ) -> Env:
         mock = await start_mock()
         opened.append(mock)
-        raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 200}}
+        # Checks get time to answer on a busy test machine instead of failing open (the outage
+        # tests set their own short timeout).
+        raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 2000}}
         raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
         for section, values in config.items():
             raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}
