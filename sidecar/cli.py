@@ -112,7 +112,8 @@ def _run_server(settings: Settings, token: str) -> None:
         access_log=False,
         proxy_headers=False,  # the sidecar reads no X-Forwarded-*; the middleware costs per request
         log_level="warning",
-        timeout_graceful_shutdown=30,
+        timeout_keep_alive=int(settings.server.keepalive_s),
+        timeout_graceful_shutdown=int(settings.server.drain_s),
     )
 
 

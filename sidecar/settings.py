@@ -25,6 +25,8 @@ class ServerSettings(_Section):
     max_body_bytes: int = 33_554_432
     data_dir: str = ".sidecar"
     workers: int = 1
+    keepalive_s: float = 75.0
+    drain_s: float = 30.0
 
 
 class UpstreamSettings(_Section):
@@ -136,6 +138,10 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("server.max_body_bytes: must be at least 1024")
     if s.server.workers < 1:
         problems.append("server.workers: must be at least 1")
+    if not 1 <= s.server.keepalive_s <= 3600:
+        problems.append("server.keepalive_s: must be between 1 and 3600")
+    if not 0 <= s.server.drain_s <= 3600:
+        problems.append("server.drain_s: must be between 0 and 3600")
     if s.upstream.url is not None and not re.match(r"https?://[^/]+", s.upstream.url):
         problems.append("upstream.url: must be an http:// or https:// URL")
     if s.upstream.timeout_s <= 0:
