@@ -17,6 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import Response
 from redis.exceptions import RedisError
+from ulid import ULID
 
 from sidecar import __version__
 from sidecar.api.errors import error_response, handle_exception
@@ -32,6 +33,7 @@ from sidecar.store.connect import RedisClient, connect
 from sidecar.store.keys import Keys
 from sidecar.usage.pricing import Pricer
 from sidecar.usage.recorder import Recorder
+from sidecar.usage.spool import Spool
 
 log = logging.getLogger("sidecar")
 
@@ -116,7 +118,8 @@ def create_app(
             client = connect(settings.redis.url, timeout_ms=max(settings.redis.timeout_ms, 5000))
         keys = Keys(settings.redis.key_prefix)
         store = IdentityStore(client, keys, clock)
-        recorder = Recorder(client, keys, clock)
+        spool = Spool(settings.data_path / "spool", str(ULID()), settings.metering.spool_max_bytes)
+        recorder = Recorder(client, keys, clock, spool=spool)
         try:
             await store.load_scripts()
             await recorder.load_scripts()
@@ -149,16 +152,16 @@ def create_app(
         app.state.redis = client
         app.state.identity_store = store
         app.state.runtime = runtime
+        recorder.start()  # replays what earlier processes left in the spool
         try:
             yield
         finally:
             watcher.cancel()
             if runtime.tasks:
                 await asyncio.wait(list(runtime.tasks), timeout=10)
-            try:
-                await asyncio.wait_for(recorder.drain(), timeout=10)
-            except TimeoutError:
-                log.error("shutting down with usage not written: Redis did not answer for 10 s")
+            # What Redis does not take within a few seconds waits in the spool for the next
+            # process with this data dir.
+            await recorder.close(grace_s=5.0)
             await runtime.session.close()
             if redis is None:
                 await client.aclose()

@@ -23,6 +23,7 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 33_554_432
+    body_timeout_s: float = 30.0
     data_dir: str = ".sidecar"
     workers: int = 1
     keepalive_s: float = 75.0
@@ -48,6 +49,7 @@ class AdminSettings(_Section):
 
 class MeteringSettings(_Section):
     extra_paths: list[str] = msgspec.field(default_factory=list)
+    spool_max_bytes: int = 1_073_741_824
 
 
 class IdentitySettings(_Section):
@@ -136,6 +138,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("server.port: must be 0-65535")
     if s.server.max_body_bytes < 1024:
         problems.append("server.max_body_bytes: must be at least 1024")
+    if not 0.1 <= s.server.body_timeout_s <= 3600:
+        problems.append("server.body_timeout_s: must be between 0.1 and 3600")
     if s.server.workers < 1:
         problems.append("server.workers: must be at least 1")
     if not 1 <= s.server.keepalive_s <= 3600:
@@ -163,6 +167,8 @@ def _check_values(s: Settings) -> list[str]:
             problems.append(f"{name}: must be at least 16 characters")
     if not re.fullmatch(r"[A-Za-z0-9\-]{1,128}", s.identity.header):
         problems.append("identity.header: must be an HTTP header name")
+    if s.metering.spool_max_bytes < 1_048_576:
+        problems.append("metering.spool_max_bytes: must be at least 1048576 (1 MiB)")
     for path in s.metering.extra_paths:
         if not path.startswith("/"):
             problems.append(f"metering.extra_paths: {path!r} must start with '/'")

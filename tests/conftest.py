@@ -47,10 +47,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def settings(redis_server: RedisServer) -> Settings:
+def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     from sidecar.settings import parse
 
-    return parse({"redis": {"url": redis_server.url}})
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    return parse({"redis": {"url": redis_server.url}, "server": {"data_dir": data_dir}})
 
 
 @pytest.fixture

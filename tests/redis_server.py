@@ -78,6 +78,12 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def crash(self) -> None:
+        """SIGKILL, as a crash; `start()` brings it back on the same port, from its files."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGCONT)

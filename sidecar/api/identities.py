@@ -6,11 +6,13 @@ from urllib.parse import unquote
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
 from sidecar.api.auth import admin_guard
+from sidecar.api.errors import ErrorResponse
 from sidecar.errors import InvalidRequest, NotFound
 from sidecar.identity import model
 from sidecar.identity.model import (
@@ -26,6 +28,8 @@ from sidecar.usage.reader import Series, series
 PREFIX = "/v2/identities"
 MAX_REF = 255
 Store = NamedDependency[IdentityStore]
+# A 400 has the sidecar's one error shape (sidecar.api.errors), not Litestar's default body.
+INVALID = {400: ResponseSpec(ErrorResponse, generate_examples=False, description="Invalid request")}
 
 
 class IdentityMetrics(msgspec.Struct):
@@ -55,7 +59,10 @@ def identity_ref(request: Request[Any, Any, Any], sub: str | None = None) -> str
     segments = raw.split(b"?", 1)[0].decode("latin-1")[len(PREFIX) + 1 :].split("/")
     if len(segments) != (1 if sub is None else 2) or (sub is not None and segments[1] != sub):
         raise NotFound(f"no route for {request.method} {request.url.path}")
-    ref = unquote(segments[0], errors="strict")
+    try:
+        ref = unquote(segments[0], errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("id is not valid percent-encoded UTF-8", param="id") from None
     if not ref:
         raise NotFound(f"no route for {request.method} {request.url.path}")
     if len(ref) > MAX_REF:
@@ -75,7 +82,7 @@ class IdentityController(Controller):
     tags = ["identities"]
     guards = [admin_guard]
 
-    @post(status_code=HTTP_201_CREATED, operation_id="createIdentity")
+    @post(status_code=HTTP_201_CREATED, operation_id="createIdentity", responses=INVALID)
     async def create(self, data: JSONBody[IdentityCreate], store: Store) -> Identity:
         try:
             external_id = model.external_id(data.external_id)
@@ -83,7 +90,7 @@ class IdentityController(Controller):
             raise InvalidRequest(exc.message, param=exc.param) from None
         return await store.create(external_id, _profile(data))
 
-    @get(operation_id="listIdentities")
+    @get(operation_id="listIdentities", responses=INVALID)
     async def list(
         self,
         store: Store,
@@ -114,7 +121,7 @@ class IdentityController(Controller):
         )
         return IdentityList(data=page.data, has_more=page.has_more)
 
-    @get("/{ref:path}", operation_id="getIdentity")
+    @get("/{ref:path}", operation_id="getIdentity", responses=INVALID)
     async def get(
         self,
         request: Request[Any, Any, Any],
@@ -134,7 +141,7 @@ class IdentityController(Controller):
             return IdentityMetrics(identity=identity, totals=identity_totals, series=usage)
         return await _find(store, identity_ref(request), include_metrics)
 
-    @patch("/{ref:path}", operation_id="updateIdentity")
+    @patch("/{ref:path}", operation_id="updateIdentity", responses=INVALID)
     async def update(
         self, request: Request[Any, Any, Any], data: JSONBody[IdentityPatch], store: Store
     ) -> Identity:
@@ -148,6 +155,11 @@ class IdentityController(Controller):
             raise NotFound(f"identity {identity.external_id!r} was deleted", param="id")
         return updated
 
-    @delete("/{ref:path}", status_code=HTTP_204_NO_CONTENT, operation_id="deleteIdentity")
+    @delete(
+        "/{ref:path}",
+        status_code=HTTP_204_NO_CONTENT,
+        operation_id="deleteIdentity",
+        responses=INVALID,
+    )
     async def remove(self, request: Request[Any, Any, Any], store: Store) -> None:
         await store.delete(await _find(store, identity_ref(request)))

@@ -9,9 +9,10 @@ from typing import Any
 import msgspec
 
 from sidecar.identity.model import Profile
-from sidecar.identity.resolve import Resolved, resolve
+from sidecar.identity.resolve import Resolved, Source, resolve
 from sidecar.identity.store import IdentityStore
 from sidecar.settings import Settings
+from sidecar.store.errors import STORE_ERRORS
 from sidecar.usage.extract import cost_from_header
 from sidecar.usage.model import Kind, Usage
 from sidecar.usage.pricing import Cost, Pricer
@@ -48,6 +49,8 @@ class Attribution:
         self._written: dict[str, tuple[bytes, float]] = {}
         # Told the tags and metadata of every identity written (the policies match on them).
         self.on_profile: Callable[[str, list[str], dict[str, Any]], None] | None = None
+        recorder.resolver = self._identify_later
+        recorder.forget = self.forget
 
     def key_owner(self, digest: str) -> str | None:
         return self._owners.get(digest)
@@ -103,16 +106,23 @@ class Attribution:
             at=datetime.fromtimestamp(self.clock(), UTC),
         )
 
+    async def _identify_later(self, external_id: str, profile: Profile | None) -> str:
+        """For usage counted while the store could not say whose it was."""
+        source = Source.BODY if profile is not None else Source.HEADER
+        return await self.identify(Resolved(external_id, source, profile))
+
     async def record(
         self,
-        identity_id: str,
+        identity_id: str | None,
         resolved: Resolved,
         counters: dict[str, int],
         *,
+        request_id: str,
         at: float | None = None,
-        request_id: str | None = None,
         charges: Charges | None = None,
     ) -> Recorded:
+        """Count a reported request now, once per request id. `identity_id` None: the
+        store could not say whose it is (the report is kept and counted when it can)."""
         result = await self.recorder.record(
             identity_id,
             counters,
@@ -120,37 +130,44 @@ class Attribution:
             at=at,
             request_id=request_id,
             charges=charges,
+            external_id=resolved.external_id,
+            profile=resolved.profile,
         )
-        if not result.counted and not result.duplicate:
+        if identity_id is not None and not (result.counted or result.duplicate or result.spooled):
             # The identity was erased after this process learnt its _id: attribute the request
             # to the identity as it exists now (recreated bare unless the body brings a profile).
             self.forget(resolved.external_id)
-            identity_id = await self.identify(resolved)
+            try:
+                identity_id = await self.identify(resolved)
+            except STORE_ERRORS:
+                identity_id = None
             result = await self.recorder.record(
-                identity_id, counters, source=resolved.source.value, at=at, request_id=request_id
+                identity_id,
+                counters,
+                source=resolved.source.value,
+                at=at,
+                request_id=request_id,
+                external_id=resolved.external_id,
+                profile=resolved.profile,
             )
         return result
 
     def add(
         self,
-        identity_id: str,
+        identity_id: str | None,
         resolved: Resolved,
         counters: dict[str, int],
         charges: Charges | None = None,
     ) -> None:
-        """Count an inline request: written within milliseconds, batched with others."""
-
-        async def missing(_: str, counters: dict[str, int], source: str, at: float) -> None:
-            self.forget(resolved.external_id)
-            try:
-                identity_id = await self.identify(resolved)
-            except Exception:
-                log.exception("usage of %s not recorded", resolved.external_id)
-                return
-            self.recorder.add(identity_id, counters, source=source, at=at)
-
+        """Count an inline request: written within milliseconds, batched with others.
+        `identity_id` None: the store could not say whose it is; found when written."""
         self.recorder.add(
-            identity_id, counters, source=resolved.source.value, on_missing=missing, charges=charges
+            identity_id,
+            counters,
+            source=resolved.source.value,
+            external_id=resolved.external_id,
+            profile=resolved.profile,
+            charges=charges,
         )
 
     def forget(self, external_id: str) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -17,11 +18,15 @@ from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
 from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.inline import Runtime
+from sidecar.quota.limiter import Decision
 from sidecar.quota.service import refusal
+from sidecar.store.errors import STORE_ERRORS
 from sidecar.usage import buckets
 from sidecar.usage.buckets import increments
 from sidecar.usage.extract import usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
+
+log = logging.getLogger("sidecar.hooks")
 
 _decode = msgspec.json.Decoder().decode
 
@@ -52,6 +57,7 @@ class Accepted(msgspec.Struct):
     request_id: str
     counted: bool
     duplicate: bool
+    spooled: bool = False  # the store did not answer: kept, and counted once it does
 
 
 async def hook_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
@@ -115,7 +121,6 @@ class HookController(Controller):
             usage = msgspec.structs.replace(usage, cost_nanos=upstream_cost)
         attribution = _attribution(request)
         resolved = Resolved(external_id, Source(report.source or "header"))
-        identity_id = await attribution.identify(resolved)
         cost = attribution.cost(kind, report.model, usage, None)
         counters = increments(
             source=resolved.source, failed=report.status >= 400, usage=usage, cost=cost
@@ -124,17 +129,28 @@ class HookController(Controller):
             counters.pop(buckets.BY_SOURCE[resolved.source], None)
         quota = _runtime(request).quota
         charges = {}
-        if quota.active:
-            # The slot authorize took, if any, is free again (a retry finds it gone).
-            await quota.limiter.release(identity_id, report.request_id)
-            policy = await quota.policy_for(identity_id, resolved)
-            charges = quota.limiter.charges(
-                identity_id, policy, usage.total_tokens, cost.nanos if cost else 0, quota.clock()
-            )
+        identity_id: str | None = None
+        try:
+            identity_id = await attribution.identify(resolved)
+            if quota.active:
+                # The slot authorize took, if any, is free again (a retry finds it gone).
+                await quota.limiter.release(identity_id, report.request_id)
+                policy = await quota.policy_for(identity_id, resolved)
+                charges = quota.limiter.charges(
+                    identity_id,
+                    policy,
+                    usage.total_tokens,
+                    cost.nanos if cost else 0,
+                    quota.clock(),
+                )
+        except STORE_ERRORS as exc:
+            # Kept in the spool and counted when the store is back; a slot it held frees
+            # when its lease expires, and the budgets are not charged for it.
+            log.warning("usage report %s kept for later: %s", report.request_id, exc)
         result = await attribution.record(
             identity_id, resolved, counters, request_id=report.request_id, charges=charges
         )
-        return Accepted(report.request_id, result.counted, result.duplicate)
+        return Accepted(report.request_id, result.counted, result.duplicate, result.spooled)
 
 
 def _cost(value: float | str | None) -> int | None:
@@ -166,10 +182,20 @@ async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
         raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
     except MissingIdentity:
         raise Unauthorized("an identity is required", code="identity_required") from None
-    identity_id = await attribution.identify(resolved)
     request_id = str(ULID())
     quota = _runtime(request).quota
-    decision = await quota.admit(identity_id, resolved, request_id)
+    known = attribution.known(resolved)
+    if quota.active:
+        identity_id, decision = await quota.admit_request(
+            resolved, known, attribution.identify, request_id
+        )
+    else:
+        decision = Decision(admitted=True)
+        try:
+            identity_id = known or await attribution.identify(resolved)
+        except STORE_ERRORS as exc:  # nothing to enforce: the usage report writes it
+            log.warning("identity %s not written now: %s", resolved.external_id, exc)
+            identity_id = None
     headers = dict(decision.headers)
     if not decision.admitted:
         if decision.store_failed:

@@ -16,6 +16,7 @@ from sidecar.proxy.attribution import Attribution
 from sidecar.quota.limiter import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
+from sidecar.store.errors import STORE_ERRORS
 from sidecar.usage.buckets import increments
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
@@ -77,7 +78,7 @@ class _Meter:
         self,
         resolved: Resolved,
         kind: Kind | None,
-        identity: str | asyncio.Task[str],
+        identity: str | asyncio.Task[str] | None,
         strip: bool,
         model: str | None,
         decision: Decision | None,
@@ -85,7 +86,9 @@ class _Meter:
         self.decision = decision  # the limit check's, when policies apply
         self.resolved = resolved
         self.kind = kind
-        self.identity = identity  # the _id, or the task that upserts and finds it
+        # The _id, the task that upserts and finds it, or None when the store could not say
+        # (the usage is counted under the external id when it can).
+        self.identity = identity
         self.strip = strip
         self.model = model  # as requested; the response's own name wins when it has one
 
@@ -104,6 +107,19 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _refuse_body(send: Send, status: int, message: str, code: str) -> None:
+    # The rest of the body is never read: closing the connection spares both sides the
+    # upload of what would be thrown away, and a keep-alive client from a half-read request.
+    body = error_body(status, message, "invalid_request_error", code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class Runtime:
@@ -133,6 +149,7 @@ class InlineProxy:
         self.runtime = runtime
         self.upstream = (settings.upstream.url or "").rstrip("/")
         self.limit = settings.server.max_body_bytes
+        self.body_timeout = settings.server.body_timeout_s
         self.extra_paths = frozenset(settings.metering.extra_paths)
         self.header = settings.identity.header.lower()
         self.header_bytes = self.header.encode()
@@ -154,10 +171,17 @@ class InlineProxy:
             declared = _content_length(scope)
             if declared is not None and declared > self.limit:
                 raise BodyTooLarge  # refused before reading a byte of it
-            body = await read_body(receive, self.limit)
+            # One bound for the whole body: a client trickling a byte at a time must not hold
+            # a request (and its connection) open for as long as it likes.
+            async with asyncio.timeout(self.body_timeout):
+                body = await read_body(receive, self.limit)
         except BodyTooLarge:
             message = f"request body over {self.limit} bytes"
-            await send_error(send, 413, message, "invalid_request_error", "payload_too_large")
+            await _refuse_body(send, 413, message, "payload_too_large")
+            return
+        except TimeoutError:
+            message = f"request body not received within {self.body_timeout:g} s"
+            await _refuse_body(send, 408, message, "request_timeout")
             return
         except ConnectionResetError:
             return
@@ -193,11 +217,12 @@ class InlineProxy:
         attribution = self.runtime.attribution
         known = attribution.known(resolved)
         decision: Decision | None = None
-        identity: str | asyncio.Task[str]
+        identity: str | asyncio.Task[str] | None
         if self.runtime.quota.active:
             # Limits are kept under the identity's _id: it must be known before admission.
-            identity = known or await attribution.identify(resolved)
-            decision = await self.runtime.quota.admit(identity, resolved, str(ULID()))
+            identity, decision = await self.runtime.quota.admit_request(
+                resolved, known, attribution.identify, str(ULID())
+            )
             if not decision.admitted:
                 await self._refuse(send, resolved, identity, decision)
                 return
@@ -210,7 +235,7 @@ class InlineProxy:
         await self._forward(scope, send, body, self._headers(scope, resolved), meter)
 
     async def _refuse(
-        self, send: Send, resolved: Resolved, identity_id: str, decision: Decision
+        self, send: Send, resolved: Resolved, identity_id: str | None, decision: Decision
     ) -> None:
         if decision.store_failed:  # on_error = "deny"
             await send_error(
@@ -381,6 +406,9 @@ class InlineProxy:
         cost = attribution.cost(meter.kind, model, usage, header_cost)
         counters = increments(source=resolved.source, failed=failed, usage=usage, cost=cost)
         decision = meter.decision
+        if meter.identity is None:
+            attribution.add(None, resolved, counters)
+            return
         if isinstance(meter.identity, str):
             charges = {}
             if decision is not None:
@@ -399,15 +427,13 @@ class InlineProxy:
     async def _record_when_known(
         self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]
     ) -> None:
+        identity_id: str | None
         try:
             identity_id = await identify
-        except Exception:
-            log.exception(
-                "usage of %s (%s) not recorded: the identity could not be written",
-                resolved.external_id,
-                resolved.source.value,
-            )
-            return
+        except STORE_ERRORS as exc:
+            # Counted under the external id; the identity is written with the usage.
+            log.warning("identity %s not written now: %s", resolved.external_id, exc)
+            identity_id = None
         self.runtime.attribution.add(identity_id, resolved, counters)
 
 

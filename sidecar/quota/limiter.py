@@ -118,7 +118,7 @@ class Limiter:
         if policy is None or not policy.limited:
             return Decision(admitted=True, policy=policy)
         if not self.breaker.allow():
-            return self._unavailable(policy)
+            return self.unavailable(policy)
         now_ms = int(self.clock() * 1000)
         keys: list[str] = []
         args: list[int | str] = [
@@ -143,10 +143,8 @@ class Limiter:
             async with asyncio.timeout(self.timeout):
                 reply = await self._admit(self.client, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
-            self.errors += 1
-            self.breaker.failure()
-            log.warning("limit check failed (%s); on_error=%s", type(exc).__name__, self.on_error)
-            return self._unavailable(policy)
+            self.failed(exc)
+            return self.unavailable(policy)
         self.breaker.success()
         admitted, leases = bool(reply[0]), int(reply[1])
         counts = [(int(reply[2 + 2 * i]), int(reply[3 + 2 * i])) for i in range(len(spans))]
@@ -178,7 +176,13 @@ class Limiter:
             retry_after=1,
         )
 
-    def _unavailable(self, policy: Policy) -> Decision:
+    def failed(self, exc: BaseException) -> None:
+        """A step of a limit check did not get its answer from Redis in time."""
+        self.errors += 1
+        self.breaker.failure()
+        log.warning("limit check failed (%s); on_error=%s", type(exc).__name__, self.on_error)
+
+    def unavailable(self, policy: Policy | None) -> Decision:
         return Decision(
             admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
         )

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -18,10 +18,12 @@ from sidecar.quota import loader
 from sidecar.quota.limiter import Decision, Limiter
 from sidecar.quota.policy import Dimension, Policy, choose
 from sidecar.settings import ConfigError, Settings, load
+from sidecar.store.errors import STORE_OR_TIMEOUT
 
 log = logging.getLogger("sidecar.quota")
 
 Clock = Callable[[], float]
+Identify = Callable[[Resolved], Awaitable[str]]
 
 PROFILE_TTL_S = 10.0  # how long a process matches policies on a profile it read
 _PROFILES = 65_536
@@ -128,6 +130,27 @@ class Quota:
     async def admit(self, identity_id: str, resolved: Resolved, request_id: str) -> Decision:
         policy = await self.policy_for(identity_id, resolved)
         return await self.limiter.admit(identity_id, policy, request_id)
+
+    async def admit_request(
+        self, resolved: Resolved, known: str | None, identify: Identify, request_id: str
+    ) -> tuple[str | None, Decision]:
+        """The identity's `_id` (None when the store could not say) and the decision.
+
+        Finding the identity (an upsert when it is new) and its profile, then the limit check,
+        each give up after `timeout_ms`; then `on_error` decides, as for the check itself."""
+        limiter = self.limiter
+        if known is None and not limiter.breaker.allow():
+            return None, limiter.unavailable(None)
+        try:
+            async with asyncio.timeout(limiter.timeout):
+                identity_id = known or await identify(resolved)
+                policy = await self.policy_for(identity_id, resolved)
+        except STORE_OR_TIMEOUT as exc:
+            limiter.failed(exc)
+            return known, limiter.unavailable(None)
+        if known is None:
+            limiter.breaker.success()
+        return identity_id, await limiter.admit(identity_id, policy, request_id)
 
     # -- reloading -----------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 log = logging.getLogger("sidecar.store")
 
@@ -23,6 +24,8 @@ SCHEMES = frozenset({"redis", "rediss", "unix", "redis+cluster", "redis+sentinel
 
 # redis-py's Redis and RedisCluster share their command methods but no base class.
 RedisClient = Redis | RedisCluster
+
+SENTINEL_RECHECK_S = 1.0  # how often open connections are checked against the named master
 
 
 class StoreConfigError(ValueError):
@@ -77,8 +80,49 @@ def connect(url: str, *, timeout_ms: int) -> RedisClient:
         db=db,
         **common,
     )
-    client: Redis = sentinel.master_for(path[0])
+    client: Redis = sentinel.master_for(path[0], connection_pool_class=FollowingSentinelPool)
     return client
+
+
+class FollowingSentinelPool(SentinelConnectionPool):
+    """Moves connections that are already open to the master the sentinels name.
+
+    redis-py asks the sentinels only when it opens a connection, so open ones stay with the old
+    master. After a planned failover (SENTINEL FAILOVER) that one goes on accepting writes for
+    about ten seconds, until Sentinel demotes it and its resync drops them. So, at most once per
+    SENTINEL_RECHECK_S and off the request's path, the pool asks again; a connection to another
+    address is closed before it is handed out, and reopens to the named master."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._recheck_at = 0.0
+        self._recheck: asyncio.Task[None] | None = None
+
+    async def ensure_connection(self, connection: Any) -> None:
+        now = time.monotonic()
+        if now >= self._recheck_at and (self._recheck is None or self._recheck.done()):
+            self._recheck_at = now + SENTINEL_RECHECK_S
+            self._recheck = asyncio.create_task(self._ask_sentinels())
+        master = self.master_address
+        if master is not None and connection.is_connected and (
+            (connection.host, connection.port) != master
+        ):
+            await connection.disconnect()
+        await super().ensure_connection(connection)
+
+    async def _ask_sentinels(self) -> None:
+        try:
+            await self.get_master_address()  # type: ignore[no-untyped-call]
+        except (redis.RedisError, OSError) as exc:
+            # No master named yet: the next connection to open asks again, and fails or finds one.
+            log.debug("sentinels not asked: %s", exc)
+
+    async def aclose(self) -> None:
+        if self._recheck is not None and not self._recheck.done():
+            self._recheck.cancel()
+            await asyncio.wait([self._recheck])
+        await super().aclose()
+        await self.sentinel_manager.aclose()  # its clients of the sentinels themselves
 
 
 @dataclass

@@ -37,4 +37,6 @@ class Script:
     def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
         """Add to a pipeline; the caller reloads and retries on NoScriptError."""
         assert self.sha is not None, f"script {self.name} not loaded"
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # Not pipe.evalsha(): redis-py's cluster pipeline refuses that method, though it routes
+        # the command by its keys (all in one slot here) like any other.
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)

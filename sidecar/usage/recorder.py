@@ -7,199 +7,394 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError
+from ulid import ULID
 
+from sidecar.identity.model import Profile
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import STORE_ERRORS
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.usage import buckets
+from sidecar.usage.spool import Entry, Spool, SpoolFull, read
 
 log = logging.getLogger("sidecar.usage")
 
 Clock = Callable[[], float]
 
 IDEMPOTENCY_TTL = 7 * 86_400  # a usage report retried within a week is counted once
+WRITER_MARK_TTL = 7 * 86_400  # a writer's sequence mark outlives its last write this long
 FLUSH_INTERVAL = 0.01  # inline usage waits at most this long to share a round trip (s)
 MAX_BATCH = 512  # script calls per pipeline
-MAX_PENDING = 100_000  # identity-hours held while Redis does not answer
+MAX_PENDING = 100_000  # identity-hours held in memory (beyond: dropped, counted, logged)
+RESOLVE_CONCURRENCY = 32  # identities first seen during an outage, written at once
+ORPHAN_SCAN_S = 5.0  # how often a healthy process looks for spool files of dead ones
+
+# The identity's _id for an external id (and the profile a body identity brought): called for
+# usage counted while the store could not say which identity it belonged to.
+Resolver = Callable[[str, Profile | None], Awaitable[str]]
+Forget = Callable[[str], None]
+Charges = Mapping[str, tuple[int, int]]  # rate-limit bucket key -> (amount, lifetime s)
+
+_COUNTED, _ERASED, _DUPLICATE = 1, 0, 2
 
 
 class Recorded(msgspec.Struct, frozen=True):
     counted: bool
     duplicate: bool = False
+    spooled: bool = False  # the store failed: kept in the spool, counted when it is back
 
 
-# Called with the pending entry's identity_id, counters, source and time when the identity no
-# longer exists (its charges went with it).
-OnMissing = Callable[[str, dict[str, int], str, float], Awaitable[None]]
-
-
-Charges = Mapping[str, tuple[int, int]]  # rate-limit bucket key -> (amount, lifetime s)
-
-
-class _Pending:
-    __slots__ = ("at", "charges", "counters", "on_missing", "source")
-
-    def __init__(self, source: str, at: float, on_missing: OnMissing | None) -> None:
-        self.counters: dict[str, int] = {}
-        self.charges: dict[str, tuple[int, int]] = {}
-        self.source = source
-        self.at = at
-        self.on_missing = on_missing
+def writer_floor(now: float) -> str:
+    """The smallest writer id (a ULID) created after now - WRITER_MARK_TTL: marks of writers
+    older than that are pruned (ULIDs sort by their creation time)."""
+    return str(ULID.from_timestamp(max(0.0, now - WRITER_MARK_TTL)))[:10]
 
 
 class Recorder:
-    """Writes usage counters with one script call per identity and hour.
+    """Writes usage counters, one script call per identity and hour, exactly once.
 
-    `record` writes at once (the hooks, idempotent by request id). `add` is for the inline
-    proxy: requests of the same identity and hour are summed in memory and written together
-    within FLUSH_INTERVAL, one pipeline for all, so that a busy sidecar spends a fraction of a
-    round trip per request."""
+    `record` writes at once (the hooks: idempotent by the caller's request id). `add` is for
+    the inline proxy: requests of the same identity and hour are summed in memory and written
+    together within FLUSH_INTERVAL, one pipeline for all. Each such write carries this
+    process's writer id and a sequence number; the store keeps the highest it applied per
+    identity and writer, so writing an entry again (after a timeout that left it unknown
+    whether Redis applied it, or from the spool) is a no-op. That holds because one identity's
+    entries reach Redis in sequence order: while this process has entries in the spool, new
+    ones go to the spool behind them.
 
-    def __init__(self, client: RedisClient, keys: Keys, clock: Clock = time.time) -> None:
+    When Redis fails, entries go to the spool (fsync'd) and are replayed when it is back; a
+    process that starts replays the spool files of processes that are gone."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        clock: Clock = time.time,
+        *,
+        spool: Spool | None = None,
+        writer: str | None = None,
+    ) -> None:
+        """`writer`: this process's id (a new ULID by default; the spool's when given)."""
         self.client = client
         self.keys = keys
         self.clock = clock
+        self.spool = spool
+        self.writer = spool.writer if spool is not None else writer or str(ULID())
+        self.resolver: Resolver | None = None
+        self.forget: Forget | None = None
         self._record = Script("sidecar.usage.lua", "record", prelude=buckets.COUNTERS_LUA)
-        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._seq = 0
+        # (_id or "" when unknown, external id or "", hour) -> what waits
+        self._pending: dict[tuple[str, str, int], Entry] = {}
+        self._retry: list[Entry] = []  # failed writes, in order, when there is no spool
         self._flusher: asyncio.Task[None] | None = None
-        self.dropped = 0  # identity-hours given up because too many were waiting
+        self._orphans_at = 0.0
+        self._closing = False
+        self.dropped = 0  # entries given up (memory or spool full): logged at error
+        self.write_errors = 0
 
     async def load_scripts(self) -> None:
         await self._record.load(self.client)
 
-    def _call(
-        self,
-        identity_id: str,
-        counters: Mapping[str, int],
-        source: str,
-        at: float,
-        request_id: str | None,
-        charges: Charges,
-    ) -> tuple[list[str], list[Any]]:
+    @property
+    def waiting(self) -> int:
+        """Entries in memory not yet written (the spool's are in `spool.bytes`)."""
+        return len(self._pending) + len(self._retry)
+
+    def _call(self, entry: Entry) -> tuple[list[str], list[Any]]:
+        assert entry.identity is not None
         now = self.clock()
-        hour = buckets.hour(at)
+        hour = buckets.hour(entry.at)
+        identity = entry.identity
         keys = [
-            self.keys.identity(identity_id),
-            self.keys.usage_days(identity_id),
-            self.keys.usage_hours(identity_id) + str(hour),
+            self.keys.identity(identity),
+            self.keys.usage_days(identity),
+            self.keys.usage_hours(identity) + str(hour),
         ]
-        if request_id is not None:
-            keys.append(self.keys.request(identity_id, request_id))
-        keys += charges.keys()
+        if entry.request_id is not None:
+            keys.append(self.keys.request(identity, entry.request_id))
+        keys += entry.charges.keys()
         args: list[Any] = [
-            buckets.day(at),
+            buckets.day(entry.at),
             hour,
             # Relative to this process's clock, so that buckets expire by the time they count.
             int((hour + buckets.HOUR_RETENTION + 1) * buckets.HOUR - now),
             IDEMPOTENCY_TTL,
-            source,
+            entry.source,
             int(now * 1000),
-            " ".join(f"{counter} {n}" for counter, n in counters.items()),
-            " ".join(f"{amount} {lifetime}" for amount, lifetime in charges.values()),
+            " ".join(f"{counter} {n}" for counter, n in entry.counters.items()),
+            " ".join(f"{amount} {lifetime}" for amount, lifetime in entry.charges.values()),
+            entry.writer,
+            entry.seq,
+            writer_floor(now),
         ]
         return keys, args
 
     async def record(
         self,
-        identity_id: str,
+        identity_id: str | None,
         counters: Mapping[str, int],
         *,
         source: str = "",
         at: float | None = None,
-        request_id: str | None = None,
+        request_id: str,
         charges: Charges | None = None,
+        external_id: str | None = None,
+        profile: Profile | None = None,
     ) -> Recorded:
-        """Add `counters` to the identity's buckets for the time `at` (default now), now.
-
-        With a request id, a second report of the same id is not counted again."""
-        at = self.clock() if at is None else at
-        keys, args = self._call(identity_id, counters, source, at, request_id, charges or {})
-        result = await self._record(self.client, keys, args)
-        return Recorded(counted=result == 1, duplicate=result == 2)
+        """Add `counters` to the identity's buckets for the time `at` (default now), now;
+        a second report of the same request id is not counted again. When the store fails
+        (or `identity_id` is None: it could not be found), the report goes to the spool."""
+        entry = Entry(
+            at=self.clock() if at is None else at,
+            source=source,
+            counters=dict(counters),
+            charges=dict(charges or {}),
+            identity=identity_id,
+            external_id=external_id,
+            profile=profile,
+            request_id=request_id,
+        )
+        if identity_id is not None:
+            try:
+                (result,) = await self._write([entry], recover=False)
+            except STORE_ERRORS as exc:
+                log.warning("usage report %s kept for later: %s", request_id, exc)
+            else:
+                return Recorded(counted=result == _COUNTED, duplicate=result == _DUPLICATE)
+        await self._keep([entry])
+        self._start()
+        return Recorded(counted=False, spooled=True)
 
     def add(
         self,
-        identity_id: str,
+        identity_id: str | None,
         counters: Mapping[str, int],
         *,
         source: str,
+        external_id: str,
+        profile: Profile | None = None,
         at: float | None = None,
-        on_missing: OnMissing | None = None,
         charges: Charges | None = None,
     ) -> None:
-        """Count a request soon, together with others (see the class)."""
+        """Count a request soon, together with others (see the class). `identity_id` None:
+        the store could not say whose it is; found (or created) when written."""
         at = self.clock() if at is None else at
-        key = (identity_id, buckets.hour(at))
+        key = (identity_id or "", "" if identity_id else external_id, buckets.hour(at))
         entry = self._pending.get(key)
         if entry is None:
             if len(self._pending) >= MAX_PENDING:
                 self.dropped += 1
                 log.error(
                     "usage of %s not recorded: %d identity-hours already wait for Redis",
-                    identity_id,
+                    external_id,
                     len(self._pending),
                 )
                 return
-            entry = self._pending[key] = _Pending(source, at, on_missing)
+            entry = self._pending[key] = Entry(
+                at=at, source=source, counters={}, identity=identity_id, external_id=external_id
+            )
         entry.source, entry.at = source, max(entry.at, at)
+        if profile is not None:
+            entry.profile = profile
         for counter, n in counters.items():
             entry.counters[counter] = entry.counters.get(counter, 0) + n
         for bucket, (amount, lifetime) in (charges or {}).items():
             entry.charges[bucket] = (entry.charges.get(bucket, (0, 0))[0] + amount, lifetime)
+        self._start()
+
+    def _start(self) -> None:
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon())
+            self._flusher = asyncio.create_task(self._run())
+
+    def start(self) -> None:
+        """Look for spool files left by earlier processes (and replay them when the store
+        answers); nothing to do without a spool."""
+        if self.spool is not None and self.spool.total_bytes() > 0:
+            self._start()
 
     async def drain(self) -> None:
-        """Wait until everything added so far is written (or given up)."""
+        """Wait until everything added so far is written, or kept in the spool."""
         while self._flusher is not None and not self._flusher.done():
             await asyncio.wait([self._flusher])
 
-    async def _flush_soon(self) -> None:
+    async def close(self, grace_s: float = 5.0) -> None:
+        """At shutdown: one more write of what waits, for at most `grace_s` seconds; what
+        Redis did not take goes to the spool, where a later process replays it."""
+        self._closing = True
+        if self._flusher is not None and not self._flusher.done():
+            done, _ = await asyncio.wait([self._flusher], timeout=grace_s)
+            if not done:
+                self._flusher.cancel()
+                await asyncio.wait([self._flusher])
+        await self._keep(self._take())
+        if self._retry:
+            self._drop(self._retry, "shutting down with Redis unreachable and no spool")
+            self._retry = []
+        if self.spool is not None:
+            if self.spool.pending:
+                log.warning("%d bytes of usage wait in the spool for a restart", self.spool.bytes)
+            self.spool.close()
+
+    def _backlog(self) -> bool:
+        return bool(self._retry) or (self.spool is not None and self.spool.pending)
+
+    async def _run(self) -> None:
         delay = FLUSH_INTERVAL
-        while self._pending:
-            await asyncio.sleep(delay)
-            batch = list(self._pending.items())[:MAX_BATCH]
-            for key, _ in batch:
-                del self._pending[key]
+        while self._pending or self._backlog() or self._orphans_due():
+            if not self._closing:
+                await asyncio.sleep(delay)
             try:
-                results = await self._write(batch)
-            except RedisError as exc:
-                # Put them back, summed with what came since, and try again later. A timeout
-                # leaves it unknown whether Redis applied the batch: retrying then risks a double
-                # count, dropping it a loss; the store's timeout is long so that this is rare.
-                for key, entry in batch:
-                    self._merge_back(key, entry)
-                level = logging.ERROR if isinstance(exc, RedisTimeoutError) else logging.WARNING
-                log.log(
-                    level,
-                    "usage write failed (%s); %d identity-hours wait",
-                    exc,
-                    len(self._pending),
-                )
+                if self._backlog():
+                    # Behind entries that wait already: in order, or a mark would skip them.
+                    await self._keep(self._take())
+                    await self._replay_own()
+                else:
+                    await self._write_batch()
+                if self._orphans_due():
+                    await self._replay_orphans()
+            except STORE_ERRORS as exc:
+                self.write_errors += 1
+                log.warning("usage write failed (%s); kept for later", exc)
+                if self._closing:
+                    return
                 delay = min(max(delay * 2, 0.05), 2.0)
                 continue
             delay = FLUSH_INTERVAL
-            for (key, entry), result in zip(batch, results, strict=True):
-                if result == 0 and entry.on_missing is not None:
-                    await entry.on_missing(key[0], entry.counters, entry.source, entry.at)
 
-    def _merge_back(self, key: tuple[str, int], entry: _Pending) -> None:
-        current = self._pending.get(key)
-        if current is None:
-            self._pending[key] = entry
+    def _take(self) -> list[Entry]:
+        """What waits in memory, each with its sequence number."""
+        entries = list(self._pending.values())
+        self._pending.clear()
+        for entry in entries:
+            self._seq += 1
+            entry.writer, entry.seq = self.writer, self._seq
+        return entries
+
+    async def _write_batch(self) -> None:
+        entries = self._take()
+        for start in range(0, len(entries), MAX_BATCH):
+            chunk = entries[start : start + MAX_BATCH]
+            try:
+                await self._write(chunk)
+            except BaseException:  # cancelled too: kept, a second write of them is a no-op
+                await self._keep(entries[start:])
+                raise
+
+    async def _keep(self, entries: list[Entry]) -> None:
+        """Out of memory into the spool, or into the in-memory retry list without one."""
+        if not entries:
             return
-        for counter, n in entry.counters.items():
-            current.counters[counter] = current.counters.get(counter, 0) + n
-        for bucket, (amount, lifetime) in entry.charges.items():
-            current.charges[bucket] = (current.charges.get(bucket, (0, 0))[0] + amount, lifetime)
+        if self.spool is None:
+            room = MAX_PENDING - len(self._retry)
+            if room < len(entries):
+                self._drop(entries[room:], "the retry list is full")
+            self._retry += entries[:room]
+            return
+        try:
+            await asyncio.to_thread(self.spool.append, entries)
+        except (SpoolFull, OSError) as exc:
+            self._drop(entries, str(exc))
 
-    async def _write(self, batch: list[tuple[tuple[str, int], _Pending]]) -> list[Any]:
-        calls = [self._call(k[0], e.counters, e.source, e.at, None, e.charges) for k, e in batch]
+    def _drop(self, entries: list[Entry], why: str) -> None:
+        self.dropped += len(entries)
+        log.error("usage of %d identity-hours not recorded: %s", len(entries), why)
+
+    async def _replay_own(self) -> None:
+        while self._retry:
+            await self._write(self._retry[:MAX_BATCH])
+            del self._retry[:MAX_BATCH]
+        if self.spool is None:
+            return
+        path = self.spool.oldest() or self.spool.rotate()
+        if path is None:
+            return
+        entries = await asyncio.to_thread(read, path)
+        for start in range(0, len(entries), MAX_BATCH):
+            await self._write(entries[start : start + MAX_BATCH])
+        self.spool.done(path)
+        self.spool.replayed += len(entries)
+        log.info("replayed %d usage entries from %s", len(entries), path.name)
+
+    def _orphans_due(self) -> bool:
+        return self.spool is not None and time.monotonic() >= self._orphans_at
+
+    async def _replay_orphans(self) -> None:
+        assert self.spool is not None
+        self._orphans_at = time.monotonic() + ORPHAN_SCAN_S
+        for path, fd in self.spool.orphans():
+            try:
+                entries = await asyncio.to_thread(read, path)
+                for start in range(0, len(entries), MAX_BATCH):
+                    await self._write(entries[start : start + MAX_BATCH])
+            except BaseException:
+                self.spool.release(fd)
+                raise
+            self.spool.drop(path, fd)
+            self.spool.replayed += len(entries)
+            log.info("replayed %d usage entries left in %s", len(entries), path.name)
+        if self.spool.total_bytes() == 0:
+            self._orphans_at = float("inf")  # none left; new ones only come from crashes
+
+    async def _resolve(self, entries: list[Entry]) -> None:
+        """Find (or create) the identities of entries counted without one."""
+        profiles = {e.external_id: e.profile for e in entries if e.identity is None}
+        if not profiles:
+            return
+        if self.resolver is None:
+            raise RuntimeError("usage without an identity, and no resolver")
+        resolver = self.resolver
+        found: dict[str, str] = {}
+        gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
+
+        async def one(external_id: str, profile: Profile | None) -> None:
+            async with gate:
+                found[external_id] = await resolver(external_id, profile)
+
+        await asyncio.gather(*(one(x, p) for x, p in profiles.items() if x is not None))
+        for entry in entries:
+            if entry.identity is None and entry.external_id is not None:
+                entry.identity = found[entry.external_id]
+
+    async def _write(self, entries: list[Entry], *, recover: bool = True) -> list[int]:
+        """Write; raises one of STORE_ERRORS with nothing known about what was applied
+        (writing the same entries again is safe). With `recover`, usage of an identity erased
+        meanwhile is counted again under the identity its external id names now."""
+        await self._resolve(entries)
+        calls = [self._call(e) for e in entries]
         if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self._record(self.client, keys, args)]
+            results = [int(await self._record(self.client, *calls[0]))]
+        else:
+            results = await self._pipeline(calls)
+        if recover:
+            for entry, result in zip(entries, results, strict=True):
+                if result == _ERASED:
+                    await self._erased(entry)
+        return results
+
+    async def _erased(self, entry: Entry) -> None:
+        """The identity was erased after this process learnt its _id: count the request
+        under the identity its external id names now (recreated bare unless the body brought
+        a profile)."""
+        if entry.external_id is None:
+            return
+        if self.forget is not None:
+            self.forget(entry.external_id)
+        if entry.request_id is not None:
+            await self._keep([msgspec.structs.replace(entry, identity=None, writer="", seq=0)])
+            return
+        self.add(
+            None,
+            entry.counters,
+            source=entry.source,
+            external_id=entry.external_id,
+            profile=entry.profile,
+            at=entry.at,
+            charges=entry.charges,
+        )
+
+    async def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> list[int]:
         if self._record.sha is None:
             await self._record.load(self.client)
         for attempt in range(2):
@@ -207,7 +402,7 @@ class Recorder:
             for keys, args in calls:
                 self._record.queue(pipe, keys, args)
             try:
-                return list(await pipe.execute())
+                return [int(r) for r in await pipe.execute()]
             except NoScriptError:
                 if attempt:
                     raise

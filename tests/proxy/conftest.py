@@ -50,7 +50,10 @@ MakeEnv = Callable[..., Any]
 
 @pytest.fixture
 async def make_env(
-    redis: Redis, redis_server: RedisServer, clock: FakeClock
+    redis: Redis,
+    redis_server: RedisServer,
+    clock: FakeClock,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[MakeEnv]:
     opened: list[Any] = []
 
@@ -65,6 +68,7 @@ async def make_env(
         # Checks get time to answer on a busy test machine instead of failing open (the outage
         # tests set their own short timeout).
         raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 2000}}
+        raw["server"] = {"data_dir": str(tmp_path_factory.mktemp("data"))}  # the spool
         raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
         for section, values in config.items():
             raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}

@@ -4,10 +4,19 @@
 -- ARGV[1] day, ARGV[2] hour, ARGV[3] seconds the hour bucket has left (<= 0: past retention),
 -- ARGV[4] idempotency key lifetime (seconds), ARGV[5] source, ARGV[6] now (epoch ms),
 -- ARGV[7] the increments as 'counter n counter n ...' (one argument: cheaper to send),
--- ARGV[8] the charges of the last keys as 'amount lifetime amount lifetime ...' ('' if none).
+-- ARGV[8] the charges of the last keys as 'amount lifetime amount lifetime ...' ('' if none),
+-- ARGV[9] the writing process's id (a ULID; '' for none) and ARGV[10] this write's sequence
+-- number there, ARGV[11] the first 10 characters of the oldest writer id whose mark is kept.
 -- Returns 1 when counted, 0 when the identity no longer exists (erased: nothing may
--- recreate its usage), 2 when this request id was counted before.
+-- recreate its usage), 2 when this request id, or this writer's sequence number, was counted
+-- before (each writer's entries for one identity arrive in sequence order: see recorder.py).
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local mark = nil
+if ARGV[9] ~= '' then
+  mark = 'w:' .. ARGV[9]
+  local seen = tonumber(redis.call('HGET', KEYS[2], mark))
+  if seen and seen >= tonumber(ARGV[10]) then return 2 end
+end
 local charges = {}
 for amount, lifetime in string.gmatch(ARGV[8], '(%S+) (%S+)') do
   charges[#charges + 1] = {amount, lifetime}
@@ -20,7 +29,17 @@ for i = 1, #charges do
   redis.call('EXPIRE', key, charges[i][2])
 end
 local day = tonumber(ARGV[1])
+local before = tonumber(redis.call('HGET', KEYS[2], 's:day'))
 local current = align(KEYS[2], day)
+if before and current > before then
+  -- Once a day: forget the marks of writers gone for longer than a spool is replayed.
+  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+    if string.sub(field, 1, 2) == 'w:' and string.sub(field, 3, 12) < ARGV[11] then
+      redis.call('HDEL', KEYS[2], field)
+    end
+  end
+end
+if mark then redis.call('HSET', KEYS[2], mark, ARGV[10]) end
 local in_window = day > current - WINDOW
 local kept = day > current - RETENTION
 local hour_ttl = tonumber(ARGV[3])

@@ -1,0 +1,179 @@
+"""Redis paused, killed and restarted under traffic: every answered request counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.proxy.conftest import Env, MakeEnv
+from tests.redis_server import RedisServer
+
+TIMEOUT_MS = 100
+KNOWN = [f"known-{n}" for n in range(4)]  # seen before the fault
+CONCURRENCY = 6
+
+
+@dataclass
+class Traffic:
+    answered: Counter[str] = field(default_factory=Counter)  # 200s per external id
+    tokens: Counter[str] = field(default_factory=Counter)
+    failed: Counter[int] = field(default_factory=Counter)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (started, seconds)
+
+
+async def drive(env: Env, traffic: Traffic, stop: asyncio.Event, new_prefix: str) -> None:
+    """Chat completions from CONCURRENCY clients until `stop`: header identities known before
+    the fault, and body identities never seen before (created while Redis may be down)."""
+
+    async def client(worker: int) -> None:
+        n = 0
+        async with httpx.AsyncClient(base_url=env.url, timeout=30) as http:
+            while not stop.is_set():
+                n += 1
+                body: dict[str, Any] = {
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi " * (n % 7 + 1)}],
+                }
+                headers = {}
+                if n % 3:
+                    who = KNOWN[(worker + n) % len(KNOWN)]
+                    headers["X-ORQ-IDENTITY-ID"] = who
+                else:
+                    who = f"{new_prefix}-{worker}-{n // 30}"
+                    body["identity"] = {"id": who, "display_name": f"New {who}"}
+                began = time.monotonic()
+                reply = await http.post("/v1/chat/completions", json=body, headers=headers)
+                traffic.latencies.append((began, time.monotonic() - began))
+                if reply.status_code != 200:
+                    traffic.failed[reply.status_code] += 1
+                    continue
+                traffic.answered[who] += 1
+                traffic.tokens[who] += reply.json()["usage"]["total_tokens"]
+
+    await asyncio.gather(*(client(w) for w in range(CONCURRENCY)))
+
+
+@pytest.fixture
+async def aof_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", "--appendonly", "yes")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def client(aof_redis: RedisServer) -> AsyncIterator[Redis]:
+    # The store's own socket timeout (the sidecar uses 5 s) cut to 1 s, so that a 5 s pause
+    # sends usage through the spool rather than waiting it out.
+    made = Redis.from_url(aof_redis.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    yield made
+    await made.aclose()
+
+
+async def run_fault(
+    make_env: MakeEnv,
+    client: Redis,
+    tmp_path: Path,
+    fault: Callable[[], Awaitable[tuple[float, float]]],
+) -> tuple[Env, Traffic, tuple[float, float]]:
+    policies = tmp_path / "policies.toml"
+    policies.write_text('[[policy]]\nname = "roomy"\nrequests = ["100000/minute"]\n')
+    env: Env = await make_env(
+        redis_client=client,
+        real_clock=True,
+        redis={"timeout_ms": TIMEOUT_MS},
+        policies={"paths": [str(policies)]},
+    )
+    async with httpx.AsyncClient(base_url=env.url) as http:
+        for who in KNOWN:  # known before the fault: their _id is cached
+            reply = await http.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]},
+                headers={"X-ORQ-IDENTITY-ID": who},
+            )
+            assert reply.status_code == 200
+    await env.settle()
+    baseline: dict[str, tuple[int, int]] = {}
+    for who in KNOWN:
+        metrics = await env.metrics(who)
+        baseline[who] = (metrics["total_requests"], metrics["total_tokens"])
+        assert baseline[who][0] == 1
+    traffic = Traffic()
+    stop = asyncio.Event()
+    driver = asyncio.create_task(drive(env, traffic, stop, "new"))
+    try:
+        await asyncio.sleep(1.0)
+        window = await fault()
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await driver
+    recorder = env.app.state.runtime.attribution.recorder
+    deadline = time.monotonic() + 30
+    while recorder.waiting or (recorder.spool is not None and recorder.spool.pending):
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        await asyncio.sleep(0.1)
+    await env.settle()
+    # Every request a client saw answered is counted exactly once, tokens too.
+    assert not traffic.failed
+    for who, answered in traffic.answered.items():
+        metrics = await env.metrics(who)
+        requests, tokens = baseline.get(who, (0, 0))
+        assert (metrics["total_requests"], metrics["total_tokens"]) == (
+            requests + answered,
+            tokens + traffic.tokens[who],
+        ), who
+    return env, traffic, window
+
+
+def p99_within(traffic: Traffic, window: tuple[float, float]) -> float:
+    during = sorted(s for began, s in traffic.latencies if window[0] <= began <= window[1])
+    assert len(during) > 50, "traffic went on during the fault"
+    return during[int(len(during) * 0.99)]
+
+
+@pytest.mark.timeout(90)
+async def test_redis_paused_for_five_seconds(
+    make_env: MakeEnv, aof_redis: RedisServer, client: Redis, tmp_path: Path
+) -> None:
+    async def pause() -> tuple[float, float]:
+        began = time.monotonic()
+        aof_redis.pause()
+        await asyncio.sleep(5.0)
+        aof_redis.resume()
+        return began, time.monotonic()
+
+    env, traffic, window = await run_fault(make_env, client, tmp_path, pause)
+    recorder = env.app.state.runtime.attribution.recorder
+    assert recorder.spool.replayed > 0, "usage went through the spool"
+    assert recorder.dropped == 0
+    assert any(who.startswith("new") for who in traffic.answered)
+    assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
+
+
+@pytest.mark.timeout(90)
+async def test_redis_killed_and_restarted_from_its_append_only_file(
+    make_env: MakeEnv, aof_redis: RedisServer, client: Redis, tmp_path: Path
+) -> None:
+    async def crash_and_restart() -> tuple[float, float]:
+        began = time.monotonic()
+        aof_redis.crash()
+        await asyncio.sleep(3.0)
+        aof_redis.start()
+        return began, time.monotonic()
+
+    env, traffic, window = await run_fault(make_env, client, tmp_path, crash_and_restart)
+    recorder = env.app.state.runtime.attribution.recorder
+    assert recorder.spool.replayed > 0, "usage went through the spool"
+    assert recorder.dropped == 0
+    assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
