@@ -45,12 +45,24 @@ class Health(msgspec.Struct):
     policies: int = 0
     policy_reloads: int = 0
     policy_reload_errors: int = 0  # reloads refused: the last good policies stayed
+    usage_waiting: int = 0  # identity-hours in memory, not yet written
+    spool_bytes: int = 0  # usage on disk waiting for Redis (this process's)
+    usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
 def healthz(state: State) -> Health:
     quota = state.runtime.quota
-    return Health("ok", len(quota.policies), quota.reloads, quota.reload_errors)
+    recorder = state.runtime.attribution.recorder
+    return Health(
+        "ok",
+        len(quota.policies),
+        quota.reloads,
+        quota.reload_errors,
+        recorder.waiting,
+        recorder.spool.bytes if recorder.spool is not None else 0,
+        recorder.dropped,
+    )
 
 
 @get("/readyz", operation_id="ready", tags=["ops"])

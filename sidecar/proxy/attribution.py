@@ -120,6 +120,7 @@ class Attribution:
         request_id: str,
         at: float | None = None,
         charges: Charges | None = None,
+        within_s: float | None = None,
     ) -> Recorded:
         """Count a reported request now, once per request id. `identity_id` None: the
         store could not say whose it is (the report is kept and counted when it can)."""
@@ -132,6 +133,7 @@ class Attribution:
             charges=charges,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            within_s=within_s,
         )
         if identity_id is not None and not (result.counted or result.duplicate or result.spooled):
             # The identity was erased after this process learnt its _id: attribute the request

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -20,13 +21,15 @@ from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.inline import Runtime
 from sidecar.quota.limiter import Decision
 from sidecar.quota.service import refusal
-from sidecar.store.errors import STORE_ERRORS
+from sidecar.store.errors import STORE_ERRORS, STORE_OR_TIMEOUT
 from sidecar.usage import buckets
 from sidecar.usage.buckets import increments
 from sidecar.usage.extract import usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
 
 log = logging.getLogger("sidecar.hooks")
+
+REPORT_TIMEOUT_S = 1.0
 
 _decode = msgspec.json.Decoder().decode
 
@@ -130,25 +133,34 @@ class HookController(Controller):
         quota = _runtime(request).quota
         charges = {}
         identity_id: str | None = None
+        # A report comes after the response: it may wait longer than a limit check, but not
+        # for the store's full socket timeout.
+        within_s = max(quota.limiter.timeout, REPORT_TIMEOUT_S)
         try:
-            identity_id = await attribution.identify(resolved)
-            if quota.active:
-                # The slot authorize took, if any, is free again (a retry finds it gone).
-                await quota.limiter.release(identity_id, report.request_id)
-                policy = await quota.policy_for(identity_id, resolved)
-                charges = quota.limiter.charges(
-                    identity_id,
-                    policy,
-                    usage.total_tokens,
-                    cost.nanos if cost else 0,
-                    quota.clock(),
-                )
-        except STORE_ERRORS as exc:
+            async with asyncio.timeout(within_s):
+                identity_id = await attribution.identify(resolved)
+                if quota.active:
+                    # The slot authorize took, if any, is free again (a retry finds it gone).
+                    await quota.limiter.release(identity_id, report.request_id)
+                    policy = await quota.policy_for(identity_id, resolved)
+                    charges = quota.limiter.charges(
+                        identity_id,
+                        policy,
+                        usage.total_tokens,
+                        cost.nanos if cost else 0,
+                        quota.clock(),
+                    )
+        except STORE_OR_TIMEOUT as exc:
             # Kept in the spool and counted when the store is back; a slot it held frees
             # when its lease expires, and the budgets are not charged for it.
             log.warning("usage report %s kept for later: %s", report.request_id, exc)
         result = await attribution.record(
-            identity_id, resolved, counters, request_id=report.request_id, charges=charges
+            identity_id,
+            resolved,
+            counters,
+            request_id=report.request_id,
+            charges=charges,
+            within_s=within_s,
         )
         return Accepted(report.request_id, result.counted, result.duplicate, result.spooled)
 

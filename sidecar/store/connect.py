@@ -25,6 +25,10 @@ SCHEMES = frozenset({"redis", "rediss", "unix", "redis+cluster", "redis+sentinel
 # redis-py's Redis and RedisCluster share their command methods but no base class.
 RedisClient = Redis | RedisCluster
 
+# Connections per server (per node of a cluster). At the cap a command fails at once; a cluster
+# pipeline that does then makes redis-py close every connection of the client, so the cluster's
+# own default of 100 per node must not be left in place.
+MAX_CONNECTIONS = 512
 SENTINEL_RECHECK_S = 1.0  # how often open connections are checked against the named master
 
 
@@ -59,12 +63,18 @@ def connect(url: str, *, timeout_ms: int) -> RedisClient:
         "decode_responses": False,
     }
     if scheme in ("redis", "rediss", "unix"):
-        return Redis.from_url(url, max_connections=512, **common)
+        return Redis.from_url(url, max_connections=MAX_CONNECTIONS, **common)
     parts = urlsplit(url)
     username, password = _credentials(parts.netloc)
     if scheme == "redis+cluster":
         nodes = [ClusterNode(h, p) for h, p in _hosts(parts.netloc, 6379)]
-        return RedisCluster(startup_nodes=nodes, username=username, password=password, **common)
+        return RedisCluster(
+            startup_nodes=nodes,
+            username=username,
+            password=password,
+            max_connections=MAX_CONNECTIONS,
+            **common,
+        )
     # redis+sentinel://[user:pass@]host1:26379,host2:26379/service_name[/db]
     path = [p for p in parts.path.split("/") if p]
     if not path:
@@ -104,8 +114,10 @@ class FollowingSentinelPool(SentinelConnectionPool):
             self._recheck_at = now + SENTINEL_RECHECK_S
             self._recheck = asyncio.create_task(self._ask_sentinels())
         master = self.master_address
-        if master is not None and connection.is_connected and (
-            (connection.host, connection.port) != master
+        if (
+            master is not None
+            and connection.is_connected
+            and ((connection.host, connection.port) != master)
         ):
             await connection.disconnect()
         await super().ensure_connection(connection)

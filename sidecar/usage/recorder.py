@@ -12,7 +12,7 @@ from ulid import ULID
 
 from sidecar.identity.model import Profile
 from sidecar.store.connect import RedisClient
-from sidecar.store.errors import STORE_ERRORS
+from sidecar.store.errors import STORE_ERRORS, STORE_OR_TIMEOUT
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.usage import buckets
@@ -142,10 +142,12 @@ class Recorder:
         charges: Charges | None = None,
         external_id: str | None = None,
         profile: Profile | None = None,
+        within_s: float | None = None,
     ) -> Recorded:
         """Add `counters` to the identity's buckets for the time `at` (default now), now;
-        a second report of the same request id is not counted again. When the store fails
-        (or `identity_id` is None: it could not be found), the report goes to the spool."""
+        a second report of the same request id is not counted again. When the store fails,
+        does not answer within `within_s`, or `identity_id` is None (it could not be found),
+        the report goes to the spool (its request id makes a second write of it a no-op)."""
         entry = Entry(
             at=self.clock() if at is None else at,
             source=source,
@@ -158,8 +160,9 @@ class Recorder:
         )
         if identity_id is not None:
             try:
-                (result,) = await self._write([entry], recover=False)
-            except STORE_ERRORS as exc:
+                async with asyncio.timeout(within_s):
+                    (result,) = await self._write([entry], recover=False)
+            except STORE_OR_TIMEOUT as exc:
                 log.warning("usage report %s kept for later: %s", request_id, exc)
             else:
                 return Recorded(counted=result == _COUNTED, duplicate=result == _DUPLICATE)

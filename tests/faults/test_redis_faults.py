@@ -14,6 +14,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import Env, MakeEnv
 from tests.redis_server import RedisServer
 
@@ -154,6 +155,8 @@ async def test_redis_paused_for_five_seconds(
         return began, time.monotonic()
 
     env, traffic, window = await run_fault(make_env, client, tmp_path, pause)
+    health = (await env.api.get("/healthz")).json()
+    assert (health["usage_waiting"], health["spool_bytes"], health["usage_dropped"]) == (0, 0, 0)
     recorder = env.app.state.runtime.attribution.recorder
     assert recorder.spool.replayed > 0, "usage went through the spool"
     assert recorder.dropped == 0
@@ -177,3 +180,43 @@ async def test_redis_killed_and_restarted_from_its_append_only_file(
     assert recorder.spool.replayed > 0, "usage went through the spool"
     assert recorder.dropped == 0
     assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
+
+
+async def test_hook_reports_during_an_outage_are_counted_once_afterwards(
+    make_env: MakeEnv, aof_redis: RedisServer, client: Redis
+) -> None:
+    env: Env = await make_env(redis_client=client, real_clock=True)
+    hook = {"x-sidecar-token": ADMIN_TOKEN}
+
+    def report(request_id: str, who: str) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "identity": who,
+            "model": "gpt-4o-mini",
+            "status": 200,
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        }
+
+    known = await env.api.post("/hooks/usage", json=report("r0", "hooked"), headers=hook)
+    assert known.json()["counted"] is True
+    aof_redis.pause()
+    try:
+        replies = [
+            await env.api.post("/hooks/usage", json=report(f"r{n}", who), headers=hook)
+            for n, who in [(1, "hooked"), (2, "hooked"), (3, "first-seen-in-outage")]
+        ]
+    finally:
+        aof_redis.resume()
+    assert [(r.status_code, r.json()["spooled"]) for r in replies] == [(202, True)] * 3
+    # The proxy retries one of them after the outage: still counted once.
+    retried = await env.api.post("/hooks/usage", json=report("r2", "hooked"), headers=hook)
+    assert retried.status_code == 202
+    recorder = env.app.state.runtime.attribution.recorder
+    deadline = time.monotonic() + 20
+    while recorder.spool.pending:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    hooked = await env.metrics("hooked")
+    assert (hooked["total_requests"], hooked["total_tokens"]) == (3, 30)
+    first = await env.metrics("first-seen-in-outage")
+    assert (first["total_requests"], first["total_tokens"]) == (1, 10)

@@ -158,7 +158,7 @@ async def test_usage_waits_in_the_spool_while_redis_is_paused(
             return rec.waiting == 0 and rec.spool is not None and rec.spool.pending
 
         await wait_until(spooled)  # on disk, nothing left in memory only
-        assert await requests_of_raw(private_redis, ids["a"]) is None  # Redis is still paused
+        await paused(private_redis, ids["a"])  # Redis is still paused
     finally:
         private_redis.resume()
     await wait_until(lambda: _done(rec))
@@ -171,13 +171,13 @@ async def test_usage_waits_in_the_spool_while_redis_is_paused(
     assert await _no_files(tmp_path / "spool")  # replayed files are deleted
 
 
-async def requests_of_raw(server: RedisServer, identity_id: str) -> None:
-    """Nothing: a command to a paused server times out (shows the pause is real)."""
+async def paused(server: RedisServer, identity_id: str) -> None:
+    """A command to a paused server times out (shows the pause is real)."""
     client = Redis.from_url(server.url, socket_timeout=0.1)
     try:
         await client.hget(KEYS.usage_days(identity_id), "s:r")
     except RedisTimeoutError:
-        return None
+        return
     finally:
         await client.aclose()
     raise AssertionError("Redis answered while paused")
