@@ -22,9 +22,10 @@ from ulid import ULID
 from sidecar import __version__
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.identities import IdentityController
+from sidecar.errors import RequestTimeout
 from sidecar.identity.store import IdentityStore
 from sidecar.proxy.attribution import Attribution
-from sidecar.proxy.hooks import HookController
+from sidecar.proxy.hooks import HookController, RawAuthorize
 from sidecar.proxy.inline import InlineProxy, Runtime
 from sidecar.quota.limiter import Limiter
 from sidecar.quota.service import Quota
@@ -86,6 +87,34 @@ OWNED_PREFIXES = ("/v2/identities", "/v2/usage", "/hooks/", "/schema", "/ui")
 OWNED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _body_deadline(receive: Any, seconds: float) -> Any:
+    """`receive`, giving up on the request body `seconds` after the request began (a 408 from
+    the routes' error handler); once the body is in, it waits as long as the server does."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    done = False
+
+    async def bounded() -> Any:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {seconds:g} s") from None
+        done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return bounded
+
+
+AUTHORIZE = "/hooks/authorize"
+AUTHORIZE_PREFIX = AUTHORIZE + "/"  # Envoy's ext_authz appends the original path
+
+
 def owned(path: str) -> bool:
     return path in OWNED_PATHS or path.startswith(OWNED_PREFIXES)
 
@@ -93,19 +122,31 @@ def owned(path: str) -> bool:
 class Sidecar:
     """The ASGI app: the proxy for traffic, Litestar for the sidecar's own endpoints."""
 
-    def __init__(self, api: Litestar, proxy: InlineProxy) -> None:
+    def __init__(
+        self, api: Litestar, proxy: InlineProxy, authorize: RawAuthorize, body_timeout_s: float
+    ) -> None:
         self.api = api
         self.proxy = proxy
+        self.authorize = authorize
+        self.body_timeout_s = body_timeout_s
 
     @property
     def state(self) -> State:
         return self.api.state
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not owned(scope["path"]):
-            await self.proxy(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.api(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if not owned(path):
+            await self.proxy(scope, receive, send)
+        elif scope["method"] == "POST" and (path == AUTHORIZE or path.startswith(AUTHORIZE_PREFIX)):
+            await self.authorize(scope, receive, send)
+        elif scope["method"] in _NO_BODY:
+            await self.api(scope, receive, send)
+        else:
+            await self.api(scope, _body_deadline(receive, self.body_timeout_s), send)
 
 
 def create_app(
@@ -194,4 +235,9 @@ def create_app(
         logging_config=None,
         debug=False,
     )
-    return Sidecar(api, InlineProxy(settings, runtime))
+    return Sidecar(
+        api,
+        InlineProxy(settings, runtime),
+        RawAuthorize(settings, runtime, admin_token),
+        settings.server.body_timeout_s,
+    )

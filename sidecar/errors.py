@@ -40,6 +40,12 @@ class Conflict(SidecarError):
     code = "already_exists"
 
 
+class RequestTimeout(SidecarError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(SidecarError):
     status = 413
     type = "invalid_request_error"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +24,11 @@ log = logging.getLogger("sidecar.attribution")
 PROFILE_REFRESH_S = 30.0
 _WRITTEN_SIZE = 65_536
 _encode = msgspec.json.Encoder().encode
+
+
+def _digest(profile: Profile) -> bytes:
+    """16 bytes per identity in the cache, whatever the size of its profile."""
+    return hashlib.blake2b(_encode(profile), digest_size=16).digest()
 
 Clock = Callable[[], float]
 
@@ -67,7 +73,7 @@ class Attribution:
         if known is None or resolved.profile is None:
             return known
         seen = self._written.get(resolved.external_id)
-        if seen is not None and seen[0] == _encode(resolved.profile) and self.clock() < seen[1]:
+        if seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]:
             return known
         return None
 
@@ -85,7 +91,7 @@ class Attribution:
             identity, _ = await self.store.upsert(resolved.external_id, resolved.profile)
             if self.on_profile is not None:
                 self.on_profile(resolved.external_id, identity.tags, identity.metadata)
-            digest = _encode(resolved.profile)
+            digest = _digest(resolved.profile)
             self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
             if len(self._written) > _WRITTEN_SIZE:
                 del self._written[next(iter(self._written))]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 from litestar import Controller, Request, Response, post
@@ -13,14 +13,30 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from ulid import ULID
 
 from sidecar.api.auth import token_matches
-from sidecar.errors import InvalidRequest, StoreUnavailable, Unauthorized
+from sidecar.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    SidecarError,
+    StoreUnavailable,
+    Unauthorized,
+)
 from sidecar.identity import model
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
 from sidecar.proxy.attribution import Attribution
-from sidecar.proxy.inline import Runtime
+from sidecar.proxy.inline import (
+    BodyTooLarge,
+    Receive,
+    Runtime,
+    Scope,
+    Send,
+    error_body,
+    read_body,
+)
 from sidecar.quota.limiter import Decision
-from sidecar.quota.service import refusal
+from sidecar.quota.service import RateLimitError, refusal
+from sidecar.settings import Settings
 from sidecar.store.errors import STORE_ERRORS, STORE_OR_TIMEOUT
 from sidecar.usage import buckets
 from sidecar.usage.buckets import increments
@@ -30,8 +46,10 @@ from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
 log = logging.getLogger("sidecar.hooks")
 
 REPORT_TIMEOUT_S = 1.0
+MAX_HOOK_BODY = 2 * 1_048_576  # as the other routes (Litestar's request_max_body_size)
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
 
 
 class HookIdentity(msgspec.Struct):
@@ -177,8 +195,15 @@ def _cost(value: float | str | None) -> int | None:
     return nanos
 
 
-async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
-    raw = await request.body()
+class Decided(NamedTuple):
+    status: int
+    body: Authorization | RateLimitError
+    headers: dict[str, str]
+
+
+async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decided:
+    """`/hooks/authorize`: the original request's body and (lower-cased) headers in, the
+    decision out. Raises SidecarError for a 4xx or 503."""
     body: dict[str, Any] | None = None
     if raw.strip():
         try:
@@ -186,8 +211,7 @@ async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
         except msgspec.DecodeError:
             raise InvalidRequest("request body is not valid JSON") from None
         body = decoded if isinstance(decoded, dict) else None
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    attribution = _attribution(request)
+    attribution = runtime.attribution
     try:
         resolved = attribution.resolve(body, headers)
     except InvalidField as exc:
@@ -195,8 +219,9 @@ async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
     except MissingIdentity:
         raise Unauthorized("an identity is required", code="identity_required") from None
     request_id = str(ULID())
-    quota = _runtime(request).quota
+    quota = runtime.quota
     known = attribution.known(resolved)
+    identity_id: str | None
     if quota.active:
         identity_id, decision = await quota.admit_request(
             resolved, known, attribution.identify, request_id
@@ -208,7 +233,7 @@ async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
         except STORE_ERRORS as exc:  # nothing to enforce: the usage report writes it
             log.warning("identity %s not written now: %s", resolved.external_id, exc)
             identity_id = None
-    headers = dict(decision.headers)
+    out = dict(decision.headers)
     if not decision.admitted:
         if decision.store_failed:
             raise StoreUnavailable(
@@ -218,17 +243,60 @@ async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
             source=resolved.source, failed=False, usage=None, cost=None, rate_limited=True
         )
         attribution.add(identity_id, resolved, counters)
-        headers["retry-after"] = str(decision.retry_after)
-        return Response(refusal(decision, resolved.external_id), status_code=429, headers=headers)
+        out["retry-after"] = str(decision.retry_after)
+        return Decided(429, refusal(decision, resolved.external_id), out)
     # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
-    headers[attribution.header] = encode_header_id(resolved.external_id)
-    headers["x-sidecar-request-id"] = request_id
+    out[attribution.header] = encode_header_id(resolved.external_id)
+    out["x-sidecar-request-id"] = request_id
     policy = decision.policy.name if decision.policy is not None else None
-    return Response(
-        Authorization(
-            request_id=request_id,
-            identity=HookIdentity(resolved.external_id, resolved.source.value),
-            policy=policy,
-        ),
-        headers=headers,
-    )
+    identity = HookIdentity(resolved.external_id, resolved.source.value)
+    return Decided(200, Authorization(request_id, identity, policy), out)
+
+
+async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    decided = await decide(_runtime(request), await request.body(), headers)
+    return Response(decided.body, status_code=decided.status, headers=decided.headers)
+
+
+class RawAuthorize:
+    """`POST /hooks/authorize[/...]` as raw ASGI: the same decision as the Litestar route
+    (which documents it in the OpenAPI schema), without the framework's per-request cost,
+    for proxies that ask on every request."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, admin_token: str) -> None:
+        self.runtime = runtime
+        self.expected = settings.admin.hook_token or admin_token
+        self.body_timeout_s = settings.server.body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if not token_matches(headers.get("x-sidecar-token"), self.expected):
+                raise Unauthorized("missing or invalid x-sidecar-token")
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_HOOK_BODY:
+                raise PayloadTooLarge(f"request body over {MAX_HOOK_BODY} bytes")
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    raw = await read_body(receive, MAX_HOOK_BODY)
+            except BodyTooLarge:
+                raise PayloadTooLarge(f"request body over {MAX_HOOK_BODY} bytes") from None
+            except TimeoutError:
+                message = f"request body not received within {self.body_timeout_s:g} s"
+                raise RequestTimeout(message) from None
+            decided = await decide(self.runtime, raw, headers)
+        except ConnectionResetError:
+            return
+        except SidecarError as exc:
+            body = error_body(exc.status, exc.message, exc.type, exc.code or "", exc.param)
+            await _send(send, exc.status, body, {})
+            return
+        await _send(send, decided.status, _encode(decided.body), decided.headers)
+
+
+async def _send(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    out = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

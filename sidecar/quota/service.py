@@ -94,13 +94,24 @@ class Quota:
         self.reload_errors = 0
         self.reloads = 0
         self._profiles: dict[str, tuple[list[str], dict[str, Any], float]] = {}
+        self._match_tags: frozenset[str] = frozenset()
+        self._match_keys: frozenset[str] = frozenset()
+        self._matching()
         self._stamp = self._files_stamp()
+
+    def _matching(self) -> None:
+        self._match_tags = frozenset(t for p in self.policies for t in p.match.tags)
+        self._match_keys = frozenset(k for p in self.policies for k in p.match.metadata)
 
     @property
     def active(self) -> bool:
         return any(p.limited for p in self.policies)
 
     def remember_profile(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None:
+        # Only what some policy matches on is kept: a profile's other tags and metadata (up to
+        # tens of KB) would make the cache's memory depend on what clients send.
+        tags = [t for t in tags if t in self._match_tags]
+        metadata = {k: v for k, v in metadata.items() if k in self._match_keys}
         self._profiles[external_id] = (tags, metadata, self.clock() + PROFILE_TTL_S)
         if len(self._profiles) > _PROFILES:
             del self._profiles[next(iter(self._profiles))]
@@ -186,6 +197,8 @@ class Quota:
                 log.error("reload refused, keeping the last good policies: %s", problem)
             return False
         self.policies = policies
+        self._matching()
+        self._profiles.clear()  # kept for the old policies' matches
         self.settings = settings
         self.reloads += 1
         if self.on_reload is not None:
