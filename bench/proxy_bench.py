@@ -811,6 +811,73 @@ class RssSampler:
         return out
 
 
+KEY_CLASSES = (  # sidecar key classes (see sidecar/store/keys.py) -> what they hold
+    ("usage", re.compile(rb"^sidecar:u:")),
+    ("limits", re.compile(rb"^sidecar:(rl|cc):")),
+    ("requests", re.compile(rb"^sidecar:rq:")),
+    ("identities", re.compile(rb"^sidecar:(id:|\{idx\})")),
+)
+
+
+class RedisMemorySampler:
+    """Samples Redis's used_memory every `interval` seconds; at both ends, the keys and their
+    memory by class, so that growth of the usage buckets (expected) shows apart from the rest."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        import redis as redis_sync
+
+        self.client = redis_sync.Redis.from_url(url, socket_timeout=5)
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.classes: dict[str, dict[str, dict[str, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-sampler", daemon=True)
+        self._began = 0.0
+
+    def sample(self) -> None:
+        used = int(self.client.info("memory")["used_memory"])
+        self.samples.append((time.monotonic() - self._began, float(used)))
+
+    def by_class(self) -> dict[str, dict[str, int]]:
+        out = {name: {"keys": 0, "bytes": 0} for name, _ in KEY_CLASSES}
+        out["other"] = {"keys": 0, "bytes": 0}
+        for key in self.client.scan_iter(count=1000):
+            name = next((n for n, pattern in KEY_CLASSES if pattern.match(key)), "other")
+            out[name]["keys"] += 1
+            out[name]["bytes"] += int(self.client.memory_usage(key, samples=0) or 0)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval) and len(self.samples) < MAX_RSS_SAMPLES:
+            self.sample()
+
+    def __enter__(self) -> RedisMemorySampler:
+        self._began = time.monotonic()
+        self.classes["start"] = self.by_class()
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sample()
+        self.classes["end"] = self.by_class()
+        self.client.close()
+
+    def result(self) -> dict[str, Any]:
+        values = [v for _, v in self.samples]
+        half = [p for p in self.samples if p[0] >= self.samples[-1][0] / 2]
+        return {
+            "used_memory_start": int(values[0]),
+            "used_memory_end": int(values[-1]),
+            "used_memory_max": int(max(values)),
+            "slope_bytes_per_min": rnd(slope_per_minute(self.samples), 0),
+            "slope_second_half_bytes_per_min": rnd(slope_per_minute(half), 0),
+            "by_class": self.classes,
+        }
+
+
 # -- the lean client ----------------------------------------------------------------------------
 
 
@@ -1203,6 +1270,7 @@ class Context:
     scenarios: dict[str, Scenario]
     bodies_file: Path
     redis_pid: int | None = None
+    redis_url: str | None = None
     metered_sent_to_sidecar: int = 0
 
 
@@ -1485,6 +1553,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         ctx = Context(opts, workdir, targets, mock.pid, sidecar, all_scenarios, bodies_file)
         if redis is not None and redis.process is not None:
             ctx.redis_pid = redis.process.pid
+            ctx.redis_url = redis.url
 
         runs = []
         for index in range(opts.repeats):
@@ -1498,9 +1567,11 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
                 result["soak"] = {"skipped": "the sidecar target is unavailable"}
             else:
                 log(f"soak: wrk -c{opts.connections} -d{opts.soak}s against the sidecar")
-                soak = saturate(ctx, side, opts.soak, series=True)
+                assert ctx.redis_url is not None
+                with RedisMemorySampler(ctx.redis_url, opts.rss_interval) as memory:
+                    soak = saturate(ctx, side, opts.soak, series=True)
                 check_alive(ctx)
-                result["soak"] = {"requested_s": opts.soak} | soak
+                result["soak"] = {"requested_s": opts.soak, "redis": memory.result()} | soak
         if side is not None:
             time.sleep(1.0)  # recording is off the response path: let the last writes land
             check = attribution_check(side.port, opts.identities)
@@ -1827,6 +1898,30 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             out += table(
                 ["process", "start", "end", "max", "slope KB/min", "slope, 2nd half"], rows
             )
+            memory = soak.get("redis")
+            if memory:
+                out += [
+                    f"Redis used_memory: {memory['used_memory_start']:,} B at the start, "
+                    f"{memory['used_memory_end']:,} B at the end, slope "
+                    f"{fmt(memory['slope_bytes_per_min'], 0)} B/min "
+                    f"({fmt(memory['slope_second_half_bytes_per_min'], 0)} B/min over the "
+                    "second half). Keys and their memory by class:",
+                    "",
+                ]
+                start, end = memory["by_class"]["start"], memory["by_class"]["end"]
+                out += table(
+                    ["class", "keys at start", "bytes at start", "keys at end", "bytes at end"],
+                    [
+                        [
+                            name,
+                            f"{start[name]['keys']:,}",
+                            f"{start[name]['bytes']:,}",
+                            f"{end[name]['keys']:,}",
+                            f"{end[name]['bytes']:,}",
+                        ]
+                        for name in end
+                    ],
+                )
         elif soak:
             out += [f"Soak skipped: {soak.get('skipped')}.", ""]
         else:
