@@ -19,11 +19,13 @@ from litestar.response import Response
 from redis.exceptions import RedisError
 from ulid import ULID
 
-from sidecar import __version__
+from sidecar import __version__, logs
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.identities import IdentityController
+from sidecar.api.usage import UsageController
 from sidecar.errors import RequestTimeout
 from sidecar.identity.store import IdentityStore
+from sidecar.metrics import CONTENT_TYPE, Metrics, Sample
 from sidecar.proxy.attribution import Attribution
 from sidecar.proxy.hooks import HookController, RawAuthorize
 from sidecar.proxy.inline import InlineProxy, Runtime
@@ -32,11 +34,13 @@ from sidecar.quota.service import Quota
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.keys import Keys
+from sidecar.ui.controller import DashboardController
 from sidecar.usage.pricing import Pricer
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
 
 log = logging.getLogger("sidecar")
+access = logging.getLogger("sidecar.access")
 
 Clock = Callable[[], float]
 
@@ -113,22 +117,43 @@ def _body_deadline(receive: Any, seconds: float) -> Any:
 
 AUTHORIZE = "/hooks/authorize"
 AUTHORIZE_PREFIX = AUTHORIZE + "/"  # Envoy's ext_authz appends the original path
+METRICS = "/metrics"
 
 
 def owned(path: str) -> bool:
     return path in OWNED_PATHS or path.startswith(OWNED_PREFIXES)
 
 
+def route_class(path: str) -> str:
+    """The `route` label of an owned path (the proxy's and the hooks' are set apart)."""
+    if path.startswith("/hooks/"):
+        return "hooks_usage" if path == "/hooks/usage" else "api"
+    if path.startswith("/ui"):
+        return "ui"
+    if path in OWNED_PATHS or path.startswith("/schema"):
+        return "ops"
+    return "api"
+
+
 class Sidecar:
     """The ASGI app: the proxy for traffic, Litestar for the sidecar's own endpoints."""
 
     def __init__(
-        self, api: Litestar, proxy: InlineProxy, authorize: RawAuthorize, body_timeout_s: float
+        self,
+        api: Litestar,
+        proxy: InlineProxy,
+        authorize: RawAuthorize,
+        body_timeout_s: float,
+        *,
+        metrics: Metrics | None = None,
+        access_log: bool = False,
     ) -> None:
         self.api = api
         self.proxy = proxy
         self.authorize = authorize
         self.body_timeout_s = body_timeout_s
+        self.metrics = metrics
+        self.access_log = access_log
 
     @property
     def state(self) -> State:
@@ -139,14 +164,153 @@ class Sidecar:
             await self.api(scope, receive, send)
             return
         path: str = scope["path"]
+        method: str = scope["method"]
+        app: Any
         if not owned(path):
-            await self.proxy(scope, receive, send)
-        elif scope["method"] == "POST" and (path == AUTHORIZE or path.startswith(AUTHORIZE_PREFIX)):
-            await self.authorize(scope, receive, send)
-        elif scope["method"] in _NO_BODY:
-            await self.api(scope, receive, send)
+            app, route = self.proxy, "proxy"
+        elif method == "POST" and (path == AUTHORIZE or path.startswith(AUTHORIZE_PREFIX)):
+            app, route = self.authorize, "hooks_authorize"
+        elif path == METRICS and self.metrics is not None and method in ("GET", "HEAD"):
+            app, route = self.serve_metrics, "ops"
         else:
-            await self.api(scope, _body_deadline(receive, self.body_timeout_s), send)
+            route = route_class(path)
+            app = self.api
+            if method not in _NO_BODY:
+                receive = _body_deadline(receive, self.body_timeout_s)
+        logged = self.access_log and route == "proxy"
+        if self.metrics is None and not logged:
+            await app(scope, receive, send)
+            return
+        await self._observed(app, route, logged, scope, receive, send)
+
+    async def _observed(
+        self, app: Any, route: str, logged: bool, scope: Any, receive: Any, send: Any
+    ) -> None:
+        """`app`, counting its answer's status (and writing the access line)."""
+        status = 0
+
+        async def observed_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = 0.0
+        if logged:
+            started = time.perf_counter()
+            logs.begin()
+        try:
+            await app(scope, receive, observed_send)
+        except BaseException:
+            status = status or 500  # the server answers 500 when nothing was sent
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.request(route, status)
+            if logged:
+                duration_ms = round((time.perf_counter() - started) * 1000, 3)
+                fields = {
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": duration_ms,
+                }
+                access.info(
+                    "%s %s %d %.1f ms",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    duration_ms,
+                    extra={"fields": fields},
+                )
+
+    async def serve_metrics(self, scope: Any, receive: Any, send: Any) -> None:
+        assert self.metrics is not None
+        body = self.metrics.render(self._samples())
+        headers = [
+            (b"content-type", CONTENT_TYPE.encode()),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if scope["method"] == "HEAD":
+            body = b""
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _samples(self) -> list[Sample]:
+        """What other parts count themselves, read when scraped."""
+        runtime: Runtime | None = getattr(self.state, "runtime", None)
+        if runtime is None:  # not started
+            return []
+        quota = runtime.quota
+        recorder = runtime.attribution.recorder
+        spool = recorder.spool
+        return [
+            Sample(
+                "sidecar_redis_limit_check_errors_total",
+                "counter",
+                "Limit checks (with the identity lookup before them) Redis did not answer in "
+                "time; on_error decided them",
+                quota.limiter.errors,
+            ),
+            Sample(
+                "sidecar_redis_usage_write_errors_total",
+                "counter",
+                "Usage writes that failed; their entries waited in memory or the spool",
+                recorder.write_errors,
+            ),
+            Sample(
+                "sidecar_usage_waiting_entries",
+                "gauge",
+                "Usage entries (identity-hours) in memory, not yet written",
+                recorder.waiting,
+            ),
+            Sample(
+                "sidecar_usage_spool_bytes",
+                "gauge",
+                "Usage waiting on disk for Redis (this process's spool files)",
+                spool.bytes if spool is not None else 0,
+            ),
+            Sample(
+                "sidecar_usage_spooled_entries_total",
+                "counter",
+                "Usage entries written to the spool",
+                spool.appended if spool is not None else 0,
+            ),
+            Sample(
+                "sidecar_usage_replayed_entries_total",
+                "counter",
+                "Usage entries replayed from spool files into Redis",
+                spool.replayed if spool is not None else 0,
+            ),
+            Sample(
+                "sidecar_usage_dropped_total",
+                "counter",
+                "Usage entries given up (memory or spool full)",
+                recorder.dropped,
+            ),
+            Sample("sidecar_policies", "gauge", "Policies in force", len(quota.policies)),
+            Sample(
+                "sidecar_policy_reloads_total",
+                "counter",
+                "Policy reloads: ok, or refused (the last good policies stayed)",
+                quota.reloads,
+                (("result", "ok"),),
+            ),
+            Sample(
+                "sidecar_policy_reloads_total",
+                "counter",
+                "",
+                quota.reload_errors,
+                (("result", "refused"),),
+            ),
+            Sample(
+                "sidecar_build_info",
+                "gauge",
+                "The sidecar's version",
+                1,
+                (("version", __version__),),
+            ),
+        ]
 
 
 def create_app(
@@ -158,6 +322,8 @@ def create_app(
 ) -> Sidecar:
     """The service. Connections open in the lifespan, never at import or build time."""
     runtime = Runtime()
+    metrics = Metrics() if settings.server.metrics else None
+    runtime.metrics = metrics
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -173,6 +339,7 @@ def create_app(
         store = IdentityStore(client, keys, clock)
         spool = Spool(settings.data_path / "spool", str(ULID()), settings.metering.spool_max_bytes)
         recorder = Recorder(client, keys, clock, spool=spool)
+        recorder.metrics = metrics
         try:
             await store.load_scripts()
             await recorder.load_scripts()
@@ -190,6 +357,7 @@ def create_app(
             lease_s=settings.upstream.timeout_s + 30,
             clock=clock,
         )
+        limiter.metrics = metrics
         with contextlib.suppress(RedisError, OSError):  # logged above; loaded on first use
             await limiter.load_scripts()
         runtime.quota = Quota(
@@ -220,7 +388,14 @@ def create_app(
                 await client.aclose()
 
     api = Litestar(
-        route_handlers=[IdentityController, HookController, healthz, readyz],
+        route_handlers=[
+            IdentityController,
+            UsageController,
+            HookController,
+            DashboardController,
+            healthz,
+            readyz,
+        ],
         dependencies={"store": Provide(provide_store, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
@@ -240,4 +415,6 @@ def create_app(
         InlineProxy(settings, runtime),
         RawAuthorize(settings, runtime, admin_token),
         settings.server.body_timeout_s,
+        metrics=metrics,
+        access_log=settings.server.access_log,
     )

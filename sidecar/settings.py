@@ -28,6 +28,10 @@ class ServerSettings(_Section):
     workers: int = 1
     keepalive_s: float = 75.0
     drain_s: float = 30.0
+    metrics: bool = True  # serve GET /metrics (and count for it)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False  # one line per proxied request
 
 
 class UpstreamSettings(_Section):

@@ -100,6 +100,13 @@ class IdentityController(Controller):
         search: Annotated[str | None, QueryParameter(max_length=255)] = None,
         tags: Annotated[list[str] | None, QueryParameter(name="filter_by.tags")] = None,
         include_metrics: FromQuery[bool] = False,
+        sort: Annotated[
+            Literal["created", "cost", "requests", "error_rate"],
+            QueryParameter(
+                description="created: newest first. cost, requests, error_rate: highest first "
+                "over the last 30 days, then identities without any, newest first"
+            ),
+        ] = "created",
     ) -> IdentityList:
         if starting_after and ending_before:
             raise InvalidRequest(
@@ -118,6 +125,7 @@ class IdentityController(Controller):
             search=search,
             tags=tags or (),
             include_metrics=include_metrics,
+            sort=sort,
         )
         return IdentityList(data=page.data, has_more=page.has_more)
 

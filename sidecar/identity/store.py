@@ -19,6 +19,7 @@ from sidecar.store.keys import Keys, xid_digest
 from sidecar.store.scripts import Script
 from sidecar.usage import buckets
 from sidecar.usage.buckets import COUNTERS_LUA
+from sidecar.usage.recorder import RANKED
 
 Clock = Callable[[], float]
 
@@ -26,6 +27,11 @@ _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 _FIELDS = {"display_name": "n", "email": "e", "avatar_url": "a"}
 _SCAN_BUDGET = 10_000  # members one scan call reads: about 5 ms of Redis time per call
 _CACHE_SIZE = 65_536  # external id -> _id mappings remembered per process
+# List orders: creation (the order set), or a 30-day ranking from the top-spenders index.
+SORTS = ("created", "cost", "requests", "error_rate")
+RANKING_TTL_S = 60  # a ranking is built at most once a minute: pages of one listing agree
+_RANKED_BY = {"cost": buckets.COST, "requests": buckets.REQUESTS}
+_RANK_CHUNK = 500  # ranked ids looked at per round trip when filters drop some
 
 _encode = msgspec.json.Encoder().encode
 _decode_tags = msgspec.json.Decoder(list[str]).decode
@@ -141,7 +147,9 @@ class IdentityStore:
         search: str | None = None,
         tags: Sequence[str] = (),
         include_metrics: bool = False,
+        sort: str = "created",
     ) -> Page:
+        """A page of the list: newest first, or by a 30-day ranking (`sort`, see SORTS)."""
         cursor = starting_after or ending_before
         if cursor is not None:
             param = "starting_after" if starting_after else "ending_before"
@@ -149,6 +157,11 @@ class IdentityStore:
                 self.client.zrangebylex(self.keys.order, f"[{cursor}\0", f"({cursor}\1", 0, 1)
             ):
                 raise InvalidRequest(f"{param}: no identity has _id {cursor[:64]!r}", param=param)
+        if sort != "created":
+            ids, has_more = await self._ranked(
+                sort, limit, cursor, ending_before is None, (search or "").lower(), list(tags)
+            )
+            return Page(data=await self._records(ids, include_metrics), has_more=has_more)
         newest_first = ending_before is None
         if cursor:
             bound = f"({cursor}" if newest_first else f"({cursor}\1"
@@ -183,6 +196,162 @@ class IdentityStore:
             if not bound:
                 break
         return found
+
+    # -- rankings (the top-spenders index the recorder keeps) -------------------------------
+
+    async def ranking(self, sort: str) -> str:
+        """The key of today's 30-day ranking for `sort` (_id -> score, zero scores left out),
+        built from the daily top sets when it is missing or older than RANKING_TTL_S."""
+        if sort not in _RANKED_BY and sort != "error_rate":
+            raise ValueError(f"no ranking {sort!r}")
+        now = self.clock()
+        key = self.keys.ranking(sort, buckets.day(now))
+        if await self._call(self.client.exists(key)):
+            return key
+        days = range(buckets.window(now)[0], buckets.day(now) + 1)
+        if sort in _RANKED_BY:
+            sources = [self.keys.top(_RANKED_BY[sort], day) for day in days]
+
+            def union(pipe: Any) -> None:
+                pipe.zunionstore(key, sources)
+                pipe.expire(key, RANKING_TTL_S)
+
+            await self._pipeline(union, [])
+            return key
+        # Errors / requests per identity; those without errors are not in it, so they follow.
+        requests = await self.ranking("requests")
+        errors = [self.keys.top(buckets.ERRORS, day) for day in days]
+        failed = _pairs(await self._call(self.client.zunion(errors, withscores=True)))
+        if not failed:
+            return key
+        members: list[Any] = [m for m, _ in failed]
+        totals = await self._call(self.client.zmscore(requests, members))
+        rates = {
+            m: min(1.0, e / float(r)) if r else 1.0
+            for (m, e), r in zip(failed, totals, strict=True)
+        }
+        staging = f"{key}:{ULID()}"
+
+        def swap(pipe: Any) -> None:
+            pipe.zadd(staging, rates)
+            pipe.expire(staging, RANKING_TTL_S)
+            pipe.rename(staging, key)  # readers see the old ranking or the new one, whole
+
+        await self._pipeline(swap, [])
+        return key
+
+    async def _ranked(
+        self, sort: str, limit: int, cursor: str | None, forward: bool, needle: str, tags: list[str]
+    ) -> tuple[list[str], bool]:
+        """Ids of one page of the ranked listing: the ranking (highest first), then every
+        identity it leaves out, newest first. A cursor is an `_id`; its place in the ranking
+        (ZREVRANK) is where the page continues, so a page is an offset into the ranking."""
+        key = await self.ranking(sort)
+        rank = None if cursor is None else await self._call(self.client.zrevrank(key, cursor))
+        want = limit + 1
+        found: list[str] = []
+        if forward:
+            if cursor is None or rank is not None:
+                start = 0 if rank is None else int(rank) + 1
+                if await self._walk_ranking(key, start, None, needle, tags, want, found):
+                    return found[:limit], True
+                bound = "+"
+            else:
+                bound = f"({cursor}"
+            await self._walk_rest(key, bound, True, needle, tags, want, found)
+            return found[:limit], len(found) > limit
+        if rank is None:
+            assert cursor is not None
+            if await self._walk_rest(key, f"({cursor}\1", False, needle, tags, want, found):
+                return found[:limit][::-1], True
+            end = int(await self._call(self.client.zcard(key)))
+        else:
+            end = int(rank)
+        await self._walk_ranking(key, None, end, needle, tags, want, found)
+        return found[:limit][::-1], len(found) > limit
+
+    async def _walk_ranking(
+        self,
+        key: str,
+        start: int | None,
+        end: int | None,
+        needle: str,
+        tags: list[str],
+        want: int,
+        found: list[str],
+    ) -> bool:
+        """Add to `found` the ranked ids that match, from `start` on (or backwards from `end`,
+        exclusive) until it holds `want`; True when it does."""
+        step = want if not (needle or tags) else max(want, _RANK_CHUNK)
+        while len(found) < want:
+            if end is None:
+                assert start is not None
+                raw = await self._call(self.client.zrevrange(key, start, start + step - 1))
+                start += step
+            else:
+                if end <= 0:
+                    return False
+                first = max(0, end - step)
+                raw = (await self._call(self.client.zrevrange(key, first, end - 1)))[::-1]
+                end = first
+            ids = [m.decode() for m in raw]
+            found += (await self._listed(ids, needle, tags))[: want - len(found)]
+            if end is None and len(raw) < step:
+                break
+        return len(found) >= want
+
+    async def _walk_rest(
+        self,
+        key: str,
+        bound: str,
+        newest_first: bool,
+        needle: str,
+        tags: list[str],
+        want: int,
+        found: list[str],
+    ) -> bool:
+        """Add to `found` the identities the ranking leaves out, from `bound` in the order
+        set, until it holds `want`; True when it does."""
+        while len(found) < want:
+            n = want - len(found)
+            if needle or tags:
+                members = await self._scan_matching(bound, newest_first, needle, tags, n)
+            elif newest_first:
+                members = await self._call(
+                    self.client.zrevrangebylex(self.keys.order, bound, "-", start=0, num=n)
+                )
+            else:
+                members = await self._call(
+                    self.client.zrangebylex(self.keys.order, bound, "+", start=0, num=n)
+                )
+            if not members:
+                break
+            ids = [m[:26].decode() for m in members]
+            scores = await self._call(self.client.zmscore(key, ids))
+            found += [i for i, score in zip(ids, scores, strict=True) if score is None]
+            if len(members) < n:
+                break
+            bound = f"({ids[-1]}" if newest_first else f"({ids[-1]}\1"
+        return len(found) >= want
+
+    async def _listed(self, ids: list[str], needle: str, tags: list[str]) -> list[str]:
+        """The ids the order set still lists (a deleted identity may linger in a ranking for a
+        minute) and that match the search and tags, in order."""
+        if not ids:
+            return []
+
+        def queue(pipe: Any) -> None:
+            for identity_id in ids:
+                pipe.zrangebylex(
+                    self.keys.order, f"[{identity_id}\0", f"({identity_id}\1", 0, 1
+                )
+
+        replies = await self._pipeline(queue, [])
+        return [
+            identity_id
+            for identity_id, reply in zip(ids, replies, strict=True)
+            if reply and _matches(reply[0], needle, tags)
+        ]
 
     async def _records(self, ids: list[str], include_metrics: bool) -> list[Identity]:
         if not ids:
@@ -300,6 +469,20 @@ class IdentityStore:
             [self.keys.identity(identity.id), self.keys.usage_days(identity.id)],
             [self.keys.usage_hours(identity.id), first_hour, last_hour + 1],
         )
+        # The top-spenders index lives in the `{idx}` slot, out of the erase script's reach:
+        # its days (and a day's margin each side), and the rankings built from them.
+        today = buckets.day(self.clock())
+        days = range(today - buckets.METRICS_DAYS - 1, today + 2)
+
+        def unrank(pipe: Any) -> None:
+            for day in days:
+                for counter in RANKED:
+                    pipe.zrem(self.keys.top(counter, day), identity.id)
+            for sort in SORTS[1:]:
+                for day in (today - 1, today, today + 1):
+                    pipe.zrem(self.keys.ranking(sort, day), identity.id)
+
+        await self._pipeline(unrank, [])
 
     def _candidate(self, external_id: str, profile: Profile) -> tuple[str, list[Any]]:
         candidate = str(ULID.from_timestamp(self.clock()))
@@ -411,6 +594,22 @@ def _fresh(identity_id: str, external_id: str, profile: Profile) -> Identity:
         created="",
         updated="",
     )
+
+
+def _matches(member: bytes, needle: str, tags: Sequence[str]) -> bool:
+    """scan.lua's test of an order-set member: the needle inside one of its text fields (which
+    end at the first \\1), and any of the tags."""
+    end = member.find(b"\1", 27)
+    if needle and member.find(needle.encode(), 27, end) < 0:
+        return False
+    return not tags or any(f"\1{tag}\1".encode() in member[end:] for tag in tags)
+
+
+def _pairs(reply: Any) -> list[tuple[bytes, float]]:
+    """(member, score) pairs from a WITHSCORES reply, flat or paired (RESP2 or RESP3)."""
+    if reply and not isinstance(reply[0], list | tuple):
+        return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
+    return [(member, float(score)) for member, score in reply]
 
 
 def _field_args(profile: Profile) -> list[str]:

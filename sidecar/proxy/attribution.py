@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -30,6 +31,7 @@ def _digest(profile: Profile) -> bytes:
     """16 bytes per identity in the cache, whatever the size of its profile."""
     return hashlib.blake2b(_encode(profile), digest_size=16).digest()
 
+
 Clock = Callable[[], float]
 
 
@@ -53,6 +55,7 @@ class Attribution:
         self._owners = {k.sha256: k.owner for k in settings.api_keys}
         # external id -> (the profile this process last wrote, when to write it again anyway)
         self._written: dict[str, tuple[bytes, float]] = {}
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[str]] = {}
         # Told the tags and metadata of every identity written (the policies match on them).
         self.on_profile: Callable[[str, list[str], dict[str, Any]], None] | None = None
         recorder.resolver = self._identify_later
@@ -83,15 +86,31 @@ class Attribution:
 
         A body identity that brings the same fields as the last one this process wrote, less
         than PROFILE_REFRESH_S ago, is not written again: clients send their identity with
-        every request, and rewriting identical fields costs a round trip each time."""
+        every request, and rewriting identical fields costs a round trip each time. Requests
+        that need the same write while it is in flight share it."""
         known = self.known(resolved)
         if known is not None:
             return known
+        digest = _digest(resolved.profile) if resolved.profile is not None else b""
+        key = (resolved.external_id, digest)
+        write = self._inflight.get(key)
+        if write is None:
+            write = asyncio.ensure_future(self._write_identity(resolved, digest))
+            self._inflight[key] = write
+            write.add_done_callback(lambda done: self._settled(key, done))
+        # Shielded: a caller that gives up (a timeout) does not cancel the others' write.
+        return await asyncio.shield(write)
+
+    def _settled(self, key: tuple[str, bytes], write: asyncio.Future[str]) -> None:
+        self._inflight.pop(key, None)
+        if not write.cancelled():
+            write.exception()  # retrieved here: every waiter may have given up
+
+    async def _write_identity(self, resolved: Resolved, digest: bytes) -> str:
         if resolved.profile is not None:
             identity, _ = await self.store.upsert(resolved.external_id, resolved.profile)
             if self.on_profile is not None:
                 self.on_profile(resolved.external_id, identity.tags, identity.metadata)
-            digest = _digest(resolved.profile)
             self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
             if len(self._written) > _WRITTEN_SIZE:
                 del self._written[next(iter(self._written))]

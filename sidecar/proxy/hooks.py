@@ -12,6 +12,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from ulid import ULID
 
+from sidecar import logs
 from sidecar.api.auth import token_matches
 from sidecar.errors import (
     InvalidRequest,
@@ -135,6 +136,7 @@ class HookController(Controller):
             external_id = model.external_id(report.identity, "identity")
         except InvalidField as exc:
             raise InvalidRequest(exc.message, param=exc.param) from None
+        logs.bind(external_id, report.request_id)
         kind = kind_for_path(report.path or "") or Kind.CHAT
         usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()
         upstream_cost = _cost(report.cost_usd)
@@ -148,7 +150,10 @@ class HookController(Controller):
         )
         if report.source is None:  # counted, but under no source
             counters.pop(buckets.BY_SOURCE[resolved.source], None)
-        quota = _runtime(request).quota
+        runtime = _runtime(request)
+        if buckets.UNPRICED in counters and runtime.metrics is not None:
+            runtime.metrics.unpriced(usage.model or report.model)
+        quota = runtime.quota
         charges = {}
         identity_id: str | None = None
         # A report comes after the response: it may wait longer than a limit check, but not
@@ -219,6 +224,7 @@ async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decid
     except MissingIdentity:
         raise Unauthorized("an identity is required", code="identity_required") from None
     request_id = str(ULID())
+    logs.bind(resolved.external_id, request_id)
     quota = runtime.quota
     known = attribution.known(resolved)
     identity_id: str | None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -9,15 +10,17 @@ import aiohttp
 import msgspec
 from ulid import ULID
 
+from sidecar import logs
 from sidecar.api.errors import ErrorBody, ErrorResponse
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
+from sidecar.metrics import Metrics
 from sidecar.proxy.attribution import Attribution
 from sidecar.quota.limiter import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.store.errors import STORE_ERRORS
-from sidecar.usage.buckets import increments
+from sidecar.usage.buckets import UNPRICED, increments
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
@@ -129,6 +132,7 @@ class Runtime:
         self.session: aiohttp.ClientSession
         self.attribution: Attribution
         self.quota: Quota
+        self.metrics: Metrics | None = None  # None: [server] metrics = false
         self.tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -219,14 +223,17 @@ class InlineProxy:
         decision: Decision | None = None
         identity: str | asyncio.Task[str] | None
         if self.runtime.quota.active:
+            request_id = str(ULID())  # also the concurrency lease's name
+            logs.bind(resolved.external_id, request_id)
             # Limits are kept under the identity's _id: it must be known before admission.
             identity, decision = await self.runtime.quota.admit_request(
-                resolved, known, attribution.identify, str(ULID())
+                resolved, known, attribution.identify, request_id
             )
             if not decision.admitted:
                 await self._refuse(send, resolved, identity, decision)
                 return
         else:
+            logs.bind(resolved.external_id)
             # A write, when one is needed, runs while the upstream works.
             identity = known or asyncio.create_task(attribution.identify(resolved))
         requested = payload.get("model") if payload is not None else None
@@ -290,6 +297,7 @@ class InlineProxy:
         usage: Usage | None = None
         header_cost: str | None = None
         complete = False
+        started = time.perf_counter()
         try:
             async with self.runtime.session.request(
                 scope["method"],
@@ -300,6 +308,8 @@ class InlineProxy:
                 timeout=self.timeout,
             ) as upstream:
                 status = upstream.status
+                if self.runtime.metrics is not None:
+                    self.runtime.metrics.upstream.observe(time.perf_counter() - started)
                 header_cost = upstream.headers.get("x-litellm-response-cost")
                 out_headers = [
                     (k.lower().encode("latin-1"), v.encode("latin-1"))
@@ -405,6 +415,8 @@ class InlineProxy:
         model = usage.model if usage is not None and usage.model else meter.model
         cost = attribution.cost(meter.kind, model, usage, header_cost)
         counters = increments(source=resolved.source, failed=failed, usage=usage, cost=cost)
+        if UNPRICED in counters and self.runtime.metrics is not None:
+            self.runtime.metrics.unpriced(model)
         decision = meter.decision
         if meter.identity is None:
             attribution.add(None, resolved, counters)

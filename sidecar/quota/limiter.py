@@ -10,11 +10,12 @@ from decimal import Decimal
 import msgspec
 from redis.exceptions import RedisError
 
+from sidecar.metrics import Metrics
 from sidecar.quota import windows
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Script
+from sidecar.store.scripts import Coalescer, Script
 
 log = logging.getLogger("sidecar.quota")
 
@@ -33,6 +34,18 @@ class Decision(msgspec.Struct, kw_only=True):
     headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
     lease: str | None = None  # a concurrency slot to give back when the request ends
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
+
+
+class LimitUsage(msgspec.Struct, kw_only=True):
+    limit: Limit
+    used: float  # requests, tokens or nano-dollars the window holds now
+    remaining: float
+    reset_ms: int  # until the count is back to zero
+
+
+class PolicyUsage(msgspec.Struct, kw_only=True):
+    limits: list[LimitUsage]
+    in_flight: int | None = None  # concurrency leases held, when the policy limits them
 
 
 class Breaker:
@@ -104,7 +117,9 @@ class Limiter:
         self.lease_ms = int(lease_s * 1000)
         self.breaker = Breaker()
         self.errors = 0  # limit checks Redis did not answer
+        self.metrics: Metrics | None = None
         self._admit = Script("sidecar.quota.lua", "admit")
+        self._calls = Coalescer(client, self._admit)
 
     async def load_scripts(self) -> None:
         await self._admit.load(self.client)
@@ -121,35 +136,36 @@ class Limiter:
             return self.unavailable(policy)
         now_ms = int(self.clock() * 1000)
         keys: list[str] = []
-        args: list[int | str] = [
-            len(policy.limits),
-            now_ms,
-            policy.concurrency or 0,
-            request_id,
-            self.lease_ms,
-        ]
+        packed = []
         spans = []
         for limit in policy.limits:
             current, previous, elapsed, left = self._buckets(identity_id, limit, now_ms)
             keys += [current, previous]
             window = 0 if limit.calendar else limit.window_s * 1000
             lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
-            args += [_KIND[limit.dimension], limit.amount, window, elapsed, lifetime]
+            packed.append(f"{_KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} ")
             spans.append((elapsed, left))
         if policy.concurrency:
             keys.append(self.keys.leases(identity_id))
+        args = ["".join(packed), now_ms, policy.concurrency or 0, request_id, self.lease_ms]
+        metrics = self.metrics
+        started = time.perf_counter()
         try:
             # asyncio.timeout, not wait_for: no task per check on the request path.
             async with asyncio.timeout(self.timeout):
-                reply = await self._admit(self.client, keys, args)
+                reply = await self._calls(keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(exc)
             return self.unavailable(policy)
+        if metrics is not None:
+            metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
         admitted, leases = bool(reply[0]), int(reply[1])
         counts = [(int(reply[2 + 2 * i]), int(reply[3 + 2 * i])) for i in range(len(spans))]
         headers = self._headers(policy, counts, spans)
         if admitted:
+            if metrics is not None:
+                metrics.admitted(policy)
             lease = request_id if policy.concurrency else None
             return Decision(admitted=True, policy=policy, headers=headers, lease=lease)
         waits = [
@@ -159,6 +175,8 @@ class Limiter:
         ]
         if waits:
             wait, binding = max(waits, key=lambda w: w[0])
+            if metrics is not None:
+                metrics.refused(policy.name, binding.dimension.value)
             return Decision(
                 admitted=False,
                 policy=policy,
@@ -168,6 +186,8 @@ class Limiter:
                 retry_after=max(1, math.ceil(wait / 1000)),
             )
         del leases  # refused by concurrency: a slot frees when a request ends
+        if metrics is not None:
+            metrics.refused(policy.name, Dimension.CONCURRENCY.value)
         return Decision(
             admitted=False,
             policy=policy,
@@ -231,6 +251,39 @@ class Limiter:
             lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
             out[current] = (amount, lifetime)
         return out
+
+    async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
+        """How much of each limit of `policy` the identity uses now: the buckets and window
+        math of `admit`, read without consuming anything. Raises the driver's errors."""
+        now_ms = int(self.clock() * 1000)
+        keys: list[str] = []
+        spans = []
+        for limit in policy.limits:
+            current, previous, elapsed, left = self._buckets(identity_id, limit, now_ms)
+            keys += [current, previous]
+            spans.append((elapsed, left))
+        # One slot (the identity's hash tag), so one MGET, on a cluster too.
+        pipe = self.client.pipeline(transaction=False)
+        if keys:
+            pipe.mget(keys)
+        if policy.concurrency:
+            pipe.zcount(self.keys.leases(identity_id), f"({now_ms}", "+inf")
+        replies = list(await pipe.execute()) if keys or policy.concurrency else []
+        values = [int(v or 0) for v in replies.pop(0)] if keys else []
+        limits = []
+        for i, (limit, (elapsed, left)) in enumerate(zip(policy.limits, spans, strict=True)):
+            in_bucket, in_previous = values[2 * i], values[2 * i + 1]
+            used = windows.used(limit, in_previous, in_bucket, elapsed)
+            limits.append(
+                LimitUsage(
+                    limit=limit,
+                    used=used,
+                    remaining=max(0.0, limit.amount - used),
+                    reset_ms=windows.reset_ms(limit, in_previous, in_bucket, left),
+                )
+            )
+        in_flight = int(replies[0]) if policy.concurrency else None
+        return PolicyUsage(limits=limits, in_flight=in_flight)
 
     async def release(self, identity_id: str, lease: str) -> None:
         try:

@@ -25,6 +25,12 @@ log = logging.getLogger("sidecar.quota")
 Clock = Callable[[], float]
 Identify = Callable[[Resolved], Awaitable[str]]
 
+
+class _Missing:
+    """A policy that cannot be chosen before the identity's profile is read."""
+
+
+MISSING = _Missing()
 PROFILE_TTL_S = 10.0  # how long a process matches policies on a profile it read
 _PROFILES = 65_536
 
@@ -116,9 +122,8 @@ class Quota:
         if len(self._profiles) > _PROFILES:
             del self._profiles[next(iter(self._profiles))]
 
-    async def policy_for(self, identity_id: str, resolved: Resolved) -> Policy | None:
-        """The first policy matching the identity as stored, with what this request's body
-        identity sets (tags and metadata it brings replace the stored ones)."""
+    def _known_policy(self, resolved: Resolved) -> Policy | _Missing | None:
+        """The policy, when what it depends on is at hand (no store read), else MISSING."""
         if not self.policies:
             return None
         given = resolved.profile
@@ -130,13 +135,23 @@ class Quota:
         if tags is None or metadata is None:
             cached = self._profiles.get(resolved.external_id)
             if cached is None or cached[2] < self.clock():
-                record = await self.store.get(identity_id)
-                stored = (record.tags, record.metadata) if record is not None else ([], {})
-                self.remember_profile(resolved.external_id, *stored)
-                cached = self._profiles[resolved.external_id]
+                return MISSING
             tags = cached[0] if tags is None else tags
             metadata = cached[1] if metadata is None else metadata
         return choose(self.policies, resolved.external_id, tags, metadata)
+
+    async def policy_for(self, identity_id: str, resolved: Resolved) -> Policy | None:
+        """The first policy matching the identity as stored, with what this request's body
+        identity sets (tags and metadata it brings replace the stored ones)."""
+        policy = self._known_policy(resolved)
+        if not isinstance(policy, _Missing):
+            return policy
+        record = await self.store.get(identity_id)
+        stored = (record.tags, record.metadata) if record is not None else ([], {})
+        self.remember_profile(resolved.external_id, *stored)
+        policy = self._known_policy(resolved)
+        assert not isinstance(policy, _Missing)
+        return policy
 
     async def admit(self, identity_id: str, resolved: Resolved, request_id: str) -> Decision:
         policy = await self.policy_for(identity_id, resolved)
@@ -150,6 +165,10 @@ class Quota:
         Finding the identity (an upsert when it is new) and its profile, then the limit check,
         each give up after `timeout_ms`; then `on_error` decides, as for the check itself."""
         limiter = self.limiter
+        if known is not None:
+            policy = self._known_policy(resolved)
+            if not isinstance(policy, _Missing):  # the common case: one store call, the check
+                return known, await limiter.admit(known, policy, request_id)
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import math
 from datetime import UTC, datetime
 
@@ -17,22 +18,24 @@ def bucket(limit: Limit, now_ms: int) -> tuple[str, str | None, int, int]:
         index = now_ms // window
         elapsed = now_ms - index * window
         return str(index), str(index - 1), elapsed, window - elapsed
-    moment = datetime.fromtimestamp(now_ms / 1000, UTC)
-    if limit.calendar == "day":
-        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-        end_ms = int(start.timestamp() * 1000) + 86_400_000
-        name = start.strftime("%Y%m%d")
-    else:
-        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        after = (
-            start.replace(year=start.year + 1, month=1)
-            if start.month == 12
-            else (start.replace(month=start.month + 1))
-        )
-        end_ms = int(after.timestamp() * 1000)
-        name = start.strftime("%Y%m")
-    start_ms = int(start.timestamp() * 1000)
+    name, start_ms, end_ms = _calendar(limit.calendar, now_ms // 86_400_000)
     return name, None, now_ms - start_ms, end_ms - now_ms
+
+
+@functools.lru_cache(maxsize=64)
+def _calendar(calendar: str, day: int) -> tuple[str, int, int]:
+    """The UTC calendar day or month holding `day` (days since the epoch): its bucket name,
+    start and end (ms). Worked out once a day, not per request."""
+    start = datetime.fromtimestamp(day * 86_400, UTC)
+    if calendar == "day":
+        return start.strftime("%Y%m%d"), day * 86_400_000, (day + 1) * 86_400_000
+    first = start.replace(day=1)
+    after = (
+        first.replace(year=first.year + 1, month=1)
+        if first.month == 12
+        else first.replace(month=first.month + 1)
+    )
+    return first.strftime("%Y%m"), int(first.timestamp() * 1000), int(after.timestamp() * 1000)
 
 
 def used(limit: Limit, previous: int, current: int, elapsed_ms: int) -> float:

@@ -47,3 +47,17 @@ class Keys:
     def usage_hours(self, identity_id: str) -> str:
         """Prefix of the hour buckets: append the hour number."""
         return f"{self._p}:u:{{{identity_id}}}:h:"  # hash per UTC hour: counters
+
+    def top(self, counter: str, day: int) -> str:
+        # Sorted set: _id -> one counter's total (requests, errors or nano-dollars) on one UTC
+        # day, so that the list can be ranked without reading every identity. Advisory: it
+        # orders, the identity's own counters are what is shown.
+        return f"{self._p}:{{idx}}:top:{counter}:{day}"
+
+    def ranking(self, sort: str, day: int) -> str:
+        # Sorted set, kept a minute: _id -> 30-day score ending on `day` (the union of `top`).
+        return f"{self._p}:{{idx}}:rank:{sort}:{day}"
+
+    def ui_session(self, digest: str) -> str:
+        # String with a TTL: a dashboard session is signed in (keyed by a digest of its id).
+        return f"{self._p}:ui:{digest}"

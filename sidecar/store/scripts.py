@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from sidecar.store.connect import RedisClient
 
@@ -40,3 +43,112 @@ class Script:
         # Not pipe.evalsha(): redis-py's cluster pipeline refuses that method, though it routes
         # the command by its keys (all in one slot here) like any other.
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+class Coalescer:
+    """Calls of one script, written to Redis in batches: a call made while none is in flight
+    goes out at once, from its caller's task; calls made while one is in flight wait for it and
+    then go out together, as one pipeline. Under load many limit checks share a round trip (and
+    its system calls and connection checkout); a lone call pays nothing for it."""
+
+    def __init__(self, client: RedisClient, script: Script) -> None:
+        self.client = client
+        self.script = script
+        self._busy = False
+        self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._queue.append((keys, args, future))
+            return await future
+        self._busy = True
+        try:
+            (result,) = await self._send([(keys, args)])
+        finally:
+            self._next()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _next(self) -> None:
+        """The call or batch in flight is done: send what queued meanwhile, or go idle."""
+        if not self._queue:
+            self._busy = False
+            return
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._follow(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        batch = [call for call in batch if not call[2].done()]  # callers that gave up: unsent
+        try:
+            if not batch:
+                return
+            try:
+                results = await self._send([(keys, args) for keys, args, _ in batch])
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # its caller gave up (a timeout)
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._next()
+
+    async def _send(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Each call's reply, or its own error; raises when the batch as a whole failed."""
+        if self.script.sha is None:
+            await self.script.load(self.client)
+        if isinstance(self.client, RedisCluster):
+            return await self._pipeline(calls)
+        return await self._direct(calls)
+
+    async def _direct(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """On one connection of the pool, the calls written at once and their replies read in
+        order: what a pipeline does, without the per-command layers of the client."""
+        assert isinstance(self.client, Redis)
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            for attempt in range(2):
+                commands = [
+                    ("EVALSHA", self.script.sha, len(keys), *keys, *args) for keys, args in batch
+                ]
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                results: list[Any] = []
+                for _ in batch:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:  # this call's own error; the rest go on
+                        results.append(exc)
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                    await self.script.load(self.client)  # the server restarted or was flushed
+                    continue
+                return results
+        except BaseException:
+            await conn.disconnect()  # replies may be in flight: the connection is not reused
+            raise
+        finally:
+            await pool.release(conn)
+        raise AssertionError("unreachable")
+
+    async def _pipeline(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in batch:
+                self.script.queue(pipe, keys, args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self.script.load(self.client)  # the server restarted or was flushed
+                continue
+            return results
+        raise AssertionError("unreachable")

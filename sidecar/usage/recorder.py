@@ -10,7 +10,9 @@ import msgspec
 from redis.exceptions import NoScriptError
 from ulid import ULID
 
+from sidecar import logs
 from sidecar.identity.model import Profile
+from sidecar.metrics import Metrics
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import STORE_ERRORS, STORE_OR_TIMEOUT
 from sidecar.store.keys import Keys
@@ -29,6 +31,9 @@ MAX_BATCH = 512  # script calls per pipeline
 MAX_PENDING = 100_000  # identity-hours held in memory (beyond: dropped, counted, logged)
 RESOLVE_CONCURRENCY = 32  # identities first seen during an outage, written at once
 ORPHAN_SCAN_S = 5.0  # how often a healthy process looks for spool files of dead ones
+# Counters the top-spenders index ranks by (Keys.top), and how long a day's set outlives the day.
+RANKED = (buckets.REQUESTS, buckets.ERRORS, buckets.COST)
+TOP_TTL_S = 31 * buckets.DAY + 3_600
 
 # The identity's _id for an external id (and the profile a body identity brought): called for
 # usage counted while the store could not say which identity it belonged to.
@@ -93,6 +98,11 @@ class Recorder:
         self._closing = False
         self.dropped = 0  # entries given up (memory or spool full): logged at error
         self.write_errors = 0
+        self.metrics: Metrics | None = None
+        # (counter, day, _id) -> what the top-spenders index still has to add.
+        self._ranks: dict[tuple[str, int, str], int] = {}
+        self._ranker: asyncio.Task[None] | None = None
+        self.index_errors = 0  # index updates lost (failed, or too many waiting): ordering only
 
     async def load_scripts(self) -> None:
         await self._record.load(self.client)
@@ -102,9 +112,8 @@ class Recorder:
         """Entries in memory not yet written (the spool's are in `spool.bytes`)."""
         return len(self._pending) + len(self._retry)
 
-    def _call(self, entry: Entry) -> tuple[list[str], list[Any]]:
+    def _call(self, entry: Entry, now: float, floor: str) -> tuple[list[str], list[Any]]:
         assert entry.identity is not None
-        now = self.clock()
         hour = buckets.hour(entry.at)
         identity = entry.identity
         keys = [
@@ -127,7 +136,7 @@ class Recorder:
             " ".join(f"{amount} {lifetime}" for amount, lifetime in entry.charges.values()),
             entry.writer,
             entry.seq,
-            writer_floor(now),
+            floor,
         ]
         return keys, args
 
@@ -218,9 +227,10 @@ class Recorder:
             self._start()
 
     async def drain(self) -> None:
-        """Wait until everything added so far is written, or kept in the spool."""
-        while self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher])
+        """Wait until everything added so far is written, or kept in the spool, and the
+        top-spenders index has what was written."""
+        while busy := [t for t in (self._flusher, self._ranker) if t is not None and not t.done()]:
+            await asyncio.wait(busy)
 
     async def close(self, grace_s: float = 5.0) -> None:
         """At shutdown: one more write of what waits, for at most `grace_s` seconds; what
@@ -231,6 +241,11 @@ class Recorder:
             if not done:
                 self._flusher.cancel()
                 await asyncio.wait([self._flusher])
+        if self._ranker is not None and not self._ranker.done():
+            done, _ = await asyncio.wait([self._ranker], timeout=1.0)
+            if not done:
+                self._ranker.cancel()
+                await asyncio.wait([self._ranker])
         await self._keep(self._take())
         if self._retry:
             self._drop(self._retry, "shutting down with Redis unreachable and no spool")
@@ -244,6 +259,7 @@ class Recorder:
         return bool(self._retry) or (self.spool is not None and self.spool.pending)
 
     async def _run(self) -> None:
+        logs.clear()  # started by some request, it writes for all of them
         delay = FLUSH_INTERVAL
         while self._pending or self._backlog() or self._orphans_due():
             if not self._closing:
@@ -254,7 +270,10 @@ class Recorder:
                     await self._keep(self._take())
                     await self._replay_own()
                 else:
+                    started, batch = time.perf_counter(), bool(self._pending)
                     await self._write_batch()
+                    if batch and self.metrics is not None:
+                        self.metrics.usage_write.observe(time.perf_counter() - started)
                 if self._orphans_due():
                     await self._replay_orphans()
             except STORE_ERRORS as exc:
@@ -365,16 +384,66 @@ class Recorder:
         (writing the same entries again is safe). With `recover`, usage of an identity erased
         meanwhile is counted again under the identity its external id names now."""
         await self._resolve(entries)
-        calls = [self._call(e) for e in entries]
+        now = self.clock()
+        floor = writer_floor(now)
+        calls = [self._call(e, now, floor) for e in entries]
         if len(calls) == 1:
             results = [int(await self._record(self.client, *calls[0]))]
         else:
             results = await self._pipeline(calls)
+        # The counters are written: nothing below may raise, or they would be written again.
+        self._rank(entries, results)
         if recover:
             for entry, result in zip(entries, results, strict=True):
                 if result == _ERASED:
                     await self._erased(entry)
         return results
+
+    def _rank(self, entries: list[Entry], results: list[int]) -> None:
+        """Queue what the counted entries add to the top-spenders index. It lives in the
+        `{idx}` slot, not the identity's, so record.lua cannot update it: a second pipeline
+        does, after the counters' (see `_update_ranks`)."""
+        oldest = buckets.day(self.clock()) - buckets.METRICS_DAYS
+        for entry, result in zip(entries, results, strict=True):
+            day = buckets.day(entry.at)
+            if result != _COUNTED or entry.identity is None or day <= oldest:
+                continue  # a duplicate, an erased identity, or a day no ranking reads
+            for counter in RANKED:
+                n = entry.counters.get(counter, 0)
+                if n > 0:
+                    key = (counter, day, entry.identity)
+                    if key not in self._ranks and len(self._ranks) >= MAX_PENDING:
+                        self.index_errors += 1
+                        continue
+                    self._ranks[key] = self._ranks.get(key, 0) + n
+        if self._ranks and (self._ranker is None or self._ranker.done()):
+            self._ranker = asyncio.create_task(self._update_ranks())
+
+    async def _update_ranks(self) -> None:
+        """ZINCRBY the daily top sets. Off the flush loop, so that a slow index never delays
+        usage; a failure is logged and counted, never retried: the index orders the list (the
+        counts shown are the identity's own), and a retry could count twice."""
+        while self._ranks:
+            ranks, self._ranks = self._ranks, {}
+            now = self.clock()
+            pipe = self.client.pipeline(transaction=False)
+            lifetimes: dict[str, int] = {}
+            for (counter, day, identity), n in ranks.items():
+                key = self.keys.top(counter, day)
+                pipe.zincrby(key, n, identity)
+                # Relative to this process's clock, like the hour buckets' lifetime.
+                lifetimes[key] = max(1, int((day + 1) * buckets.DAY + TOP_TTL_S - now))
+            for key, lifetime in lifetimes.items():
+                pipe.expire(key, lifetime)
+            try:
+                await pipe.execute()
+            except STORE_ERRORS as exc:
+                self.index_errors += 1
+                log.warning(
+                    "top-spenders index not updated for %d counters (%s); list ordering only",
+                    len(ranks),
+                    exc,
+                )
 
     async def _erased(self, entry: Entry) -> None:
         """The identity was erased after this process learnt its _id: count the request

@@ -91,6 +91,7 @@ async def test_body_ids_outside_printable_ascii_travel_percent_encoded(make_env:
             assert forwarded_identity(request) == encoded
             assert unquote(encoded, errors="strict") == external_id
             assert "identity" not in request.json()
+            await env.settle()  # the identity is written beside the upstream call
             found = await env.api.get("/v2/identities", params={"search": external_id})
             assert [i["external_id"] for i in found.json()["data"]] == [external_id]
 

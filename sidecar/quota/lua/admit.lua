@@ -1,20 +1,24 @@
 -- Check every limit of one request and, only if all of them admit it, count it.
 -- KEYS: per limit, its current and previous bucket (the previous one is never read for a
 -- calendar window); then, when a concurrency limit applies, the identity's lease set.
--- ARGV[1] number of limits, ARGV[2] now (ms), ARGV[3] concurrency limit (0: none),
--- ARGV[4] lease member (the request id), ARGV[5] lease length (ms),
--- then per limit: kind ('r' requests, 't' tokens, 'c' cost), amount, window (ms, 0 for a
--- calendar window), ms elapsed in the current bucket, bucket lifetime (s).
+-- ARGV[1] the limits, one argument (cheaper to send than five each): per limit 'kind amount
+-- window elapsed lifetime ' with kind 'r' requests, 't' tokens or 'c' cost, window in ms (0 for
+-- a calendar window), ms elapsed in the current bucket, bucket lifetime (s);
+-- ARGV[2] now (ms), ARGV[3] concurrency limit (0: none), ARGV[4] lease member (the request
+-- id), ARGV[5] lease length (ms).
 -- Returns {admitted (1/0), leases in use, then per limit: previous, current} with the counts
 -- as they are after this call. A refused request changes nothing.
-local n = tonumber(ARGV[1])
+local limits = {}
+for kind, amount, window, elapsed, lifetime in
+    string.gmatch(ARGV[1], '(%S+) (%S+) (%S+) (%S+) (%S+)') do
+  limits[#limits + 1] = {kind, tonumber(amount), tonumber(window), tonumber(elapsed), lifetime}
+end
+local n = #limits
 local now = tonumber(ARGV[2])
 local counts = {}
 local refused = false
 for i = 1, n do
-  local a = 5 + (i - 1) * 5
-  local kind, amount = ARGV[a + 1], tonumber(ARGV[a + 2])
-  local window, elapsed = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local kind, amount, window, elapsed = limits[i][1], limits[i][2], limits[i][3], limits[i][4]
   local current = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
   local previous = 0
   if window > 0 then previous = tonumber(redis.call('GET', KEYS[2 * i]) or '0') end
@@ -42,10 +46,9 @@ if refused then
   return out
 end
 for i = 1, n do
-  local a = 5 + (i - 1) * 5
-  if ARGV[a + 1] == 'r' then
+  if limits[i][1] == 'r' then
     counts[2 * i] = redis.call('INCR', KEYS[2 * i - 1])
-    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[a + 5])
+    redis.call('EXPIRE', KEYS[2 * i - 1], limits[i][5])
   end
 end
 if concurrency > 0 then

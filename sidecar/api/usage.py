@@ -1,0 +1,372 @@
+"""`GET /v2/usage`: usage per identity or per tag over a range of UTC days, for cross-charging.
+
+Reads the daily counters (the `<day>:<counter>` fields of each identity's day hash, kept
+RETENTION_DAYS days), walking the identities in creation order a page at a time, with one
+pipelined HMGET per page. The answer is streamed: an export of every identity is never held
+in memory (per tag, only the running sums of each tag are)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Annotated, Any, Literal, cast
+
+import msgspec
+from litestar import Controller, Request, get
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.params import FromQuery, QueryParameter
+from litestar.response import Stream
+
+from sidecar.api.auth import admin_guard
+from sidecar.api.errors import ErrorResponse
+from sidecar.errors import InvalidRequest, StoreUnavailable
+from sidecar.identity.model import Identity
+from sidecar.identity.store import IdentityStore
+from sidecar.store.errors import STORE_ERRORS
+from sidecar.usage import buckets
+
+PREFIX = "/v2/usage"
+PAGE = 200  # identities per round trip
+UNTAGGED = "(untagged)"
+TAG_NOTE = (
+    "an identity with several tags counts in full under each of them, so the rows can add up "
+    f"to more than all usage; identities without tags are under {UNTAGGED}"
+)
+PARAMS = frozenset({"group_by", "from", "to", "format"})
+EPOCH = date(1970, 1, 1)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+# Counters summed, in the order of the rows' fields after the group's own.
+_COUNTERS = (
+    buckets.REQUESTS,
+    buckets.ERRORS,
+    buckets.INPUT,
+    buckets.CACHED_INPUT,
+    buckets.CACHE_WRITE,
+    buckets.OUTPUT,
+    buckets.REASONING,
+    buckets.COST,
+    buckets.UNPRICED,
+    buckets.RATE_LIMITED,
+)
+_WIDTH = len(_COUNTERS)
+_COST = _COUNTERS.index(buckets.COST)
+
+
+class IdentityUsage(msgspec.Struct, kw_only=True):
+    id: str = msgspec.field(name="_id")
+    external_id: str
+    display_name: str | None
+    requests: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: str  # exact: nano-dollars as a decimal string
+    unpriced_requests: int
+    rate_limited_requests: int
+
+
+class TagUsage(msgspec.Struct, kw_only=True):
+    tag: str
+    identities: int  # with usage in the range
+    requests: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: str
+    unpriced_requests: int
+    rate_limited_requests: int
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """A row of either kind, as documented (msgspec cannot describe a union of the two):
+    identity rows have `_id`, `external_id` and `display_name`, tag rows `tag` and
+    `identities`."""
+
+    id: str | None = msgspec.field(name="_id", default=None)
+    external_id: str | None = None
+    display_name: str | None = None
+    tag: str | None = None
+    identities: int | None = None
+    requests: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: str
+    unpriced_requests: int
+    rate_limited_requests: int
+
+
+class UsageExport(msgspec.Struct, kw_only=True):
+    object: Literal["usage_export"] = "usage_export"
+    group_by: Literal["identity", "tag"]
+    from_: str = msgspec.field(name="from")
+    to: str
+    note: str | None = None
+    data: list[UsageRow]  # last: the rows are streamed after the rest
+
+
+def usd(nanos: int) -> str:
+    whole, fraction = divmod(nanos, 1_000_000_000)
+    return f"{whole}.{fraction:09d}"
+
+
+def _sums_fields(sums: list[int]) -> dict[str, Any]:
+    (requests, errors, input_tokens, cached, cache_write, output, reasoning, cost, unpriced,
+     limited) = sums  # fmt: skip
+    return {
+        "requests": requests,
+        "errors": errors,
+        "input_tokens": input_tokens,
+        "cached_input_tokens": cached,
+        "cache_write_tokens": cache_write,
+        "output_tokens": output,
+        "reasoning_tokens": reasoning,
+        "cost_usd": usd(cost),
+        "unpriced_requests": unpriced,
+        "rate_limited_requests": limited,
+    }
+
+
+def _day(value: str, param: str) -> int:
+    if not _DATE.fullmatch(value):
+        raise InvalidRequest(f"{param} must be a date as YYYY-MM-DD, got {value!r}", param=param)
+    try:
+        return (date.fromisoformat(value) - EPOCH).days
+    except ValueError:
+        raise InvalidRequest(f"{param}: {value!r} is not a calendar date", param=param) from None
+
+
+def _date(day: int) -> str:
+    return (EPOCH + timedelta(days=day)).isoformat()
+
+
+def day_range(given_from: str | None, given_to: str | None, now: float) -> tuple[int, int]:
+    """First and last day (inclusive, days since the epoch) of a valid range. Default: up to
+    today, from 30 days before `to` (the window of the identities' metrics) or the oldest
+    day kept, whichever is later."""
+    today = buckets.day(now)
+    oldest = today - buckets.RETENTION_DAYS + 1
+    last = today if given_to is None else _day(given_to, "to")
+    if given_from is None:
+        first = max(oldest, last - buckets.METRICS_DAYS + 1)
+    else:
+        first = _day(given_from, "from")
+    if last > today:
+        raise InvalidRequest(f"to: {_date(last)} is after today ({_date(today)}, UTC)", param="to")
+    for day, param in ((first, "from"), (last, "to")):
+        if day < oldest:
+            raise InvalidRequest(
+                f"{param}: {_date(day)} is older than the {buckets.RETENTION_DAYS} days of "
+                f"usage kept (the oldest day is {_date(oldest)})",
+                param=param,
+            )
+    if first > last:
+        raise InvalidRequest(f"from ({_date(first)}) is after to ({_date(last)})", param="from")
+    return first, last
+
+
+Row = tuple[Identity, list[int]]
+
+
+class _Reader:
+    """Identities in creation order with their sums over the days, a page at a time."""
+
+    def __init__(self, store: IdentityStore, first: int, last: int) -> None:
+        self.store = store
+        self.fields = [f"{d}:{c}" for d in range(first, last + 1) for c in _COUNTERS]
+        self.bound: bytes | None = b"-"
+
+    async def page(self) -> list[Row]:
+        """The next page's identities that have usage in the range; [] at the end (and,
+        rarely, for a page where none has)."""
+        if self.bound is None:
+            return []
+        store = self.store
+        try:
+            members = cast(
+                list[bytes],
+                await store.client.zrangebylex(
+                    store.keys.order, self.bound, b"+", start=0, num=PAGE
+                ),
+            )
+            # Past the last member read, whether or not it is deleted meanwhile.
+            self.bound = b"(" + members[-1] if len(members) == PAGE else None
+            found = await store._records([m[:26].decode() for m in members], False)
+            pipe = store.client.pipeline(transaction=False)
+            for identity in found:
+                pipe.hmget(store.keys.usage_days(identity.id), self.fields)
+            replies = await pipe.execute() if found else []
+        except StoreUnavailable:
+            raise
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"usage store unavailable: {type(exc).__name__}") from exc
+        rows = []
+        for identity, values in zip(found, replies, strict=True):
+            sums = [0] * _WIDTH
+            for i, value in enumerate(values):
+                if value:
+                    sums[i % _WIDTH] += int(value)
+            if any(sums):
+                rows.append((identity, sums))
+        return rows
+
+    async def rows(self, first_page: list[Row]) -> AsyncIterator[list[Row]]:
+        page = first_page
+        while True:
+            if page:
+                yield page
+            if self.bound is None:
+                return
+            page = await self.page()
+
+
+def _identity_row(identity: Identity, sums: list[int]) -> IdentityUsage:
+    return IdentityUsage(
+        id=identity.id,
+        external_id=identity.external_id,
+        display_name=identity.display_name,
+        **_sums_fields(sums),
+    )
+
+
+async def _by_tag(reader: _Reader, first_page: list[Row]) -> list[TagUsage]:
+    totals: dict[str, tuple[int, list[int]]] = {}
+    async for page in reader.rows(first_page):
+        for identity, sums in page:
+            for tag in identity.tags or (UNTAGGED,):
+                count, tag_sums = totals.get(tag) or (0, [0] * _WIDTH)
+                totals[tag] = (count + 1, [a + b for a, b in zip(tag_sums, sums, strict=True)])
+    return [
+        TagUsage(tag=tag, identities=count, **_sums_fields(sums))
+        for tag, (count, sums) in sorted(totals.items())
+    ]
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def _json(
+    export: UsageExport, reader: _Reader, first_page: list[Row]
+) -> AsyncIterator[bytes]:
+    head = _encode(export)
+    assert head.endswith(b"[]}")
+    yield head[:-2]
+    if export.group_by == "tag":
+        rows: list[Any] = await _by_tag(reader, first_page)
+        yield b",".join(_encode(row) for row in rows)
+    else:
+        separator = b""
+        async for page in reader.rows(first_page):
+            yield separator + b",".join(_encode(_identity_row(*row)) for row in page)
+            separator = b","
+    yield b"]}"
+
+
+def _csv_header(group_by: str) -> list[str]:
+    kind = IdentityUsage if group_by == "identity" else TagUsage
+    return [field.encode_name for field in msgspec.structs.fields(kind)]
+
+
+def _csv_lines(rows: list[Any]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    for row in rows:
+        writer.writerow("" if v is None else v for v in msgspec.structs.astuple(row))
+    return out.getvalue().encode()
+
+
+async def _csv(group_by: str, reader: _Reader, first_page: list[Row]) -> AsyncIterator[bytes]:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow(_csv_header(group_by))
+    yield out.getvalue().encode()
+    if group_by == "tag":
+        yield _csv_lines(await _by_tag(reader, first_page))
+        return
+    async for page in reader.rows(first_page):
+        yield _csv_lines([_identity_row(*row) for row in page])
+
+
+@dataclass
+class _JsonOrCsv(Operation):
+    """The 200 answer is documented as JSON; `format=csv` gives CSV."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+            ok.content["text/csv"] = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+
+
+class UsageController(Controller):
+    path = PREFIX
+    tags = ["usage"]
+    guards = [admin_guard]
+
+    @get(
+        operation_id="exportUsage",
+        operation_class=_JsonOrCsv,
+        responses={
+            200: ResponseSpec(UsageExport, generate_examples=False, description="The usage"),
+            400: ResponseSpec(ErrorResponse, generate_examples=False, description="Invalid"),
+        },
+    )
+    async def export(
+        self,
+        request: Request[Any, Any, Any],
+        group_by: FromQuery[Literal["identity", "tag"]] = "identity",
+        from_: Annotated[
+            str | None,
+            QueryParameter(name="from", max_length=10, description="first UTC day, YYYY-MM-DD"),
+        ] = None,
+        to: Annotated[
+            str | None, QueryParameter(max_length=10, description="last UTC day, YYYY-MM-DD")
+        ] = None,
+        format: FromQuery[Literal["json", "csv"]] = "json",
+    ) -> Stream:
+        """Requests, errors, tokens and cost per identity or per tag over UTC days, both
+        included (default: the 30 days up to `to`, today by default, as the identities'
+        metrics); kept 32 days. Groups without usage in the range are left out. Per tag, an
+        identity with several tags counts under each; identities without tags are under
+        `(untagged)`."""
+        for name in request.query_params:
+            if name not in PARAMS:
+                raise InvalidRequest(f"unknown parameter {name[:64]!r}", param=name[:64])
+        store: IdentityStore = request.app.state.identity_store
+        first, last = day_range(from_, to, store.clock())
+        reader = _Reader(store, first, last)
+        first_page = await reader.page()  # a store that is down is a 503, not a cut stream
+        headers = {"cache-control": "no-store"}
+        if group_by == "tag":
+            headers["x-sidecar-note"] = TAG_NOTE
+        if format == "csv":
+            name = f"usage-by-{group_by}-{_date(first)}-{_date(last)}.csv"
+            headers["content-disposition"] = f'attachment; filename="{name}"'
+            return Stream(
+                _csv(group_by, reader, first_page),
+                media_type="text/csv; charset=utf-8",
+                headers=headers,
+            )
+        export = UsageExport(
+            group_by=group_by,
+            from_=_date(first),
+            to=_date(last),
+            note=TAG_NOTE if group_by == "tag" else None,
+            data=[],
+        )
+        return Stream(
+            _json(export, reader, first_page), media_type="application/json", headers=headers
+        )

@@ -1,0 +1,301 @@
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.response import Response
+from redis.exceptions import RedisError
+
+from sidecar.api.auth import bearer, token_matches
+from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError, StoreUnavailable
+from sidecar.identity import model
+from sidecar.identity.store import IdentityStore
+from sidecar.quota.limiter import PolicyUsage
+from sidecar.quota.policy import choose
+from sidecar.ui import detail, pages
+from sidecar.ui.forms import BadForm, NewIdentity, first, parse
+from sidecar.ui.render import identity_path, message_page, page, query, redirect
+from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
+from sidecar.usage.reader import series
+
+log = logging.getLogger("sidecar.ui")
+
+Store = NamedDependency[IdentityStore]
+T = TypeVar("T")
+
+PREFIX = "/ui/identities/"
+PAGE_SIZE = 25
+SORTS = {"newest": "created", "cost": "cost", "requests": "requests", "error_rate": "error_rate"}
+_NEXT = re.compile(r"/ui(?:[/?][!-~]*)?")  # where a sign-in may send the browser back to
+
+
+class Auth(msgspec.Struct):
+    session: str | None  # None: the admin token came in an Authorization header
+    csrf: str | None  # the session's form token
+
+
+class LoginRequired(Exception):
+    def __init__(self, back_to: str) -> None:
+        super().__init__(back_to)
+        self.back_to = back_to
+
+
+class Forbidden(Exception):
+    """A form post without this session's CSRF token, or from another site."""
+
+
+async def _store(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+
+def _sessions(request: Request[Any, Any, Any], store: IdentityStore) -> Sessions:
+    state = request.app.state
+    sessions: Sessions | None = state.get("ui_sessions")
+    if sessions is None:
+        sessions = state.ui_sessions = Sessions(store.client, store.keys, state.admin_token)
+    return sessions
+
+
+def _here(request: Request[Any, Any, Any]) -> str:
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    path = raw.split(b"?", 1)[0].decode("latin-1")
+    qs: bytes = request.scope.get("query_string", b"")
+    return path + ("?" + qs.decode("latin-1") if qs else "")
+
+
+def _back_to(value: str) -> str:
+    return value if _NEXT.fullmatch(value) and "\\" not in value else "/ui"
+
+
+def _cookie(request: Request[Any, Any, Any], value: str, max_age: int) -> Cookie:
+    return Cookie(
+        key=COOKIE,
+        value=value,
+        path="/ui",
+        max_age=max_age,
+        httponly=True,
+        samesite="strict",
+        secure=is_https(request.scope.get("scheme", "http"), request.headers),
+    )
+
+
+def _ref(request: Request[Any, Any, Any]) -> str | None:
+    """The identity of `/ui/identities/{ref}` (None for the New Identity form's own path),
+    read from the raw path so that an encoded '/' stays inside the id."""
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    segment = raw.split(b"?", 1)[0].decode("latin-1")[len(PREFIX) :]
+    if segment == "new":
+        return None
+    if not segment or "/" in segment:
+        raise NotFound(f"no page at {request.url.path}")
+    try:
+        ref = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the identity in the address is not valid UTF-8") from None
+    if not ref or len(ref) > model.MAX_ID:
+        raise NotFound(f"no identity {ref[:64]!r}")
+    return ref
+
+
+def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+    """Errors as pages: a sign-in is a redirect, the rest a short page with the status."""
+    if isinstance(exc, LoginRequired):
+        return redirect("/ui/login" + query(next=exc.back_to))
+    if isinstance(exc, Forbidden):
+        return message_page(
+            "Refused",
+            "This form was not sent by this dashboard (a missing or stale form token, or "
+            "another site's page). Reload the page and try again.",
+            403,
+        )
+    if isinstance(exc, BadForm):
+        return message_page("Invalid form", str(exc), 400)
+    if isinstance(exc, SidecarError):
+        return message_page(exc.type.replace("_", " ").capitalize(), exc.message, exc.status)
+    if isinstance(exc, ValidationException):
+        return message_page("Invalid request", str(exc.detail), 400)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        message = "No such page." if status == 404 else str(exc.detail)
+        response = message_page(f"Error {status}", message, status)
+        response.headers.update(exc.headers or {})
+        return response
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return message_page("Internal error", "Something went wrong; see the sidecar's log.", 500)
+
+
+class DashboardController(Controller):
+    """The dashboard's pages, server-rendered; see README "Dashboard"."""
+
+    path = "/ui"
+    include_in_schema = False
+    exception_handlers = {Exception: ui_error}
+
+    # -- signing in ---------------------------------------------------------------------
+
+    async def _auth(self, request: Request[Any, Any, Any], store: IdentityStore) -> Auth | None:
+        header = request.headers.get("authorization")
+        if header is not None and token_matches(bearer(header), request.app.state.admin_token):
+            return Auth(session=None, csrf=None)
+        sessions = _sessions(request, store)
+        session = await _store(sessions.check(request.cookies.get(COOKIE)))
+        return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
+
+    async def _signed_in(self, request: Request[Any, Any, Any], store: IdentityStore) -> Auth:
+        auth = await self._auth(request, store)
+        if not same_origin(request.headers):
+            raise Forbidden()
+        if auth is None:
+            raise LoginRequired(_here(request))
+        return auth
+
+    async def _form(
+        self, request: Request[Any, Any, Any], store: IdentityStore
+    ) -> tuple[Auth, dict[str, list[str]]]:
+        """A form post of a signed-in user: from this site, with the session's CSRF token."""
+        auth = await self._signed_in(request, store)
+        fields = parse(await request.body(), request.headers.get("content-type", ""))
+        if auth.session is not None and not _sessions(request, store).csrf_matches(
+            auth.session, first(fields, "csrf")
+        ):
+            raise Forbidden()
+        return auth, fields
+
+    @get("/login", operation_id="uiLoginForm")
+    async def login_form(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        back_to = _back_to(request.query_params.get("next", "/ui"))
+        if await self._auth(request, store) is not None:
+            return redirect(back_to)
+        return page("Sign in", pages.login(next_path=back_to), nav=False)
+
+    @post("/login", operation_id="uiLogin")
+    async def login(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        try:
+            fields = parse(await request.body(), request.headers.get("content-type", ""))
+        except BadForm as exc:
+            return page("Sign in", pages.login(error=str(exc)), status=400, nav=False)
+        if not same_origin(request.headers):
+            raise Forbidden()
+        back_to = _back_to(first(fields, "next"))
+        if not token_matches(first(fields, "token"), request.app.state.admin_token):
+            body = pages.login(error="That is not the admin token.", next_path=back_to)
+            return page("Sign in", body, status=401, nav=False)
+        value = await _store(_sessions(request, store).open())
+        return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])
+
+    @post("/logout", operation_id="uiLogout")
+    async def logout(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        auth, _ = await self._form(request, store)
+        if auth.session is not None:
+            await _store(_sessions(request, store).close(auth.session))
+        return redirect("/ui/login", cookies=[_cookie(request, "", 0)])
+
+    # -- pages ----------------------------------------------------------------------------
+
+    @get("/", operation_id="uiIdentities")
+    async def identities(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        auth = await self._signed_in(request, store)
+        params = request.query_params
+        search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
+        sort = params.get("sort") or "newest"
+        after, before = params.get("after") or None, params.get("before") or None
+        limit_text = params.get("limit") or str(PAGE_SIZE)
+        if sort not in SORTS:
+            raise InvalidRequest(f"sort must be one of {', '.join(SORTS)}")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+            raise InvalidRequest("limit must be a number from 1 to 200")
+        if after and before:
+            raise InvalidRequest("send after or before, not both")
+        for text in (search, tag):
+            if len(text) > 255 or model.has_control(text):
+                raise InvalidRequest("search and tag: at most 255 printable characters")
+        limit = int(limit_text)
+        found = await store.page(
+            limit=limit,
+            starting_after=after,
+            ending_before=before,
+            search=search or None,
+            tags=[tag] if tag else (),
+            include_metrics=True,
+            sort=SORTS[sort],
+        )
+        ids = [identity.id for identity in found.data]
+        sources = await _store(self._last_sources(store, ids))
+        rows = [pages.Row(i, s) for i, s in zip(found.data, sources, strict=True)]
+        base: dict[str, str | None] = {
+            "q": search,
+            "tag": tag,
+            "sort": None if sort == "newest" else sort,
+            "limit": None if limit == PAGE_SIZE else str(limit),
+        }
+        backward = before is not None
+        has_previous = found.has_more if backward else after is not None
+        has_next = True if backward else found.has_more
+        listing = pages.Listing(
+            rows=rows,
+            search=search,
+            tag=tag,
+            sort=sort,
+            previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
+            next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
+        )
+        return page("Identities", pages.identities(listing), csrf=auth.csrf)
+
+    async def _last_sources(self, store: IdentityStore, ids: list[str]) -> list[str | None]:
+        if not ids:
+            return []
+        pipe = store.client.pipeline(transaction=False)
+        for identity_id in ids:
+            pipe.hget(store.keys.usage_days(identity_id), "s:src")
+        return [v.decode() if v else None for v in await pipe.execute()]
+
+    @get("/identities/{ref:path}", operation_id="uiIdentity")
+    async def identity(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        auth = await self._signed_in(request, store)
+        ref = _ref(request)
+        if ref is None:
+            return self._new_form(NewIdentity(), auth, 200)
+        found = await store.get(ref, include_metrics=True)
+        if found is None:
+            raise NotFound(f"no identity with external id {ref!r}")
+        usage_series = await _store(
+            series(store.client, store.keys, found.id, "day", store.clock())
+        )
+        quota = request.app.state.runtime.quota
+        policy = choose(quota.policies, found.external_id, found.tags, found.metadata)
+        usage: PolicyUsage | None = None
+        if policy is not None and (policy.limits or policy.concurrency):
+            usage = await _store(quota.limiter.usage(found.id, policy))
+        body = detail.identity_page(found, usage_series, policy, usage)
+        return page(found.display_name or found.external_id, body, csrf=auth.csrf)
+
+    @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
+    async def create(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+        if _ref(request) is not None:
+            raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
+        auth, fields = await self._form(request, store)
+        form = NewIdentity.from_fields(fields)
+        checked = form.validate()
+        if checked is None:
+            return self._new_form(form, auth, 400)
+        try:
+            made = await store.create(*checked)
+        except Conflict:
+            form.errors["external_id"] = "an identity with this external id already exists"
+            return self._new_form(form, auth, 409)
+        return redirect(identity_path(made.external_id, made.id))
+
+    def _new_form(self, form: NewIdentity, auth: Auth, status: int) -> Response[str]:
+        body = pages.new_identity(form, auth.csrf or "")
+        return page("New Identity", body, csrf=auth.csrf, status=status, script=pages.ADD_ROW_JS)
