@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from tests.proxy.conftest import Env, MakeEnv
 from tests.redis_server import RedisServer
 
 TIMEOUT_MS = 100
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "faults"
 KNOWN = [f"known-{n}" for n in range(4)]  # seen before the fault
 CONCURRENCY = 6
 
@@ -82,6 +84,7 @@ async def client(aof_redis: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def run_fault(
+    name: str,
     make_env: MakeEnv,
     client: Redis,
     tmp_path: Path,
@@ -125,16 +128,44 @@ async def run_fault(
         assert time.monotonic() < deadline, "the spool was not replayed"
         await asyncio.sleep(0.1)
     await env.settle()
+    counted: dict[str, tuple[int, int]] = {}
+    for who in traffic.answered:
+        metrics = await env.metrics(who)
+        requests, tokens = baseline.get(who, (0, 0))
+        counted[who] = (metrics["total_requests"] - requests, metrics["total_tokens"] - tokens)
+    report(name, traffic, window, counted)
     # Every request a client saw answered is counted exactly once, tokens too.
     assert not traffic.failed
     for who, answered in traffic.answered.items():
-        metrics = await env.metrics(who)
-        requests, tokens = baseline.get(who, (0, 0))
-        assert (metrics["total_requests"], metrics["total_tokens"]) == (
-            requests + answered,
-            tokens + traffic.tokens[who],
-        ), who
+        assert counted[who] == (answered, traffic.tokens[who]), who
     return env, traffic, window
+
+
+def report(
+    name: str, traffic: Traffic, window: tuple[float, float], counted: dict[str, tuple[int, int]]
+) -> None:
+    """The fault's figures, in tests/artifacts/faults/<name>.json (bench/RESULTS.md quotes
+    them): requests served during it, usage lost and counted twice, latency during it."""
+    during = sorted(s for began, s in traffic.latencies if window[0] <= began <= window[1])
+    lost = sum(max(0, n - counted.get(who, (0, 0))[0]) for who, n in traffic.answered.items())
+    twice = sum(max(0, counted.get(who, (0, 0))[0] - n) for who, n in traffic.answered.items())
+    figures = {
+        "fault_s": round(window[1] - window[0], 2),
+        "requests_answered": sum(traffic.answered.values()),
+        "requests_during_fault": len(during),
+        "requests_failed": sum(traffic.failed.values()),
+        "identities": len(traffic.answered),
+        "usage_lost": lost,
+        "usage_counted_twice": twice,
+        "tokens_answered": sum(traffic.tokens.values()),
+        "tokens_counted": sum(t for _, t in counted.values()),
+        "p50_ms_during_fault": round(1000 * during[len(during) // 2], 2) if during else None,
+        "p99_ms_during_fault": round(1000 * during[int(len(during) * 0.99)], 2) if during else None,
+        "max_ms_during_fault": round(1000 * during[-1], 2) if during else None,
+        "timeout_ms": TIMEOUT_MS,
+    }
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def p99_within(traffic: Traffic, window: tuple[float, float]) -> float:
@@ -154,7 +185,7 @@ async def test_redis_paused_for_five_seconds(
         aof_redis.resume()
         return began, time.monotonic()
 
-    env, traffic, window = await run_fault(make_env, client, tmp_path, pause)
+    env, traffic, window = await run_fault("redis-paused", make_env, client, tmp_path, pause)
     health = (await env.api.get("/healthz")).json()
     assert (health["usage_waiting"], health["spool_bytes"], health["usage_dropped"]) == (0, 0, 0)
     recorder = env.app.state.runtime.attribution.recorder
@@ -175,7 +206,9 @@ async def test_redis_killed_and_restarted_from_its_append_only_file(
         aof_redis.start()
         return began, time.monotonic()
 
-    env, traffic, window = await run_fault(make_env, client, tmp_path, crash_and_restart)
+    env, traffic, window = await run_fault(
+        "redis-killed", make_env, client, tmp_path, crash_and_restart
+    )
     recorder = env.app.state.runtime.attribution.recorder
     assert recorder.spool.replayed > 0, "usage went through the spool"
     assert recorder.dropped == 0
