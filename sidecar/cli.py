@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,10 @@ def app_from_env() -> object:
     return create_app(settings, admin_token=token)
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(args: argparse.Namespace) -> int:
     from sidecar.store.connect import embedded
 
@@ -99,6 +104,10 @@ def serve(args: argparse.Namespace) -> int:
         log.info("admin token read from %s", settings.data_path / TOKEN_FILE)
     token = admin_token(settings, create=True)
     logs.redact(token)
+    # uvicorn handles SIGTERM (draining), then raises it again once it has shut down, for a
+    # supervisor to see; that second one must not kill this process before the embedded store
+    # is stopped below.
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         _run_server(settings, token)
     finally:

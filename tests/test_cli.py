@@ -56,7 +56,9 @@ def test_check_config_reads_config_toml_in_the_working_folder(tmp_path: Path) ->
 
 
 @contextmanager
-def serving(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+def serving(
+    tmp_path: Path, port: int, stop: signal.Signals = signal.SIGINT
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     env = clean_env(SIDECAR_DATA_DIR=str(tmp_path / "data"), SIDECAR_PORT=str(port))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve"], cwd=tmp_path, env=env,
@@ -81,7 +83,7 @@ def serving(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], 
     try:
         yield proc, lines
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         rest, _ = proc.communicate(timeout=20)
         lines += rest.splitlines()
 
@@ -89,7 +91,7 @@ def serving(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen[str], 
 def test_serve_on_the_embedded_store_keeps_identities_across_restarts(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with serving(tmp_path, port) as (proc, lines):
+    with serving(tmp_path, port, stop=signal.SIGTERM) as (proc, lines):  # as Docker stops it
         token_lines = [line for line in lines if "shown once" in line]
         assert len(token_lines) == 1, lines
         token = token_lines[0].rsplit(" ", 1)[1]
