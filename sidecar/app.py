@@ -283,6 +283,12 @@ class Sidecar:
                 spool.replayed if spool is not None else 0,
             ),
             Sample(
+                "sidecar_ranking_index_errors_total",
+                "counter",
+                "Updates of the top-spenders index that failed (it orders the list only)",
+                recorder.index_errors,
+            ),
+            Sample(
                 "sidecar_usage_dropped_total",
                 "counter",
                 "Usage entries given up (memory or spool full)",

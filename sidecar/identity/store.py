@@ -342,9 +342,7 @@ class IdentityStore:
 
         def queue(pipe: Any) -> None:
             for identity_id in ids:
-                pipe.zrangebylex(
-                    self.keys.order, f"[{identity_id}\0", f"({identity_id}\1", 0, 1
-                )
+                pipe.zrangebylex(self.keys.order, f"[{identity_id}\0", f"({identity_id}\1", 0, 1)
 
         replies = await self._pipeline(queue, [])
         return [

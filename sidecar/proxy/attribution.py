@@ -80,6 +80,27 @@ class Attribution:
             return known
         return None
 
+    def cached(self, resolved: Resolved) -> tuple[str | None, bool]:
+        """The `_id` this process knows for the identity (None: unknown), and whether the
+        body's profile is still to be written (new, changed, or last written over
+        PROFILE_REFRESH_S ago). With an `_id` at hand, that write need not hold the request
+        up: see `refresh`."""
+        known = self.store.known_id(resolved.external_id)
+        if known is None:
+            return None, True
+        if resolved.profile is None:
+            return known, False
+        seen = self._written.get(resolved.external_id)
+        fresh = seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]
+        return known, not fresh
+
+    async def refresh(self, resolved: Resolved) -> None:
+        """Write a known identity's body profile, after its request was answered."""
+        try:
+            await self.identify(resolved)
+        except STORE_ERRORS as exc:  # the next request with it tries again
+            log.warning("profile of %s not written now: %s", resolved.external_id, exc)
+
     async def identify(self, resolved: Resolved) -> str:
         """The `_id` to count under: a body identity upserts; the others get a bare record
         when unknown and never change an existing one.

@@ -75,7 +75,7 @@ class BodyTooLarge(Exception):
 class _Meter:
     """What the proxy knows of a metered request while it forwards it."""
 
-    __slots__ = ("decision", "identity", "kind", "model", "resolved", "strip")
+    __slots__ = ("decision", "identity", "kind", "model", "refresh", "resolved", "strip")
 
     def __init__(
         self,
@@ -94,6 +94,7 @@ class _Meter:
         self.identity = identity
         self.strip = strip
         self.model = model  # as requested; the response's own name wins when it has one
+        self.refresh = False  # the body profile is written once the response is out
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -219,7 +220,9 @@ class InlineProxy:
             if strip or resolved.source is Source.BODY:
                 body = _encode(payload)  # without the identity object, with stream_options
         attribution = self.runtime.attribution
-        known = attribution.known(resolved)
+        # A known identity whose body profile is due to be written again is counted under the
+        # _id at hand, and the write waits until the response is out (see _after).
+        known, refresh = attribution.cached(resolved)
         decision: Decision | None = None
         identity: str | asyncio.Task[str] | None
         if self.runtime.quota.active:
@@ -239,6 +242,7 @@ class InlineProxy:
         requested = payload.get("model") if payload is not None else None
         model = requested if isinstance(requested, str) else None
         meter = _Meter(resolved, kind, identity, strip, model, decision)
+        meter.refresh = refresh and known is not None
         await self._forward(scope, send, body, self._headers(scope, resolved), meter)
 
     async def _refuse(
@@ -418,6 +422,8 @@ class InlineProxy:
         if UNPRICED in counters and self.runtime.metrics is not None:
             self.runtime.metrics.unpriced(model)
         decision = meter.decision
+        if meter.refresh:
+            self.runtime.spawn(attribution.refresh(resolved))
         if meter.identity is None:
             attribution.add(None, resolved, counters)
             return

@@ -45,6 +45,23 @@ class Script:
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+def _resp(args: list[Any]) -> bytes:
+    """A command in RESP, for strings, bytes and ints: what the client's general packer does,
+    in a fraction of its time (it runs once per limit check)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class Coalescer:
     """Calls of one script, written to Redis in batches: a call made while none is in flight
     goes out at once, from its caller's task; calls made while one is in flight wait for it and
@@ -120,10 +137,12 @@ class Coalescer:
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             for attempt in range(2):
-                commands = [
-                    ("EVALSHA", self.script.sha, len(keys), *keys, *args) for keys, args in batch
-                ]
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                sha = self.script.sha
+                assert sha is not None
+                packed = b"".join(
+                    _resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in batch
+                )
+                await conn.send_packed_command([packed], check_health=False)
                 results: list[Any] = []
                 for _ in batch:
                     try:

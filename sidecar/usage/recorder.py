@@ -89,6 +89,7 @@ class Recorder:
         self.resolver: Resolver | None = None
         self.forget: Forget | None = None
         self._record = Script("sidecar.usage.lua", "record", prelude=buckets.COUNTERS_LUA)
+        self._rank_script = Script("sidecar.usage.lua", "rank")
         self._seq = 0
         # (_id or "" when unknown, external id or "", hour) -> what waits
         self._pending: dict[tuple[str, str, int], Entry] = {}
@@ -426,17 +427,16 @@ class Recorder:
         while self._ranks:
             ranks, self._ranks = self._ranks, {}
             now = self.clock()
-            pipe = self.client.pipeline(transaction=False)
-            lifetimes: dict[str, int] = {}
+            by_day: dict[int, list[str]] = {}
             for (counter, day, identity), n in ranks.items():
-                key = self.keys.top(counter, day)
-                pipe.zincrby(key, n, identity)
-                # Relative to this process's clock, like the hour buckets' lifetime.
-                lifetimes[key] = max(1, int((day + 1) * buckets.DAY + TOP_TTL_S - now))
-            for key, lifetime in lifetimes.items():
-                pipe.expire(key, lifetime)
+                by_day.setdefault(day, []).append(f"{counter} {identity} {n}")
             try:
-                await pipe.execute()
+                for day, increments in by_day.items():
+                    keys = [self.keys.top(counter, day) for counter in RANKED]
+                    # Relative to this process's clock, like the hour buckets' lifetime.
+                    lifetime = max(1, int((day + 1) * buckets.DAY + TOP_TTL_S - now))
+                    args = [" ".join(RANKED), lifetime, " ".join(increments)]
+                    await self._rank_script(self.client, keys, args)
             except STORE_ERRORS as exc:
                 self.index_errors += 1
                 log.warning(

@@ -17,11 +17,13 @@ local n = #limits
 local now = tonumber(ARGV[2])
 local counts = {}
 local refused = false
+local buckets = {}
+if n > 0 then buckets = redis.call('MGET', unpack(KEYS, 1, 2 * n)) end
 for i = 1, n do
   local kind, amount, window, elapsed = limits[i][1], limits[i][2], limits[i][3], limits[i][4]
-  local current = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  local current = tonumber(buckets[2 * i - 1] or '0')
   local previous = 0
-  if window > 0 then previous = tonumber(redis.call('GET', KEYS[2 * i]) or '0') end
+  if window > 0 then previous = tonumber(buckets[2 * i] or '0') end
   local used = current
   if window > 0 then used = previous * (window - elapsed) / window + current end
   if kind == 'r' then
@@ -48,7 +50,8 @@ end
 for i = 1, n do
   if limits[i][1] == 'r' then
     counts[2 * i] = redis.call('INCR', KEYS[2 * i - 1])
-    redis.call('EXPIRE', KEYS[2 * i - 1], limits[i][5])
+    -- Whoever creates a bucket gives it its lifetime (record.lua does for the charges).
+    if counts[2 * i] == 1 then redis.call('EXPIRE', KEYS[2 * i - 1], limits[i][5]) end
   end
 end
 if concurrency > 0 then
