@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import http.client
@@ -104,6 +105,7 @@ class Options:
     sidecar_config: str | None = None
     sidecar_env: list[str] = field(default_factory=list)
     soak: int = 0
+    wrk_sequential: int = 5  # seconds of wrk -c1 per target and run (0: skip)
     rss_interval: float = 1.0
     targets: tuple[str, ...] = TARGETS
     log_dir: str | None = None
@@ -1318,6 +1320,37 @@ def check_alive(ctx: Context) -> None:
         raise RuntimeError(f"the sidecar {exit_status(proc)}:\n{proc.log_tail()}")
 
 
+def wrk_sequential(ctx: Context, index: int) -> dict[str, Any]:
+    """Sequential requests from a client that costs next to nothing: wrk, one thread, one
+    keep-alive connection, the body-identity chat bodies, each target in turn (order rotated
+    per run). The issue's reference floor (a bare aiohttp pass-through adds 0.14 ms) was
+    measured this way; the Python client above shares the two cores with what it measures."""
+    opts = ctx.opts
+    one = dataclasses.replace(opts, threads=1, connections=1)
+    log(f"run {index + 1}: wrk -c1 -d{opts.wrk_sequential}s against each target")
+    out: dict[str, Any] = {}
+    for target in rotated(ctx.targets, index):
+        figures, _ = run_wrk(target.port, CHAT_PATH, ctx.bodies_file, one, opts.wrk_sequential)
+        out[target.name] = {
+            "requests": figures.get("requests"),
+            "p50_ms": figures.get("p50_ms"),
+            "p99_ms": figures.get("p99_ms"),
+            "http_errors": figures.get("http_errors", 0),
+        }
+        if target.name == "sidecar":
+            ctx.metered_sent_to_sidecar += int(figures.get("requests", 0)) - int(
+                figures.get("http_errors", 0)
+            )
+    check_alive(ctx)
+    direct = out.get("direct")
+    if direct:
+        for name, figures in out.items():
+            if name != "direct":
+                figures["added_p50_ms"] = rnd(figures["p50_ms"] - direct["p50_ms"])
+                figures["added_p99_ms"] = rnd(figures["p99_ms"] - direct["p99_ms"])
+    return out
+
+
 def run_once(ctx: Context, index: int) -> dict[str, Any]:
     opts = ctx.opts
     run: dict[str, Any] = {"index": index, "loadavg_start": list(os.getloadavg())}
@@ -1333,6 +1366,8 @@ def run_once(ctx: Context, index: int) -> dict[str, Any]:
             ctx.metered_sent_to_sidecar += latency[name]["sidecar"]["answered"]
     run["latency"] = latency
     run["added_latency"] = {name: added_latency(latency[name]) for name in SEQUENTIAL_SCENARIOS}
+    if opts.wrk_sequential > 0 and wrk_binary() is not None:
+        run["wrk_sequential"] = wrk_sequential(ctx, index)
 
     log(f"run {index + 1}: {opts.streams} streams per target")
     with collector_paused():
@@ -1611,6 +1646,13 @@ def total(summary: Mapping[str, Mapping[str, Any]], key: str) -> str:
     return "-" if not entry else f"{sum(entry['runs']):,.0f}"
 
 
+def spread(values: Sequence[float]) -> str:
+    """Median (min-max) of a few runs."""
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -1734,6 +1776,25 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             "many of those floors the sidecar costs.",
             "",
         ]
+
+    wrk_runs = [r["wrk_sequential"] for r in result.get("runs", []) if r.get("wrk_sequential")]
+    if wrk_runs:
+        out += [
+            "### 1b. The same with wrk as the client",
+            "",
+            f"`wrk -t1 -c1 -d{opts.get('wrk_sequential')}s --latency` with the body-identity chat "
+            "bodies, each target in turn: a client that costs next to nothing, as the issue's "
+            "reference floor was measured. Milliseconds; median (range) over the runs.",
+            "",
+        ]
+        rows = []
+        for name in [t for t in TARGETS if any(t in r for r in wrk_runs)]:
+            cells = [name]
+            for key in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"):
+                values = [r[name][key] for r in wrk_runs if name in r and key in r[name]]
+                cells.append(spread(values) if values else "-")
+            rows.append(cells)
+        out += table(["target", "p50", "p99", "added p50", "added p99"], rows)
 
     out += [
         "## 2. Saturation",
@@ -2059,6 +2120,12 @@ def parser() -> argparse.ArgumentParser:
         help="seconds of wrk load on the sidecar with RSS sampled (0 = no soak)",
     )
     p.add_argument(
+        "--wrk-sequential",
+        type=_non_negative,
+        default=5,
+        help="seconds of wrk with one connection per target and run (0 = skip)",
+    )
+    p.add_argument(
         "--rss-interval", type=_interval, default=1.0, help="seconds between RSS samples"
     )
     p.add_argument(
@@ -2103,6 +2170,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         sidecar_config=args.sidecar_config,
         sidecar_env=list(args.sidecar_env),
         soak=args.soak,
+        wrk_sequential=args.wrk_sequential,
         rss_interval=args.rss_interval,
         targets=targets,
         log_dir=args.log_dir,
