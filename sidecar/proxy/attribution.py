@@ -72,13 +72,8 @@ class Attribution:
 
     def known(self, resolved: Resolved) -> str | None:
         """The `_id`, when nothing needs writing first (see `identify`)."""
-        known = self.store.known_id(resolved.external_id)
-        if known is None or resolved.profile is None:
-            return known
-        seen = self._written.get(resolved.external_id)
-        if seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]:
-            return known
-        return None
+        known, stale = self.cached(resolved)
+        return None if stale else known
 
     def cached(self, resolved: Resolved) -> tuple[str | None, bool]:
         """The `_id` this process knows for the identity (None: unknown), and whether the

@@ -153,10 +153,6 @@ class Quota:
         assert not isinstance(policy, _Missing)
         return policy
 
-    async def admit(self, identity_id: str, resolved: Resolved, request_id: str) -> Decision:
-        policy = await self.policy_for(identity_id, resolved)
-        return await self.limiter.admit(identity_id, policy, request_id)
-
     async def admit_request(
         self, resolved: Resolved, known: str | None, identify: Identify, request_id: str
     ) -> tuple[str | None, Decision]:

@@ -14,6 +14,7 @@ from sidecar.app import Sidecar, create_app
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
+from tests.proxy.conftest import settle
 from tests.redis_cluster import LocalCluster, SentinelSet
 from tests.serving import ApiClient, serve
 
@@ -58,16 +59,7 @@ class Side:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="sk-upstream", max_retries=0)
 
     async def settle(self) -> None:
-        """Wait for the usage writes that run after each response."""
-        runtime = self.app.state.runtime
-        for _ in range(100):
-            tasks = list(runtime.tasks)
-            if tasks:
-                await asyncio.wait(tasks, timeout=5)
-            await runtime.attribution.recorder.drain()
-            if not runtime.tasks:
-                return
-        raise AssertionError("usage writes did not finish")
+        await settle(self.app)
 
     async def record(self, ref: str) -> dict[str, Any]:
         await self.settle()

@@ -17,6 +17,19 @@ from tests.redis_server import RedisServer
 from tests.serving import ApiClient, serve
 
 
+async def settle(app: Sidecar) -> None:
+    """Wait for the usage writes that run after each response."""
+    runtime = app.state.runtime
+    for _ in range(100):
+        tasks = list(runtime.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await runtime.attribution.recorder.drain()
+        if not runtime.tasks:
+            return
+    raise AssertionError("usage writes did not finish")
+
+
 @dataclass
 class Env:
     url: str  # the sidecar
@@ -26,16 +39,7 @@ class Env:
     redis: Redis
 
     async def settle(self) -> None:
-        """Wait for the usage writes that run after each response."""
-        runtime = self.app.state.runtime
-        for _ in range(100):
-            tasks = list(runtime.tasks)
-            if tasks:
-                await asyncio.wait(tasks, timeout=5)
-            await runtime.attribution.recorder.drain()
-            if not runtime.tasks:
-                return
-        raise AssertionError("usage writes did not finish")
+        await settle(self.app)
 
     async def metrics(self, external_id: str) -> dict[str, Any]:
         await self.settle()
