@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from sidecar.catalog import Catalog, open_catalog
 from sidecar.identity.model import Profile
-from sidecar.identity.store import IdentityStore
 from sidecar.store.keys import Keys
 from sidecar.usage import buckets
 from tests.redis_server import RedisServer, free_port
@@ -54,26 +54,26 @@ def typical_profile(n: int) -> Profile:
     )
 
 
-async def populate(store: IdentityStore, start: int, stop: int, concurrency: int) -> float:
+async def populate(store: Catalog, start: int, stop: int, concurrency: int) -> float:
     """Upsert identities start..stop-1 from one process; returns upserts per second."""
     queue = iter(range(start, stop))
 
     async def worker() -> None:
         for n in queue:
-            await store.upsert(f"user-{n:07d}", typical_profile(n))
+            await store.records.upsert(f"user-{n:07d}", typical_profile(n))
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return (stop - start) / (time.perf_counter() - began)
 
 
-async def update_rate(store: IdentityStore, count: int, total: int, concurrency: int) -> float:
+async def update_rate(store: Catalog, count: int, total: int, concurrency: int) -> float:
     ids = [random.randrange(total) for _ in range(count)]
     queue = iter(ids)
 
     async def worker() -> None:
         for n in queue:
-            await store.upsert(f"user-{n:07d}", typical_profile(n))
+            await store.records.upsert(f"user-{n:07d}", typical_profile(n))
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -194,7 +194,7 @@ async def raw_redis_rtt(redis: Redis) -> dict[str, float]:
     return summary(samples)
 
 
-async def seed_usage(redis: Redis, store: IdentityStore, count: int) -> None:
+async def seed_usage(redis: Redis, store: Catalog, count: int) -> None:
     """Thirty days of usage for the newest identities, as the recorder leaves it."""
     page = await store.page(limit=200)
     ids = [i.id for i in page.data][:count]
@@ -202,7 +202,7 @@ async def seed_usage(redis: Redis, store: IdentityStore, count: int) -> None:
     first, last = buckets.window(time.time())
     day = {"r": 10, "e": 1, "i": 5000, "o": 1000, "c": 123456}
     for identity_id in ids:
-        key = store.keys.usage_days(identity_id)
+        key = store.records.keys.usage_days(identity_id)
         for d in range(first, last + 1):
             pipe.hset(key, mapping={f"{d}:{k}": v for k, v in day.items()})
         sums: dict[str, int] = {f"s:{k}": v * 30 for k, v in day.items()}
@@ -217,8 +217,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         server = RedisServer(Path(tmp))
         server.start()
         redis = Redis.from_url(server.url)
-        store = IdentityStore(redis, Keys("sidecar"))
-        await store.load_scripts()
+        store = open_catalog(redis, Keys("sidecar"))
         try:
             base_memory = int((await redis.info("memory"))["used_memory"])
             checkpoints = sorted(
@@ -241,7 +240,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result["memory_bytes_per_identity_all_structures"] = round(used / args.identities)
             sample = (await store.page(limit=1)).data[0]
             result["memory_usage_record_key_bytes"] = await redis.memory_usage(
-                store.keys.identity(sample.id)
+                store.records.keys.identity(sample.id)
             )
             result["store_full_scan_search_ms_by_size"] = scans
             result["update_upserts_per_s"] = [

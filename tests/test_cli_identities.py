@@ -41,7 +41,7 @@ async def create(api: ApiClient, **fields: Any) -> dict[str, Any]:
     r = await api.post("/v2/identities", json=fields)
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()
-    api.app.state.identity_store.clock.advance(0.01)  # ULIDs of one ms do not sort
+    api.app.services.clock.advance(0.01)  # ULIDs of one ms do not sort
     return body
 
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from sidecar.metrics import MAX_MODELS, Histogram, Metrics
+from sidecar.observe.counters import MAX_MODELS, Counters, Histogram
+from sidecar.observe.prometheus import Exposition
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import MakeEnv, make_env
 from tests.redis_server import free_port
@@ -20,19 +21,44 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 _SAMPLE = re.compile(r"^([a-z_]+)(\{.*\})? (\S+)$")
 
 
-def parse(text: str) -> dict[str, float]:
+_LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
+
+
+def canonical(sample: str) -> str:
+    """`name{labels}` with its labels in name order: the text format leaves the order open."""
+    name, brace, labels = sample.partition("{")
+    if not brace:
+        return sample
+    pairs = sorted(_LABEL.findall(labels[:-1]))
+    return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
+
+
+class Samples(dict[str, float]):
+    """Samples by `name{labels}`, found whatever order a lookup writes the labels in."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(canonical(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(canonical(key))
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(canonical(key), default)
+
+
+def parse(text: str) -> Samples:
     """`name{labels}` -> value, for every sample line; every other line must be a comment."""
-    out: dict[str, float] = {}
+    out = Samples()
     for line in text.splitlines():
         if not line or line.startswith("# HELP ") or line.startswith("# TYPE "):
             continue
         match = _SAMPLE.match(line)
         assert match, f"not a sample line: {line!r}"
-        out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+        out[canonical(match.group(1) + (match.group(2) or ""))] = float(match.group(3))
     return out
 
 
-async def scrape(url: str) -> tuple[dict[str, float], str]:
+async def scrape(url: str) -> tuple[Samples, str]:
     async with httpx.AsyncClient(base_url=url) as client:  # no token: /metrics needs none
         r = await client.get("/metrics")
     assert r.status_code == 200, r.text
@@ -164,7 +190,7 @@ async def test_redis_failures_show_as_errors_and_spooled_usage(
                 "/v1/chat/completions", json=CHAT, headers={"X-ORQ-IDENTITY-ID": "who"}
             )
         assert r.status_code == 200  # on_error = "allow"
-        recorder = env.app.state.runtime.attribution.recorder
+        recorder = env.app.services.recorder
         for _ in range(200):
             if recorder.write_errors and recorder.spool.bytes:
                 break
@@ -181,7 +207,7 @@ async def test_redis_failures_show_as_errors_and_spooled_usage(
 
 async def test_metrics_off_is_a_404_and_the_proxy_still_works(make_env: MakeEnv) -> None:
     env = await make_env(server={"metrics": False})
-    assert env.app.metrics is None
+    assert env.app.services.counters is None
     async with httpx.AsyncClient(base_url=env.url) as client:
         r = await client.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 200
@@ -191,12 +217,12 @@ async def test_metrics_off_is_a_404_and_the_proxy_still_works(make_env: MakeEnv)
 
 
 def test_model_labels_are_capped_and_escaped() -> None:
-    metrics = Metrics()
+    metrics = Counters()
     for n in range(MAX_MODELS + 50):
         metrics.unpriced(f"model-{n}")
     metrics.unpriced("model-0")
     metrics.unpriced('odd"name\\with\nnewline')
-    samples = parse(metrics.render().decode())
+    samples = parse(Exposition(metrics).render().decode())
     models = {k: v for k, v in samples.items() if k.startswith("sidecar_unpriced_requests_total")}
     assert len(models) == MAX_MODELS + 1
     assert models['sidecar_unpriced_requests_total{model="model-0"}'] == 2
@@ -208,9 +234,9 @@ def test_histogram_buckets_are_inclusive_upper_bounds() -> None:
     h = Histogram((0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 1.0, 7.0):
         h.observe(value)
-    metrics = Metrics()
+    metrics = Counters()
     metrics.upstream = h
-    samples = parse(metrics.render().decode())
+    samples = parse(Exposition(metrics).render().decode())
     name = "sidecar_upstream_latency_seconds"
     assert samples[f'{name}_bucket{{le="0.1"}}'] == 2
     assert samples[f'{name}_bucket{{le="1.0"}}'] == 4

@@ -1,32 +1,37 @@
+"""The guards of the sidecar's own routes: the admin token (the API, the hooks' usage route)."""
+
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
 from sidecar.errors import Unauthorized
+from sidecar.tokens import bearer, token_matches
 
 
-def token_matches(given: str | None, expected: str) -> bool:
-    # Digests first, so that neither the length nor the content leaks through timing.
-    if given is None:
-        return False
-    a = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
-    b = hashlib.sha256(expected.encode("utf-8")).digest()
-    return hmac.compare_digest(a, b)
+class AdminGuard:
+    """`Authorization: Bearer <admin token>`."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def __call__(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        if not token_matches(bearer(connection.headers.get("authorization")), self.token):
+            raise Unauthorized("missing or invalid admin token (Authorization: Bearer <token>)")
 
 
-def bearer(value: str | None) -> str | None:
-    if not value:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+class HookGuard:
+    """`x-sidecar-token`: the hooks' Authorization header is the original client's."""
 
+    def __init__(self, token: str) -> None:
+        self.token = token
 
-async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    expected: str = connection.app.state.admin_token
-    if not token_matches(bearer(connection.headers.get("authorization")), expected):
-        raise Unauthorized("missing or invalid admin token (Authorization: Bearer <token>)")
+    async def __call__(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        if not token_matches(connection.headers.get("x-sidecar-token"), self.token):
+            raise Unauthorized("missing or invalid x-sidecar-token")

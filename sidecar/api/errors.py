@@ -4,39 +4,15 @@ import logging
 import re
 from typing import Any
 
-import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from sidecar.errors import SidecarError
+from sidecar.errors import TYPES, ErrorBody, ErrorResponse, SidecarError
 
 log = logging.getLogger("sidecar.api")
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-}
 _UNKNOWN = re.compile(r"Object contains unknown field `(.+)`")
 _MISSING = re.compile(r"Object missing required field `(.+)`")
-
-
-class ErrorBody(msgspec.Struct):
-    message: str
-    type: str
-    code: str | None = None
-    param: str | None = None
-
-
-class ErrorResponse(msgspec.Struct):
-    error: ErrorBody
 
 
 def error_response(
@@ -49,7 +25,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response[ErrorResponse]:
     body = ErrorBody(
-        message=message, type=type or _TYPES.get(status, "api_error"), code=code, param=param
+        message=message, type=type or TYPES.get(status, "api_error"), code=code, param=param
     )
     return Response(ErrorResponse(body), status_code=status, headers=headers)
 
@@ -76,7 +52,12 @@ def _validation(exc: ValidationException) -> Response[ErrorResponse]:
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     if isinstance(exc, SidecarError):
         return error_response(
-            exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param
+            exc.status,
+            exc.message,
+            type=exc.type,
+            code=exc.code,
+            param=exc.param,
+            headers=exc.headers or None,
         )
     if isinstance(exc, ValidationException):
         return _validation(exc)

@@ -5,15 +5,13 @@ from urllib.parse import unquote
 
 import msgspec
 from litestar import Controller, Request, delete, get, patch, post
-from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
-from sidecar.api.auth import admin_guard
-from sidecar.api.errors import ErrorResponse
-from sidecar.errors import InvalidRequest, NotFound
+from sidecar.api.deps import CatalogDep, UsageCountersDep
+from sidecar.errors import ErrorResponse, InvalidRequest, NotFound
 from sidecar.identity import model
 from sidecar.identity.model import (
     Identity,
@@ -22,12 +20,10 @@ from sidecar.identity.model import (
     InvalidField,
     Metrics,
 )
-from sidecar.identity.store import IdentityStore
-from sidecar.usage.reader import Series, series
+from sidecar.usage.counters import Series
 
 PREFIX = "/v2/identities"
 MAX_REF = 255
-Store = NamedDependency[IdentityStore]
 # A 400 has the sidecar's one error shape (sidecar.api.errors), not Litestar's default body.
 INVALID = {400: ResponseSpec(ErrorResponse, generate_examples=False, description="Invalid request")}
 
@@ -70,8 +66,8 @@ def identity_ref(request: Request[Any, Any, Any], sub: str | None = None) -> str
     return ref
 
 
-async def _find(store: Store, ref: str, include_metrics: bool = False) -> Identity:
-    identity = await store.get(ref, include_metrics=include_metrics)
+async def _find(catalog: CatalogDep, ref: str, include_metrics: bool = False) -> Identity:
+    identity = await catalog.get(ref, include_metrics=include_metrics)
     if identity is None:
         raise NotFound(f"no identity with _id or external_id {ref!r}", param="id")
     return identity
@@ -80,20 +76,19 @@ async def _find(store: Store, ref: str, include_metrics: bool = False) -> Identi
 class IdentityController(Controller):
     path = PREFIX
     tags = ["identities"]
-    guards = [admin_guard]
 
     @post(status_code=HTTP_201_CREATED, operation_id="createIdentity", responses=INVALID)
-    async def create(self, data: JSONBody[IdentityCreate], store: Store) -> Identity:
+    async def create(self, data: JSONBody[IdentityCreate], catalog: CatalogDep) -> Identity:
         try:
             external_id = model.external_id(data.external_id)
         except InvalidField as exc:
             raise InvalidRequest(exc.message, param=exc.param) from None
-        return await store.create(external_id, _profile(data))
+        return await catalog.create(external_id, _profile(data))
 
     @get(operation_id="listIdentities", responses=INVALID)
     async def list(
         self,
-        store: Store,
+        catalog: CatalogDep,
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 10,
         starting_after: Annotated[str | None, QueryParameter(max_length=64)] = None,
         ending_before: Annotated[str | None, QueryParameter(max_length=64)] = None,
@@ -118,7 +113,7 @@ class IdentityController(Controller):
             raise InvalidRequest(
                 "filter_by.tags: at most 50 printable tags", param="filter_by.tags"
             )
-        page = await store.page(
+        page = await catalog.page(
             limit=limit,
             starting_after=starting_after,
             ending_before=ending_before,
@@ -133,7 +128,8 @@ class IdentityController(Controller):
     async def get(
         self,
         request: Request[Any, Any, Any],
-        store: Store,
+        catalog: CatalogDep,
+        usage_counters: UsageCountersDep,
         include_metrics: FromQuery[bool] = False,
         granularity: FromQuery[Literal["day", "hour"]] = "day",
     ) -> Identity | IdentityMetrics:
@@ -141,24 +137,24 @@ class IdentityController(Controller):
         time (`granularity=day`: the 30-day window; `hour`: the retained hours)."""
         path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
         if path.count(b"/") == 4 and path.endswith(b"/metrics"):
-            identity = await _find(store, identity_ref(request, "metrics"), include_metrics=True)
+            identity = await _find(catalog, identity_ref(request, "metrics"), include_metrics=True)
             identity_totals = identity.metrics
             assert isinstance(identity_totals, Metrics)
-            usage = await series(store.client, store.keys, identity.id, granularity, store.clock())
+            usage = await usage_counters.series(identity.id, granularity)
             identity.metrics = UNSET
             return IdentityMetrics(identity=identity, totals=identity_totals, series=usage)
-        return await _find(store, identity_ref(request), include_metrics)
+        return await _find(catalog, identity_ref(request), include_metrics)
 
     @patch("/{ref:path}", operation_id="updateIdentity", responses=INVALID)
     async def update(
-        self, request: Request[Any, Any, Any], data: JSONBody[IdentityPatch], store: Store
+        self, request: Request[Any, Any, Any], data: JSONBody[IdentityPatch], catalog: CatalogDep
     ) -> Identity:
-        identity = await _find(store, identity_ref(request))
+        identity = await _find(catalog, identity_ref(request))
         if data.external_id is not UNSET and data.external_id.strip() != identity.external_id:
             raise InvalidRequest(
                 "external_id cannot be changed; create a new identity", param="external_id"
             )
-        updated = await store.patch(identity, _profile(data))
+        updated = await catalog.patch(identity, _profile(data))
         if updated is None:
             raise NotFound(f"identity {identity.external_id!r} was deleted", param="id")
         return updated
@@ -169,5 +165,5 @@ class IdentityController(Controller):
         operation_id="deleteIdentity",
         responses=INVALID,
     )
-    async def remove(self, request: Request[Any, Any, Any], store: Store) -> None:
-        await store.delete(await _find(store, identity_ref(request)))
+    async def remove(self, request: Request[Any, Any, Any], catalog: CatalogDep) -> None:
+        await catalog.delete(await _find(catalog, identity_ref(request)))

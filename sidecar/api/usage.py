@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get
@@ -22,12 +22,10 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
-from sidecar.api.auth import admin_guard
-from sidecar.api.errors import ErrorResponse
-from sidecar.errors import InvalidRequest, StoreUnavailable
+from sidecar import money
+from sidecar.api.deps import CatalogDep
+from sidecar.errors import ErrorResponse, InvalidRequest
 from sidecar.identity.model import Identity
-from sidecar.identity.store import IdentityStore
-from sidecar.store.errors import STORE_ERRORS
 from sidecar.usage import buckets
 
 PREFIX = "/v2/usage"
@@ -55,7 +53,7 @@ _COUNTERS = (
     buckets.RATE_LIMITED,
 )
 _WIDTH = len(_COUNTERS)
-_COST = _COUNTERS.index(buckets.COST)
+_PICK = [buckets.COUNTERS.index(c) for c in _COUNTERS]
 
 
 class IdentityUsage(msgspec.Struct, kw_only=True):
@@ -120,11 +118,6 @@ class UsageExport(msgspec.Struct, kw_only=True):
     data: list[UsageRow]  # last: the rows are streamed after the rest
 
 
-def usd(nanos: int) -> str:
-    whole, fraction = divmod(nanos, 1_000_000_000)
-    return f"{whole}.{fraction:09d}"
-
-
 def _sums_fields(sums: list[int]) -> dict[str, Any]:
     (requests, errors, input_tokens, cached, cache_write, output, reasoning, cost, unpriced,
      limited) = sums  # fmt: skip
@@ -136,7 +129,7 @@ def _sums_fields(sums: list[int]) -> dict[str, Any]:
         "cache_write_tokens": cache_write,
         "output_tokens": output,
         "reasoning_tokens": reasoning,
-        "cost_usd": usd(cost),
+        "cost_usd": money.exact(cost),
         "unpriced_requests": unpriced,
         "rate_limited_requests": limited,
     }
@@ -186,41 +179,25 @@ Row = tuple[Identity, list[int]]
 class _Reader:
     """Identities in creation order with their sums over the days, a page at a time."""
 
-    def __init__(self, store: IdentityStore, first: int, last: int) -> None:
-        self.store = store
-        self.fields = [f"{d}:{c}" for d in range(first, last + 1) for c in _COUNTERS]
+    def __init__(self, catalog: CatalogDep, first: int, last: int) -> None:
+        self.catalog = catalog
+        self.first = first
+        self.last = last
         self.bound: bytes | None = b"-"
 
     async def page(self) -> list[Row]:
         """The next page's identities that have usage in the range; [] at the end (and,
-        rarely, for a page where none has)."""
+        rarely, for a page where none has). Raises StoreUnavailable."""
         if self.bound is None:
             return []
-        store = self.store
-        try:
-            members = cast(
-                list[bytes],
-                await store.client.zrangebylex(
-                    store.keys.order, self.bound, b"+", start=0, num=PAGE
-                ),
-            )
-            # Past the last member read, whether or not it is deleted meanwhile.
-            self.bound = b"(" + members[-1] if len(members) == PAGE else None
-            found = await store._records([m[:26].decode() for m in members], False)
-            pipe = store.client.pipeline(transaction=False)
-            for identity in found:
-                pipe.hmget(store.keys.usage_days(identity.id), self.fields)
-            replies = await pipe.execute() if found else []
-        except StoreUnavailable:
-            raise
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"usage store unavailable: {type(exc).__name__}") from exc
+        members = await self.catalog.listing.all_ids(self.bound, PAGE)
+        # Past the last member read, whether or not it is deleted meanwhile.
+        self.bound = b"(" + members[-1] if len(members) == PAGE else None
+        found = await self.catalog.records.many([m[:26].decode() for m in members])
+        days = await self.catalog.counters.days([i.id for i in found], self.first, self.last)
         rows = []
-        for identity, values in zip(found, replies, strict=True):
-            sums = [0] * _WIDTH
-            for i, value in enumerate(values):
-                if value:
-                    sums[i % _WIDTH] += int(value)
+        for identity, all_sums in zip(found, days, strict=True):
+            sums = [all_sums[i] for i in _PICK]
             if any(sums):
                 rows.append((identity, sums))
         return rows
@@ -314,7 +291,6 @@ class _JsonOrCsv(Operation):
 class UsageController(Controller):
     path = PREFIX
     tags = ["usage"]
-    guards = [admin_guard]
 
     @get(
         operation_id="exportUsage",
@@ -327,6 +303,7 @@ class UsageController(Controller):
     async def export(
         self,
         request: Request[Any, Any, Any],
+        catalog: CatalogDep,
         group_by: FromQuery[Literal["identity", "tag"]] = "identity",
         from_: Annotated[
             str | None,
@@ -345,9 +322,8 @@ class UsageController(Controller):
         for name in request.query_params:
             if name not in PARAMS:
                 raise InvalidRequest(f"unknown parameter {name[:64]!r}", param=name[:64])
-        store: IdentityStore = request.app.state.identity_store
-        first, last = day_range(from_, to, store.clock())
-        reader = _Reader(store, first, last)
+        first, last = day_range(from_, to, catalog.clock())
+        reader = _Reader(catalog, first, last)
         first_page = await reader.page()  # a store that is down is a 503, not a cut stream
         headers = {"cache-control": "no-store"}
         if group_by == "tag":

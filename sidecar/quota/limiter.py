@@ -5,17 +5,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from decimal import Decimal
+from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 
-from sidecar.metrics import Metrics
+from sidecar import money
+from sidecar.errors import StoreUnavailable
+from sidecar.observe.counters import Counters
 from sidecar.quota import windows
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import call
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Coalescer, Script
+from sidecar.store.scripts import Coalescer, Script, pipeline
 
 log = logging.getLogger("sidecar.quota")
 
@@ -94,10 +96,6 @@ class Breaker:
         return self.opened_at is not None
 
 
-def _usd(nanos: float) -> str:
-    return f"{Decimal(int(nanos)) / Decimal(10**9):f}"
-
-
 class Limiter:
     def __init__(
         self,
@@ -108,6 +106,7 @@ class Limiter:
         on_error: str,
         lease_s: float,
         clock: Clock = time.time,
+        counters: Counters | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -117,12 +116,13 @@ class Limiter:
         self.lease_ms = int(lease_s * 1000)
         self.breaker = Breaker()
         self.errors = 0  # limit checks Redis did not answer
-        self.metrics: Metrics | None = None
+        self.metrics = counters
         self._admit = Script("sidecar.quota.lua", "admit")
         self._calls = Coalescer(client, self._admit)
 
-    async def load_scripts(self) -> None:
-        await self._admit.load(self.client)
+    @property
+    def script(self) -> Script:
+        return self._admit
 
     def _buckets(self, identity_id: str, limit: Limit, now_ms: int) -> tuple[str, str, int, int]:
         current, previous, elapsed, left = windows.bucket(limit, now_ms)
@@ -154,7 +154,7 @@ class Limiter:
             # asyncio.timeout, not wait_for: no task per check on the request path.
             async with asyncio.timeout(self.timeout):
                 reply = await self._calls(keys, args)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (StoreUnavailable, TimeoutError) as exc:
             self.failed(exc)
             return self.unavailable(policy)
         if metrics is not None:
@@ -224,7 +224,8 @@ class Limiter:
         for dimension, (remaining, limit, reset) in tightest.items():
             name = _HEADER[dimension]
             if dimension is Dimension.COST:
-                shown_limit, shown_left = _usd(limit.amount), _usd(remaining)
+                shown_limit = money.plain(limit.amount)
+                shown_left = money.plain(int(remaining))
             else:
                 shown_limit, shown_left = str(limit.amount), str(math.floor(remaining))
             headers += [
@@ -254,7 +255,7 @@ class Limiter:
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window
-        math of `admit`, read without consuming anything. Raises the driver's errors."""
+        math of `admit`, read without consuming anything. Raises StoreUnavailable."""
         now_ms = int(self.clock() * 1000)
         keys: list[str] = []
         spans = []
@@ -262,13 +263,15 @@ class Limiter:
             current, previous, elapsed, left = self._buckets(identity_id, limit, now_ms)
             keys += [current, previous]
             spans.append((elapsed, left))
+
         # One slot (the identity's hash tag), so one MGET, on a cluster too.
-        pipe = self.client.pipeline(transaction=False)
-        if keys:
-            pipe.mget(keys)
-        if policy.concurrency:
-            pipe.zcount(self.keys.leases(identity_id), f"({now_ms}", "+inf")
-        replies = list(await pipe.execute()) if keys or policy.concurrency else []
+        def queue(pipe: Any) -> None:
+            if keys:
+                pipe.mget(keys)
+            if policy.concurrency:
+                pipe.zcount(self.keys.leases(identity_id), f"({now_ms}", "+inf")
+
+        replies = await pipeline(self.client, queue) if keys or policy.concurrency else []
         values = [int(v or 0) for v in replies.pop(0)] if keys else []
         limits = []
         for i, (limit, (elapsed, left)) in enumerate(zip(policy.limits, spans, strict=True)):
@@ -288,7 +291,7 @@ class Limiter:
     async def release(self, identity_id: str, lease: str) -> None:
         try:
             async with asyncio.timeout(self.timeout * 4):
-                await self.client.zrem(self.keys.leases(identity_id), lease)
-        except (RedisError, OSError, TimeoutError) as exc:
+                await call(self.client.zrem(self.keys.leases(identity_id), lease))
+        except (StoreUnavailable, TimeoutError) as exc:
             # The lease expires by itself; until then it holds a slot.
             log.warning("concurrency slot not released (%s); it expires", type(exc).__name__)

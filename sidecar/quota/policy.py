@@ -10,7 +10,7 @@ from typing import Any
 import limits
 import msgspec
 
-from sidecar.usage.model import nanos_from_usd
+from sidecar.money import from_usd as nanos_from_usd
 
 
 class Dimension(enum.Enum):

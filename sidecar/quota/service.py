@@ -1,29 +1,21 @@
+"""Admission: which policy applies to a request's identity, and whether it is admitted."""
+
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import os
 import re
-import signal
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from sidecar.errors import StoreUnavailable
+from sidecar.identity.identify import Identifier
+from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved
-from sidecar.identity.store import IdentityStore
-from sidecar.quota import loader
 from sidecar.quota.limiter import Decision, Limiter
+from sidecar.quota.live import LiveConfig
 from sidecar.quota.policy import Dimension, Policy, choose
-from sidecar.settings import ConfigError, Settings, load
-from sidecar.store.errors import STORE_OR_TIMEOUT
-
-log = logging.getLogger("sidecar.quota")
-
-Clock = Callable[[], float]
-Identify = Callable[[Resolved], Awaitable[str]]
+from sidecar.quota.profiles import PolicyProfiles
 
 
 class _Missing:
@@ -31,8 +23,6 @@ class _Missing:
 
 
 MISSING = _Missing()
-PROFILE_TTL_S = 10.0  # how long a process matches policies on a profile it read
-_PROFILES = 65_536
 
 
 class RateLimitBody(msgspec.Struct):
@@ -85,46 +75,26 @@ class Quota:
 
     def __init__(
         self,
-        settings: Settings,
+        live: LiveConfig,
         limiter: Limiter,
-        store: IdentityStore,
-        clock: Clock = time.time,
-        on_reload: Callable[[Settings], None] | None = None,
+        records: IdentityRecords,
+        identifier: Identifier,
+        profiles: PolicyProfiles,
     ) -> None:
-        self.settings = settings
+        self.live = live
         self.limiter = limiter
-        self.store = store
-        self.clock = clock
-        self.on_reload = on_reload
-        self.policies = loader.load(settings.policies.paths, settings.base_dir).policies
-        self.reload_errors = 0
-        self.reloads = 0
-        self._profiles: dict[str, tuple[list[str], dict[str, Any], float]] = {}
-        self._match_tags: frozenset[str] = frozenset()
-        self._match_keys: frozenset[str] = frozenset()
-        self._matching()
-        self._stamp = self._files_stamp()
-
-    def _matching(self) -> None:
-        self._match_tags = frozenset(t for p in self.policies for t in p.match.tags)
-        self._match_keys = frozenset(k for p in self.policies for k in p.match.metadata)
+        self.records = records
+        self.identifier = identifier
+        self.profiles = profiles
 
     @property
     def active(self) -> bool:
-        return any(p.limited for p in self.policies)
-
-    def remember_profile(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None:
-        # Only what some policy matches on is kept: a profile's other tags and metadata (up to
-        # tens of KB) would make the cache's memory depend on what clients send.
-        tags = [t for t in tags if t in self._match_tags]
-        metadata = {k: v for k, v in metadata.items() if k in self._match_keys}
-        self._profiles[external_id] = (tags, metadata, self.clock() + PROFILE_TTL_S)
-        if len(self._profiles) > _PROFILES:
-            del self._profiles[next(iter(self._profiles))]
+        return self.live.limited
 
     def _known_policy(self, resolved: Resolved) -> Policy | _Missing | None:
         """The policy, when what it depends on is at hand (no store read), else MISSING."""
-        if not self.policies:
+        policies = self.live.policies
+        if not policies:
             return None
         given = resolved.profile
         tags: list[str] | None = None
@@ -133,12 +103,12 @@ class Quota:
             tags = given.tags if isinstance(given.tags, list) else None
             metadata = given.metadata if isinstance(given.metadata, dict) else None
         if tags is None or metadata is None:
-            cached = self._profiles.get(resolved.external_id)
-            if cached is None or cached[2] < self.clock():
+            cached = self.profiles.get(resolved.external_id)
+            if cached is None:
                 return MISSING
             tags = cached[0] if tags is None else tags
             metadata = cached[1] if metadata is None else metadata
-        return choose(self.policies, resolved.external_id, tags, metadata)
+        return choose(policies, resolved.external_id, tags, metadata)
 
     async def policy_for(self, identity_id: str, resolved: Resolved) -> Policy | None:
         """The first policy matching the identity as stored, with what this request's body
@@ -146,17 +116,18 @@ class Quota:
         policy = self._known_policy(resolved)
         if not isinstance(policy, _Missing):
             return policy
-        record = await self.store.get(identity_id)
-        stored = (record.tags, record.metadata) if record is not None else ([], {})
-        self.remember_profile(resolved.external_id, *stored)
+        found = await self.records.many([identity_id])
+        stored = (found[0].tags, found[0].metadata) if found else ([], {})
+        self.profiles.remember(resolved.external_id, *stored)
         policy = self._known_policy(resolved)
         assert not isinstance(policy, _Missing)
         return policy
 
-    async def admit_request(
-        self, resolved: Resolved, known: str | None, identify: Identify, request_id: str
+    async def admit(
+        self, resolved: Resolved, request_id: str, known: str | None
     ) -> tuple[str | None, Decision]:
-        """The identity's `_id` (None when the store could not say) and the decision.
+        """The identity's `_id` (None when the store could not say) and the decision; `known`
+        is the `_id` the caller already has (see Identifier.cached).
 
         Finding the identity (an upsert when it is new) and its profile, then the limit check,
         each give up after `timeout_ms`; then `on_error` decides, as for the check itself."""
@@ -169,74 +140,11 @@ class Quota:
             return None, limiter.unavailable(None)
         try:
             async with asyncio.timeout(limiter.timeout):
-                identity_id = known or await identify(resolved)
+                identity_id = known or await self.identifier.identify(resolved)
                 policy = await self.policy_for(identity_id, resolved)
-        except STORE_OR_TIMEOUT as exc:
+        except (StoreUnavailable, TimeoutError) as exc:
             limiter.failed(exc)
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
         return identity_id, await limiter.admit(identity_id, policy, request_id)
-
-    # -- reloading -----------------------------------------------------------------------
-
-    def _files_stamp(self) -> tuple[tuple[str, float], ...]:
-        files = [
-            str(f)
-            for f in loader.policy_files(self.settings.policies.paths, self.settings.base_dir)
-        ]
-        if self.settings.source != "<defaults>":
-            files.append(self.settings.source)
-        stamp = []
-        for name in files:
-            try:
-                stamp.append((name, os.stat(name).st_mtime))
-            except OSError:
-                stamp.append((name, -1.0))
-        return tuple(stamp)
-
-    def reload(self) -> bool:
-        """Read the config's api_keys and the policy files again; a bad set keeps the last
-        good one, is logged and counted."""
-        self._stamp = self._files_stamp()
-        try:
-            settings = (
-                load(self.settings.source)
-                if self.settings.source != "<defaults>"
-                else self.settings
-            )
-            policies = loader.load(settings.policies.paths, settings.base_dir).policies
-        except ConfigError as exc:
-            self.reload_errors += 1
-            for problem in exc.problems:
-                log.error("reload refused, keeping the last good policies: %s", problem)
-            return False
-        self.policies = policies
-        self._matching()
-        self._profiles.clear()  # kept for the old policies' matches
-        self.settings = settings
-        self.reloads += 1
-        if self.on_reload is not None:
-            self.on_reload(settings)
-        log.info("reloaded %d policies", len(policies))
-        return True
-
-    async def watch(self, interval: float = 1.0) -> None:
-        """Reload on SIGHUP and whenever a policy file or the config file changes."""
-        hangup = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        # Not possible off the main thread (tests): file changes still reload.
-        with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, hangup.set)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(hangup.wait(), interval)
-                except TimeoutError:
-                    if self._files_stamp() == self._stamp:
-                        continue
-                hangup.clear()
-                self.reload()
-        finally:
-            with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
-                loop.remove_signal_handler(signal.SIGHUP)

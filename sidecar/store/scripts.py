@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -9,32 +10,40 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import translated, unavailable
+
+
+def lua(package: str, name: str) -> str:
+    """The source of `<package>/<name>.lua`, shipped as package data."""
+    return resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
 
 
 class Script:
-    """A Lua script shipped as package data, loaded once, run by SHA."""
+    """A Lua script shipped as package data, loaded once, run by SHA. Every call translates
+    the driver's errors (StoreUnavailable)."""
 
-    def __init__(self, package: str, name: str, *, prelude: str | None = None) -> None:
-        """`prelude` ("package/name") is Lua that the script's source starts with."""
+    def __init__(self, package: str, name: str, *, prelude: str = "") -> None:
+        """`prelude`: Lua the script's source starts with (shared constants and functions,
+        generated from the Python that uses the same values)."""
         self.name = name
-        self.source = resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
-        if prelude is not None:
-            where, _, what = prelude.rpartition("/")
-            head = resources.files(where).joinpath(f"{what}.lua").read_text("utf-8")
-            self.source = head + "\n" + self.source
+        self.source = prelude + ("\n" if prelude else "") + lua(package, name)
         self.sha: str | None = None
 
     async def load(self, client: RedisClient) -> None:
-        self.sha = await client.script_load(self.source)
+        with translated():
+            self.sha = await client.script_load(self.source)
 
     async def __call__(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
         if self.sha is None:
             await self.load(client)
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
-        except NoScriptError:
-            # The server restarted or was flushed since we loaded it.
-            await self.load(client)
+        with translated():
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+            except NoScriptError:
+                pass
+        # The server restarted or was flushed since we loaded it.
+        await self.load(client)
+        with translated():
             return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
 
     def queue(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
@@ -43,6 +52,39 @@ class Script:
         # Not pipe.evalsha(): redis-py's cluster pipeline refuses that method, though it routes
         # the command by its keys (all in one slot here) like any other.
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+async def pipeline(
+    client: RedisClient,
+    queue: Callable[[Any], None],
+    scripts: Sequence[Script] = (),
+    *,
+    raise_on_error: bool = True,
+) -> list[Any]:
+    """Run the commands `queue` adds to a pipeline (not a transaction) and return their
+    replies; the scripts it queues are loaded first, and loaded again and the whole pipeline
+    sent again once when the server lost them (a restart or a flush: a script that did not run
+    changed nothing). With `raise_on_error` false, a command's own error is its reply.
+    Raises StoreUnavailable."""
+    for script in scripts:
+        if script.sha is None:
+            await script.load(client)
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        queue(pipe)
+        with translated():
+            try:
+                results = list(await pipe.execute(raise_on_error=raise_on_error))
+            except NoScriptError:
+                if attempt:
+                    raise
+                results = None
+        lost = results is None or any(isinstance(r, NoScriptError) for r in results)
+        if results is not None and (attempt or not lost):
+            return results
+        for script in scripts:
+            await script.load(client)
+    raise AssertionError("unreachable")
 
 
 def _resp(args: list[Any]) -> bytes:
@@ -85,8 +127,8 @@ class Coalescer:
             (result,) = await self._send([(keys, args)])
         finally:
             self._next()
-        if isinstance(result, Exception):
-            raise result
+        if isinstance(result, Exception):  # this call's own error (the script failed)
+            raise unavailable(result) from result
         return result
 
     def _next(self) -> None:
@@ -115,19 +157,21 @@ class Coalescer:
                 if future.done():
                     continue  # its caller gave up (a timeout)
                 if isinstance(result, Exception):
-                    future.set_exception(result)
+                    future.set_exception(unavailable(result))
                 else:
                     future.set_result(result)
         finally:
             self._next()
 
     async def _send(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Each call's reply, or its own error; raises when the batch as a whole failed."""
+        """Each call's reply, or its own error; raises StoreUnavailable when the batch as a
+        whole failed."""
         if self.script.sha is None:
             await self.script.load(self.client)
         if isinstance(self.client, RedisCluster):
             return await self._pipeline(calls)
-        return await self._direct(calls)
+        with translated():
+            return await self._direct(calls)
 
     async def _direct(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """On one connection of the pool, the calls written at once and their replies read in
@@ -150,7 +194,8 @@ class Coalescer:
                     except ResponseError as exc:  # this call's own error; the rest go on
                         results.append(exc)
                 if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                    await self.script.load(self.client)  # the server restarted or was flushed
+                    # The server restarted or was flushed.
+                    self.script.sha = await self.client.script_load(self.script.source)
                     continue
                 return results
         except BaseException:
@@ -161,13 +206,8 @@ class Coalescer:
         raise AssertionError("unreachable")
 
     async def _pipeline(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
+        def queue(pipe: Any) -> None:
             for keys, args in batch:
                 self.script.queue(pipe, keys, args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self.script.load(self.client)  # the server restarted or was flushed
-                continue
-            return results
-        raise AssertionError("unreachable")
+
+        return await pipeline(self.client, queue, [self.script], raise_on_error=False)

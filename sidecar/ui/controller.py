@@ -2,34 +2,28 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote
 
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.datastructures import Cookie
-from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Response
-from redis.exceptions import RedisError
 
-from sidecar.api.auth import bearer, token_matches
-from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError, StoreUnavailable
+from sidecar.api.deps import CatalogDep, QuotaDep, SessionsDep, UsageCountersDep
+from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError
 from sidecar.identity import model
-from sidecar.identity.store import IdentityStore
 from sidecar.quota.limiter import PolicyUsage
 from sidecar.quota.policy import choose
+from sidecar.tokens import bearer, token_matches
 from sidecar.ui import detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, page, query, redirect
-from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
-from sidecar.usage.reader import series
+from sidecar.ui.session import COOKIE, SESSION_TTL_S, is_https, same_origin
 
 log = logging.getLogger("sidecar.ui")
 
-Store = NamedDependency[IdentityStore]
-T = TypeVar("T")
 
 PREFIX = "/ui/identities/"
 PAGE_SIZE = 25
@@ -50,21 +44,6 @@ class LoginRequired(Exception):
 
 class Forbidden(Exception):
     """A form post without this session's CSRF token, or from another site."""
-
-
-async def _store(call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
-
-
-def _sessions(request: Request[Any, Any, Any], store: IdentityStore) -> Sessions:
-    state = request.app.state
-    sessions: Sessions | None = state.get("ui_sessions")
-    if sessions is None:
-        sessions = state.ui_sessions = Sessions(store.client, store.keys, state.admin_token)
-    return sessions
 
 
 def _here(request: Request[Any, Any, Any]) -> str:
@@ -144,16 +123,15 @@ class DashboardController(Controller):
 
     # -- signing in ---------------------------------------------------------------------
 
-    async def _auth(self, request: Request[Any, Any, Any], store: IdentityStore) -> Auth | None:
+    async def _auth(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth | None:
         header = request.headers.get("authorization")
-        if header is not None and token_matches(bearer(header), request.app.state.admin_token):
+        if header is not None and token_matches(bearer(header), sessions.admin_token):
             return Auth(session=None, csrf=None)
-        sessions = _sessions(request, store)
-        session = await _store(sessions.check(request.cookies.get(COOKIE)))
+        session = await sessions.check(request.cookies.get(COOKIE))
         return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
 
-    async def _signed_in(self, request: Request[Any, Any, Any], store: IdentityStore) -> Auth:
-        auth = await self._auth(request, store)
+    async def _signed_in(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth:
+        auth = await self._auth(request, sessions)
         if not same_origin(request.headers):
             raise Forbidden()
         if auth is None:
@@ -161,26 +139,28 @@ class DashboardController(Controller):
         return auth
 
     async def _form(
-        self, request: Request[Any, Any, Any], store: IdentityStore
+        self, request: Request[Any, Any, Any], sessions: SessionsDep
     ) -> tuple[Auth, dict[str, list[str]]]:
         """A form post of a signed-in user: from this site, with the session's CSRF token."""
-        auth = await self._signed_in(request, store)
+        auth = await self._signed_in(request, sessions)
         fields = parse(await request.body(), request.headers.get("content-type", ""))
-        if auth.session is not None and not _sessions(request, store).csrf_matches(
+        if auth.session is not None and not sessions.csrf_matches(
             auth.session, first(fields, "csrf")
         ):
             raise Forbidden()
         return auth, fields
 
     @get("/login", operation_id="uiLoginForm")
-    async def login_form(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def login_form(
+        self, request: Request[Any, Any, Any], sessions: SessionsDep
+    ) -> Response[str]:
         back_to = _back_to(request.query_params.get("next", "/ui"))
-        if await self._auth(request, store) is not None:
+        if await self._auth(request, sessions) is not None:
             return redirect(back_to)
         return page("Sign in", pages.login(next_path=back_to), nav=False)
 
     @post("/login", operation_id="uiLogin")
-    async def login(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def login(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[str]:
         try:
             fields = parse(await request.body(), request.headers.get("content-type", ""))
         except BadForm as exc:
@@ -188,24 +168,30 @@ class DashboardController(Controller):
         if not same_origin(request.headers):
             raise Forbidden()
         back_to = _back_to(first(fields, "next"))
-        if not token_matches(first(fields, "token"), request.app.state.admin_token):
+        if not token_matches(first(fields, "token"), sessions.admin_token):
             body = pages.login(error="That is not the admin token.", next_path=back_to)
             return page("Sign in", body, status=401, nav=False)
-        value = await _store(_sessions(request, store).open())
+        value = await sessions.open()
         return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])
 
     @post("/logout", operation_id="uiLogout")
-    async def logout(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
-        auth, _ = await self._form(request, store)
+    async def logout(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[str]:
+        auth, _ = await self._form(request, sessions)
         if auth.session is not None:
-            await _store(_sessions(request, store).close(auth.session))
+            await sessions.close(auth.session)
         return redirect("/ui/login", cookies=[_cookie(request, "", 0)])
 
     # -- pages ----------------------------------------------------------------------------
 
     @get("/", operation_id="uiIdentities")
-    async def identities(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
-        auth = await self._signed_in(request, store)
+    async def identities(
+        self,
+        request: Request[Any, Any, Any],
+        sessions: SessionsDep,
+        catalog: CatalogDep,
+        usage_counters: UsageCountersDep,
+    ) -> Response[str]:
+        auth = await self._signed_in(request, sessions)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
         sort = params.get("sort") or "newest"
@@ -221,7 +207,7 @@ class DashboardController(Controller):
             if len(text) > 255 or model.has_control(text):
                 raise InvalidRequest("search and tag: at most 255 printable characters")
         limit = int(limit_text)
-        found = await store.page(
+        found = await catalog.page(
             limit=limit,
             starting_after=after,
             ending_before=before,
@@ -231,7 +217,7 @@ class DashboardController(Controller):
             sort=SORTS[sort],
         )
         ids = [identity.id for identity in found.data]
-        sources = await _store(self._last_sources(store, ids))
+        sources = await usage_counters.last_sources(ids)
         rows = [pages.Row(i, s) for i, s in zip(found.data, sources, strict=True)]
         base: dict[str, str | None] = {
             "q": search,
@@ -252,45 +238,43 @@ class DashboardController(Controller):
         )
         return page("Identities", pages.identities(listing), csrf=auth.csrf)
 
-    async def _last_sources(self, store: IdentityStore, ids: list[str]) -> list[str | None]:
-        if not ids:
-            return []
-        pipe = store.client.pipeline(transaction=False)
-        for identity_id in ids:
-            pipe.hget(store.keys.usage_days(identity_id), "s:src")
-        return [v.decode() if v else None for v in await pipe.execute()]
-
     @get("/identities/{ref:path}", operation_id="uiIdentity")
-    async def identity(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
-        auth = await self._signed_in(request, store)
+    async def identity(
+        self,
+        request: Request[Any, Any, Any],
+        sessions: SessionsDep,
+        catalog: CatalogDep,
+        usage_counters: UsageCountersDep,
+        quota: QuotaDep,
+    ) -> Response[str]:
+        auth = await self._signed_in(request, sessions)
         ref = _ref(request)
         if ref is None:
             return self._new_form(NewIdentity(), auth, 200)
-        found = await store.get(ref, include_metrics=True)
+        found = await catalog.get(ref, include_metrics=True)
         if found is None:
             raise NotFound(f"no identity with external id {ref!r}")
-        usage_series = await _store(
-            series(store.client, store.keys, found.id, "day", store.clock())
-        )
-        quota = request.app.state.runtime.quota
-        policy = choose(quota.policies, found.external_id, found.tags, found.metadata)
+        usage_series = await usage_counters.series(found.id, "day")
+        policy = choose(quota.live.policies, found.external_id, found.tags, found.metadata)
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
-            usage = await _store(quota.limiter.usage(found.id, policy))
+            usage = await quota.limiter.usage(found.id, policy)
         body = detail.identity_page(found, usage_series, policy, usage)
         return page(found.display_name or found.external_id, body, csrf=auth.csrf)
 
     @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
-    async def create(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def create(
+        self, request: Request[Any, Any, Any], sessions: SessionsDep, catalog: CatalogDep
+    ) -> Response[str]:
         if _ref(request) is not None:
             raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
-        auth, fields = await self._form(request, store)
+        auth, fields = await self._form(request, sessions)
         form = NewIdentity.from_fields(fields)
         checked = form.validate()
         if checked is None:
             return self._new_form(form, auth, 400)
         try:
-            made = await store.create(*checked)
+            made = await catalog.create(*checked)
         except Conflict:
             form.errors["external_id"] = "an identity with this external id already exists"
             return self._new_form(form, auth, 409)

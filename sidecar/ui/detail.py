@@ -9,7 +9,7 @@ from sidecar.quota.limiter import PolicyUsage
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.ui import chart
 from sidecar.ui.render import attr, compact, count, money, percent, query, source_tag
-from sidecar.usage.reader import Series
+from sidecar.usage.counters import Series
 
 # An identity's page: profile, 30-day metrics and chart, policy and limit usage, sources.
 

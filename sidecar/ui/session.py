@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 
 COOKIE = "sidecar_session"
@@ -27,6 +28,7 @@ class Sessions:
     def __init__(self, client: RedisClient, keys: Keys, admin_token: str) -> None:
         self.client = client
         self.keys = keys
+        self.admin_token = admin_token
         self._key = hmac.new(
             admin_token.encode("utf-8"), b"sidecar dashboard session v1", hashlib.sha256
         ).digest()
@@ -41,7 +43,7 @@ class Sessions:
     async def open(self) -> str:
         """A new session; returns the cookie's value."""
         session_id = secrets.token_urlsafe(32)
-        await self.client.set(self._stored(session_id), b"1", ex=SESSION_TTL_S)
+        await call(self.client.set(self._stored(session_id), b"1", ex=SESSION_TTL_S))
         return f"{session_id}.{self._mac('session', session_id)}"
 
     async def check(self, cookie: str | None) -> str | None:
@@ -51,12 +53,12 @@ class Sessions:
         session_id, _, mac = cookie.partition(".")
         if not hmac.compare_digest(mac.encode(), self._mac("session", session_id).encode()):
             return None
-        if not await self.client.exists(self._stored(session_id)):
+        if not await call(self.client.exists(self._stored(session_id))):
             return None  # signed out, or expired
         return session_id
 
     async def close(self, session_id: str) -> None:
-        await self.client.delete(self._stored(session_id))
+        await call(self.client.delete(self._stored(session_id)))
 
     def csrf(self, session_id: str) -> str:
         """The token every form of this session carries (a hidden field)."""

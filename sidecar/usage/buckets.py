@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from sidecar.identity.resolve import Source
 from sidecar.usage.model import Usage
 from sidecar.usage.pricing import Cost
 
@@ -23,8 +22,9 @@ REASONING = "rs"
 COST = "c"  # nano-dollars
 RATE_LIMITED = "rl"
 UNPRICED = "up"
-BY_SOURCE = {Source.BODY: "sb", Source.HEADER: "sh", Source.API_KEY: "sk", Source.ANONYMOUS: "sa"}
-# The order of lua/counters.lua's COUNTERS.
+# Requests by the source that named their identity (identity.resolve.Source values).
+BY_SOURCE = {"body": "sb", "header": "sh", "api_key": "sk", "anonymous": "sa"}
+# Every counter, in the order the Lua prelude (lua_prelude) lists them.
 COUNTERS = (
     REQUESTS,
     ERRORS,
@@ -39,8 +39,6 @@ COUNTERS = (
     *BY_SOURCE.values(),
 )
 
-# Lua prelude that keeps the 30-day sums (Script(..., prelude=COUNTERS_LUA)).
-COUNTERS_LUA = "sidecar.usage.lua/counters"
 METRICS_DAYS = 30
 RETENTION_DAYS = 32  # outlives the window by a margin, so the oldest day is whole when read
 HOUR_RETENTION = 72
@@ -62,9 +60,20 @@ def window(now: float, days: int = METRICS_DAYS) -> tuple[int, int]:
     return today - days + 1, today
 
 
+def lua_constants() -> str:
+    """The counters and windows above, as Lua: the scripts that keep the 30-day sums start
+    with these (then lua/counters.lua), so Python and Lua cannot disagree on them."""
+    names = ", ".join(f"'{c}'" for c in COUNTERS)
+    return (
+        f"local COUNTERS = {{{names}}}\n"
+        f"local WINDOW = {METRICS_DAYS}\n"
+        f"local RETENTION = {RETENTION_DAYS}\n"
+    )
+
+
 def increments(
     *,
-    source: Source,
+    source: str,
     failed: bool,
     usage: Usage | None,
     cost: Cost | None,

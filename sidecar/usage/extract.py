@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 
-from sidecar.usage.model import Kind, Usage, nanos_from_usd
+from sidecar import money
+from sidecar.usage.model import Kind, Usage
 
 # A count above this is garbage rather than usage; it also keeps sums exact and far from int64.
 _MAX_COUNT = 2**53 - 1
@@ -31,15 +31,6 @@ def _model_name(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _cost_nanos(value: object) -> int | None:
-    if type(value) is int:
-        return nanos_from_usd(Decimal(value))
-    if type(value) is float:
-        # str() gives the shortest text that round-trips, so 0.1 becomes exactly 0.1 USD.
-        return nanos_from_usd(Decimal(str(value)))
-    return None
-
-
 def _usage(
     *,
     input_tokens: int,
@@ -54,9 +45,9 @@ def _usage(
     # such usage) can rely on it even when an upstream reports nonsense.
     cached = min(cached, input_tokens)
     cache_write = min(cache_write, input_tokens - cached)
-    cost = _cost_nanos(raw.get("cost"))
+    cost = money.from_number(raw.get("cost"))
     if cost is None:
-        cost = _cost_nanos(raw.get("total_cost"))
+        cost = money.from_number(raw.get("total_cost"))
     return Usage(
         input_tokens=input_tokens,
         cached_input_tokens=cached,
@@ -162,20 +153,9 @@ def extract_json(kind: Kind, body: bytes) -> Usage | None:
     return usage_from_mapping(kind, doc.usage, _model_name(doc.model))
 
 
-_HEADER_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-
-
 def cost_from_header(value: str | None) -> int | None:
-    # A strict grammar: float() would also take "nan", "inf" and "1_0".
-    if value is None or len(value) > 64:
-        return None
-    text = value.strip()
-    if not _HEADER_NUMBER.fullmatch(text):
-        return None
-    try:
-        return nanos_from_usd(Decimal(text))
-    except InvalidOperation:
-        return None
+    """`x-litellm-response-cost`: dollars as a plain decimal."""
+    return money.from_text(value)
 
 
 def prepare_request(kind: Kind, body: dict[str, Any]) -> bool:

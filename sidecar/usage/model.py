@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import enum
-from decimal import ROUND_HALF_UP, Context, Decimal
 
 import msgspec
 
@@ -47,20 +46,3 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
-
-
-# Money is integer nano-dollars. The cap keeps every figure inside a signed 64-bit Redis counter.
-MAX_NANOS = 2**63 - 1
-# Wide enough that no figure we accept is rounded anywhere but in the final step.
-EXACT = Context(prec=80, rounding=ROUND_HALF_UP)
-_ONE = Decimal(1)
-
-
-def round_nanos(nanos: Decimal) -> int | None:
-    if not nanos.is_finite() or nanos < 0 or nanos > MAX_NANOS:
-        return None
-    return int(nanos.quantize(_ONE, rounding=ROUND_HALF_UP, context=EXACT))
-
-
-def nanos_from_usd(usd: Decimal) -> int | None:
-    return round_nanos(usd.scaleb(9, EXACT)) if usd.is_finite() else None

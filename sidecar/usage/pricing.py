@@ -11,7 +11,9 @@ import msgspec
 from genai_prices import data_snapshot
 from genai_prices import types as catalogue
 
-from sidecar.usage.model import EXACT, MAX_NANOS, Kind, Usage, nanos_from_usd
+from sidecar.money import EXACT, MAX_NANOS
+from sidecar.money import from_usd as nanos_from_usd
+from sidecar.usage.model import Kind, Usage
 
 
 class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -20,10 +20,9 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
-
-from sidecar.identity.model import Profile
 
 log = logging.getLogger("sidecar.spool")
 
@@ -39,7 +38,9 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     charges: dict[str, tuple[int, int]] = {}  # rate-limit bucket -> (amount, lifetime s)
     identity: str | None = None  # the _id, when known
     external_id: str | None = None  # when not: resolved (and created) when written
-    profile: Profile | None = None  # what a body identity brought, for that upsert
+    # What a body identity brought (its profile: a struct in memory, an object once read back
+    # from disk), for that upsert; opaque here.
+    profile: Any = None
     writer: str = ""  # the sidecar process that counted it, and its sequence number there:
     seq: int = 0  # the store keeps each writer's highest, so a second write is a no-op
     request_id: str | None = None  # hook reports: idempotent by the caller's id instead

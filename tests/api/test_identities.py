@@ -331,15 +331,16 @@ async def test_cost_sums_stay_exact_beyond_float_precision(api: Client, redis: R
         20774: {"c": 1_999_999_999, "r": 1},
         20745: {"c": 7, "r": 1},
     })  # fmt: skip
-    from sidecar.store.scripts import Script
-    from sidecar.usage.buckets import COUNTERS_LUA
+    from sidecar.store.keys import Keys
+    from sidecar.usage.counters import UsageCounters
 
-    read = Script("sidecar.identity.lua", "read", prelude=COUNTERS_LUA)
-    keys = ["sidecar:id:{" + made["_id"] + "}", "sidecar:u:{" + made["_id"] + "}:d"]
-    _, sums = await read(redis, keys, [20775])
-    assert sums == [b"2", b"0", b"0", b"0", b"9007201254740992", b"0"]
-    _, sums = await read(redis, keys, [20804])  # day 20774 leaves the window, exactly
-    assert sums == [b"1", b"0", b"0", b"0", b"9007199254740993", b"0"]
+    day = [20775]
+    counters = UsageCounters(redis, Keys("sidecar"), lambda: day[0] * 86_400.0)
+    (sums,) = await counters.sums([made["_id"]])
+    assert (sums["r"], sums["e"], sums["c"]) == (2, 0, 9_007_201_254_740_992)
+    day[0] = 20804  # day 20774 leaves the window, exactly
+    (sums,) = await counters.sums([made["_id"]])
+    assert (sums["r"], sums["e"], sums["c"]) == (1, 0, 9_007_199_254_740_993)
 
 
 @pytest.mark.parametrize("in_order", [True, False], ids=["single-server", "cluster-path"])
@@ -348,8 +349,8 @@ async def test_50_concurrent_upserts_create_one_identity(
 ) -> None:
     from sidecar.identity.model import Profile
 
-    store = api.app.state.identity_store
-    store._in_order = in_order  # the path a cluster client takes, on this single server
+    store = api.app.services.records
+    store.in_order = in_order  # the path a cluster client takes, on this single server
     results = await asyncio.gather(
         *(store.upsert("racer", Profile(display_name=f"n{i}", tags=[f"t{i}"])) for i in range(50))
     )
@@ -366,7 +367,7 @@ async def test_upsert_overwrites_given_fields_only(api: Client) -> None:
 
     from sidecar.identity.model import Profile
 
-    store = api.app.state.identity_store
+    store = api.app.services.records
     first, created = await store.upsert("u", Profile(display_name="A", email="a@x.io"))
     assert created
     second, created = await store.upsert("u", Profile(display_name="B", email=UNSET))

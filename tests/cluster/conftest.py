@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from sidecar.app import Sidecar, create_app
+from sidecar.app import create_app
+from sidecar.dispatch import Sidecar
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock

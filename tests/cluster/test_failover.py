@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import openai
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from tests.cluster.conftest import (
@@ -65,7 +66,8 @@ async def test_master_killed_sidecar_follows_the_promoted_replica_and_keeps_acke
     took = await eventually("the identity API answers again", serves, RECOVERY_S)
     await asyncio.to_thread(cluster.wait_promoted, replica)
     # redis-py's cluster client dropped its slot map and learnt the new owner.
-    client = side.app.state.redis
+    client = side.app.services.redis
+    assert isinstance(client, RedisCluster)
     assert client.nodes_manager.get_node_from_slot(key_slot(INDEX.encode())).port == replica
     assert took < RECOVERY_S
 

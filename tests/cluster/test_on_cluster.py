@@ -21,8 +21,8 @@ async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
     fresh_cluster: LocalCluster, make_side: MakeSide
 ) -> None:
     side = await make_side(fresh_cluster.url)
-    assert isinstance(side.app.state.redis, RedisCluster)
-    assert side.app.state.identity_store._in_order is False
+    assert isinstance(side.app.services.redis, RedisCluster)
+    assert side.app.services.records.in_order is False
     ready = await side.api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
@@ -155,7 +155,7 @@ async def test_50_concurrent_upserts_of_one_new_external_id_leave_one_identity(
     fresh_cluster: LocalCluster, make_side: MakeSide
 ) -> None:
     side = await make_side(fresh_cluster.url)
-    store = side.app.state.identity_store
+    store = side.app.services.records
     results = await asyncio.gather(
         *(store.upsert("racer", Profile(display_name=f"n{i}", tags=[f"t{i}"])) for i in range(50))
     )
@@ -234,7 +234,7 @@ async def test_200_concurrent_never_over_admit(
             )
         )
     assert Counter(r.status_code for r in replies) == {200: 50, 429: 150}
-    assert side.app.state.runtime.quota.limiter.errors == 0
+    assert side.app.services.limiter.errors == 0
 
 
 async def test_daily_and_hourly_series(

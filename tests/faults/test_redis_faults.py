@@ -122,9 +122,9 @@ async def run_fault(
     finally:
         stop.set()
         await driver
-    recorder = env.app.state.runtime.attribution.recorder
+    recorder = env.app.services.recorder
     deadline = time.monotonic() + 30
-    while recorder.waiting or (recorder.spool is not None and recorder.spool.pending):
+    while recorder.waiting or recorder.backlog.pending:
         assert time.monotonic() < deadline, "the spool was not replayed"
         await asyncio.sleep(0.1)
     await env.settle()
@@ -188,8 +188,8 @@ async def test_redis_paused_for_five_seconds(
     env, traffic, window = await run_fault("redis-paused", make_env, client, tmp_path, pause)
     health = (await env.api.get("/healthz")).json()
     assert (health["usage_waiting"], health["spool_bytes"], health["usage_dropped"]) == (0, 0, 0)
-    recorder = env.app.state.runtime.attribution.recorder
-    assert recorder.spool.replayed > 0, "usage went through the spool"
+    recorder = env.app.services.recorder
+    assert recorder.spool and recorder.spool.replayed > 0, "usage went through the spool"
     assert recorder.dropped == 0
     assert any(who.startswith("new") for who in traffic.answered)
     assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
@@ -209,8 +209,8 @@ async def test_redis_killed_and_restarted_from_its_append_only_file(
     env, traffic, window = await run_fault(
         "redis-killed", make_env, client, tmp_path, crash_and_restart
     )
-    recorder = env.app.state.runtime.attribution.recorder
-    assert recorder.spool.replayed > 0, "usage went through the spool"
+    recorder = env.app.services.recorder
+    assert recorder.spool and recorder.spool.replayed > 0, "usage went through the spool"
     assert recorder.dropped == 0
     assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
 
@@ -244,9 +244,9 @@ async def test_hook_reports_during_an_outage_are_counted_once_afterwards(
     # The proxy retries one of them after the outage: still counted once.
     retried = await env.api.post("/hooks/usage", json=report("r2", "hooked"), headers=hook)
     assert retried.status_code == 202
-    recorder = env.app.state.runtime.attribution.recorder
+    recorder = env.app.services.recorder
     deadline = time.monotonic() + 20
-    while recorder.spool.pending:
+    while recorder.backlog.pending:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     hooked = await env.metrics("hooked")

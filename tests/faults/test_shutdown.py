@@ -15,8 +15,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.catalog import open_catalog
 from sidecar.identity.model import Metrics
-from sidecar.identity.store import IdentityStore
 from sidecar.mock import MockServer, start_mock
 from sidecar.store.keys import Keys
 from tests.conftest import ADMIN_TOKEN
@@ -105,7 +105,7 @@ async def stream_then_sigterm(sidecar: Sidecar) -> bytes:
 
 
 async def metrics_of(client: Redis, external_id: str) -> Metrics:
-    found = await IdentityStore(client, Keys("sidecar")).get(external_id, include_metrics=True)
+    found = await open_catalog(client, Keys("sidecar")).get(external_id, include_metrics=True)
     assert found is not None and isinstance(found.metrics, Metrics)
     return found.metrics
 

@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from bench import flood_bench
-from sidecar.identity import store as identity_store
-from sidecar.proxy import attribution
-from sidecar.quota import service as quota_service
+from sidecar.identity import identify, records
+from sidecar.quota import profiles
 from sidecar.usage import recorder as usage_recorder
 from tests.proxy.conftest import Env, MakeEnv
 
@@ -29,18 +28,18 @@ POLICY = '[[policy]]\nname = "flood"\nrequests = ["1000000/minute"]\n'
 
 @pytest.fixture
 def small_caches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(identity_store, "_CACHE_SIZE", BOUND)
-    monkeypatch.setattr(attribution, "_WRITTEN_SIZE", BOUND)
-    monkeypatch.setattr(quota_service, "_PROFILES", BOUND)
+    monkeypatch.setattr(records, "_CACHE_SIZE", BOUND)
+    monkeypatch.setattr(identify, "_WRITTEN_SIZE", BOUND)
+    monkeypatch.setattr(profiles, "_PROFILES", BOUND)
 
 
 def cache_sizes(env: Env) -> dict[str, int]:
-    runtime: Any = env.app.state.runtime
+    services = env.app.services
     return {
-        "external ids": len(runtime.attribution.store._ids),
-        "written profiles": len(runtime.attribution._written),
-        "policy profiles": len(runtime.quota._profiles),
-        "pending usage": len(runtime.attribution.recorder._pending),
+        "external ids": services.records.remembered,
+        "written profiles": services.identifier.remembered_profiles,
+        "policy profiles": len(services.quota.profiles),
+        "pending usage": services.recorder.waiting,
     }
 
 

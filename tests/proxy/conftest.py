@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from sidecar.app import Sidecar, create_app
+from sidecar.app import create_app
+from sidecar.dispatch import Sidecar
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
@@ -19,13 +20,13 @@ from tests.serving import ApiClient, serve
 
 async def settle(app: Sidecar) -> None:
     """Wait for the usage writes that run after each response."""
-    runtime = app.state.runtime
+    services = app.services
     for _ in range(100):
-        tasks = list(runtime.tasks)
+        tasks = list(services.background.tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await runtime.attribution.recorder.drain()
-        if not runtime.tasks:
+        await services.recorder.drain()
+        if not services.background.tasks:
             return
     raise AssertionError("usage writes did not finish")
 

@@ -258,7 +258,7 @@ async def test_hot_reload_keeps_the_window_count(
     assert await burst(env.url, 7, "r") == {200: 5, 429: 2}
     path = Path(config["policies"]["paths"][0])
     path.write_text('[[policy]]\nname = "p"\nrequests = ["10/minute"]\n')
-    quota = env.app.state.runtime.quota
+    quota = env.app.services.live
     assert quota.reload()
     assert await burst(env.url, 7, "r") == {200: 5, 429: 2}
     path.write_text('[[policy]]\nname = "p"\nrequests = ["ten/minute"]\n')

@@ -318,7 +318,7 @@ async def test_the_list_shows_name_source_and_30_day_metrics(
             body["display_name"] = name
         assert (await api.post("/v2/identities", json=body)).status_code == 201
     named = (await api.get("/v2/identities/named")).json()["_id"]
-    recorder = api.app.state.runtime.attribution.recorder
+    recorder = api.app.services.recorder
     counters = {"r": 4, "e": 1, "i": 300, "o": 100, "c": 1_500_000, "sb": 4}
     recorder.add(named, counters, source="body", external_id="named")
     await recorder.drain()

@@ -30,7 +30,7 @@ TRAFFIC: dict[str, dict[str, int]] = {
 
 
 def recorder_of(api: ApiClient) -> Recorder:
-    recorder: Recorder = api.app.state.runtime.attribution.recorder
+    recorder: Recorder = api.app.services.recorder
     return recorder
 
 
@@ -160,15 +160,16 @@ async def test_a_failed_index_update_is_counted_not_written_again(
         await api.post("/v2/identities", json={"external_id": name})
     ids = {n: (await api.get(f"/v2/identities/{n}")).json()["_id"] for n in ("x", "y")}
     recorder = recorder_of(api)
+    rankings = recorder.writer.rankings
     broken = IndexDown(redis)
-    recorder.client = broken  # type: ignore[assignment]
+    rankings.client = broken  # type: ignore[assignment]
     try:
         recorder.add(ids["x"], {"r": 2, "c": 10}, source="header", external_id="x")
         recorder.add(ids["y"], {"r": 3, "c": 20}, source="header", external_id="y")
         await recorder.drain()
     finally:
-        recorder.client = redis
-    assert broken.refused == 1 and recorder.index_errors == 1
+        rankings.client = redis
+    assert broken.refused == 1 and rankings.errors == 1
     assert recorder.write_errors == 0 and recorder.waiting == 0
     assert recorder.spool is not None and not recorder.spool.pending  # nothing kept to retry
     metrics = {

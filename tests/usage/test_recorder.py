@@ -12,12 +12,19 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from ulid import ULID
 
+from sidecar.catalog import Catalog
+from sidecar.identity.identify import Identifier
+from sidecar.identity.listing import Listing
 from sidecar.identity.model import Metrics, Profile
-from sidecar.identity.store import IdentityStore
+from sidecar.identity.records import IdentityRecords
 from sidecar.store.keys import Keys
 from sidecar.usage import buckets
+from sidecar.usage.backlog import Backlog
+from sidecar.usage.counters import UsageCounters
+from sidecar.usage.ranking import Rankings
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
+from sidecar.usage.writer import UsageWriter
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 
@@ -57,13 +64,27 @@ class AppliedThenTimedOut:
         return pipe
 
 
+class NoPolicies:
+    def remember(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None:
+        pass
+
+
 async def identities(client: Redis, clock: FakeClock, *names: str) -> dict[str, str]:
-    store = IdentityStore(client, KEYS, clock)
-    return {name: (await store.upsert(name, Profile()))[0].id for name in names}
+    records = IdentityRecords(client, KEYS, clock)
+    return {name: (await records.upsert(name, Profile()))[0].id for name in names}
+
+
+def catalog(client: Redis, clock: FakeClock) -> Catalog:
+    return Catalog(
+        IdentityRecords(client, KEYS, clock),
+        Listing(client, KEYS),
+        UsageCounters(client, KEYS, clock),
+        Rankings(client, KEYS, clock),
+    )
 
 
 async def requests_of(client: Redis, ref: str, clock: FakeClock) -> dict[str, int]:
-    found = await IdentityStore(client, KEYS, clock).get(ref, include_metrics=True)
+    found = await catalog(client, clock).get(ref, include_metrics=True)
     assert found is not None and isinstance(found.metrics, Metrics)
     return {"requests": found.metrics.total_requests, "input": found.metrics.input_tokens}
 
@@ -73,18 +94,17 @@ def writer_at(clock: FakeClock) -> str:
 
 
 def recorder(
-    client: Any, clock: FakeClock, spool_dir: Path | None, writer: str | None = None
+    client: Any,
+    clock: FakeClock,
+    spool_dir: Path | None,
+    writer: str | None = None,
+    spool_bytes: int = 1 << 24,
 ) -> Recorder:
     writer = writer or writer_at(clock)
-    spool = Spool(spool_dir, writer, 1 << 24) if spool_dir else None
-    made = Recorder(client, KEYS, clock, spool=spool, writer=writer)
-    store = IdentityStore(client, KEYS, clock)
-
-    async def resolve(external_id: str, profile: Profile | None) -> str:
-        return (await store.upsert(external_id, profile or Profile()))[0].id
-
-    made.resolver = resolve
-    return made
+    spool = Spool(spool_dir, writer, spool_bytes) if spool_dir else None
+    identifier = Identifier(IdentityRecords(client, KEYS, clock), NoPolicies(), clock)
+    usage = UsageWriter(client, KEYS, identifier, Rankings(client, KEYS, clock), clock)
+    return Recorder(usage, Backlog(usage, spool), identifier, writer_id=writer, clock=clock)
 
 
 def add(rec: Recorder, identity_id: str | None, external_id: str, n: int = 1) -> None:
@@ -237,7 +257,7 @@ async def test_the_spool_cap_drops_and_counts(
 ) -> None:
     private_redis.crash()
     spool = tmp_path / "spool"
-    rec = Recorder(short_client, KEYS, clock, spool=Spool(spool, writer_at(clock), 400))
+    rec = recorder(short_client, clock, spool, spool_bytes=400)
     add(rec, str(ULID()), "first")
 
     async def kept() -> bool:
@@ -260,11 +280,11 @@ async def test_writer_marks_of_long_gone_processes_are_pruned(
     add(old, ids["a"], "a")
     await old.drain()
     days = KEYS.usage_days(ids["a"])
-    assert await redis.hexists(days, f"w:{old.writer}")
+    assert await redis.hexists(days, f"w:{old.writer_id}")
     clock.advance(8 * buckets.DAY)  # a week and a day later, the first write of a new day
     new = recorder(redis, clock, None)
-    assert new.writer != old.writer
+    assert new.writer_id != old.writer_id
     add(new, ids["a"], "a")
     await new.drain()
-    assert not await redis.hexists(days, f"w:{old.writer}")
-    assert await redis.hexists(days, f"w:{new.writer}")
+    assert not await redis.hexists(days, f"w:{old.writer_id}")
+    assert await redis.hexists(days, f"w:{new.writer_id}")

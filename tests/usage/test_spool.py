@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.identity.model import Profile
 from sidecar.usage.spool import Entry, Spool, SpoolFull, read
 
 
@@ -16,7 +15,7 @@ def entry(n: int, **fields: object) -> Entry:
 def test_entries_come_back_as_written(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", "W1", 1 << 20)
     first = [entry(1, identity="A", writer="W1", seq=1, charges={"k": (5, 60)})]
-    second = [entry(2, external_id="x/y", profile=Profile(display_name="X", tags=["t"]))]
+    second = [entry(2, external_id="x/y", profile={"display_name": "X", "tags": ["t"]})]
     spool.append(first)
     spool.append(second)
     assert spool.pending

@@ -2,9 +2,7 @@
 -- The day-counter hash holds '<day>:<counter>' per UTC day (days since the epoch) and the
 -- sums of the last WINDOW days as 's:<counter>', valid for the day in 's:day'. Sums are kept
 -- with HINCRBY, so they are exact 64-bit integers, never Lua doubles.
-local COUNTERS = {'r', 'e', 'i', 'ci', 'cw', 'o', 'rs', 'c', 'rl', 'up', 'sb', 'sh', 'sk', 'sa'}
-local WINDOW = 30
-local RETENTION = 32
+-- COUNTERS, WINDOW and RETENTION come before this, generated from usage/buckets.py.
 
 local function day_fields(day)
   local names = {}

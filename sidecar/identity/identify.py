@@ -1,0 +1,119 @@
+"""The `_id` a resolved request counts under: found, or created (a body identity upserts).
+
+Clients send their identity with every request, so the common case must cost no round trip:
+this process remembers the `_id` of every external id it saw and the profile it last wrote."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from sidecar.identity.model import Profile
+from sidecar.identity.records import IdentityRecords
+from sidecar.identity.resolve import Resolved, Source
+
+Clock = Callable[[], float]
+
+PROFILE_REFRESH_S = 30.0
+_WRITTEN_SIZE = 65_536
+_encode = msgspec.json.Encoder().encode
+
+
+class ProfileSink(Protocol):
+    """Told the tags and metadata of every identity written (the policies match on them)."""
+
+    def remember(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None: ...
+
+
+def _digest(profile: Profile) -> bytes:
+    """16 bytes per identity in the cache, whatever the size of its profile."""
+    return hashlib.blake2b(_encode(profile), digest_size=16).digest()
+
+
+class Identifier:
+    def __init__(
+        self, records: IdentityRecords, profiles: ProfileSink, clock: Clock = time.time
+    ) -> None:
+        self.records = records
+        self.profiles = profiles
+        self.clock = clock
+        # external id -> (the profile this process last wrote, when to write it again anyway)
+        self._written: dict[str, tuple[bytes, float]] = {}
+        self._inflight: dict[tuple[str, bytes], asyncio.Future[str]] = {}
+
+    @property
+    def remembered_profiles(self) -> int:
+        return len(self._written)
+
+    def known(self, resolved: Resolved) -> str | None:
+        """The `_id`, when nothing needs writing first (see `identify`)."""
+        known, stale = self.cached(resolved)
+        return None if stale else known
+
+    def cached(self, resolved: Resolved) -> tuple[str | None, bool]:
+        """The `_id` this process knows for the identity (None: unknown), and whether the
+        body's profile is still to be written (new, changed, or last written over
+        PROFILE_REFRESH_S ago). With an `_id` at hand, that write need not hold the request
+        up: see `refresh`."""
+        known = self.records.known_id(resolved.external_id)
+        if known is None:
+            return None, True
+        if resolved.profile is None:
+            return known, False
+        seen = self._written.get(resolved.external_id)
+        fresh = seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]
+        return known, not fresh
+
+    async def identify(self, resolved: Resolved) -> str:
+        """The `_id` to count under: a body identity upserts; the others get a bare record
+        when unknown and never change an existing one.
+
+        A body identity that brings the same fields as the last one this process wrote, less
+        than PROFILE_REFRESH_S ago, is not written again: clients send their identity with
+        every request, and rewriting identical fields costs a round trip each time. Requests
+        that need the same write while it is in flight share it. Raises StoreUnavailable."""
+        known = self.known(resolved)
+        if known is not None:
+            return known
+        digest = _digest(resolved.profile) if resolved.profile is not None else b""
+        key = (resolved.external_id, digest)
+        write = self._inflight.get(key)
+        if write is None:
+            write = asyncio.ensure_future(self._write(resolved, digest))
+            self._inflight[key] = write
+            write.add_done_callback(lambda done: self._settled(key, done))
+        # Shielded: a caller that gives up (a timeout) does not cancel the others' write.
+        return await asyncio.shield(write)
+
+    async def ensure(self, external_id: str, profile: object) -> str:
+        """For usage counted while the store could not say whose it was: `profile` is what a
+        body identity brought (a Profile, or its fields as read back from the spool), or None."""
+        if profile is None:
+            return await self.identify(Resolved(external_id, Source.HEADER))
+        given = profile if isinstance(profile, Profile) else msgspec.convert(profile, Profile)
+        return await self.identify(Resolved(external_id, Source.BODY, given))
+
+    def forget(self, external_id: str) -> None:
+        self.records.forget(external_id)
+        self._written.pop(external_id, None)
+
+    def _settled(self, key: tuple[str, bytes], write: asyncio.Future[str]) -> None:
+        self._inflight.pop(key, None)
+        if not write.cancelled():
+            write.exception()  # retrieved here: every waiter may have given up
+
+    async def _write(self, resolved: Resolved, digest: bytes) -> str:
+        if resolved.profile is None:
+            identity, _ = await self.records.upsert(resolved.external_id, Profile())
+            return identity.id
+        identity, _ = await self.records.upsert(resolved.external_id, resolved.profile)
+        self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
+        self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
+        if len(self._written) > _WRITTEN_SIZE:
+            del self._written[next(iter(self._written))]
+        return identity.id

@@ -1,0 +1,183 @@
+"""The composition root: the whole object graph, built in one place from the settings, a Redis
+client, the upstream HTTP client and a clock. Every collaborator arrives through a
+constructor, so this function shows who talks to whom. Nothing here does I/O: `open` and
+`close` (the app's lifespan) do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ulid import ULID
+
+from sidecar.catalog import Catalog
+from sidecar.errors import StoreUnavailable
+from sidecar.identity.identify import Identifier
+from sidecar.identity.listing import Listing
+from sidecar.identity.records import IdentityRecords
+from sidecar.metering.attribution import Attribution
+from sidecar.metering.authorize import Authorizer
+from sidecar.metering.settle import Settlement
+from sidecar.observe.counters import Counters
+from sidecar.observe.prometheus import Exposition, Readings
+from sidecar.proxy.authorize import RawAuthorize
+from sidecar.proxy.inline import InlineProxy
+from sidecar.proxy.upstream import Upstream
+from sidecar.quota.limiter import Limiter
+from sidecar.quota.live import LiveConfig
+from sidecar.quota.profiles import PolicyProfiles
+from sidecar.quota.service import Quota
+from sidecar.settings import Settings
+from sidecar.store.connect import RedisClient
+from sidecar.store.keys import Keys
+from sidecar.store.scripts import Script
+from sidecar.tasks import Background
+from sidecar.ui.session import Sessions
+from sidecar.usage.backlog import Backlog
+from sidecar.usage.counters import UsageCounters
+from sidecar.usage.pricing import Pricer
+from sidecar.usage.ranking import Rankings
+from sidecar.usage.recorder import Recorder
+from sidecar.usage.spool import Spool
+from sidecar.usage.writer import UsageWriter
+
+log = logging.getLogger("sidecar")
+
+Clock = Callable[[], float]
+
+SHUTDOWN_TASKS_S = 10.0  # background work a request started gets this long at shutdown
+SHUTDOWN_USAGE_S = 5.0  # then usage gets this long to reach Redis; the rest is spooled
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    redis: RedisClient
+    clock: Clock
+    counters: Counters | None  # None: [server] metrics = false
+    live: LiveConfig
+    records: IdentityRecords
+    identifier: Identifier
+    catalog: Catalog
+    usage_counters: UsageCounters
+    recorder: Recorder
+    limiter: Limiter
+    quota: Quota
+    settlement: Settlement
+    authorizer: Authorizer
+    sessions: Sessions
+    upstream: Upstream
+    background: Background
+    proxy: InlineProxy
+    raw_authorize: RawAuthorize
+    exposition: Exposition | None
+    scripts: tuple[Script, ...]
+    loops: list[asyncio.Task[None]]  # run from open() to close()
+
+    async def open(self) -> None:
+        """Open the I/O: the upstream client, the store's scripts, the background loops."""
+        await self.upstream.open()
+        try:
+            for script in self.scripts:
+                await script.load(self.redis)
+        except StoreUnavailable as exc:
+            log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+        self.loops.append(asyncio.create_task(self.live.watch()))
+        self.recorder.start()  # replays what earlier processes left in the spool
+
+    async def close(self) -> None:
+        for task in self.loops:
+            task.cancel()
+        await self.background.wait(SHUTDOWN_TASKS_S)
+        # What Redis does not take within a few seconds waits in the spool for the next
+        # process with this data dir.
+        await self.recorder.close(grace_s=SHUTDOWN_USAGE_S)
+        await self.upstream.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self.loops, return_exceptions=True)
+
+
+def build(
+    settings: Settings,
+    *,
+    redis: RedisClient,
+    upstream: Upstream,
+    clock: Clock,
+    admin_token: str,
+) -> Services:
+    keys = Keys(settings.redis.key_prefix)
+    counters = Counters() if settings.server.metrics else None
+    live = LiveConfig(settings)
+    profiles = PolicyProfiles(live, clock)
+
+    records = IdentityRecords(redis, keys, clock)
+    listing = Listing(redis, keys)
+    identifier = Identifier(records, profiles, clock)
+
+    usage_counters = UsageCounters(redis, keys, clock)
+    rankings = Rankings(redis, keys, clock)
+    writer = UsageWriter(redis, keys, identifier, rankings, clock)
+    writer_id = str(ULID())
+    spool = Spool(settings.data_path / "spool", writer_id, settings.metering.spool_max_bytes)
+    backlog = Backlog(writer, spool)
+    recorder = Recorder(
+        writer, backlog, identifier, writer_id=writer_id, clock=clock, counters=counters
+    )
+    catalog = Catalog(records, listing, usage_counters, rankings)
+
+    limiter = Limiter(
+        redis,
+        keys,
+        timeout_ms=settings.redis.timeout_ms,
+        on_error=settings.redis.on_error,
+        # A lease outlives the longest request, then frees its slot if nobody did.
+        lease_s=settings.upstream.timeout_s + 30,
+        clock=clock,
+        counters=counters,
+    )
+    quota = Quota(live, limiter, records, identifier, profiles)
+    attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
+    background = Background()
+    settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
+    authorizer = Authorizer(attribution, identifier, quota, settlement)
+    proxy = InlineProxy(settings, upstream, attribution, identifier, quota, settlement, counters)
+    raw_authorize = RawAuthorize(
+        authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
+    )
+    exposition = (
+        Exposition(counters, Readings(limiter, recorder, live)) if counters is not None else None
+    )
+    scripts = (
+        *records.scripts,
+        *listing.scripts,
+        *usage_counters.scripts,
+        writer.script,
+        limiter.script,
+    )
+    return Services(
+        settings=settings,
+        redis=redis,
+        clock=clock,
+        counters=counters,
+        live=live,
+        records=records,
+        identifier=identifier,
+        catalog=catalog,
+        usage_counters=usage_counters,
+        recorder=recorder,
+        limiter=limiter,
+        quota=quota,
+        settlement=settlement,
+        authorizer=authorizer,
+        sessions=Sessions(redis, keys, admin_token),
+        upstream=upstream,
+        background=background,
+        proxy=proxy,
+        raw_authorize=raw_authorize,
+        exposition=exposition,
+        scripts=scripts,
+        loops=[],
+    )

@@ -1,0 +1,130 @@
+"""Writing usage entries to their identities' counters, each exactly once (lua/record.lua)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ulid import ULID
+
+from sidecar.store.connect import RedisClient
+from sidecar.store.keys import Keys
+from sidecar.store.scripts import Script, pipeline
+from sidecar.usage import buckets
+from sidecar.usage.counters import prelude
+from sidecar.usage.ranking import Rankings
+from sidecar.usage.spool import Entry
+
+Clock = Callable[[], float]
+
+IDEMPOTENCY_TTL = 7 * 86_400  # a usage report retried within a week is counted once
+WRITER_MARK_TTL = 7 * 86_400  # a writer's sequence mark outlives its last write this long
+RESOLVE_CONCURRENCY = 32  # identities first seen during an outage, written at once
+
+# What record.lua answers for each entry.
+COUNTED, ERASED, DUPLICATE = 1, 0, 2
+
+
+class Identities(Protocol):
+    """Finds (or creates) the identity of usage counted while the store could not say whose
+    it was, and forgets what this process remembers of an erased one."""
+
+    async def ensure(self, external_id: str, profile: object) -> str: ...
+
+    def forget(self, external_id: str) -> None: ...
+
+
+def writer_floor(now: float) -> str:
+    """The smallest writer id (a ULID) created after now - WRITER_MARK_TTL: marks of writers
+    older than that are pruned (ULIDs sort by their creation time)."""
+    return str(ULID.from_timestamp(max(0.0, now - WRITER_MARK_TTL)))[:10]
+
+
+class UsageWriter:
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        identities: Identities,
+        rankings: Rankings,
+        clock: Clock = time.time,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.identities = identities
+        self.rankings = rankings
+        self.clock = clock
+        self._record = Script("sidecar.usage.lua", "record", prelude=prelude())
+
+    @property
+    def script(self) -> Script:
+        return self._record
+
+    def _call(self, entry: Entry, now: float, floor: str) -> tuple[list[str], list[Any]]:
+        assert entry.identity is not None
+        hour = buckets.hour(entry.at)
+        identity = entry.identity
+        keys = [
+            self.keys.identity(identity),
+            self.keys.usage_days(identity),
+            self.keys.usage_hours(identity) + str(hour),
+        ]
+        if entry.request_id is not None:
+            keys.append(self.keys.request(identity, entry.request_id))
+        keys += entry.charges.keys()
+        args: list[Any] = [
+            buckets.day(entry.at),
+            hour,
+            # Relative to this process's clock, so that buckets expire by the time they count.
+            int((hour + buckets.HOUR_RETENTION + 1) * buckets.HOUR - now),
+            IDEMPOTENCY_TTL,
+            entry.source,
+            int(now * 1000),
+            " ".join(f"{counter} {n}" for counter, n in entry.counters.items()),
+            " ".join(f"{amount} {lifetime}" for amount, lifetime in entry.charges.values()),
+            entry.writer,
+            entry.seq,
+            floor,
+        ]
+        return keys, args
+
+    async def _resolve(self, entries: list[Entry]) -> None:
+        """Find (or create) the identities of entries counted without one."""
+        profiles = {e.external_id: e.profile for e in entries if e.identity is None}
+        if not profiles:
+            return
+        found: dict[str, str] = {}
+        gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
+
+        async def one(external_id: str, profile: object) -> None:
+            async with gate:
+                found[external_id] = await self.identities.ensure(external_id, profile)
+
+        await asyncio.gather(*(one(x, p) for x, p in profiles.items() if x is not None))
+        for entry in entries:
+            if entry.identity is None and entry.external_id is not None:
+                entry.identity = found[entry.external_id]
+
+    async def write(self, entries: list[Entry]) -> list[int]:
+        """Each entry's result (COUNTED, ERASED or DUPLICATE). Raises StoreUnavailable with
+        nothing known about what was applied: writing the same entries again is safe."""
+        await self._resolve(entries)
+        now = self.clock()
+        floor = writer_floor(now)
+        calls = [self._call(e, now, floor) for e in entries]
+        if len(calls) == 1:
+            results = [int(await self._record(self.client, *calls[0]))]
+        else:
+
+            def queue(pipe: Any) -> None:
+                for keys, args in calls:
+                    self._record.queue(pipe, keys, args)
+
+            results = [int(r) for r in await pipeline(self.client, queue, [self._record])]
+        # The counters are written: nothing below may raise, or they would be written again.
+        for entry, result in zip(entries, results, strict=True):
+            if result == COUNTED and entry.identity is not None:
+                self.rankings.add(entry.identity, entry.at, entry.counters)
+        return results
