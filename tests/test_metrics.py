@@ -42,7 +42,7 @@ class Samples(dict[str, float]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and super().__contains__(canonical(key))
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return super().get(canonical(key), default)
 
 
