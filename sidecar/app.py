@@ -35,6 +35,7 @@ from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.keys import Keys
 from sidecar.ui.controller import DashboardController
+from sidecar.ui.templates import template_config
 from sidecar.usage.pricing import Pricer
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
@@ -412,6 +413,7 @@ def create_app(
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
         ),
+        template_config=template_config(),
         request_max_body_size=2 * 1_048_576,
         logging_config=None,
         debug=False,

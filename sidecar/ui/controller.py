@@ -22,7 +22,7 @@ from sidecar.quota.limiter import PolicyUsage
 from sidecar.quota.policy import choose
 from sidecar.ui import detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
-from sidecar.ui.render import identity_path, message_page, page, query, redirect
+from sidecar.ui.render import identity_path, message_page, query, redirect
 from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
 from sidecar.usage.reader import series
 
@@ -108,7 +108,7 @@ def _ref(request: Request[Any, Any, Any]) -> str | None:
     return ref
 
 
-def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Errors as pages: a sign-in is a redirect, the rest a short page with the status."""
     if isinstance(exc, LoginRequired):
         return redirect("/ui/login" + query(next=exc.back_to))
@@ -173,24 +173,23 @@ class DashboardController(Controller):
         return auth, fields
 
     @get("/login", operation_id="uiLoginForm")
-    async def login_form(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def login_form(self, request: Request[Any, Any, Any], store: Store) -> Response[Any]:
         back_to = _back_to(request.query_params.get("next", "/ui"))
         if await self._auth(request, store) is not None:
             return redirect(back_to)
-        return page("Sign in", pages.login(next_path=back_to), nav=False)
+        return pages.login(next_path=back_to)
 
     @post("/login", operation_id="uiLogin")
-    async def login(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def login(self, request: Request[Any, Any, Any], store: Store) -> Response[Any]:
         try:
             fields = parse(await request.body(), request.headers.get("content-type", ""))
         except BadForm as exc:
-            return page("Sign in", pages.login(error=str(exc)), status=400, nav=False)
+            return pages.login(error=str(exc), status=400)
         if not same_origin(request.headers):
             raise Forbidden()
         back_to = _back_to(first(fields, "next"))
         if not token_matches(first(fields, "token"), request.app.state.admin_token):
-            body = pages.login(error="That is not the admin token.", next_path=back_to)
-            return page("Sign in", body, status=401, nav=False)
+            return pages.login(error="That is not the admin token.", next_path=back_to, status=401)
         value = await _store(_sessions(request, store).open())
         return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])
 
@@ -204,7 +203,7 @@ class DashboardController(Controller):
     # -- pages ----------------------------------------------------------------------------
 
     @get("/", operation_id="uiIdentities")
-    async def identities(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def identities(self, request: Request[Any, Any, Any], store: Store) -> Response[Any]:
         auth = await self._signed_in(request, store)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
@@ -250,7 +249,7 @@ class DashboardController(Controller):
             previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
             next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
         )
-        return page("Identities", pages.identities(listing), csrf=auth.csrf)
+        return pages.identities(listing, csrf=auth.csrf)
 
     async def _last_sources(self, store: IdentityStore, ids: list[str]) -> list[str | None]:
         if not ids:
@@ -261,7 +260,7 @@ class DashboardController(Controller):
         return [v.decode() if v else None for v in await pipe.execute()]
 
     @get("/identities/{ref:path}", operation_id="uiIdentity")
-    async def identity(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def identity(self, request: Request[Any, Any, Any], store: Store) -> Response[Any]:
         auth = await self._signed_in(request, store)
         ref = _ref(request)
         if ref is None:
@@ -277,11 +276,10 @@ class DashboardController(Controller):
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
             usage = await _store(quota.limiter.usage(found.id, policy))
-        body = detail.identity_page(found, usage_series, policy, usage)
-        return page(found.display_name or found.external_id, body, csrf=auth.csrf)
+        return detail.identity_page(found, usage_series, policy, usage, csrf=auth.csrf)
 
     @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
-    async def create(self, request: Request[Any, Any, Any], store: Store) -> Response[str]:
+    async def create(self, request: Request[Any, Any, Any], store: Store) -> Response[Any]:
         if _ref(request) is not None:
             raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
         auth, fields = await self._form(request, store)
@@ -296,6 +294,5 @@ class DashboardController(Controller):
             return self._new_form(form, auth, 409)
         return redirect(identity_path(made.external_id, made.id))
 
-    def _new_form(self, form: NewIdentity, auth: Auth, status: int) -> Response[str]:
-        body = pages.new_identity(form, auth.csrf or "")
-        return page("New Identity", body, csrf=auth.csrf, status=status, script=pages.ADD_ROW_JS)
+    def _new_form(self, form: NewIdentity, auth: Auth, status: int) -> Response[Any]:
+        return pages.new_identity(form, csrf=auth.csrf, status=status)

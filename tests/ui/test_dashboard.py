@@ -3,6 +3,7 @@ the pages' contents."""
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 from typing import Any
@@ -178,10 +179,11 @@ async def test_form_errors_are_shown_beside_their_fields_and_values_kept(
     assert field_error(page, "tags") is not None and "64" in (field_error(page, "tags") or "")
     assert field_error(page, "display_name") is None
     assert 'value="Ada &lt;Lovelace&gt;"' in page  # kept, escaped
-    rows = re.findall(r'<div class="meta-row-wrap" id="meta-(\d+)">(.*?)</div></div>', page, re.S)
+    rows = re.findall(r'<div class="meta-row-wrap" id="meta-(\d+)">', page)
     assert len(rows) >= 3
     assert 'value="pro"' in page and 'value="orphan"' in page
-    assert "a value needs a key" in page and "the key &#x27;plan&#x27; is given twice" in page
+    shown = html.unescape(page)
+    assert "a value needs a key" in shown and "the key 'plan' is given twice" in shown
     assert await redis.dbsize() == before  # nothing written
     # Fixed, the same form creates the identity and lands on its page.
     r = await browser_client.post(
@@ -243,7 +245,7 @@ async def test_hostile_profiles_are_escaped_everywhere(
         page = await browser_client.get(path)
         assert page.status_code == 200, path
         assert HOSTILE not in page.text and "<img src=x" not in page.text
-        assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page.text
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
         csp = page.headers["content-security-policy"]
         assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
         assert page.headers["x-frame-options"] == "DENY"
