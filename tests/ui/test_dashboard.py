@@ -19,8 +19,6 @@ from tests.proxy.test_inline import MESSAGES, tokens
 from tests.serving import ApiClient
 from tests.ui.conftest import csrf_of, sign_in
 
-HOSTILE = '<script>alert("x")</script>'
-
 
 def cookie_header(r: httpx.Response) -> str:
     (header,) = r.headers.get_list("set-cookie")
@@ -225,30 +223,6 @@ async def test_a_malformed_form_is_a_400(browser_client: httpx.AsyncClient, sign
     assert (await browser_client.get("/ui/identities/%ff")).status_code == 400
     assert (await browser_client.get("/ui/identities/nobody")).status_code == 404
     assert (await browser_client.post("/ui/identities/nobody", data={})).status_code == 405
-
-
-async def test_hostile_profiles_are_escaped_everywhere(
-    browser_client: httpx.AsyncClient, signed_in: str, api: ApiClient
-) -> None:
-    r = await api.post(
-        "/v2/identities",
-        json={
-            "external_id": f"x{HOSTILE}",
-            "display_name": HOSTILE,
-            "email": "a@b.co",
-            "tags": ['"><img src=x onerror=alert(1)>'],
-            "metadata": {"<k>": HOSTILE},
-        },
-    )
-    assert r.status_code == 201
-    for path in ("/ui", "/ui/identities/" + quote(f"x{HOSTILE}", safe="")):
-        page = await browser_client.get(path)
-        assert page.status_code == 200, path
-        assert HOSTILE not in page.text and "<img src=x" not in page.text
-        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
-        csp = page.headers["content-security-policy"]
-        assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
-        assert page.headers["x-frame-options"] == "DENY"
 
 
 def limit_rows(page: str) -> dict[str, str]:
