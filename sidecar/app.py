@@ -28,6 +28,7 @@ from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.errors import call
 from sidecar.ui.controller import DashboardController
+from sidecar.ui.templating import template_config
 
 Clock = Callable[[], float]
 
@@ -140,6 +141,7 @@ def create_app(
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
         ),
+        template_config=template_config(),
         request_max_body_size=2 * 1_048_576,
         logging_config=None,
         debug=False,

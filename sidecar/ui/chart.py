@@ -2,21 +2,66 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from html import escape
 
 import msgspec
 
-# Server-rendered SVG bar charts: no script, no external asset, readable without CSS.
+# The geometry of the server-rendered SVG bar charts (templates/_chart.html draws them): no
+# script, no external asset, readable without CSS.
 
 WIDTH = 640
 HEIGHT = 210
 LEFT, RIGHT, TOP, BOTTOM = 70, 12, 30, 42
+PLOT_W = WIDTH - LEFT - RIGHT
+PLOT_H = HEIGHT - TOP - BOTTOM
+BASE = TOP + PLOT_H  # the x axis's y
 
 
 class Series(msgspec.Struct, frozen=True):
     name: str
     values: Sequence[float]
     css: str  # class of its bars (the page's stylesheet colours it)
+
+
+class Segment(msgspec.Struct, frozen=True):
+    css: str
+    y: float
+    height: float
+
+
+class Day(msgspec.Struct, frozen=True):
+    day: str  # ISO date
+    total: float  # the stack's total, as data-value
+    label: str  # the total as the chart's unit reads
+    x: float
+    segments: list[Segment]  # bottom up
+    dated: bool  # its date is written under it
+
+
+class Gridline(msgspec.Struct, frozen=True):
+    y: float
+    label: str
+
+
+class Key(msgspec.Struct, frozen=True):
+    name: str
+    css: str
+    x: float
+
+
+class Chart(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    title: str
+    unit: str
+    bar_w: float
+    grid: list[Gridline]
+    days: list[Day]
+    legend: list[Key]  # right-aligned above the plot; empty for one series
+    width: int = WIDTH
+    height: int = HEIGHT
+    left: int = LEFT
+    right: int = WIDTH - RIGHT
+    base: int = BASE
+    middle: float = TOP + PLOT_H / 2
 
 
 def nice_ceiling(value: float) -> float:
@@ -30,7 +75,8 @@ def nice_ceiling(value: float) -> float:
     return 10.0 * power
 
 
-def _num(value: float) -> str:
+def num(value: float) -> str:
+    """A coordinate or value as an SVG attribute: at most 2 decimals, no trailing zeros."""
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
@@ -42,71 +88,33 @@ def bars(
     series: Sequence[Series],
     fmt: Callable[[float], str],
     chart_id: str,
-) -> str:
-    """A bar per day, the series stacked; `days` are ISO dates (YYYY-MM-DD), oldest first.
-    Each bar carries data-day and data-value (its stack's total) for tests and tooling."""
+) -> Chart:
+    """A bar per day, the series stacked; `days` are ISO dates (YYYY-MM-DD), oldest first."""
     count = len(days)
     totals = [sum(s.values[i] for s in series) for i in range(count)]
     top = nice_ceiling(max(totals, default=0.0))
-    plot_w = WIDTH - LEFT - RIGHT
-    plot_h = HEIGHT - TOP - BOTTOM
-    slot = plot_w / max(count, 1)
+    slot = PLOT_W / max(count, 1)
     bar_w = max(1.0, slot * 0.7)
-    base = TOP + plot_h
-    out = [
-        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="100%" role="img" aria-labelledby="{escape(chart_id)}-t" '
-        'xmlns="http://www.w3.org/2000/svg">',
-        f'<title id="{escape(chart_id)}-t">{escape(title)}, by day (UTC)</title>',
-        f'<text class="chart-title" x="{LEFT}" y="18">{escape(title)}</text>',
-    ]
-    for fraction in (0.0, 0.5, 1.0):  # grid lines and the y axis's labels
-        y = base - plot_h * fraction
-        out.append(
-            f'<line class="grid" x1="{LEFT}" y1="{_num(y)}" x2="{WIDTH - RIGHT}" y2="{_num(y)}"/>'
-        )
-        out.append(
-            f'<text class="tick" x="{LEFT - 6}" y="{_num(y + 4)}" text-anchor="end">'
-            f"{escape(fmt(top * fraction))}</text>"
-        )
-    middle = TOP + plot_h / 2
-    out.append(
-        f'<text class="axis" x="14" y="{_num(middle)}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {_num(middle)})">{escape(unit)}</text>'
-    )
+    grid = [Gridline(BASE - PLOT_H * fraction, fmt(top * fraction)) for fraction in (0.0, 0.5, 1.0)]
+    out: list[Day] = []
     for i, day in enumerate(days):
-        x = LEFT + slot * i + (slot - bar_w) / 2
-        out.append(f'<g class="day" data-day="{escape(day)}" data-value="{_num(totals[i])}">')
-        out.append(f"<title>{escape(day)}: {escape(fmt(totals[i]))}</title>")
-        y = base
+        y = float(BASE)
+        segments = []
         for s in series:
-            h = plot_h * s.values[i] / top
+            h = PLOT_H * s.values[i] / top
             if h <= 0:
                 continue
             y -= h
-            out.append(
-                f'<rect class="{escape(s.css)}" x="{_num(x)}" y="{_num(y)}" '
-                f'width="{_num(bar_w)}" height="{_num(max(h, 0.5))}"/>'
-            )
-        out.append("</g>")
-        if (count - 1 - i) % 7 == 0:  # a date under every 7th bar, today's included
-            out.append(
-                f'<text class="tick" x="{_num(x + bar_w / 2)}" y="{base + 16}" '
-                f'text-anchor="middle">{escape(day[5:])}</text>'
-            )
-    out.append(
-        f'<line class="axis-line" x1="{LEFT}" y1="{base}" x2="{WIDTH - RIGHT}" y2="{base}"/>'
-    )
-    out.append(
-        f'<text class="axis" x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 6}" '
-        'text-anchor="middle">day (UTC)</text>'
-    )
-    if len(series) > 1:  # a legend, right-aligned above the plot
+            segments.append(Segment(s.css, y, max(h, 0.5)))
+        x = LEFT + slot * i + (slot - bar_w) / 2
+        # A date under every 7th bar, today's included.
+        out.append(Day(day, totals[i], fmt(totals[i]), x, segments, (count - 1 - i) % 7 == 0))
+    legend: list[Key] = []
+    if len(series) > 1:
         x = WIDTH - RIGHT
         for s in reversed(series):
-            label_w = 7 * len(s.name) + 18
-            x -= label_w
-            out.append(f'<rect class="{escape(s.css)}" x="{x}" y="9" width="10" height="10"/>')
-            out.append(f'<text class="tick" x="{x + 14}" y="18">{escape(s.name)}</text>')
-    out.append("</svg>")
-    return "".join(out)
+            x -= 7 * len(s.name) + 18
+            legend.append(Key(s.name, s.css, x))
+    return Chart(
+        id=chart_id, title=title, unit=unit, bar_w=bar_w, grid=grid, days=out, legend=legend
+    )

@@ -19,7 +19,7 @@ from sidecar.quota.policy import choose
 from sidecar.tokens import bearer, token_matches
 from sidecar.ui import detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
-from sidecar.ui.render import identity_path, message_page, page, query, redirect
+from sidecar.ui.render import identity_path, message_page, query, redirect
 from sidecar.ui.session import COOKIE, SESSION_TTL_S, is_https, same_origin
 
 log = logging.getLogger("sidecar.ui")
@@ -87,7 +87,7 @@ def _ref(request: Request[Any, Any, Any]) -> str | None:
     return ref
 
 
-def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Errors as pages: a sign-in is a redirect, the rest a short page with the status."""
     if isinstance(exc, LoginRequired):
         return redirect("/ui/login" + query(next=exc.back_to))
@@ -153,29 +153,28 @@ class DashboardController(Controller):
     @get("/login", operation_id="uiLoginForm")
     async def login_form(
         self, request: Request[Any, Any, Any], sessions: SessionsDep
-    ) -> Response[str]:
+    ) -> Response[Any]:
         back_to = _back_to(request.query_params.get("next", "/ui"))
         if await self._auth(request, sessions) is not None:
             return redirect(back_to)
-        return page("Sign in", pages.login(next_path=back_to), nav=False)
+        return pages.login(next_path=back_to)
 
     @post("/login", operation_id="uiLogin")
-    async def login(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[str]:
+    async def login(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[Any]:
         try:
             fields = parse(await request.body(), request.headers.get("content-type", ""))
         except BadForm as exc:
-            return page("Sign in", pages.login(error=str(exc)), status=400, nav=False)
+            return pages.login(error=str(exc), status=400)
         if not same_origin(request.headers):
             raise Forbidden()
         back_to = _back_to(first(fields, "next"))
         if not token_matches(first(fields, "token"), sessions.admin_token):
-            body = pages.login(error="That is not the admin token.", next_path=back_to)
-            return page("Sign in", body, status=401, nav=False)
+            return pages.login(error="That is not the admin token.", next_path=back_to, status=401)
         value = await sessions.open()
         return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])
 
     @post("/logout", operation_id="uiLogout")
-    async def logout(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[str]:
+    async def logout(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[Any]:
         auth, _ = await self._form(request, sessions)
         if auth.session is not None:
             await sessions.close(auth.session)
@@ -190,7 +189,7 @@ class DashboardController(Controller):
         sessions: SessionsDep,
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
-    ) -> Response[str]:
+    ) -> Response[Any]:
         auth = await self._signed_in(request, sessions)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
@@ -236,7 +235,7 @@ class DashboardController(Controller):
             previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
             next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
         )
-        return page("Identities", pages.identities(listing), csrf=auth.csrf)
+        return pages.identities(listing, csrf=auth.csrf)
 
     @get("/identities/{ref:path}", operation_id="uiIdentity")
     async def identity(
@@ -246,7 +245,7 @@ class DashboardController(Controller):
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
         quota: QuotaDep,
-    ) -> Response[str]:
+    ) -> Response[Any]:
         auth = await self._signed_in(request, sessions)
         ref = _ref(request)
         if ref is None:
@@ -259,13 +258,12 @@ class DashboardController(Controller):
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
             usage = await quota.limiter.usage(found.id, policy)
-        body = detail.identity_page(found, usage_series, policy, usage)
-        return page(found.display_name or found.external_id, body, csrf=auth.csrf)
+        return detail.identity_page(found, usage_series, policy, usage, csrf=auth.csrf)
 
     @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
     async def create(
         self, request: Request[Any, Any, Any], sessions: SessionsDep, catalog: CatalogDep
-    ) -> Response[str]:
+    ) -> Response[Any]:
         if _ref(request) is not None:
             raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
         auth, fields = await self._form(request, sessions)
@@ -280,6 +278,5 @@ class DashboardController(Controller):
             return self._new_form(form, auth, 409)
         return redirect(identity_path(made.external_id, made.id))
 
-    def _new_form(self, form: NewIdentity, auth: Auth, status: int) -> Response[str]:
-        body = pages.new_identity(form, auth.csrf or "")
-        return page("New Identity", body, csrf=auth.csrf, status=status, script=pages.ADD_ROW_JS)
+    def _new_form(self, form: NewIdentity, auth: Auth, status: int) -> Response[Any]:
+        return pages.new_identity(form, csrf=auth.csrf, status=status)
