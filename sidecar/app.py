@@ -33,6 +33,7 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.service import Quota
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
+from sidecar.store.embedded import EmbeddedRedis, StoreHealth
 from sidecar.store.keys import Keys
 from sidecar.ui.controller import DashboardController
 from sidecar.usage.pricing import Pricer
@@ -53,6 +54,8 @@ class Health(msgspec.Struct):
     usage_waiting: int = 0  # identity-hours in memory, not yet written
     spool_bytes: int = 0  # usage on disk waiting for Redis (this process's)
     usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
+    # Its restarts, when the store is the embedded one (absent with any other).
+    embedded_store: StoreHealth | msgspec.UnsetType = msgspec.UNSET
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
@@ -67,6 +70,7 @@ def healthz(state: State) -> Health:
         recorder.waiting,
         recorder.spool.bytes if recorder.spool is not None else 0,
         recorder.dropped,
+        state.embedded.health() if state.embedded is not None else msgspec.UNSET,
     )
 
 
@@ -325,6 +329,7 @@ def create_app(
     admin_token: str,
     redis: RedisClient | None = None,
     clock: Clock = time.time,
+    embedded: EmbeddedRedis | None = None,
 ) -> Sidecar:
     """The service. Connections open in the lifespan, never at import or build time."""
     runtime = Runtime()
@@ -405,7 +410,7 @@ def create_app(
         dependencies={"store": Provide(provide_store, sync_to_thread=False)},
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],
-        state=State({"admin_token": admin_token, "settings": settings}),
+        state=State({"admin_token": admin_token, "settings": settings, "embedded": embedded}),
         openapi_config=OpenAPIConfig(
             title="LLM identity sidecar",
             version=__version__,
