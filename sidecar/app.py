@@ -26,6 +26,7 @@ from sidecar.proxy.upstream import Upstream
 from sidecar.services import Services, build
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
+from sidecar.store.embedded import EmbeddedRedis, StoreHealth
 from sidecar.store.errors import call
 from sidecar.ui.controller import DashboardController
 from sidecar.ui.templating import template_config
@@ -36,8 +37,9 @@ Clock = Callable[[], float]
 class Probe:
     """What /healthz and /readyz read."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, embedded: EmbeddedRedis | None) -> None:
         self.services = services
+        self.embedded = embedded
 
 
 ProbeDep = NamedDependency[Probe]
@@ -51,6 +53,8 @@ class Health(msgspec.Struct):
     usage_waiting: int = 0  # identity-hours in memory, not yet written
     spool_bytes: int = 0  # usage on disk waiting for Redis (this process's)
     usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
+    # Its restarts, when the store is the embedded one (absent with any other).
+    embedded_store: StoreHealth | msgspec.UnsetType = msgspec.UNSET
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
@@ -65,6 +69,7 @@ def healthz(probe: ProbeDep) -> Health:
         recorder.waiting,
         spool.bytes if spool is not None else 0,
         recorder.dropped,
+        probe.embedded.health() if probe.embedded is not None else msgspec.UNSET,
     )
 
 
@@ -87,6 +92,7 @@ def create_app(
     admin_token: str,
     redis: RedisClient | None = None,
     clock: Clock = time.time,
+    embedded: EmbeddedRedis | None = None,
 ) -> Sidecar:
     """The service. Nothing here opens a connection: the lifespan does."""
     # Only limit checks must give up after timeout_ms, and they do so themselves. Every other
@@ -113,7 +119,7 @@ def create_app(
                 await client.aclose()
 
     dependencies = {
-        "probe": _provide(Probe(services)),
+        "probe": _provide(Probe(services, embedded)),
         "catalog": _provide(services.catalog),
         "usage_counters": _provide(services.usage_counters),
         "quota": _provide(services.quota),

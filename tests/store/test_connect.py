@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from sidecar.store.connect import StoreConfigError, connect, embedded
+from sidecar.store.connect import StoreConfigError, connect
 
 
 def test_plain_urls_build_a_redis_client() -> None:
@@ -38,11 +36,3 @@ def test_sentinel_url_names_the_service() -> None:
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(StoreConfigError):
         connect(url, timeout_ms=50)
-
-
-def test_embedded_store_uses_a_short_socket_path_for_deep_data_dirs(tmp_path: Path) -> None:
-    deep = tmp_path / ("d" * 90)
-    store = embedded(deep)
-    assert len(str(store.socket)) < 108
-    assert store.data_dir == deep.resolve()
-    assert embedded(deep).socket == store.socket, "every process finds the same socket"
