@@ -18,8 +18,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -99,8 +98,10 @@ class ConfigError(ValueError):
     """The callback's environment is incomplete or malformed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+# A NamedTuple, not a dataclass: LiteLLM loads a callback file that sits next to config.yaml
+# without registering it in sys.modules, and dataclasses looks the module up there to read string
+# annotations (this module's, under `from __future__ import annotations`).
+class Settings(NamedTuple):
     url: str
     token: str
     timeout_s: float = 0.2  # the whole /hooks/authorize call, on the request's critical path
