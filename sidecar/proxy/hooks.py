@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, NamedTuple
 
@@ -47,10 +49,19 @@ from sidecar.usage.model import Kind, Usage, kind_for_path, nanos_from_usd
 log = logging.getLogger("sidecar.hooks")
 
 REPORT_TIMEOUT_S = 1.0
+# Unix time in milliseconds after which the caller no longer waits for /hooks/authorize (it has
+# let the request through, or refused it): a decision it would not see must count nothing.
+DEADLINE_HEADER = "x-sidecar-deadline"
 MAX_HOOK_BODY = 2 * 1_048_576  # as the other routes (Litestar's request_max_body_size)
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+
+
+class DeadlineExceeded(SidecarError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 class HookIdentity(msgspec.Struct):
@@ -208,7 +219,8 @@ class Decided(NamedTuple):
 
 async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decided:
     """`/hooks/authorize`: the original request's body and (lower-cased) headers in, the
-    decision out. Raises SidecarError for a 4xx or 503."""
+    decision out. Raises SidecarError for a 4xx, 503 or 504."""
+    deadline = _deadline(headers)
     body: dict[str, Any] | None = None
     if raw.strip():
         try:
@@ -225,6 +237,8 @@ async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decid
         raise Unauthorized("an identity is required", code="identity_required") from None
     request_id = str(ULID())
     logs.bind(resolved.external_id, request_id)
+    if deadline is not None and time.time() >= deadline:
+        raise _too_late(deadline)
     quota = runtime.quota
     known = attribution.known(resolved)
     identity_id: str | None
@@ -239,6 +253,12 @@ async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decid
         except STORE_ERRORS as exc:  # nothing to enforce: the usage report writes it
             log.warning("identity %s not written now: %s", resolved.external_id, exc)
             identity_id = None
+    if deadline is not None and time.time() >= deadline:
+        # Decided, but after the caller stopped waiting: its concurrency slot is given back (the
+        # request count the check took stays).
+        if decision.lease is not None and identity_id is not None:
+            await quota.limiter.release(identity_id, decision.lease)
+        raise _too_late(deadline)
     out = dict(decision.headers)
     if not decision.admitted:
         if decision.store_failed:
@@ -257,6 +277,27 @@ async def decide(runtime: Runtime, raw: bytes, headers: dict[str, str]) -> Decid
     policy = decision.policy.name if decision.policy is not None else None
     identity = HookIdentity(resolved.external_id, resolved.source.value)
     return Decided(200, Authorization(request_id, identity, policy), out)
+
+
+def _deadline(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16):
+        message = f"{DEADLINE_HEADER} must be a Unix time in milliseconds"
+        raise InvalidRequest(message, param=DEADLINE_HEADER)
+    return int(raw) / 1000
+
+
+def _too_late(deadline: float) -> DeadlineExceeded:
+    # The caller's clock against ours (not the limiter's, which tests may fake): they agree when
+    # both run on one host or are kept in sync.
+    late_ms = (time.time() - deadline) * 1000
+    log.warning("authorize dropped: the caller stopped waiting %.0f ms ago", late_ms)
+    return DeadlineExceeded(
+        f"the caller's deadline ({DEADLINE_HEADER}) passed {late_ms:.0f} ms ago"
+    )
 
 
 async def _authorize(request: Request[Any, Any, Any]) -> Response[Any]:

@@ -408,6 +408,113 @@ async def test_a_slow_sidecar_fails_open_within_the_timeout(make_lite: LiteFacto
             released.set()
 
 
+def policy_file(tmp_path: Path, *lines: str) -> dict[str, list[str]]:
+    path = tmp_path / "policies.toml"
+    path.write_text("\n".join(["[[policy]]", 'name = "tight"', *lines, ""]))
+    return {"paths": [str(path)]}
+
+
+class Hop:
+    """A hop in front of the sidecar's hooks that keeps the sidecar's answers to authorize; with
+    `hold_first`, the first authorize waits there until `release` is set."""
+
+    def __init__(self, sidecar: httpx.AsyncClient, *, hold_first: bool) -> None:
+        self.sidecar = sidecar
+        self.hold_first = hold_first
+        self.release = asyncio.Event()
+        self.answers: list[httpx.Response] = []
+        self._answered = asyncio.Event()
+        paths = ("/hooks/authorize", "/hooks/usage")
+        self.app = Starlette(
+            routes=[Route(path, self._forward, methods=["POST"]) for path in paths]
+        )
+
+    async def _forward(self, request: Request) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k not in ("host", "content-length")}
+        authorize = request.url.path == "/hooks/authorize"
+        if authorize and self.hold_first and not self.release.is_set():
+            await self.release.wait()
+        answer = await self.sidecar.post(request.url.path, content=body, headers=headers)
+        if authorize:
+            self.answers.append(answer)
+            self._answered.set()
+        passed = {k: v for k, v in answer.headers.items() if k not in ("content-length", "date")}
+        return Response(answer.content, answer.status_code, passed)
+
+    async def first_answer(self) -> httpx.Response:
+        async with asyncio.timeout(10):
+            await self._answered.wait()
+        return self.answers[0]
+
+
+async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
+) -> None:
+    limited = await make_env(
+        policies=policy_file(tmp_path, 'requests = ["2/minute"]', "concurrency = 1")
+    )
+    async with httpx.AsyncClient(base_url=limited.url) as sidecar:
+        hop = Hop(sidecar, hold_first=True)
+        async with serve(hop.app) as url:
+            lite = await make_lite(sidecar_url=url, on=limited, timeout_s=1.0)
+            who = {"X-ORQ-IDENTITY-ID": "late"}
+            reply = await chat(lite, extra_headers={**who, **tokens(50, 5)})
+            assert reply.choices[0].message.content  # let through: SIDECAR_FAIL_OPEN
+            hop.release.set()
+            late = await hop.first_answer()
+            assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+            # Unattributed: the identity was never written, its limits never touched.
+            assert (await limited.api.get("/v2/identities/late")).status_code == 404
+            # The concurrency slot is free, and both requests of the minute are left.
+            second = await lite.client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=HELLO, extra_headers={**who, **tokens(7, 1)}
+            )
+            assert second.headers["x-ratelimit-remaining-requests"] == "1"
+            await lite.settle(successes=2)
+    metrics = await limited.metrics("late")
+    assert (metrics["total_requests"], metrics["input_tokens"]) == (1, 7)
+    assert len(limited.mock.requests) == 2
+
+
+async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = await make_env(
+        policies=policy_file(tmp_path, 'requests = ["2/minute"]', "concurrency = 1")
+    )
+    limiter = limited.app.state.runtime.quota.limiter
+    admit = limiter.admit
+    slowed, gave_up = asyncio.Event(), asyncio.Event()
+
+    async def slow_admit(*args: Any) -> Any:
+        # Redis answers the first limit check only after the callback has stopped waiting.
+        decision = await admit(*args)
+        if not slowed.is_set():
+            slowed.set()
+            await gave_up.wait()
+        return decision
+
+    monkeypatch.setattr(limiter, "admit", slow_admit)
+    async with httpx.AsyncClient(base_url=limited.url) as sidecar:
+        hop = Hop(sidecar, hold_first=False)
+        async with serve(hop.app) as url:
+            lite = await make_lite(sidecar_url=url, on=limited, timeout_s=1.0)
+            who = {"X-ORQ-IDENTITY-ID": "late"}
+            await chat(lite, extra_headers={**who, **tokens(50, 5)})
+            gave_up.set()
+            late = await hop.first_answer()
+            assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+            # The concurrency slot is free again; the request the check counted stays counted.
+            second = await lite.client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=HELLO, extra_headers={**who, **tokens(7, 1)}
+            )
+            assert second.headers["x-ratelimit-remaining-requests"] == "0"
+            await lite.settle(successes=2)
+    metrics = await limited.metrics("late")
+    assert (metrics["total_requests"], metrics["input_tokens"]) == (1, 7)
+
+
 async def test_an_unreachable_sidecar_fails_closed_when_told_to(make_lite: LiteFactory) -> None:
     lite = await make_lite(sidecar_url=f"http://127.0.0.1:{free_port()}", fail_open=False)
     with pytest.raises(openai.InternalServerError) as refused:
