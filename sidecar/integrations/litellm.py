@@ -18,8 +18,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -54,7 +53,7 @@ _LITELLM_FIELDS = frozenset(
     }
 )
 # Client headers that describe the hop to LiteLLM, not the request. A client's own
-# x-sidecar-token must never replace ours.
+# x-sidecar-token or x-sidecar-deadline must never replace ours.
 _NOT_FORWARDED = frozenset(
     {
         "host",
@@ -73,6 +72,7 @@ _NOT_FORWARDED = frozenset(
         "accept-encoding",
         "cookie",
         "x-sidecar-token",
+        "x-sidecar-deadline",
     }
 )
 # The inference calls, metered as inline mode meters them: by path, else by LiteLLM's call type.
@@ -99,8 +99,10 @@ class ConfigError(ValueError):
     """The callback's environment is incomplete or malformed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+# A NamedTuple, not a dataclass: LiteLLM loads a callback file that sits next to config.yaml
+# without registering it in sys.modules, and dataclasses looks the module up there to read string
+# annotations (this module's, under `from __future__ import annotations`).
+class Settings(NamedTuple):
     url: str
     token: str
     timeout_s: float = 0.2  # the whole /hooks/authorize call, on the request's critical path
@@ -230,6 +232,10 @@ class SidecarCallback(CustomLogger):
             "x-sidecar-token": settings.token,
         }
         strip_identity(data)  # whatever the answer, the identity object never goes upstream
+        # Past the end of this wait the sidecar drops the decision: a request let through (or
+        # refused) without its answer is not charged. Unix time, compared with the sidecar's clock.
+        deadline_ms = math.ceil((time.time() + settings.timeout_s) * 1000)
+        headers["x-sidecar-deadline"] = str(deadline_ms)
         try:
             answer = await asyncio.wait_for(
                 self._http().post(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import msgspec
 from ulid import ULID
 
 from sidecar import logs
-from sidecar.errors import InvalidRequest, StoreUnavailable, Unauthorized
+from sidecar.errors import InvalidRequest, SidecarError, StoreUnavailable, Unauthorized
 from sidecar.identity.identify import Identifier
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import MissingIdentity, encode_header_id
@@ -21,6 +23,17 @@ from sidecar.quota.service import Quota, RateLimitError, refusal
 log = logging.getLogger("sidecar.hooks")
 
 _decode = msgspec.json.Decoder().decode
+
+# Unix time in milliseconds after which the caller no longer waits for the answer (it has let
+# the request through, or refused it): a decision it would not see must count nothing. Only a
+# trusted caller may set it: a proxy that passes client headers to the hook must drop a client's.
+DEADLINE_HEADER = "x-sidecar-deadline"
+
+
+class DeadlineExceeded(SidecarError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
 
 
 class HookIdentity(msgspec.Struct):
@@ -55,7 +68,8 @@ class Authorizer:
 
     async def decide(self, raw: bytes, headers: dict[str, str]) -> Decided:
         """The original request's body and (lower-cased) headers in, the decision out.
-        Raises SidecarError for a 4xx or 503."""
+        Raises SidecarError for a 4xx, 503 or 504."""
+        deadline = _deadline(headers)
         body: dict[str, Any] | None = None
         if raw.strip():
             try:
@@ -71,6 +85,8 @@ class Authorizer:
             raise Unauthorized("an identity is required", code="identity_required") from None
         request_id = str(ULID())
         logs.bind(resolved.external_id, request_id)
+        if deadline is not None and time.time() >= deadline:
+            raise _too_late(deadline)
         known = self.identifier.known(resolved)
         identity_id: str | None
         if self.quota.active:
@@ -82,6 +98,12 @@ class Authorizer:
             except StoreUnavailable as exc:  # nothing to enforce: the usage report writes it
                 log.warning("identity %s not written now: %s", resolved.external_id, exc)
                 identity_id = None
+        if deadline is not None and time.time() >= deadline:
+            # Decided, but after the caller stopped waiting: its concurrency slot is given back
+            # (the request count the check took stays).
+            if decision.lease is not None and identity_id is not None:
+                await self.quota.limiter.release(identity_id, decision.lease)
+            raise _too_late(deadline)
         out = dict(decision.headers)
         if not decision.admitted:
             if decision.store_failed:
@@ -97,3 +119,23 @@ class Authorizer:
         policy = decision.policy.name if decision.policy is not None else None
         identity = HookIdentity(resolved.external_id, resolved.source.value)
         return Decided(200, Authorization(request_id, identity, policy), out)
+
+
+def _deadline(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16):
+        message = f"{DEADLINE_HEADER} must be a Unix time in milliseconds"
+        raise InvalidRequest(message, param=DEADLINE_HEADER)
+    return int(raw) / 1000
+
+
+def _too_late(deadline: float) -> DeadlineExceeded:
+    # The caller's clock against ours (not the limiter's, which tests may fake): they agree when
+    # both run on one host or are kept in sync.
+    late_ms = (time.time() - deadline) * 1000
+    log.warning("authorize dropped: the caller stopped waiting %.0f ms ago", late_ms)
+    message = f"the caller's deadline ({DEADLINE_HEADER}) passed {late_ms:.0f} ms ago"
+    return DeadlineExceeded(message)

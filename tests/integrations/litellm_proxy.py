@@ -17,15 +17,18 @@ import sys
 import types
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import litellm
+import yaml  # type: ignore[import-untyped]
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
+from litellm.proxy.common_utils.callback_utils import initialize_callbacks_on_proxy
 from litellm.proxy.common_utils.http_parsing_utils import read_request_body
 from litellm.proxy.common_utils.user_api_key_cache import UserApiKeyCache
 from litellm.proxy.utils import ProxyLogging
@@ -81,8 +84,11 @@ class LiteLLMProxy:
         self.app = self._build_app()
 
     @contextmanager
-    def running(self, *callbacks: CustomLogger) -> Iterator[LiteLLMProxy]:
-        """Register the callbacks as `litellm_settings.callbacks` would, and the proxy globals."""
+    def running(
+        self, *callbacks: CustomLogger, config_file: Path | None = None
+    ) -> Iterator[LiteLLMProxy]:
+        """Install the proxy globals; register the callbacks `config_file`'s
+        `litellm_settings.callbacks` names, as the proxy's config loading does, then `callbacks`."""
         server = types.ModuleType("litellm.proxy.proxy_server")
         server.__dict__.update(
             llm_router=self.router,
@@ -98,8 +104,17 @@ class LiteLLMProxy:
         )
         saved = sys.modules.get(server.__name__)
         sys.modules[server.__name__] = server
-        litellm.callbacks = list(callbacks)
+        litellm.callbacks = []
         try:
+            if config_file is not None:
+                settings = yaml.safe_load(config_file.read_text())["litellm_settings"]
+                initialize_callbacks_on_proxy(
+                    value=settings["callbacks"],
+                    premium_user=False,
+                    config_file_path=str(config_file),
+                    litellm_settings=settings,
+                )
+            litellm.callbacks = [*litellm.callbacks, *callbacks]
             yield self
         finally:
             litellm.logging_callback_manager._reset_all_callbacks()  # type: ignore[no-untyped-call]

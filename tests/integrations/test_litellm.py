@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import logging
+import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import httpx2
+import litellm
 import openai
 import pytest
 from litellm.integrations.custom_logger import CustomLogger
@@ -71,13 +75,20 @@ class Witness(CustomLogger):
                 await self._changed.wait()
 
 
+class Callback(Protocol):
+    """The callback under test: this package's, or the copy LiteLLM loaded from a file."""
+
+    async def flush(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Lite:
     """A client, LiteLLM's proxy pipeline with the callback registered, and the sidecar."""
 
     env: Env
     client: openai.AsyncOpenAI
-    callback: SidecarCallback
+    callback: Callback
     witness: Witness
     app: Any  # LiteLLM's proxy pipeline, as an ASGI app
 
@@ -98,21 +109,35 @@ LiteFactory = Callable[..., Awaitable[Lite]]
 
 @pytest.fixture
 async def make_lite(env: Env) -> AsyncIterator[LiteFactory]:
-    """`make_lite(sidecar_url=None, on=env, **settings)`: LiteLLM in front of `on`'s upstream,
-    its callback calling `sidecar_url` (by default `on`'s sidecar). One per test."""
+    """`make_lite(sidecar_url=None, on=env, config=None, **settings)`: LiteLLM in front of `on`'s
+    upstream, its callback calling `sidecar_url` (by default `on`'s sidecar); or, given a
+    config.yaml, the callback its `litellm_settings` names, loaded as LiteLLM's proxy loads it and
+    configured from the environment. One per test."""
     async with AsyncExitStack() as stack:
 
-        async def make(sidecar_url: str | None = None, on: Env = env, **settings: Any) -> Lite:
+        async def make(
+            sidecar_url: str | None = None,
+            on: Env = env,
+            config: Path | None = None,
+            **settings: Any,
+        ) -> Lite:
             proxy = LiteLLMProxy(on.mock.url, dead_url=f"http://127.0.0.1:{free_port()}")
             stack.push_async_callback(GLOBAL_LOGGING_WORKER.stop)
             stack.push_async_callback(proxy.aclose)
-            defaults: dict[str, Any] = {"timeout_s": 5.0, "report_backoff_s": 0.01}
-            callback = SidecarCallback(
-                Settings(url=sidecar_url or on.url, token=ADMIN_TOKEN, **{**defaults, **settings})
-            )
-            stack.push_async_callback(callback.aclose)
             witness = Witness()
-            stack.enter_context(proxy.running(callback, witness))
+            callback: Callback
+            if config is None:
+                defaults: dict[str, Any] = {"timeout_s": 5.0, "report_backoff_s": 0.01}
+                url = sidecar_url or on.url
+                callback = SidecarCallback(
+                    Settings(url=url, token=ADMIN_TOKEN, **{**defaults, **settings})
+                )
+                stack.enter_context(proxy.running(callback, witness))
+            else:
+                stack.enter_context(proxy.running(witness, config_file=config))
+                loaded: Any = litellm.callbacks[0]  # the config's, registered before the witness
+                callback = loaded
+            stack.push_async_callback(callback.aclose)
             http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=proxy.app))
             await stack.enter_async_context(http)
             client = openai.AsyncOpenAI(
@@ -383,6 +408,113 @@ async def test_a_slow_sidecar_fails_open_within_the_timeout(make_lite: LiteFacto
             released.set()
 
 
+def policy_file(tmp_path: Path, *lines: str) -> dict[str, list[str]]:
+    path = tmp_path / "policies.toml"
+    path.write_text("\n".join(["[[policy]]", 'name = "tight"', *lines, ""]))
+    return {"paths": [str(path)]}
+
+
+class Hop:
+    """A hop in front of the sidecar's hooks that keeps the sidecar's answers to authorize; with
+    `hold_first`, the first authorize waits there until `release` is set."""
+
+    def __init__(self, sidecar: httpx.AsyncClient, *, hold_first: bool) -> None:
+        self.sidecar = sidecar
+        self.hold_first = hold_first
+        self.release = asyncio.Event()
+        self.answers: list[httpx.Response] = []
+        self._answered = asyncio.Event()
+        paths = ("/hooks/authorize", "/hooks/usage")
+        self.app = Starlette(
+            routes=[Route(path, self._forward, methods=["POST"]) for path in paths]
+        )
+
+    async def _forward(self, request: Request) -> Response:
+        body = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k not in ("host", "content-length")}
+        authorize = request.url.path == "/hooks/authorize"
+        if authorize and self.hold_first and not self.release.is_set():
+            await self.release.wait()
+        answer = await self.sidecar.post(request.url.path, content=body, headers=headers)
+        if authorize:
+            self.answers.append(answer)
+            self._answered.set()
+        passed = {k: v for k, v in answer.headers.items() if k not in ("content-length", "date")}
+        return Response(answer.content, answer.status_code, passed)
+
+    async def first_answer(self) -> httpx.Response:
+        async with asyncio.timeout(10):
+            await self._answered.wait()
+        return self.answers[0]
+
+
+async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
+) -> None:
+    limited = await make_env(
+        policies=policy_file(tmp_path, 'requests = ["2/minute"]', "concurrency = 1")
+    )
+    async with httpx.AsyncClient(base_url=limited.url) as sidecar:
+        hop = Hop(sidecar, hold_first=True)
+        async with serve(hop.app) as url:
+            lite = await make_lite(sidecar_url=url, on=limited, timeout_s=1.0)
+            who = {"X-ORQ-IDENTITY-ID": "late"}
+            reply = await chat(lite, extra_headers={**who, **tokens(50, 5)})
+            assert reply.choices[0].message.content  # let through: SIDECAR_FAIL_OPEN
+            hop.release.set()
+            late = await hop.first_answer()
+            assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+            # Unattributed: the identity was never written, its limits never touched.
+            assert (await limited.api.get("/v2/identities/late")).status_code == 404
+            # The concurrency slot is free, and both requests of the minute are left.
+            second = await lite.client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=HELLO, extra_headers={**who, **tokens(7, 1)}
+            )
+            assert second.headers["x-ratelimit-remaining-requests"] == "1"
+            await lite.settle(successes=2)
+    metrics = await limited.metrics("late")
+    assert (metrics["total_requests"], metrics["input_tokens"]) == (1, 7)
+    assert len(limited.mock.requests) == 2
+
+
+async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = await make_env(
+        policies=policy_file(tmp_path, 'requests = ["2/minute"]', "concurrency = 1")
+    )
+    limiter = limited.app.services.limiter
+    admit = limiter.admit
+    slowed, gave_up = asyncio.Event(), asyncio.Event()
+
+    async def slow_admit(*args: Any) -> Any:
+        # Redis answers the first limit check only after the callback has stopped waiting.
+        decision = await admit(*args)
+        if not slowed.is_set():
+            slowed.set()
+            await gave_up.wait()
+        return decision
+
+    monkeypatch.setattr(limiter, "admit", slow_admit)
+    async with httpx.AsyncClient(base_url=limited.url) as sidecar:
+        hop = Hop(sidecar, hold_first=False)
+        async with serve(hop.app) as url:
+            lite = await make_lite(sidecar_url=url, on=limited, timeout_s=1.0)
+            who = {"X-ORQ-IDENTITY-ID": "late"}
+            await chat(lite, extra_headers={**who, **tokens(50, 5)})
+            gave_up.set()
+            late = await hop.first_answer()
+            assert (late.status_code, late.json()["error"]["code"]) == (504, "deadline_exceeded")
+            # The concurrency slot is free again; the request the check counted stays counted.
+            second = await lite.client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=HELLO, extra_headers={**who, **tokens(7, 1)}
+            )
+            assert second.headers["x-ratelimit-remaining-requests"] == "0"
+            await lite.settle(successes=2)
+    metrics = await limited.metrics("late")
+    assert (metrics["total_requests"], metrics["input_tokens"]) == (1, 7)
+
+
 async def test_an_unreachable_sidecar_fails_closed_when_told_to(make_lite: LiteFactory) -> None:
     lite = await make_lite(sidecar_url=f"http://127.0.0.1:{free_port()}", fail_open=False)
     with pytest.raises(openai.InternalServerError) as refused:
@@ -457,6 +589,43 @@ def test_only_inference_calls_are_metered(path: str | None, call_type: str, expe
 
 
 # -- configuration -------------------------------------------------------------------------------
+
+
+async def test_the_module_copied_next_to_config_yaml_loads_as_litellms_proxy_loads_it(
+    env: Env, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LiteLLM executes a callbacks entry's file found beside config.yaml without registering it
+    # in sys.modules.
+    shutil.copy(integration.__file__, tmp_path / "sidecar_litellm.py")
+    config = tmp_path / "config.yaml"
+    config.write_text("litellm_settings:\n  callbacks: sidecar_litellm.handler\n")
+    monkeypatch.setenv("SIDECAR_URL", env.url)
+    monkeypatch.setenv("SIDECAR_HOOK_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("SIDECAR_TIMEOUT_MS", "5000")
+    lite = await make_lite(config=config)
+    assert type(lite.callback).__module__ == "sidecar_litellm"
+    assert "sidecar_litellm" not in sys.modules
+    await chat(lite, extra_body={"identity": {"id": "from-file"}}, extra_headers=tokens(21, 3))
+    await lite.settle(successes=1)
+    assert "identity" not in lite.env.mock.requests[-1].json()
+    metrics = await env.metrics("from-file")
+    assert (metrics["total_requests"], metrics["input_tokens"], metrics["output_tokens"]) == (
+        1,
+        21,
+        3,
+    )
+
+
+def test_the_module_imports_nothing_from_this_package() -> None:
+    # Copied on its own next to config.yaml, it has no package around it.
+    imported: list[str] = []
+    for node in ast.walk(ast.parse(Path(integration.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imported.append("." * node.level + (node.module or ""))
+    assert "httpx" in imported
+    assert [name for name in imported if name.startswith((".", "sidecar"))] == []
 
 
 def test_the_module_handler_is_a_litellm_callback_configured_from_the_environment(
