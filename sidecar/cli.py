@@ -448,8 +448,7 @@ def _add_identities(commands: Any) -> None:
     p.set_defaults(run=identities)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="LLM identity sidecar")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -468,8 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=mock_upstream)
 
     _add_identities(commands)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result
 
