@@ -23,7 +23,9 @@ log = logging.getLogger("sidecar.quota")
 
 Clock = Callable[[], float]
 
+# How admit.lua is told each limit's dimension; the script's prelude gets them from here.
 _KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
+_PRELUDE = "".join(f"local {d.name} = '{code}'\n" for d, code in _KIND.items())
 _HEADER = {Dimension.REQUESTS: "requests", Dimension.TOKENS: "tokens", Dimension.COST: "cost"}
 
 
@@ -117,7 +119,7 @@ class Limiter:
         self.breaker = Breaker()
         self.errors = 0  # limit checks Redis did not answer
         self.metrics = counters
-        self._admit = Script("sidecar.quota.lua", "admit")
+        self._admit = Script("sidecar.quota.lua", "admit", prelude=_PRELUDE)
         self._calls = Coalescer(client, self._admit)
 
     @property

@@ -8,21 +8,30 @@ from urllib.parse import unquote
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Response
 
-from sidecar.api.deps import CatalogDep, QuotaDep, SessionsDep, UsageCountersDep
+from sidecar.catalog import Catalog
 from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError
 from sidecar.identity import model
 from sidecar.quota.limiter import PolicyUsage
 from sidecar.quota.policy import choose
+from sidecar.quota.service import Quota
 from sidecar.tokens import bearer, token_matches
 from sidecar.ui import detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, query, redirect
-from sidecar.ui.session import COOKIE, SESSION_TTL_S, is_https, same_origin
+from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
+from sidecar.usage.counters import UsageCounters
 
 log = logging.getLogger("sidecar.ui")
+
+# The services the pages take, by parameter name (app.py provides them).
+CatalogDep = NamedDependency[Catalog]
+QuotaDep = NamedDependency[Quota]
+SessionsDep = NamedDependency[Sessions]
+UsageCountersDep = NamedDependency[UsageCounters]
 
 
 PREFIX = "/ui/identities/"

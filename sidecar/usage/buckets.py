@@ -98,3 +98,13 @@ def increments(
         if not cost.priced and usage is not None and usage.total_tokens:
             out[UNPRICED] = 1
     return {k: v for k, v in out.items() if v}
+
+
+def error_rates(
+    errors: list[tuple[bytes, float]], requests: list[float | None]
+) -> dict[bytes, float]:
+    """Errors / requests per identity (1.0 when its requests are unknown)."""
+    return {
+        member: min(1.0, e / float(r)) if r else 1.0
+        for (member, e), r in zip(errors, requests, strict=True)
+    }

@@ -36,16 +36,6 @@ MAX_WAITING = 100_000  # (counter, day, _id) increments held for the next update
 _RANKED_BY = {"cost": buckets.COST, "requests": buckets.REQUESTS}
 
 
-def error_rates(
-    errors: list[tuple[bytes, float]], requests: list[float | None]
-) -> dict[bytes, float]:
-    """Errors / requests per identity (1.0 when its requests are unknown)."""
-    return {
-        member: min(1.0, e / float(r)) if r else 1.0
-        for (member, e), r in zip(errors, requests, strict=True)
-    }
-
-
 class Rankings:
     def __init__(self, client: RedisClient, keys: Keys, clock: Clock = time.time) -> None:
         self.client = client
@@ -154,7 +144,7 @@ class Rankings:
             return key
         members: list[Any] = [m for m, _ in failed]
         totals = await call(self.client.zmscore(requests, members))
-        rates = error_rates(failed, totals)
+        rates = buckets.error_rates(failed, totals)
         staging = f"{key}:{ULID()}"
 
         def swap(pipe: Any) -> None:

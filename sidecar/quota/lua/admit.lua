@@ -2,8 +2,9 @@
 -- KEYS: per limit, its current and previous bucket (the previous one is never read for a
 -- calendar window); then, when a concurrency limit applies, the identity's lease set.
 -- ARGV[1] the limits, one argument (cheaper to send than five each): per limit 'kind amount
--- window elapsed lifetime ' with kind 'r' requests, 't' tokens or 'c' cost, window in ms (0 for
--- a calendar window), ms elapsed in the current bucket, bucket lifetime (s);
+-- window elapsed lifetime ' with kind REQUESTS, TOKENS or COST (the codes come first, in a
+-- prelude limiter.py writes), window in ms (0 for a calendar window), ms elapsed in the
+-- current bucket, bucket lifetime (s);
 -- ARGV[2] now (ms), ARGV[3] concurrency limit (0: none), ARGV[4] lease member (the request
 -- id), ARGV[5] lease length (ms).
 -- Returns {admitted (1/0), leases in use, then per limit: previous, current} with the counts
@@ -26,7 +27,7 @@ for i = 1, n do
   if window > 0 then previous = tonumber(buckets[2 * i] or '0') end
   local used = current
   if window > 0 then used = previous * (window - elapsed) / window + current end
-  if kind == 'r' then
+  if kind == REQUESTS then
     if used + 1 > amount then refused = true end
   elseif used >= amount then
     refused = true
@@ -48,7 +49,7 @@ if refused then
   return out
 end
 for i = 1, n do
-  if limits[i][1] == 'r' then
+  if limits[i][1] == REQUESTS then
     counts[2 * i] = redis.call('INCR', KEYS[2 * i - 1])
     -- Whoever creates a bucket gives it its lifetime (record.lua does for the charges).
     if counts[2 * i] == 1 then redis.call('EXPIRE', KEYS[2 * i - 1], limits[i][5]) end
