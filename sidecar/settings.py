@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -32,6 +33,8 @@ class ServerSettings(_Section):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False  # one line per proxied request
+    header_timeout_s: float = 10.0  # a connection's request headers must be in within this
+    max_connections: int = 10_000  # open client connections; idle ones are closed first beyond it
 
 
 class UpstreamSettings(_Section):
@@ -49,21 +52,36 @@ class RedisSettings(_Section):
 class AdminSettings(_Section):
     token: str | None = None
     hook_token: str | None = None
+    # Failed admin sign-ins (API bearer, hooks, dashboard) one client address may make per
+    # minute; beyond: 429 with retry-after.
+    failed_auth_per_minute: int = 10
 
 
 class MeteringSettings(_Section):
-    extra_paths: list[str] = msgspec.field(default_factory=list)
+    extra_paths: list[str] = msgspec.field(default_factory=list)  # globs, metered as well
+    other_paths: Literal["forward", "deny"] = "forward"  # a POST that is not metered
     spool_max_bytes: int = 1_073_741_824
 
 
 class IdentitySettings(_Section):
     header: str = "X-ORQ-IDENTITY-ID"
     required: bool = False
+    # Whose claims (body and header identities) are accepted: see docs/trust.md. None is the
+    # default "any", not written: `serve` then refuses a non-loopback address (protected mode).
+    trust: Literal["any", "keys"] | None = None
+    trusted_networks: list[str] = msgspec.field(default_factory=list)  # CIDRs
+    max_new_per_minute: int = 1000  # identities one key owner or client address may create
+    user_fields: bool = False  # OpenAI's `user`, Anthropic's `metadata.user_id` as a source
+
+    @property
+    def trust_mode(self) -> Literal["any", "keys"]:
+        return self.trust or "any"
 
 
 class ApiKeyOwner(_Section):
     sha256: str
     owner: str
+    may_assert: list[str] = msgspec.field(default_factory=list)  # globs of external ids
 
 
 class PoliciesSettings(_Section):
@@ -117,6 +135,8 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "SIDECAR_REDIS_URL": ("redis", "url", str),
     "SIDECAR_ADMIN_TOKEN": ("admin", "token", str),
     "SIDECAR_DATA_DIR": ("server", "data_dir", str),
+    # Comma-separated CIDRs: how a container image says whose identity claims it accepts.
+    "SIDECAR_TRUSTED_NETWORKS": ("identity", "trusted_networks", list),
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -176,6 +196,19 @@ def _check_values(s: Settings) -> list[str]:
     for path in s.metering.extra_paths:
         if not path.startswith("/"):
             problems.append(f"metering.extra_paths: {path!r} must start with '/'")
+    if not 0.1 <= s.server.header_timeout_s <= 3600:
+        problems.append("server.header_timeout_s: must be between 0.1 and 3600")
+    if not 16 <= s.server.max_connections <= 1_000_000:
+        problems.append("server.max_connections: must be 16-1000000")
+    if not 1 <= s.admin.failed_auth_per_minute <= 1_000_000:
+        problems.append("admin.failed_auth_per_minute: must be 1-1000000")
+    if not 1 <= s.identity.max_new_per_minute <= 100_000_000:
+        problems.append("identity.max_new_per_minute: must be 1-100000000")
+    for i, cidr in enumerate(s.identity.trusted_networks):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"identity.trusted_networks[{i}]: {cidr!r} is not an address or CIDR")
     owners: set[str] = set()
     for i, key in enumerate(s.api_keys):
         if not _SHA256.fullmatch(key.sha256):
@@ -185,6 +218,9 @@ def _check_values(s: Settings) -> list[str]:
         owners.add(key.sha256)
         if not key.owner.strip() or len(key.owner) > 255:
             problems.append(f"api_keys[{i}].owner: must be 1-255 characters")
+        for j, glob in enumerate(key.may_assert):
+            if not glob.strip() or len(glob) > 255:
+                problems.append(f"api_keys[{i}].may_assert[{j}]: must be 1-255 characters")
     for model, price in s.pricing.models.items():
         for field in msgspec.structs.fields(price):
             value = getattr(price, field.name)
@@ -254,6 +290,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> list[str]:
             except ValueError:
                 problems.append(f"{var}: expected an integer, got {env[var]!r}")
                 continue
+        elif kind is list:
+            value = [part.strip() for part in value.split(",") if part.strip()]
         table = raw.setdefault(section, {})
         if isinstance(table, dict):
             table[key] = value

@@ -33,7 +33,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_example_config_documents_a_valid_config() -> None:
     settings = load(str(ROOT / "config.example.toml"), env={})
     assert settings.upstream.url == "http://127.0.0.1:4000"
-    assert settings.api_keys[0].owner == "user_123"
+    assert settings.api_keys[0].owner == "tenant-acme"
     assert settings.pricing.models["my-finetune"].output_per_mtok == 2.0
 
 
