@@ -44,8 +44,8 @@ from bench.proxy_bench import (
     start_sidecar,
     wrk_binary,
 )
-from tests.redis_cluster import LocalCluster
-from tests.redis_server import RedisServer
+from sidecar.testing.redis_cluster import LocalCluster
+from sidecar.testing.redis_server import RedisServer
 
 STORES = ("single", "cluster")
 

@@ -39,7 +39,7 @@ from bench.proxy_bench import (
     start_mock,
     wait_for,
 )
-from tests.redis_server import RedisServer, free_port
+from sidecar.testing.redis_server import RedisServer, free_port
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE / "limits-policy.toml"

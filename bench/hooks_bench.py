@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from tests.redis_server import RedisServer, free_port
+from sidecar.testing.redis_server import RedisServer, free_port
 
 TOKEN = "bench-admin-token-0123456789"
 HERE = Path(__file__).resolve().parent

@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from sidecar.identity.model import Profile
 from sidecar.identity.store import IdentityStore
 from sidecar.store.keys import Keys
+from sidecar.testing.redis_server import RedisServer, free_port
 from sidecar.usage import buckets
-from tests.redis_server import RedisServer, free_port
 
 TOKEN = "bench-admin-token-0123456789"
 

@@ -32,7 +32,7 @@ from bench.proxy_bench import (
     start_sidecar,
     tree_cpu_seconds,
 )
-from tests.redis_server import RedisServer
+from sidecar.testing.redis_server import RedisServer
 
 
 def log(message: str) -> None:

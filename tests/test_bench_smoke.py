@@ -19,8 +19,8 @@ from bench import proxy_bench as pb
 from bench.bare_proxy import BareProxy, request_headers, response_headers
 from sidecar.mock import start_mock
 from sidecar.settings import load
-from tests.redis_server import free_port
-from tests.serving import serve
+from sidecar.testing.redis_server import free_port
+from sidecar.testing.serving import serve
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 

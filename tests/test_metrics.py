@@ -10,9 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.metrics import MAX_MODELS, Histogram, Metrics
+from sidecar.testing.redis_server import free_port
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import MakeEnv, make_env
-from tests.redis_server import free_port
 
 __all__ = ["make_env"]
 

@@ -10,6 +10,7 @@ import httpx
 import openai
 from redis.crc import key_slot
 
+from sidecar.testing.redis_cluster import LocalCluster
 from tests.cluster.conftest import (
     MESSAGES,
     MakeSide,
@@ -21,7 +22,6 @@ from tests.cluster.conftest import (
     tokens,
 )
 from tests.conftest import FakeClock
-from tests.redis_cluster import LocalCluster
 
 INDEX = "sidecar:{idx}:order"
 RECOVERY_S = 15  # node timeout 1 s, the election, and the client's slot map refresh

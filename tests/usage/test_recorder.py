@@ -15,11 +15,11 @@ from ulid import ULID
 from sidecar.identity.model import Metrics, Profile
 from sidecar.identity.store import IdentityStore
 from sidecar.store.keys import Keys
+from sidecar.testing.redis_server import RedisServer
 from sidecar.usage import buckets
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
 from tests.conftest import FakeClock
-from tests.redis_server import RedisServer
 
 KEYS = Keys("sidecar")
 
