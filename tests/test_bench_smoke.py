@@ -212,6 +212,7 @@ def test_markdown_without_references_has_no_ratio_columns() -> None:
     text = proxy_report.render_markdown({"meta": meta, "targets": targets, "runs": []})
     assert "- **bare**: not requested" in text
     assert "sidecar / bare" not in text and "| bare |" not in text
+    assert "wrk -c1" not in text  # rows of figures the run did not measure are left out
 
 
 @needs_wrk
