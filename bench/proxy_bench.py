@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from bench.lib import cli
 from bench.lib.config import parse_env_pairs
@@ -38,76 +39,45 @@ from bench.lib.proxy_report import render_markdown, summary_table
 MODULE = "bench.proxy_bench"
 
 
+# The numeric flags: name, type, default, help.
+NUMBERS: tuple[tuple[str, Callable[[str], Any], int | float | None, str], ...] = (
+    ("--requests", cli.positive, 2000, "sequential requests per target and request kind"),
+    ("--warmup", cli.non_negative, 200, "warm-up requests per target before each measurement"),
+    ("--block", cli.positive, 100, "requests per target before switching to the next"),
+    ("--streams", cli.positive, 200, "streams per target per run"),
+    ("--stream-chunks", cli.non_negative, 20, "x-mock-chunks for the streams"),
+    ("--chunk-delay-ms", float, 5.0, "x-mock-chunk-delay-ms for the streams"),
+    ("--threads", cli.positive, 2, "wrk threads"),
+    ("--identities", cli.positive, 100, "bench identities cycled through"),
+    ("--workers", cli.positive, None, "sidecar [server] workers (default: the config's, else 1)"),
+    ("--soak", cli.non_negative, 0, "seconds of wrk on the sidecar, RSS and Redis memory sampled"),
+    ("--wrk-sequential", cli.non_negative, 5, "seconds of wrk -c1 per target and run (0: skip)"),
+    ("--rss-interval", cli.interval, 1.0, "seconds between RSS samples"),
+)
+
+
 def parser() -> argparse.ArgumentParser:
     p = cli.parser(MODULE, __doc__)
-    add = p.add_argument
     cli.wrk_arguments(p, repeats=3, duration=10)
-    add(
-        "--requests",
-        type=cli.positive,
-        default=2000,
-        help="sequential requests per target and request kind",
+    for flag, kind, default, text in NUMBERS:
+        p.add_argument(flag, type=kind, default=default, help=text)
+    p.add_argument(
+        "--server", choices=["uvicorn", "granian"], help="SIDECAR_SERVER for the sidecar"
     )
-    add(
-        "--warmup",
-        type=cli.non_negative,
-        default=200,
-        help="warm-up requests per target before each measurement",
-    )
-    add(
-        "--block",
-        type=cli.positive,
-        default=100,
-        help="requests per target before switching to the next",
-    )
-    add("--streams", type=cli.positive, default=200, help="streams per target per run")
-    add("--stream-chunks", type=cli.non_negative, default=20, help="x-mock-chunks for the streams")
-    add("--chunk-delay-ms", type=float, default=5.0, help="x-mock-chunk-delay-ms for the streams")
-    add("--threads", type=cli.positive, default=2, help="wrk threads")
-    add("--identities", type=cli.positive, default=100, help="bench identities cycled through")
-    add(
-        "--workers",
-        type=cli.positive,
-        default=None,
-        help="sidecar [server] workers (default: the config's, else 1)",
-    )
-    add(
-        "--server",
-        choices=["uvicorn", "granian"],
-        default=None,
-        help="passed to the sidecar as SIDECAR_SERVER",
-    )
-    add(
-        "--sidecar-config",
-        default=None,
-        help="a sidecar config TOML to start from (policies, pricing, ...)",
-    )
-    add(
+    p.add_argument("--sidecar-config", help="a sidecar config TOML to start from (policies, ...)")
+    p.add_argument(
         "--sidecar-env",
         action="append",
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for the sidecar (repeatable)",
     )
-    add(
-        "--soak",
-        type=cli.non_negative,
-        default=0,
-        help="seconds of wrk on the sidecar with RSS and Redis memory sampled (0: no soak)",
-    )
-    add(
-        "--wrk-sequential",
-        type=cli.non_negative,
-        default=5,
-        help="seconds of wrk with one connection per target and run (0: skip)",
-    )
-    add("--rss-interval", type=cli.interval, default=1.0, help="seconds between RSS samples")
-    add(
+    p.add_argument(
         "--targets",
         default=",".join(TARGETS),
         help="comma-separated subset of direct,nginx,bare,sidecar (direct is required)",
     )
-    add("--log-dir", default=None, help="keep the targets' logs and configs under this folder")
+    p.add_argument("--log-dir", help="keep the targets' logs and configs under this folder")
     return p
 
 
