@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -40,26 +40,24 @@ WHOLE = 1024 * 1024  # an answer up to this size with a known length is read, th
 TIMEOUT_S = 600.0
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The client's headers for the upstream, hop-by-hop ones dropped."""
-    out = []
+def _kept(
+    raw: Iterable[tuple[bytes, bytes]], skip: frozenset[bytes]
+) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(lower-cased name, name, value) of every header not in `skip` nor proxy-*."""
     for name, value in raw:
         lower = name.lower()
-        if lower in REQUEST_SKIP or lower.startswith(b"proxy-"):
-            continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
-    return out
+        if lower not in skip and not lower.startswith(b"proxy-"):
+            yield lower, name, value
+
+
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The client's headers for the upstream, hop-by-hop ones dropped."""
+    return [(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in _kept(raw, REQUEST_SKIP)]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's headers for the client (lower-cased names), hop-by-hop ones dropped."""
-    out = []
-    for name, value in raw:
-        lower = name.lower()
-        if lower in RESPONSE_SKIP or lower.startswith(b"proxy-"):
-            continue
-        out.append((lower, value))
-    return out
+    return [(lower, v) for lower, _, v in _kept(raw, RESPONSE_SKIP)]
 
 
 async def read_body(receive: Receive) -> bytes | None:

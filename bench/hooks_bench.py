@@ -4,126 +4,83 @@
 
 Starts a private redis-server and a `sidecar serve` with bench/limits-policy.toml; wrk drives
 POST /hooks/authorize for 100 identities (header source). In the same run, /healthz on the
-same server gives the floor (the HTTP stack alone) for the ratio.
+same server gives the floor (the HTTP stack alone) for the ratio, taken per repeat. The hooks
+forward nothing, so the proxy's references (bare pass-through, nginx) have no part here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
+from bench.lib import cli, config
+from bench.lib.payloads import ADMIN_TOKEN, IDENTITY_HEADER
+from bench.lib.processes import Launcher
+from bench.lib.report import compare, compare_table, log
+from bench.lib.wrk import Load, require_wrk, run_wrk
 
-from tests.redis_server import RedisServer, free_port
-
-TOKEN = "bench-admin-token-0123456789"
-HERE = Path(__file__).resolve().parent
-
-AUTHORIZE_LUA = f"""
-wrk.method = "POST"
-wrk.body = '{{"model":"gpt-4o","messages":[{{"role":"user","content":"hi"}}]}}'
-wrk.headers["content-type"] = "application/json"
-wrk.headers["x-sidecar-token"] = "{TOKEN}"
-request = function()
-  wrk.headers["X-ORQ-IDENTITY-ID"] = "hook-user-" .. math.random(0, 99)
-  return wrk.format(nil, "/hooks/authorize")
-end
-"""
+MODULE = "bench.hooks_bench"
+BODY = '{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}\n'
 
 
-def parse(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    out["requests_per_s"] = float(rate.group(1)) if rate else 0.0
-    for name, pct in (("p50_ms", "50%"), ("p99_ms", "99%")):
-        match = re.search(rf"\s{pct}\s+([\d.]+)(us|ms|s)", text)
-        if match:
-            value = float(match.group(1))
-            out[name] = (
-                value / 1000
-                if match.group(2) == "us"
-                else value * (1000 if match.group(2) == "s" else 1)
-            )
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    out["non_2xx"] = float(errors.group(1)) if errors else 0.0
-    return out
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = cli.parser(MODULE, __doc__)
+    cli.wrk_arguments(p, repeats=3, duration=10)
+    args = p.parse_args(argv)
+    load = Load(2, args.connections)
 
-
-def wrk(url: str, script: Path | None, duration: int, connections: int) -> dict[str, float]:
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url]
-    if script is not None:
-        args[1:1] = ["-s", str(script)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30, check=True)
-    return parse(done.stdout)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=64)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        redis = RedisServer(work)
-        redis.start()
-        config = work / "config.toml"
-        config.write_text(
-            f'[redis]\nurl = "{redis.url}"\n[policies]\npaths = ["{HERE / "limits-policy.toml"}"]\n'
-        )
-        script = work / "authorize.lua"
-        script.write_text(AUTHORIZE_LUA)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        env |= {
-            "SIDECAR_PORT": str(port),
-            "SIDECAR_ADMIN_TOKEN": TOKEN,
-            "SIDECAR_DATA_DIR": str(work / "data"),
+    def measure() -> cli.Outcome:
+        require_wrk()
+        with Launcher("hooks-bench-") as launcher:
+            redis = launcher.redis()
+            path, _ = config.sidecar_config(launcher.folder("sidecar"), overrides=config.limits())
+            sidecar = launcher.sidecar("sidecar", path, redis.url)
+            work = launcher.workdir
+            (work / "body.jsonl").write_text(BODY)
+            token = f"x-sidecar-token: {ADMIN_TOKEN}"
+            lines = (f"{token}\t{IDENTITY_HEADER}: hook-user-{k}\n" for k in range(100))
+            (work / "headers.txt").write_text("".join(lines))
+            env = {"WRK_BODIES": str(work / "body.jsonl"), "WRK_HEADERS": str(work / "headers.txt")}
+            base = f"http://127.0.0.1:{sidecar.port}"
+            run_wrk(base + "/hooks/authorize", 2, load, env=env)  # the identities exist after it
+            runs: list[dict[str, Any]] = []
+            for index in range(args.repeats):
+                authorize, _ = run_wrk(base + "/hooks/authorize", args.duration, load, env=env)
+                floor, _ = run_wrk(base + "/healthz", args.duration, load, script=None)
+                runs.append({"index": index, "authorize": authorize, "healthz": floor})
+                log(
+                    f"run {index + 1}: {authorize['requests_per_s']:,.0f} decisions/s, "
+                    f"/healthz {floor['requests_per_s']:,.0f} requests/s"
+                )
+        rates = [r["authorize"]["requests_per_s"] for r in runs]
+        floors = [r["healthz"]["requests_per_s"] for r in runs]
+        summary = compare(runs, "requests_per_s", ["authorize"], ["healthz"])
+        result: dict[str, Any] = {
+            "authorize": [r["authorize"] for r in runs],
+            "healthz_floor": [r["healthz"] for r in runs],
+            "authorize_per_s_median": statistics.median(rates),
+            "authorize_per_s_range": [min(rates), max(rates)],
+            "authorize_over_healthz": round(
+                statistics.median(rates) / statistics.median(floors), 3
+            ),
+            "summary": summary,
+            "load_average": list(os.getloadavg()),
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(200):
-                try:
-                    if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
-            wrk(base, script, 2, args.connections)  # warm-up: the identities exist after it
-            authorize, floor = [], []
-            for _ in range(args.repeats):
-                authorize.append(wrk(base, script, args.duration, args.connections))
-                floor.append(wrk(base + "/healthz", None, args.duration, args.connections))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-            redis.kill()
-    rates = [r["requests_per_s"] for r in authorize]
-    floors = [r["requests_per_s"] for r in floor]
-    result: dict[str, Any] = {
-        "authorize": authorize,
-        "healthz_floor": floor,
-        "authorize_per_s_median": statistics.median(rates),
-        "authorize_per_s_range": [min(rates), max(rates)],
-        "authorize_over_healthz": round(statistics.median(rates) / statistics.median(floors), 3),
-        "load_average": os.getloadavg(),
-    }
-    print(json.dumps(result, indent=2))
+        text = [
+            f"wrk -t2 -c{args.connections}, {args.duration} s x {args.repeats}: POST "
+            "/hooks/authorize for 100 header identities, three limits each; /healthz on the same "
+            "server as the floor. Median (min-max) over the repeats.",
+            "",
+            *compare_table(summary, "requests_per_s", "requests/s", ["healthz"]),
+        ]
+        return cli.Outcome(result, "\n".join(text))
+
+    return cli.run(MODULE, "Hook decisions", args, argv, measure)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,113 +3,87 @@
     .venv/bin/python -m bench.metrics_bench [--duration 10] [--repeats 5]
 
 Two sidecars (metrics on, metrics off) on one private redis-server in front of one mock
-upstream, saturated in turn with `wrk -t2 -c64` and the proxy bench's chat bodies (body
-identities, 100 identities), the order alternating per repeat; then the same with three limits
-per request (bench/limits-policy.toml). Reports the median requests/s and CPU per request of
-each, and on / off. Everything started here is stopped on exit.
+upstream, beside the references (the bare aiohttp pass-through, bench/bare_proxy.py, and an
+nginx hop when installed), saturated in turn with `wrk -t2 -c64` and the proxy bench's chat
+bodies (body identities, 100 identities), the order rotating per repeat; then the same with
+three limits per request (bench/limits-policy.toml). Reports the median requests/s and CPU per
+request of each, on / off, and each sidecar's ratio to the references, taken per repeat.
+Everything started here is stopped on exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from bench.proxy_bench import (
-    CHAT_PATH,
-    ROOT,
-    Options,
-    probe_metered,
-    run_wrk,
-    scenarios,
-    start_mock,
-    start_sidecar,
-    tree_cpu_seconds,
-)
-from tests.redis_server import RedisServer
+from bench.lib import cli, config, rounds
+from bench.lib.processes import Launcher
+from bench.lib.report import spread_text
+from bench.lib.wrk import Load
+
+MODULE = "bench.metrics_bench"
+VARIANTS = ("plain", "limits")
+SETTINGS = ("on", "off")
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run(duration: int, repeats: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"duration_s": duration, "repeats": repeats}
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        work = Path(tmp)
-        mock, upstream_port = start_mock(work)
-        stack.callback(mock.stop)
-        redis = RedisServer(work)
-        redis.start()
-        stack.callback(redis.kill)
-        opts = Options(duration=duration)
-        chat = scenarios(opts)["chat_body_identity"]
-        bodies = work / "bodies.jsonl"
-        bodies.write_bytes(b"".join(chat.request(i).body + b"\n" for i in range(opts.identities)))
-        for variant in ("plain", "limits"):
-            ports: dict[str, int] = {}
-            pids: dict[str, int] = {}
-            with contextlib.ExitStack() as sidecars:
-                for metrics in ("on", "off"):
-                    folder = work / f"{variant}-{metrics}"
-                    folder.mkdir()
-                    config = folder / "config.toml"
-                    text = f"[server]\nmetrics = {'true' if metrics == 'on' else 'false'}\n"
-                    if variant == "limits":
-                        policy = ROOT / "bench" / "limits-policy.toml"
-                        text += f'[policies]\npaths = ["{policy}"]\n'
-                    config.write_text(text)
-                    side = start_sidecar(
-                        Options(sidecar_config=str(config)), folder, upstream_port, redis.url
-                    )
-                    if side.proc is None or side.port is None:
-                        raise RuntimeError(f"sidecar did not start: {side.reason}")
-                    sidecars.callback(side.proc.stop)
-                    problem = probe_metered(side.port, chat)
-                    if problem is not None:
-                        raise RuntimeError(problem)
-                    ports[metrics], pids[metrics] = side.port, side.proc.pid
-                    run_wrk(side.port, CHAT_PATH, bodies, opts, 3)  # warm-up
-                rps: dict[str, list[float]] = {"on": [], "off": []}
-                cpu: dict[str, list[float]] = {"on": [], "off": []}
-                for i in range(repeats):
-                    for metrics in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                        before = tree_cpu_seconds(pids[metrics])
-                        figures, _ = run_wrk(ports[metrics], CHAT_PATH, bodies, opts, duration)
-                        used = tree_cpu_seconds(pids[metrics]) - before
-                        rps[metrics].append(float(figures["requests_per_s"]))
-                        cpu[metrics].append(used / max(1, int(figures["requests"])) * 1e6)
-                        log(
-                            f"{variant}, metrics {metrics}, run {i + 1}: "
-                            f"{rps[metrics][-1]:,.0f} req/s, {cpu[metrics][-1]:.0f} us CPU/request"
-                        )
-            on, off = statistics.median(rps["on"]), statistics.median(rps["off"])
-            out[variant] = {
-                "requests_per_s": rps,
-                "cpu_us_per_request": cpu,
-                "median_on": on,
-                "median_off": off,
-                "on_over_off": round(on / off, 3),
-                "cpu_median_on": round(statistics.median(cpu["on"])),
-                "cpu_median_off": round(statistics.median(cpu["off"])),
-            }
-            log(f"{variant}: on {on:,.0f} req/s, off {off:,.0f} req/s, on/off {on / off:.3f}")
-    return out
+def variant(
+    launcher: Launcher, rig: rounds.Rig, name: str, redis_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    sidecars = []
+    for metrics in SETTINGS:
+        side = f"{name}-{metrics}"
+        overrides = {"server": {"metrics": metrics == "on"}} | config.limits(name == "limits")
+        path, _ = config.sidecar_config(launcher.folder(side), overrides=overrides)
+        sidecars.append(launcher.sidecar(side, path, redis_url, rig.upstream, rig.probe))
+    measured = rounds.measure(
+        rig, sidecars, repeats=args.repeats, duration=args.duration, warmup=3, load=Load()
+    )
+    for target in sidecars:
+        launcher.stop(target.name)
+    runs = measured["runs"]
+    rps = {m: [float(r[f"{name}-{m}"]["requests_per_s"]) for r in runs] for m in SETTINGS}
+    cpu = {m: [r[f"{name}-{m}"]["cpu"]["proxy_us_per_request"] for r in runs] for m in SETTINGS}
+    on, off = statistics.median(rps["on"]), statistics.median(rps["off"])
+    return {
+        **measured,
+        "requests_per_s": rps,
+        "cpu_us_per_request": cpu,
+        "median_on": on,
+        "median_off": off,
+        "on_over_off": round(on / off, 3),
+        "on_over_off_per_repeat": rounds.ratio_of(measured, f"{name}-on", f"{name}-off"),
+        "cpu_median_on": round(statistics.median(cpu["on"])),
+        "cpu_median_off": round(statistics.median(cpu["off"])),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.metrics_bench", description=__doc__)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per setting")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(args.duration, args.repeats), indent=2))
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = cli.parser(MODULE, __doc__)
+    cli.wrk_arguments(p, repeats=5, duration=10, connections=False)
+    args = p.parse_args(argv)
+
+    def measure() -> cli.Outcome:
+        result: dict[str, Any] = {"duration_s": args.duration, "repeats": args.repeats}
+        lines: list[str] = []
+        with Launcher("metrics-bench-") as launcher:
+            rig = rounds.rig(launcher, 100)
+            redis = launcher.redis()
+            for name in VARIANTS:
+                out = result[name] = variant(launcher, rig, name, redis.url, args)
+                lines += [
+                    f"{name}: metrics on / off **{spread_text(out['on_over_off_per_repeat'], 2)}**"
+                    f" (on {out['median_on']:,.0f} requests/s, off {out['median_off']:,.0f}; CPU "
+                    f"per request {out['cpu_median_on']} / {out['cpu_median_off']} us)",
+                    "",
+                    *rounds.table(out, rig),
+                ]
+        return cli.Outcome(result, "\n".join(lines))
+
+    return cli.run(MODULE, "Inline proxy with /metrics on and off", args, argv, measure)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from redis.asyncio import Redis
 
 from sidecar.app import create_app
 from sidecar.settings import Settings
-from tests.redis_server import RedisServer
-from tests.serving import ApiClient, serve
+from sidecar.testing.redis_server import RedisServer
+from sidecar.testing.serving import ApiClient, serve
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

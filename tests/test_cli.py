@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.redis_server import free_port
+from sidecar.testing.redis_server import free_port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from sidecar.cli import main
+from sidecar.testing.redis_server import free_port
+from sidecar.testing.serving import ApiClient, serve
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import MakeEnv, make_env
-from tests.redis_server import free_port
-from tests.serving import ApiClient, serve
 
 __all__ = ["make_env"]
 

@@ -20,7 +20,7 @@ import pytest
 from sidecar import logs
 from sidecar.mock import start_mock
 from sidecar.settings import ConfigError, parse
-from tests.redis_server import RedisServer, free_port
+from sidecar.testing.redis_server import RedisServer, free_port
 
 TOKEN = "sk-sidecar-admin-0123456789abcdef"
 API_KEY = "sk-client-live-9f8e7d6c5b4a"

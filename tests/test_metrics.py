@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 
 from sidecar.observe.counters import MAX_MODELS, Counters, Histogram
 from sidecar.observe.prometheus import Exposition
+from sidecar.testing.redis_server import free_port
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import MakeEnv, make_env
-from tests.redis_server import free_port
 
 __all__ = ["make_env"]
 

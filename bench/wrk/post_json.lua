@@ -3,9 +3,12 @@
 --   WRK_BODIES=bodies.jsonl WRK_API_KEY=sk-... \
 --     wrk -t2 -c64 -d10s --latency -s bench/wrk/post_json.lua http://127.0.0.1:8080/v1/chat/completions
 --
--- WRK_BODIES names a file with one JSON body per line (bench/proxy_bench.py writes it: the same
+-- WRK_BODIES names a file with one JSON body per line (the harness writes it, bench/lib: the same
 -- chat completion, one line per bench identity). Without it a single built-in chat body is sent.
 -- WRK_API_KEY, when set, is sent as `Authorization: Bearer <key>`.
+-- WRK_HEADERS, when set, names a file of extra headers, one line per request, each line
+-- `Name: value` pairs separated by tabs (bench/hooks_bench.py: an identity header per line);
+-- bodies and header lines are cycled side by side.
 --
 -- Requests are formatted once per thread in init(); request() only picks the next one, so the
 -- per-request cost in wrk stays the same whatever the target.
@@ -15,22 +18,37 @@
 local default_body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],'
   .. '"max_tokens":64}'
 
-local function load_bodies()
-  local bodies = {}
-  local name = os.getenv("WRK_BODIES")
+local function load_lines(variable)
+  local lines = {}
+  local name = os.getenv(variable)
   if name and name ~= "" then
     local file = assert(io.open(name, "r"))
     for line in file:lines() do
       if line ~= "" then
-        bodies[#bodies + 1] = line
+        lines[#lines + 1] = line
       end
     end
     file:close()
   end
-  if #bodies == 0 then
-    bodies[1] = default_body
+  return lines
+end
+
+local function header_sets()
+  local sets = {}
+  for i, line in ipairs(load_lines("WRK_HEADERS")) do
+    local set = {}
+    for pair in line:gmatch("[^\t]+") do
+      local name, value = pair:match("^([^:]+):%s*(.*)$")
+      if name then
+        set[name] = value
+      end
+    end
+    sets[i] = set
   end
-  return bodies
+  if #sets == 0 then
+    sets[1] = {}
+  end
+  return sets
 end
 
 local requests = {}
@@ -45,13 +63,21 @@ function setup(thread)
 end
 
 function init(args)
-  local headers = { ["Content-Type"] = "application/json" }
   local key = os.getenv("WRK_API_KEY")
-  if key and key ~= "" then
-    headers["Authorization"] = "Bearer " .. key
+  local bodies = load_lines("WRK_BODIES")
+  if #bodies == 0 then
+    bodies[1] = default_body
   end
-  for i, body in ipairs(load_bodies()) do
-    requests[i] = wrk.format("POST", wrk.path, headers, body)
+  local sets = header_sets()
+  for i = 1, math.max(#bodies, #sets) do
+    local headers = { ["Content-Type"] = "application/json" }
+    if key and key ~= "" then
+      headers["Authorization"] = "Bearer " .. key
+    end
+    for name, value in pairs(sets[(i - 1) % #sets + 1]) do
+      headers[name] = value
+    end
+    requests[i] = wrk.format("POST", wrk.path, headers, bodies[(i - 1) % #bodies + 1])
   end
   count = #requests
   -- Threads start at different offsets so they do not send the same identity in lockstep.

@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.testing.serving import ApiClient as Client
 from tests.api.test_identities import create, snapshot
-from tests.serving import ApiClient as Client
 
 
 def nested(depth: int) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from urllib.parse import quote
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.testing.serving import ApiClient as Client
 from tests.conftest import FakeClock
-from tests.serving import ApiClient as Client
 
 
 async def create(api: Client, **fields: Any) -> dict[str, Any]:

@@ -235,7 +235,7 @@ async def test_identities_are_read_page_by_page(
 async def test_a_store_that_is_down_is_a_503(make_env: MakeEnv) -> None:
     from redis.asyncio import Redis
 
-    from tests.redis_server import free_port
+    from sidecar.testing.redis_server import free_port
 
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
     try:

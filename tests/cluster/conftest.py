@@ -14,10 +14,10 @@ from sidecar.app import create_app
 from sidecar.dispatch import Sidecar
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
+from sidecar.testing.redis_cluster import LocalCluster, SentinelSet
+from sidecar.testing.serving import ApiClient, serve
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
 from tests.proxy.conftest import settle
-from tests.redis_cluster import LocalCluster, SentinelSet
-from tests.serving import ApiClient, serve
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import openai
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from sidecar.testing.redis_cluster import LocalCluster
 from tests.cluster.conftest import (
     MESSAGES,
     MakeSide,
@@ -22,7 +23,6 @@ from tests.cluster.conftest import (
     tokens,
 )
 from tests.conftest import FakeClock
-from tests.redis_cluster import LocalCluster
 
 INDEX = "sidecar:{idx}:order"
 RECOVERY_S = 15  # node timeout 1 s, the election, and the client's slot map refresh

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.testing.redis_server import RedisServer
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import Env, MakeEnv
-from tests.redis_server import RedisServer
 
 TIMEOUT_MS = 100
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "faults"

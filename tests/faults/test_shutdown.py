@@ -19,8 +19,8 @@ from sidecar.catalog import open_catalog
 from sidecar.identity.model import Metrics
 from sidecar.mock import MockServer, start_mock
 from sidecar.store.keys import Keys
+from sidecar.testing.redis_server import RedisServer, free_port
 from tests.conftest import ADMIN_TOKEN
-from tests.redis_server import RedisServer, free_port
 
 STREAM = {
     "model": "gpt-4o-mini",

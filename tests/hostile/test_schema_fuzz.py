@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
 )
 
+from sidecar.testing.serving import ApiClient
 from tests.conftest import ADMIN_TOKEN
-from tests.serving import ApiClient
 
 EXAMPLES = 40  # per operation, mode and credential set
 CREDENTIALS = {

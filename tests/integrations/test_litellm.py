@@ -28,11 +28,11 @@ from starlette.routing import Route
 
 from sidecar.integrations import litellm as integration
 from sidecar.integrations.litellm import ConfigError, Settings, SidecarCallback
+from sidecar.testing.redis_server import free_port
+from sidecar.testing.serving import serve
 from tests.conftest import ADMIN_TOKEN
 from tests.integrations.litellm_proxy import LiteLLMProxy
 from tests.proxy.conftest import Env, MakeEnv
-from tests.redis_server import free_port
-from tests.serving import serve
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
 # items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.

@@ -13,9 +13,9 @@ from sidecar.app import create_app
 from sidecar.dispatch import Sidecar
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
+from sidecar.testing.redis_server import RedisServer
+from sidecar.testing.serving import ApiClient, serve
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
-from tests.redis_server import RedisServer
-from tests.serving import ApiClient, serve
 
 
 async def settle(app: Sidecar) -> None:

@@ -11,8 +11,8 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.testing.redis_server import free_port
 from tests.proxy.conftest import Env, MakeEnv
-from tests.redis_server import free_port
 
 MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
 

@@ -16,10 +16,10 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.mock import start_mock
+from sidecar.testing.redis_server import RedisServer, free_port
 from tests.conftest import ADMIN_TOKEN, FakeClock
 from tests.proxy.conftest import MakeEnv
 from tests.proxy.test_inline import MESSAGES, tokens
-from tests.redis_server import RedisServer, free_port
 
 BODY = {"model": "gpt-4o", "messages": MESSAGES}
 

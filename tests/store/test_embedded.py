@@ -24,8 +24,8 @@ import redis
 from sidecar.mock import MockServer, start_mock
 from sidecar.store import embedded as embedded_module
 from sidecar.store.embedded import EmbeddedStoreError, embedded, socket_path
+from sidecar.testing.redis_server import free_port
 from tests.conftest import ADMIN_TOKEN, AUTH
-from tests.redis_server import free_port
 
 # uvicorn re-raises the SIGTERM it handled once it has shut down.
 STOPPED = {0, -signal.SIGTERM}

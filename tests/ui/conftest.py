@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidecar.testing.serving import ApiClient
 from tests.conftest import ADMIN_TOKEN
 from tests.proxy.conftest import make_env  # the proxy's environment, for traffic
-from tests.serving import ApiClient
 
 __all__ = ["make_env"]
 

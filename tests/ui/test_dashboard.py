@@ -13,10 +13,10 @@ import httpx
 import openai
 from redis.asyncio import Redis
 
+from sidecar.testing.serving import ApiClient
 from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
 from tests.proxy.conftest import MakeEnv
 from tests.proxy.test_inline import MESSAGES, tokens
-from tests.serving import ApiClient
 from tests.ui.conftest import csrf_of, sign_in
 
 

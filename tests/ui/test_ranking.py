@@ -11,10 +11,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.store.keys import Keys
+from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
 from sidecar.usage.recorder import Recorder
 from tests.conftest import FakeClock
-from tests.serving import ApiClient
 
 KEYS = Keys("sidecar")
 

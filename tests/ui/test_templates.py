@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 import httpx
 
+from sidecar.testing.serving import ApiClient
 from sidecar.ui.templating import environment
-from tests.serving import ApiClient
 
 SCRIPT = "<script>alert(1)</script>"
 ATTRIBUTE = '"onmouseover="alert(1)'  # breaks out of a double-quoted attribute

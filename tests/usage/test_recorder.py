@@ -18,6 +18,7 @@ from sidecar.identity.listing import Listing
 from sidecar.identity.model import Metrics, Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.store.keys import Keys
+from sidecar.testing.redis_server import RedisServer
 from sidecar.usage import buckets
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.counters import UsageCounters
@@ -26,7 +27,6 @@ from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
 from sidecar.usage.writer import UsageWriter
 from tests.conftest import FakeClock
-from tests.redis_server import RedisServer
 
 KEYS = Keys("sidecar")
 

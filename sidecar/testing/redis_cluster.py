@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from tests.redis_server import free_port, redis_binary
+from sidecar.testing.redis_server import free_port, redis_binary
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from tests.redis_server import free_port
+from sidecar.testing.redis_server import free_port
 
 
 @asynccontextmanager
