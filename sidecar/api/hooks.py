@@ -29,7 +29,7 @@ class UsageReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     status: int = 200
     usage: dict[str, Any] | None = None
     cost_usd: float | str | None = None
-    source: Literal["body", "header", "api_key", "anonymous"] | None = None
+    source: Literal["body", "user_field", "header", "api_key", "anonymous"] | None = None
     path: str | None = None  # the original request's path, to tell the usage shape apart
 
 
@@ -114,5 +114,6 @@ def _cost(value: float | str | None) -> int | None:
 
 async def _authorize(request: Request[Any, Any, Any], authorizer: AuthorizerDep) -> Response[Any]:
     headers = {k.lower(): v for k, v in request.headers.items()}
-    decided = await authorizer.decide(await request.body(), headers)
+    peer = request.client.host if request.client is not None else None
+    decided = await authorizer.decide(await request.body(), headers, peer)
     return Response(decided.body, status_code=decided.status, headers=decided.headers)

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import enum
+import fnmatch
 import hashlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, NamedTuple
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -15,22 +16,75 @@ from sidecar.identity.model import BodyIdentity, InvalidField, Profile
 
 class Source(enum.Enum):
     BODY = "body"
+    USER_FIELD = "user_field"
     HEADER = "header"
     API_KEY = "api_key"
     ANONYMOUS = "anonymous"
+
+
+CLAIMS = frozenset({Source.BODY, Source.USER_FIELD, Source.HEADER})
 
 
 class Resolved(msgspec.Struct, frozen=True):
     external_id: str
     source: Source
     profile: Profile | None = None  # given only by a body identity, which upserts
+    owner: str | None = None  # the owner of the listed API key the request carries
+    # Who creates the identity when it is new (the creation cap counts per creator): the key
+    # owner, else the client's address.
+    creator: str = ""
 
 
 class MissingIdentity(Exception):
     """No identity on a request, and `identity.required` is set."""
 
 
+class ClaimRefused(Exception):
+    """A caller claimed an identity it may not claim (a 403); `param` names the claim."""
+
+    def __init__(self, param: str, external_id: str) -> None:
+        super().__init__(param)
+        self.param = param
+        self.external_id = external_id
+
+
+class Grant(NamedTuple):
+    """A listed API key: its owner, and the external ids (globs) it may claim for others."""
+
+    owner: str
+    may_assert: tuple[str, ...] = ()
+
+    def allows(self, external_id: str) -> bool:
+        return external_id == self.owner or any(
+            fnmatch.fnmatchcase(external_id, glob) for glob in self.may_assert
+        )
+
+
+class Caller(NamedTuple):
+    """What the network and the credentials say about who sent a request."""
+
+    peer_trusted: bool = False  # the TCP peer is in `trusted_networks`
+    client: str = ""  # the client's address (see identity.caller.Networks.client)
+
+
+class Trust(NamedTuple):
+    """`[identity] trust` and whether `trusted_networks` are set."""
+
+    mode: Literal["any", "keys"] = "any"
+    networks: bool = False
+
+    def accepts(self, external_id: str, caller: Caller, grant: Grant | None) -> bool:
+        """Whether the caller may claim `external_id` (docs/trust.md)."""
+        if caller.peer_trusted:
+            return True
+        if self.mode == "keys":
+            return grant is not None and grant.allows(external_id)
+        return not self.networks
+
+
 ANONYMOUS = Resolved(model.ANONYMOUS, Source.ANONYMOUS)
+TRUST_ANY = Trust()
+UNKNOWN_CALLER = Caller()
 
 
 def _body_identity(body: dict[str, Any]) -> tuple[Any, str] | None:
@@ -45,6 +99,16 @@ def _body_identity(body: dict[str, Any]) -> tuple[Any, str] | None:
         return raw, "orq.identity"
     if "contact" in body:
         return body.pop("contact"), "contact"
+    return None
+
+
+def _user_field(body: dict[str, Any]) -> tuple[Any, str] | None:
+    """OpenAI's `user`, or Anthropic's `metadata.user_id`: how clients name their end user."""
+    if "user" in body:
+        return body["user"], "user"
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and "user_id" in metadata:
+        return metadata["user_id"], "metadata.user_id"
     return None
 
 
@@ -94,29 +158,56 @@ def resolve(
     headers: Mapping[str, str],
     *,
     header: str,
-    key_owner: Callable[[str], str | None],
+    grant_for: Callable[[str], Grant | None],
     required: bool,
+    trust: Trust = TRUST_ANY,
+    caller: Caller = UNKNOWN_CALLER,
+    user_fields: bool = False,
 ) -> Resolved:
-    """Who a request is for, in the documented order: body, header, API key owner, anonymous.
+    """Who a request is for, in the documented order: body identity, (opt-in) user fields,
+    header, API key owner, anonymous; a claim (the first three) only when `trust` accepts it
+    from this caller.
 
     `headers` has lower-case names. The body identity is removed from `body` in place. Raises
-    InvalidField (a 400) for a bad identity and MissingIdentity (a 401) when one is required.
-    """
+    InvalidField (a 400) for a bad identity, ClaimRefused (a 403) for a claim the caller may not
+    make, and MissingIdentity (a 401) when an identity is required and there is none."""
+    key = api_key(headers)
+    grant = grant_for(key_digest(key)) if key is not None else None
+    owner = grant.owner if grant is not None else None
+    creator = f"key:{owner}" if owner is not None else f"addr:{caller.client}"
+    claim = _claim(body, headers, header, user_fields)
+    if claim is not None:
+        resolved, param = claim
+        if not trust.accepts(resolved.external_id, caller, grant):
+            raise ClaimRefused(param, resolved.external_id)
+        return msgspec.structs.replace(resolved, owner=owner, creator=creator)
+    if owner is not None:
+        return Resolved(owner, Source.API_KEY, owner=owner, creator=creator)
+    if required:
+        raise MissingIdentity
+    return msgspec.structs.replace(ANONYMOUS, creator=creator)
+
+
+def _claim(
+    body: dict[str, Any] | None, headers: Mapping[str, str], header: str, user_fields: bool
+) -> tuple[Resolved, str] | None:
+    """The identity a request claims, and the parameter that claims it."""
     if body is not None:
         found = _body_identity(body)
         if found is not None:
-            return _parse_body_identity(*found)
+            return _parse_body_identity(*found), f"{found[1]}.id"
+        if user_fields:
+            user = _user_field(body)
+            if user is not None:
+                value, param = user
+                if not isinstance(value, str):
+                    raise InvalidField(param, f"{param} must be a string")
+                return Resolved(model.external_id(value, param), Source.USER_FIELD), param
     value = headers.get(header.lower())
     if value is not None and value.strip():
         try:
-            return Resolved(model.external_id(decode_header_id(value), header), Source.HEADER)
+            external_id = model.external_id(decode_header_id(value), header)
         except UnicodeDecodeError:
             raise InvalidField(header, f"{header} is not valid percent-encoded UTF-8") from None
-    key = api_key(headers)
-    if key is not None:
-        owner = key_owner(key_digest(key))
-        if owner is not None:
-            return Resolved(owner, Source.API_KEY)
-    if required:
-        raise MissingIdentity
-    return ANONYMOUS
+        return Resolved(external_id, Source.HEADER), header
+    return None

@@ -5,7 +5,17 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.identity.resolve import Resolved, resolve
+from sidecar.errors import Forbidden, InvalidRequest, Unauthorized
+from sidecar.identity.caller import Networks
+from sidecar.identity.model import InvalidField
+from sidecar.identity.resolve import (
+    Caller,
+    ClaimRefused,
+    MissingIdentity,
+    Resolved,
+    Trust,
+    resolve,
+)
 from sidecar.quota.live import LiveConfig
 from sidecar.settings import IdentitySettings
 from sidecar.usage.extract import cost_from_header
@@ -27,19 +37,51 @@ class Attribution:
     ) -> None:
         self.header = config.header
         self.required = config.required
+        self.user_fields = config.user_fields
+        self.networks = Networks(config.trusted_networks)
+        self.trust = Trust(config.trust_mode, bool(self.networks))
         self.live = live
         self.pricer = pricer
         self.clock = clock
 
-    def key_owner(self, digest: str) -> str | None:
-        key = self.live.key(digest)
-        return key.owner if key is not None else None
+    def caller(self, peer: str | None, headers: Mapping[str, str]) -> Caller:
+        if not self.networks:  # the common case: nothing to look up
+            return Caller(False, peer or "unknown")
+        forwarded = headers.get("x-forwarded-for")
+        return Caller(self.networks.trusted(peer), self.networks.client(peer, forwarded))
 
-    def resolve(self, body: dict[str, Any] | None, headers: Mapping[str, str]) -> Resolved:
-        """Raises InvalidField (400) or MissingIdentity (401); removes the body identity."""
-        return resolve(
-            body, headers, header=self.header, key_owner=self.key_owner, required=self.required
-        )
+    def resolve(
+        self, body: dict[str, Any] | None, headers: Mapping[str, str], peer: str | None
+    ) -> Resolved:
+        """Removes the body identity; `peer` is the TCP peer's address. Raises InvalidRequest
+        (400: a bad identity), Forbidden (403: a claim this caller may not make) or
+        Unauthorized (401: no identity where one is required)."""
+        try:
+            return resolve(
+                body,
+                headers,
+                header=self.header,
+                grant_for=self.live.grant,
+                required=self.required,
+                trust=self.trust,
+                caller=self.caller(peer, headers),
+                user_fields=self.user_fields,
+            )
+        except InvalidField as exc:
+            raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
+        except ClaimRefused as exc:
+            raise Forbidden(
+                f"this caller may not claim identity {exc.external_id!r} ({exc.param}): see "
+                "the sidecar's [identity] trust settings",
+                param=exc.param,
+                code="identity_not_allowed",
+            ) from None
+        except MissingIdentity:
+            raise Unauthorized(
+                "this sidecar requires an identity: send an `identity` object, the "
+                f"{self.header} header or a known API key",
+                code="identity_required",
+            ) from None
 
     def cost(
         self, kind: Kind | None, model: str | None, usage: Usage | None, header_cost: str | None

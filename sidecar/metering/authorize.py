@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 from ulid import ULID
 
 from sidecar import logs
-from sidecar.errors import InvalidRequest, SidecarError, StoreUnavailable, Unauthorized
+from sidecar.errors import InvalidRequest, SidecarError, StoreUnavailable
 from sidecar.identity.identify import Identifier
-from sidecar.identity.model import InvalidField
-from sidecar.identity.resolve import MissingIdentity, encode_header_id
+from sidecar.identity.resolve import encode_header_id
+from sidecar.jsonbody import parse_optional
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Settlement
 from sidecar.quota.limiter import Decision
@@ -22,7 +22,6 @@ from sidecar.quota.service import Quota, RateLimitError, refusal
 
 log = logging.getLogger("sidecar.hooks")
 
-_decode = msgspec.json.Decoder().decode
 
 # Unix time in milliseconds after which the caller no longer waits for the answer (it has let
 # the request through, or refused it): a decision it would not see must count nothing. Only a
@@ -66,23 +65,13 @@ class Authorizer:
         self.quota = quota
         self.settlement = settlement
 
-    async def decide(self, raw: bytes, headers: dict[str, str]) -> Decided:
-        """The original request's body and (lower-cased) headers in, the decision out.
-        Raises SidecarError for a 4xx, 503 or 504."""
+    async def decide(self, raw: bytes, headers: dict[str, str], peer: str | None) -> Decided:
+        """The original request's body and (lower-cased) headers in, the decision out; `peer`
+        is the caller's address (the proxy asking). Raises SidecarError for a 4xx, 503 or
+        504."""
         deadline = _deadline(headers)
-        body: dict[str, Any] | None = None
-        if raw.strip():
-            try:
-                decoded = _decode(raw)
-            except msgspec.DecodeError:
-                raise InvalidRequest("request body is not valid JSON") from None
-            body = decoded if isinstance(decoded, dict) else None
-        try:
-            resolved = self.attribution.resolve(body, headers)
-        except InvalidField as exc:
-            raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
-        except MissingIdentity:
-            raise Unauthorized("an identity is required", code="identity_required") from None
+        body = parse_optional(raw)
+        resolved = self.attribution.resolve(body, headers, peer)
         request_id = str(ULID())
         logs.bind(resolved.external_id, request_id)
         if deadline is not None and time.time() >= deadline:

@@ -33,7 +33,8 @@ class RawAuthorize:
             if not token_matches(headers.get("x-sidecar-token"), self.expected):
                 raise Unauthorized("missing or invalid x-sidecar-token")
             raw = await read_body(scope, receive, MAX_HOOK_BODY, self.body_timeout_s)
-            decided = await self.authorizer.decide(raw, headers)
+            client = scope.get("client")
+            decided = await self.authorizer.decide(raw, headers, client[0] if client else None)
         except ClientGone:
             return
         except SidecarError as exc:

@@ -7,6 +7,7 @@ forwarding step (see docs/benchmarks.md)."""
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,15 +20,18 @@ from sidecar import logs
 from sidecar.asgi import ClientGone, lowered, read_body, send_error, send_json
 from sidecar.errors import (
     BadGateway,
+    Forbidden,
     GatewayTimeout,
-    InvalidRequest,
     SidecarError,
     StoreUnavailable,
-    Unauthorized,
 )
 from sidecar.identity.identify import Identifier
-from sidecar.identity.model import InvalidField
-from sidecar.identity.resolve import MissingIdentity, Resolved, Source, encode_header_id
+from sidecar.identity.resolve import (
+    Resolved,
+    Source,
+    encode_header_id,
+)
+from sidecar.jsonbody import parse_object
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Meter, Settlement
 from sidecar.observe.counters import Counters
@@ -87,7 +91,8 @@ class InlineProxy:
         self.counters = counters
         self.limit = settings.server.max_body_bytes
         self.body_timeout = settings.server.body_timeout_s
-        self.extra_paths = frozenset(settings.metering.extra_paths)
+        self.extra_paths = tuple(settings.metering.extra_paths)
+        self.deny_others = settings.metering.other_paths == "deny"
         self.header = settings.identity.header.lower()
         self.header_bytes = self.header.encode()
 
@@ -95,7 +100,9 @@ class InlineProxy:
         if method != "POST":
             return False, None
         kind = kind_for_path(path)
-        return kind is not None or path in self.extra_paths, kind
+        if kind is not None:
+            return True, kind
+        return any(fnmatch.fnmatchcase(path, glob) for glob in self.extra_paths), None
 
     async def __call__(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         if not self.upstream.url:
@@ -111,6 +118,13 @@ class InlineProxy:
             return
         metered, kind = self.metered(scope["method"], scope["path"])
         if not metered:
+            if self.deny_others and scope["method"] == "POST":
+                message = f"POST {scope['path']} is not a metered path, and this sidecar "
+                await send_error(
+                    send,
+                    Forbidden(message + "forwards only metered POSTs", code="path_not_metered"),
+                )
+                return
             await self._forward(scope, send, body, self._headers(scope, None), None)
             return
         try:
@@ -126,22 +140,12 @@ class InlineProxy:
     ) -> tuple[Meter | None, bytes]:
         """Resolve and check a metered request; None when it was refused (answered here)."""
         headers = lowered(scope)
-        payload = _json_object(body, headers.get("content-type", ""))
-        try:
-            resolved = self.attribution.resolve(payload, headers)
-        except InvalidField as exc:
-            raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
-        except MissingIdentity:
-            raise Unauthorized(
-                "this sidecar requires an identity: send an `identity` "
-                f"object, the {self.header} header or a known API key",
-                code="identity_required",
-            ) from None
-        strip = False
-        if payload is not None:
-            strip = kind is not None and prepare_request(kind, payload)
-            if strip or resolved.source is Source.BODY:
-                body = _encode(payload)  # without the identity object, with stream_options
+        payload = parse_object(body)
+        client = scope.get("client")
+        resolved = self.attribution.resolve(payload, headers, client[0] if client else None)
+        strip = kind is not None and prepare_request(kind, payload)
+        if strip or resolved.source is Source.BODY:
+            body = _encode(payload)  # without the identity object, with stream_options
         # A known identity whose body profile is due to be written again is counted under the
         # _id at hand, and the write waits until the response is out (Meter.refresh).
         known, refresh = self.identifier.cached(resolved)
@@ -159,7 +163,7 @@ class InlineProxy:
             logs.bind(resolved.external_id)
             # A write, when one is needed, runs while the upstream works.
             identity = known or asyncio.create_task(self.identifier.identify(resolved))
-        requested = payload.get("model") if payload is not None else None
+        requested = payload.get("model")
         model = requested if isinstance(requested, str) else None
         meter = Meter(resolved, kind, identity, model, decision, strip)
         meter.refresh = refresh and known is not None
@@ -312,13 +316,3 @@ async def _relay(
     async for chunk in upstream.content.iter_any():
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _json_object(body: bytes, content_type: str) -> dict[str, Any] | None:
-    if not body or ("json" not in content_type and content_type):
-        return None
-    try:
-        value = _decode(body)
-    except msgspec.DecodeError:
-        return None
-    return value if isinstance(value, dict) else None

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+from sidecar.identity.resolve import Grant
 from sidecar.quota import loader
 from sidecar.quota.policy import Policy
 from sidecar.settings import ApiKeyOwner, ConfigError, Settings, load
@@ -25,7 +26,7 @@ class LiveConfig:
         self.policies: tuple[Policy, ...] = loader.load(
             settings.policies.paths, settings.base_dir
         ).policies
-        self.keys: dict[str, ApiKeyOwner] = {k.sha256: k for k in settings.api_keys}
+        self.keys = _grants(settings.api_keys)
         self.reloads = 0
         self.reload_errors = 0
         self.match_tags: frozenset[str] = frozenset()
@@ -39,9 +40,14 @@ class LiveConfig:
         self.match_keys = frozenset(k for p in self.policies for k in p.match.metadata)
         self.limited = any(p.limited for p in self.policies)
 
-    def key(self, digest: str) -> ApiKeyOwner | None:
+    def grant(self, digest: str) -> Grant | None:
         """The listed key with this SHA-256 (hex), if any."""
         return self.keys.get(digest)
+
+    @property
+    def owners(self) -> list[str]:
+        """Every key owner, once, in the order the config lists them."""
+        return list(dict.fromkeys(grant.owner for grant in self.keys.values()))
 
     def _files_stamp(self) -> tuple[tuple[str, float], ...]:
         files = [
@@ -75,7 +81,7 @@ class LiveConfig:
                 log.error("reload refused, keeping the last good policies: %s", problem)
             return False
         self.policies = policies
-        self.keys = {k.sha256: k for k in settings.api_keys}
+        self.keys = _grants(settings.api_keys)
         self.settings = settings
         self._derive()
         self.generation += 1
@@ -102,3 +108,7 @@ class LiveConfig:
         finally:
             with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _grants(keys: list[ApiKeyOwner]) -> dict[str, Grant]:
+    return {k.sha256: Grant(k.owner, tuple(k.may_assert)) for k in keys}

@@ -23,7 +23,13 @@ COST = "c"  # nano-dollars
 RATE_LIMITED = "rl"
 UNPRICED = "up"
 # Requests by the source that named their identity (identity.resolve.Source values).
-BY_SOURCE = {"body": "sb", "header": "sh", "api_key": "sk", "anonymous": "sa"}
+BY_SOURCE = {
+    "body": "sb",
+    "user_field": "su",
+    "header": "sh",
+    "api_key": "sk",
+    "anonymous": "sa",
+}
 # Every counter, in the order the Lua prelude (lua_prelude) lists them.
 COUNTERS = (
     REQUESTS,
