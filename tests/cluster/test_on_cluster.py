@@ -267,7 +267,13 @@ async def test_daily_and_hourly_series(
         1, 7, 3)  # fmt: skip
     assert (points[-2]["requests"], points[-2]["errors"], points[-2]["input_tokens"]) == (2, 1, 100)
     assert points[-1]["cost_nanos"] == gpt_4o_nanos(7, 3)
-    assert body["series"]["by_source"] == {"body": 1, "header": 2, "api_key": 0, "anonymous": 0}
+    assert body["series"]["by_source"] == {
+        "body": 1,
+        "user_field": 0,
+        "header": 2,
+        "api_key": 0,
+        "anonymous": 0,
+    }
 
     r = await side.api.get("/v2/identities/charted/metrics", params={"granularity": "hour"})
     hours = r.json()["series"]["points"]

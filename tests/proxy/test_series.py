@@ -43,7 +43,13 @@ async def test_daily_and_hourly_series_with_sources(env: Env, clock: FakeClock) 
     assert body["totals"]["input_tokens"] == 107
     assert sum(p["requests"] for p in points[:-2]) == 0
     assert points[-1]["cost_nanos"] > 0
-    assert series["by_source"] == {"body": 1, "user_field": 0, "header": 2, "api_key": 0, "anonymous": 0}
+    assert series["by_source"] == {
+        "body": 1,
+        "user_field": 0,
+        "header": 2,
+        "api_key": 0,
+        "anonymous": 0,
+    }
     assert series["last_source"] == "body"
     assert series["last_seen"] == "2026-11-19T11:06:40Z"
 

@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from sidecar.mock import MockServer, start_mock
-from sidecar.store import embedded as embedded_module
 from sidecar.store.embedded import EmbeddedStoreError, embedded, socket_path
+from sidecar.store.embedded import process as embedded_module
 from sidecar.testing.redis_server import free_port
 from tests.conftest import ADMIN_TOKEN, AUTH
 

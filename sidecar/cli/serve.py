@@ -1,0 +1,118 @@
+"""`sidecar serve`: the service, on the configured Redis or the embedded one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sidecar import logs
+from sidecar.cli.config import TOKEN_FILE, admin_token, load_checked, stored_token
+from sidecar.settings import Settings
+
+if TYPE_CHECKING:
+    from sidecar.store.embedded import EmbeddedRedis
+
+log = logging.getLogger("sidecar")
+
+
+def _logging(settings: Settings, *secret: str | None) -> None:
+    logs.configure(
+        settings.server.log_format,
+        settings.server.log_level,
+        secrets=[settings.admin.token, settings.admin.hook_token, *secret],
+    )
+
+
+def app_from_env() -> object:
+    """Factory for each server worker: settings from the environment `serve` prepared."""
+    from sidecar.app import create_app
+    from sidecar.store.embedded import embedded, socket_path
+
+    settings = load_checked(None)
+    token = admin_token(settings, create=False)
+    _logging(settings, token)  # a worker is a new process: its logging is not set up yet
+    store = None
+    if settings.redis.url == f"unix://{socket_path(settings.data_path)}":
+        store = embedded(settings.data_path)  # for /healthz; `serve` runs and watches it
+    return create_app(settings, admin_token=token, embedded=store)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sidecar.store.embedded import EmbeddedStoreError, embedded
+
+    settings = load_checked(args.config)
+    _logging(settings)
+    if args.config:
+        os.environ["SIDECAR_CONFIG"] = str(Path(args.config).resolve())
+    # uvicorn handles SIGTERM (draining), then raises it again once it has shut down, for a
+    # supervisor to see; that second one must not kill this process before it has left the
+    # embedded store below.
+    signal.signal(signal.SIGTERM, _stopped)
+    store: EmbeddedRedis | None = None
+    if settings.redis.url is None:
+        try:
+            store = embedded(settings.data_path)
+            started = store.open()
+        except EmbeddedStoreError as exc:
+            print(f"sidecar serve: {exc}", file=sys.stderr)
+            return 2
+        os.environ["SIDECAR_REDIS_URL"] = store.url
+        log.info(
+            "no [redis] url: %s the embedded Redis at %s (data in %s)",
+            "started" if started else "sharing",
+            store.url,
+            store.data_dir,
+        )
+    try:
+        if store is not None:
+            settings = load_checked(args.config)
+        if not settings.admin.token and stored_token(settings):
+            log.info("admin token read from %s", settings.data_path / TOKEN_FILE)
+        token = admin_token(settings, create=True)
+        logs.redact(token)
+        _run_server(settings, token, store)
+    finally:
+        if store is not None and store.close():
+            log.info("embedded Redis stopped")
+    return 0
+
+
+def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> None:
+    import uvicorn
+
+    from sidecar.app import create_app
+
+    app: Any = "sidecar.cli.serve:app_from_env"
+    if settings.server.workers == 1:
+        app = create_app(settings, admin_token=token, embedded=store)
+    print(f"sidecar listening on http://{settings.server.host}:{settings.server.port}", flush=True)
+    uvicorn.run(
+        app,
+        factory=settings.server.workers > 1,
+        workers=settings.server.workers if settings.server.workers > 1 else None,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # the sidecar writes its own, when [server] access_log is true
+        proxy_headers=False,  # the sidecar reads no X-Forwarded-*; the middleware costs per request
+        log_config=None,  # uvicorn's loggers propagate to the sidecar's handler (sidecar.logs)
+        log_level="error" if settings.server.log_level == "error" else "warning",
+        timeout_keep_alive=int(settings.server.keepalive_s),
+        timeout_graceful_shutdown=int(settings.server.drain_s),
+    )
+
+
+def add_commands(commands: Any) -> None:
+    p = commands.add_parser("serve", help="run the service")
+    p.add_argument("--config", help="config file (default ./config.toml when present)")
+    p.set_defaults(run=serve)
