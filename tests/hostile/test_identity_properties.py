@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sidecar.identity import model
 from sidecar.identity.model import InvalidField, Profile
 from sidecar.identity.resolve import (
+    Grant,
     MissingIdentity,
     Resolved,
     Source,
@@ -32,7 +33,7 @@ BOUNDED = settings(
 )
 HEADER = "X-ORQ-IDENTITY-ID"
 KEY = "sk-known-key"
-OWNERS = {key_digest(KEY): "key-owner"}
+GRANTS = {key_digest(KEY): Grant("key-owner")}
 PARAMS = ("identity", "orq.identity", "contact")
 
 # Text as hostile as a client can make it: controls, CR/LF, NUL, non-ASCII, lone whitespace.
@@ -86,7 +87,9 @@ def headers_for(value: str | None, key: bool) -> dict[str, str]:
 
 
 def run(body: dict[str, Any] | None, headers: dict[str, str], required: bool) -> Resolved:
-    return resolve(body, headers, header=HEADER, key_owner=OWNERS.get, required=required)
+    found = resolve(body, headers, header=HEADER, grant_for=GRANTS.get, required=required)
+    # Who sent it (key owner, creator) is tested with trust; here: who it is for.
+    return Resolved(found.external_id, found.source, found.profile)
 
 
 def assert_valid_id(external_id: str) -> None:
