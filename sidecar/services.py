@@ -16,6 +16,7 @@ from ulid import ULID
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
+from sidecar.identity.indexer import IndexBuilder
 from sidecar.identity.listing import Listing
 from sidecar.identity.records import IdentityRecords
 from sidecar.metering.attribution import Attribution
@@ -60,6 +61,7 @@ class Services:
     counters: Counters | None  # None: [server] metrics = false
     live: LiveConfig
     records: IdentityRecords
+    search_index: IndexBuilder
     identifier: Identifier
     catalog: Catalog
     usage_counters: UsageCounters
@@ -86,6 +88,7 @@ class Services:
         except StoreUnavailable as exc:
             log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
         self.loops.append(asyncio.create_task(self.live.watch()))
+        self.loops.append(asyncio.create_task(self.search_index.keep()))
         self.recorder.start()  # replays what earlier processes left in the spool
 
     async def close(self) -> None:
@@ -115,6 +118,7 @@ def build(
 
     records = IdentityRecords(redis, keys, clock)
     listing = Listing(redis, keys)
+    search_index = IndexBuilder(redis, keys)
     identifier = Identifier(records, profiles, clock)
 
     usage_counters = UsageCounters(redis, keys, clock)
@@ -153,6 +157,7 @@ def build(
     scripts = (
         *records.scripts,
         *listing.scripts,
+        *search_index.scripts,
         *usage_counters.scripts,
         writer.script,
         limiter.script,
@@ -164,6 +169,7 @@ def build(
         counters=counters,
         live=live,
         records=records,
+        search_index=search_index,
         identifier=identifier,
         catalog=catalog,
         usage_counters=usage_counters,

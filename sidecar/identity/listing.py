@@ -1,5 +1,5 @@
 """Listing identities: the order set (creation order, with the text search and tag filters
-read), a page at a time."""
+read), a page at a time; a search goes through the search index once it is built."""
 
 from __future__ import annotations
 
@@ -7,22 +7,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidecar.errors import InvalidRequest
+from sidecar.identity.ngram import matches
 from sidecar.identity.records import is_ulid
+from sidecar.identity.search import SearchIndex
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, pipeline
 
 _SCAN_BUDGET = 10_000  # members one scan call reads: about 5 ms of Redis time per call
-
-
-def matches(member: bytes, needle: str, tags: Sequence[str]) -> bool:
-    """scan.lua's test of an order-set member: the needle inside one of its text fields (which
-    end at the first \\1), and any of the tags."""
-    end = member.find(b"\1", 27)
-    if needle and member.find(needle.encode(), 27, end) < 0:
-        return False
-    return not tags or any(f"\1{tag}\1".encode() in member[end:] for tag in tags)
 
 
 def bound_after(identity_id: str, newest_first: bool) -> str:
@@ -35,10 +28,11 @@ class Listing:
         self.client = client
         self.keys = keys
         self._scan = Script("sidecar.identity.lua", "scan")
+        self.index = SearchIndex(client, keys)
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._scan]
+        return [self._scan, *self.index.scripts]
 
     async def check_cursor(self, cursor: str, param: str) -> None:
         """A cursor must be the `_id` of a listed identity (InvalidRequest naming `param`)."""
@@ -52,6 +46,10 @@ class Listing:
     ) -> list[str]:
         """Up to `want` ids from `bound` on ("+"/"-" for either end), that match."""
         members: list[bytes]
+        if needle:
+            found = await self.index.walk(bound, newest_first, needle, tags, want)
+            if found is not None:
+                return found
         if needle or tags:
             members = await self._scan_matching(bound, newest_first, needle, list(tags), want)
         elif newest_first:

@@ -14,11 +14,12 @@ from redis.asyncio.cluster import RedisCluster
 from ulid import ULID
 
 from sidecar.errors import Conflict, StoreUnavailable
+from sidecar.identity import ngram
 from sidecar.identity.model import Identity, Profile, rfc3339
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys, xid_digest
-from sidecar.store.scripts import Script, pipeline
+from sidecar.store.scripts import Script, lua, pipeline
 
 Clock = Callable[[], float]
 
@@ -30,6 +31,11 @@ _CROCKFORD = {c: n for n, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
 _encode = msgspec.json.Encoder().encode
 _decode_tags = msgspec.json.Decoder(list[str]).decode
 _decode_metadata = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def index_prelude() -> str:
+    """What every script that writes the order set starts with: the search index's writes."""
+    return ngram.lua_constants() + lua("sidecar.identity.lua", "ngram")
 
 
 def is_ulid(value: str) -> bool:
@@ -64,14 +70,21 @@ class IdentityRecords:
         # An external id keeps its _id until the identity is deleted, so the mapping can be
         # remembered; every use checks the record's external id, and a stale entry is dropped.
         self._ids: OrderedDict[str, str] = OrderedDict()
-        lua = "sidecar.identity.lua"
-        self._merge, self._claim, self._reindex, self._unindex = (
-            Script(lua, name) for name in ("merge", "claim", "reindex", "unindex")
+        package = "sidecar.identity.lua"
+        self._merge = Script(package, "merge")
+        prelude = index_prelude()
+        self._claim, self._reindex, self._unindex = (
+            Script(package, name, prelude=prelude) for name in ("claim", "reindex", "unindex")
         )
 
     @property
     def scripts(self) -> list[Script]:
         return [self._merge, self._claim, self._reindex, self._unindex]
+
+    @property
+    def _claim_keys(self) -> list[str]:
+        """claim.lua's and unindex.lua's keys: both indexes, then the search index's."""
+        return [self.keys.external_ids, self.keys.order, *self.keys.search_index]
 
     # -- the process's memory of external ids -----------------------------------------------
 
@@ -185,9 +198,7 @@ class IdentityRecords:
                 ) -> None:
                     self._merge.queue(pipe, [self.keys.identity(candidate)], args)
                     self._claim.queue(
-                        pipe,
-                        [self.keys.external_ids, self.keys.order],
-                        [xid_digest(external_id), candidate, member],
+                        pipe, self._claim_keys, [xid_digest(external_id), candidate, member]
                     )
 
                 scripts = [self._merge, self._claim]
@@ -230,9 +241,7 @@ class IdentityRecords:
         """Out of the indexes, then the record: a usage write that comes later finds no record
         and counts nothing (see usage/lua/record.lua)."""
         await self._unindex(
-            self.client,
-            [self.keys.external_ids, self.keys.order],
-            [xid_digest(identity.external_id), identity.id],
+            self.client, self._claim_keys, [xid_digest(identity.external_id), identity.id]
         )
         self._ids.pop(identity.external_id, None)
         await call(self.client.delete(self.keys.identity(identity.id)))
@@ -245,7 +254,7 @@ class IdentityRecords:
         """Claim the external id for a freshly written record, or discard it for the owner's."""
         owner = await self._claim(
             self.client,
-            [self.keys.external_ids, self.keys.order],
+            self._claim_keys,
             [xid_digest(external_id), identity.id, order_member(identity)],
         )
         if owner.decode() == identity.id:
@@ -280,16 +289,13 @@ class IdentityRecords:
             or profile.tags is not UNSET
         ):
             member = order_member(identity)
-            await self._reindex(self.client, [self.keys.order], [identity_id, member])
+            keys = [self.keys.order, *self.keys.search_index]
+            await self._reindex(self.client, keys, [identity_id, member])
         return identity
 
     async def _drop_stale(self, external_id: str, identity_id: str) -> None:
         """The index names a record that is gone (evicted, or lost to a crash): forget it."""
-        await self._unindex(
-            self.client,
-            [self.keys.external_ids, self.keys.order],
-            [xid_digest(external_id), identity_id],
-        )
+        await self._unindex(self.client, self._claim_keys, [xid_digest(external_id), identity_id])
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)

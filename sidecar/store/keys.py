@@ -15,7 +15,17 @@ def xid_digest(external_id: str) -> str:
 
 
 class Keys:
-    __slots__ = ("_p", "external_ids", "order")
+    __slots__ = (
+        "_p",
+        "external_ids",
+        "order",
+        "search_build_lock",
+        "search_ids",
+        "search_late",
+        "search_meta",
+        "search_postings",
+        "search_suffixes",
+    )
 
     def __init__(self, prefix: str) -> None:
         self._p = prefix
@@ -23,6 +33,34 @@ class Keys:
         # Sorted set, every score 0, so members sort by bytes: "<_id>\0<search text>", in ULID
         # (creation) order. The text rides along so that a search scan reads nothing else.
         self.order = f"{prefix}:{{idx}}:order"
+        # The search index (sidecar/identity/ngram.py explains it), in the order set's slot so
+        # that the scripts writing the order set keep it in the same step. Each identity has a
+        # sequence number (`seq`, at the end of its order-set member).
+        # Hash: state (building | ready), seq (numbers handed out), top / late (ms), count, ...
+        self.search_meta = f"{prefix}:{{idx}}:s:meta"
+        # Prefixes, append the hex of a trigram, ":" and a chunk (seq // 65536): a string of
+        # sorted 2-byte offsets (seq % 65536) of the identities whose text has the trigram.
+        self.search_postings = f"{prefix}:{{idx}}:s:g:"
+        # Append a chunk: a string of 26-byte slots, the _id of each seq (zeros once deleted).
+        self.search_ids = f"{prefix}:{{idx}}:s:id:"
+        # Sorted set, scores 0: every trigram in use, reversed (the ones that end with two
+        # given bytes are a range), for searches shorter than a trigram.
+        self.search_suffixes = f"{prefix}:{{idx}}:s:dir"
+        # Sorted set: the seqs of identities indexed far out of creation order (seq -> seq).
+        self.search_late = f"{prefix}:{{idx}}:s:late"
+        self.search_build_lock = f"{prefix}:{{idx}}:s:lock"  # string with a TTL: the builder
+
+    @property
+    def search_index(self) -> list[str]:
+        """The keys (and key prefixes) the scripts that write the order set pass on to
+        identity/lua/ngram.lua, in its order."""
+        return [
+            self.search_meta,
+            self.search_postings,
+            self.search_ids,
+            self.search_suffixes,
+            self.search_late,
+        ]
 
     def identity(self, identity_id: str) -> str:
         return f"{self._p}:id:{{{identity_id}}}"  # hash: the profile

@@ -12,8 +12,18 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.identity.model import Profile
+from sidecar.identity.records import IdentityRecords
+from sidecar.store.connect import connect
+from sidecar.store.keys import Keys
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import MESSAGES, MakeSide, create, gpt_4o_nanos, tokens
+from tests.cluster.conftest import (
+    MESSAGES,
+    MakeSide,
+    create,
+    eventually,
+    gpt_4o_nanos,
+    tokens,
+)
 from tests.conftest import FakeClock
 
 
@@ -149,6 +159,58 @@ async def test_inline_attribution_with_the_openai_client(
             assert (metrics["total_requests"], metrics["error_rate"]) == (want["requests"], 0.0)
     listed = (await side.api.get("/v2/identities", params={"filter_by.tags": "cluster"})).json()
     assert sorted(i["external_id"] for i in listed["data"]) == ["team-0", "team-1", "team-2"]
+
+
+async def test_search_index_is_built_and_kept_in_the_order_sets_slot(
+    fresh_cluster: LocalCluster, make_side: MakeSide, clock: FakeClock
+) -> None:
+    # Identities listed before the index exists: the sidecar builds it when it starts.
+    client = connect(fresh_cluster.url, timeout_ms=2000)
+    try:
+        records = IdentityRecords(client, Keys("sidecar"), clock)
+        for n in range(30):
+            clock.advance(1)
+            await records.create(f"early-{n:02}", Profile(display_name=f"Early Bird {n}"))
+    finally:
+        await client.aclose()
+    side = await make_side(fresh_cluster.url)
+    builder = side.app.services.search_index
+
+    async def complete() -> bool:
+        status = await builder.status()
+        return status.state == "ready" and status.indexed == 30
+
+    await eventually("the search index is built", complete, within=30)
+    for n in range(5):
+        clock.advance(1)
+        await create(side, external_id=f"late-{n}", display_name=f"Late Bird {n}", tags=["t"])
+    where = fresh_cluster.keys("sidecar:*")
+    index_keys = [k for k in where if k.startswith("sidecar:{idx}:s:")]
+    assert len(index_keys) > 30
+    assert {where[k] for k in index_keys} == {where["sidecar:{idx}:order"]}
+
+    listing = side.app.services.catalog.listing
+    assert await listing.index.walk("+", True, "bird", (), 3) is not None  # the index answers
+    found = (
+        await side.api.get("/v2/identities", params={"search": "RLY BIRD 2", "limit": 3})
+    ).json()
+    assert [i["external_id"] for i in found["data"]] == ["early-29", "early-28", "early-27"]
+    assert found["has_more"] is True
+    page = {"search": "bird", "limit": "4", "starting_after": found["data"][0]["_id"]}
+    found = (await side.api.get("/v2/identities", params=page)).json()
+    assert [i["external_id"] for i in found["data"]] == [f"early-{n}" for n in (28, 27, 26, 25)]
+    tagged = {"search": "ird", "filter_by.tags": "t", "limit": "10"}
+    found = (await side.api.get("/v2/identities", params=tagged)).json()
+    assert [i["external_id"] for i in found["data"]] == [f"late-{n}" for n in (4, 3, 2, 1, 0)]
+
+    r = await side.api.patch("/v2/identities/late-3", json={"display_name": "Owl"})
+    assert r.status_code == 200, r.text
+    assert (await side.api.delete("/v2/identities/late-2")).status_code == 204
+    found = (await side.api.get("/v2/identities", params=tagged)).json()
+    assert [i["external_id"] for i in found["data"]] == ["late-4", "late-1", "late-0"]
+    found = (await side.api.get("/v2/identities", params={"search": "owl"})).json()
+    assert [i["external_id"] for i in found["data"]] == ["late-3"]
+    assert (await builder.status()).indexed == 34
 
 
 async def test_50_concurrent_upserts_of_one_new_external_id_leave_one_identity(

@@ -1,0 +1,172 @@
+-- The search index's writes, shared by every script that writes the order set, so that an
+-- identity's index entries change in the same step as its member (sidecar/identity/ngram.py
+-- describes the layout). The constants before this come from ngram.py.
+--
+-- A member: _id (26 characters), \0, external id \0 name \0 email in lower case, \1, each tag
+-- followed by \1, and once indexed \2 and the identity's seq. The text fields carry no control
+-- characters.
+local G = {}
+
+-- The index's keys, from KEYS[first] on: meta hash, postings prefix, id-slots prefix,
+-- trigram directory, late set.
+local function g_keys(first)
+  G.meta, G.postings, G.ids = KEYS[first], KEYS[first + 1], KEYS[first + 2]
+  G.suffixes, G.late = KEYS[first + 3], KEYS[first + 4]
+end
+
+local G_B32 = {}
+for i = 1, 32 do G_B32[string.byte(G_CROCKFORD, i)] = i - 1 end
+
+-- The creation time an _id carries, in ms.
+local function g_ms(id)
+  local ms = 0
+  for i = 1, 10 do ms = ms * 32 + G_B32[string.byte(id, i)] end
+  return ms
+end
+
+-- A member's seq, or nil when it is not indexed.
+local function g_seq(member)
+  local at = string.find(member, '\2', 28, true)
+  if at then return tonumber(string.sub(member, at + 1)) end
+  return nil
+end
+
+-- The set of a member's trigrams: of each non-empty text field with G_START before it.
+local function g_trigrams(member)
+  local found = {}
+  local stop = string.find(member, '\1', 28, true)
+  for field in string.gmatch(string.sub(member, 28, stop - 1), '[^%z]+') do
+    local s = G_START .. field
+    for i = 1, #s - 2 do found[string.sub(s, i, i + 2)] = true end
+  end
+  return found
+end
+
+local function g_key(trigram, chunk)
+  local a, b, c = string.byte(trigram, 1, 3)
+  return G.postings .. string.format('%02x%02x%02x:%d', a, b, c, chunk)
+end
+
+-- Posting strings hold 2-byte big-endian offsets, sorted; compared as numbers (Lua compares
+-- strings with the locale's collation).
+local function g_pack(n)
+  return string.char(math.floor(n / 256), n % 256)
+end
+
+local function g_at(s, i)
+  local a, b = string.byte(s, 2 * i - 1, 2 * i)
+  return a * 256 + b
+end
+
+-- The first (1-based) entry of `s` that is >= v, or one past the end.
+local function g_search(s, v)
+  local lo, hi = 1, #s / 2 + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if g_at(s, mid) < v then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+
+-- Add v to a posting string (an append, unless it belongs before the last entry); true when
+-- the string is new.
+local function g_insert(key, v)
+  local last = redis.call('GETRANGE', key, -2, -1)
+  if last == '' then
+    redis.call('SET', key, g_pack(v))
+    return true
+  end
+  local at_end = g_at(last, 1)
+  if at_end < v then
+    redis.call('APPEND', key, g_pack(v))
+  elseif at_end > v then
+    local s = redis.call('GET', key)
+    local i = g_search(s, v)
+    if g_at(s, i) ~= v then
+      redis.call('SET', key, string.sub(s, 1, 2 * i - 2) .. g_pack(v) .. string.sub(s, 2 * i - 1))
+    end
+  end
+  return false
+end
+
+local function g_remove(key, v)
+  local s = redis.call('GET', key)
+  if not s then return end
+  local i = g_search(s, v)
+  if i <= #s / 2 and g_at(s, i) == v then
+    if #s == 2 then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, string.sub(s, 1, 2 * i - 2) .. string.sub(s, 2 * i + 1))
+    end
+  end
+end
+
+local function g_post(trigram, chunk, v)
+  if g_insert(g_key(trigram, chunk), v) then
+    redis.call('ZADD', G.suffixes, 0, string.reverse(trigram))
+  end
+end
+
+-- Index a member that carries its seq: its postings and its id slot.
+local function g_index(member, seq)
+  local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
+  for trigram in pairs(g_trigrams(member)) do g_post(trigram, chunk, v) end
+  redis.call('SETRANGE', G.ids .. chunk, v * 26, string.sub(member, 1, 26))
+  redis.call('HINCRBY', G.meta, 'count', 1)
+end
+
+-- A seq taken from the counter: how far its _id is behind the newest indexed before it.
+-- Within G_LATE_MS the meta's `late` (the most seen) covers it; beyond, the late set names it.
+local function g_arrived(id, seq)
+  local ms = g_ms(id)
+  local top = tonumber(redis.call('HGET', G.meta, 'top') or '-1')
+  if ms > top then
+    redis.call('HSET', G.meta, 'top', string.format('%.0f', ms))
+  elseif top - ms > G_LATE_MS then
+    redis.call('ZADD', G.late, seq, seq)
+  elseif top - ms > tonumber(redis.call('HGET', G.meta, 'late') or '0') then
+    redis.call('HSET', G.meta, 'late', string.format('%.0f', top - ms))
+  end
+end
+
+-- The member to store for a new identity in the order set `order`: with a seq and indexed,
+-- once the index exists (the first identity of an empty list starts it: nothing to build).
+local function g_new(order, member)
+  if not redis.call('HGET', G.meta, 'state') then
+    if redis.call('EXISTS', order) == 1 then return member end
+    redis.call('HSET', G.meta, 'state', 'ready', 'late', 0, 'count', 0)
+  end
+  local seq = redis.call('HINCRBY', G.meta, 'seq', 1) - 1
+  g_arrived(string.sub(member, 1, 26), seq)
+  member = member .. '\2' .. seq
+  g_index(member, seq)
+  return member
+end
+
+-- The member to store in place of `old` (same _id, new text): the index follows the text.
+local function g_replace(old, member)
+  local seq = g_seq(old)
+  if not seq then return member end
+  member = member .. '\2' .. seq
+  local before, after = g_trigrams(old), g_trigrams(member)
+  local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
+  for trigram in pairs(before) do
+    if not after[trigram] then g_remove(g_key(trigram, chunk), v) end
+  end
+  for trigram in pairs(after) do
+    if not before[trigram] then g_post(trigram, chunk, v) end
+  end
+  return member
+end
+
+-- Take a member out of the index (erasure: its postings, its id slot).
+local function g_unindex(member)
+  local seq = g_seq(member)
+  if not seq then return end
+  local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
+  for trigram in pairs(g_trigrams(member)) do g_remove(g_key(trigram, chunk), v) end
+  redis.call('SETRANGE', G.ids .. chunk, v * 26, string.rep('\0', 26))
+  redis.call('ZREM', G.late, seq)
+  redis.call('HINCRBY', G.meta, 'count', -1)
+end
