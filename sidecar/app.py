@@ -22,6 +22,7 @@ from sidecar.api.identities import IdentityController
 from sidecar.api.usage import UsageController
 from sidecar.dispatch import Sidecar
 from sidecar.errors import StoreUnavailable
+from sidecar.identity.indexer import IndexStatus
 from sidecar.proxy.upstream import Upstream
 from sidecar.services import Services, build
 from sidecar.settings import Settings
@@ -55,6 +56,8 @@ class Health(msgspec.Struct):
     usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
     # Its restarts, when the store is the embedded one (absent with any other).
     embedded_store: StoreHealth | msgspec.UnsetType = msgspec.UNSET
+    # The search index as this process last checked it (once a minute); absent before that.
+    search_index: IndexStatus | msgspec.UnsetType = msgspec.UNSET
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
@@ -70,6 +73,7 @@ def healthz(probe: ProbeDep) -> Health:
         spool.bytes if spool is not None else 0,
         recorder.dropped,
         probe.embedded.health() if probe.embedded is not None else msgspec.UNSET,
+        probe.services.search_index.last or msgspec.UNSET,
     )
 
 

@@ -10,9 +10,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from ulid import ULID
 
 from sidecar.errors import StoreUnavailable
@@ -31,8 +31,7 @@ CHECK_S = 60.0  # how often the index is checked for being missing or left half 
 RETRY_S = 5.0  # ... after a failure
 
 
-@dataclass(frozen=True, slots=True)
-class IndexStatus:
+class IndexStatus(msgspec.Struct, frozen=True):
     state: str  # "absent", "building", "mending" (a built index walked for what it lacks), "ready"
     identities: int  # listed
     indexed: int
@@ -54,6 +53,7 @@ class IndexBuilder:
         self.batch = batch
         self.sleep = sleep
         self.token = str(ULID())
+        self.last: IndexStatus | None = None  # as the keeper last saw it (for /healthz)
         self._build = Script("sidecar.identity.lua", "build", prelude=index_prelude())
 
     @property

@@ -46,11 +46,10 @@ class Listing:
     ) -> list[str]:
         """Up to `want` ids from `bound` on ("+"/"-" for either end), that match."""
         members: list[bytes]
-        if needle:
+        if needle or tags:
             found = await self.index.walk(bound, newest_first, needle, tags, want)
             if found is not None:
                 return found
-        if needle or tags:
             members = await self._scan_matching(bound, newest_first, needle, list(tags), want)
         elif newest_first:
             members = await call(

@@ -188,21 +188,11 @@ class IdentityRecords:
             if self.in_order:
                 # One round trip: write a candidate record and claim the external id for it.
                 # A new identity is then done; a known one discards the candidate below.
-                member = order_member(_fresh(candidate, external_id, profile))
+                def write_and_claim(pipe: Any, candidate: str = candidate) -> None:
+                    self.queue_create(pipe, candidate, external_id, profile)
 
-                def write_and_claim(
-                    pipe: Any,
-                    candidate: str = candidate,
-                    args: list[Any] = args,
-                    member: str = member,
-                ) -> None:
-                    self._merge.queue(pipe, [self.keys.identity(candidate)], args)
-                    self._claim.queue(
-                        pipe, self._claim_keys, [xid_digest(external_id), candidate, member]
-                    )
-
-                scripts = [self._merge, self._claim]
-                (_, _, record), owner = await pipeline(self.client, write_and_claim, scripts)
+                replies = await pipeline(self.client, write_and_claim, self.create_scripts)
+                (_, _, record), owner = replies
                 if owner.decode() == candidate:
                     self._remember(external_id, candidate)
                     return _identity(candidate, record), True
@@ -231,6 +221,24 @@ class IdentityRecords:
                 return updated, False
             await self._drop_stale(external_id, owner.decode())
         raise StoreUnavailable(f"identity {external_id!r} changed too often to update; retry")
+
+    @property
+    def create_scripts(self) -> list[Script]:
+        """The scripts `queue_create` queues (load them before the pipeline runs)."""
+        return [self._merge, self._claim]
+
+    def queue_create(self, pipe: Any, candidate: str, external_id: str, profile: Profile) -> None:
+        """Add to a pipeline the writes of a new identity on a single server: its record under
+        the `candidate` _id, then the claim of its external id (whose reply is the _id that
+        owns it). Two replies: merge.lua's and claim.lua's."""
+        self.queue_record(pipe, candidate, external_id, profile)
+        member = order_member(_fresh(candidate, external_id, profile))
+        self._claim.queue(pipe, self._claim_keys, [xid_digest(external_id), candidate, member])
+
+    def queue_record(self, pipe: Any, candidate: str, external_id: str, profile: Profile) -> None:
+        """Add the record's write alone (merge.lua, creating) to a pipeline."""
+        args = [self._now_ms(), "1", external_id, *_field_args(profile)]
+        self._merge.queue(pipe, [self.keys.identity(candidate)], args)
 
     async def patch(self, identity: Identity, profile: Profile) -> Identity | None:
         if profile.is_empty():

@@ -10,6 +10,7 @@ candidate. Seqs in the late set break the invariant and are read on their own.""
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -38,8 +39,8 @@ class SearchIndex:
     def scripts(self) -> list[Script]:
         return [self._members]
 
-    def posting_key(self, trigram: bytes, chunk: int) -> str:
-        return f"{self.keys.search_postings}{trigram.hex()}:{chunk}"
+    def posting_key(self, gram: bytes, chunk: int) -> str:
+        return f"{self.keys.search_postings}{ngram.key_part(gram)}:{chunk}"
 
     async def members(self, seqs: Sequence[int]) -> list[bytes | None]:
         """The order-set members of `seqs` (None where gone), a script call per FETCH_MAX."""
@@ -54,8 +55,9 @@ class SearchIndex:
     ) -> list[str] | None:
         """Up to `want` ids past the lex `bound` ("+" / "-" for either end, else as
         listing.bound_after makes it) whose member matches: the Listing.walk of a search.
-        None when the index cannot answer (not built yet, or a one-byte needle)."""
-        plan = ngram.plan(needle)
+        None when the index cannot answer (not built yet, or a one-byte needle), and for
+        neither a needle nor tags."""
+        plan = ngram.plan(needle, tags)
         if plan is None:
             return None
         cursor = None if bound in ("+", "-") else bound[1:27]
@@ -75,19 +77,23 @@ class SearchIndex:
         if state != b"ready":
             return None
         cursor_member = replies[2][0] if cursor is not None and replies[2] else None
-        grams = plan.trigrams
+        groups: list[tuple[bytes, ...]] = [(g,) for g in plan.trigrams]
+        unsized = None
         if suffix:
             found = replies[-1]
             if len(found) > MAX_SUFFIXES:
                 return None
-            grams = tuple(g[::-1] for g in found)
+            unsized = len(groups)
+            groups.append(tuple(g[::-1] for g in found))
+        if plan.tags:
+            groups.append(plan.tags)
         chunks = -(-int(seqs or 0) // ngram.CHUNK)
-        if not grams or not chunks:
+        if not chunks or any(not group for group in groups):
             return []
         walk = _Walk(
             self,
-            grams,
-            every=not suffix,
+            groups,
+            unsized=unsized,
             chunks=chunks,
             descending=newest_first,
             late_ms=int(late or 0),
@@ -95,21 +101,21 @@ class SearchIndex:
             needle=needle,
             tags=tags,
         )
-        if walk.every:
-            await walk.measure()
+        await walk.measure()
         return await walk.run(cursor, cursor_member, want)
 
 
 class _Walk:
     """One search's walk: the candidates in seq order (loaded a few chunks at a time), the
-    members read so far, the matches waiting for their place."""
+    members read so far, the matches waiting for their place. Candidates are in every group
+    of grams (a group: any of its grams)."""
 
     def __init__(
         self,
         index: SearchIndex,
-        grams: tuple[bytes, ...],
+        groups: list[tuple[bytes, ...]],
         *,
-        every: bool,
+        unsized: int | None,
         chunks: int,
         descending: bool,
         late_ms: int,
@@ -118,8 +124,8 @@ class _Walk:
         tags: Sequence[str],
     ) -> None:
         self.index = index
-        self.grams = grams
-        self.every = every  # all of the trigrams (intersect), else any of them (union)
+        self.groups = groups
+        self.unsized = unsized  # the group whose sizes are not measured (a two-byte needle's)
         self.chunks = chunks
         self.descending = descending
         self.late_ms = late_ms
@@ -129,73 +135,78 @@ class _Walk:
         self.sizes: dict[tuple[bytes, int], int] = {}
         self.candidates: dict[int, list[int]] = {}  # chunk -> seqs, ascending
         self.read: dict[int, bytes | None] = {}  # seq -> member
-        self.group = 1  # chunks loaded per round trip where sizes are not known
+        self.span = 1  # chunks loaded per round trip where sizes are not known
 
     async def measure(self) -> None:
-        """The length of every posting string the needle's trigrams have."""
-        pairs = [(g, c) for g in self.grams for c in range(self.chunks)]
+        """The length of every posting string of the measured groups."""
+        pairs = [
+            (g, c)
+            for n, group in enumerate(self.groups)
+            if n != self.unsized
+            for g in group
+            for c in range(self.chunks)
+        ]
         index = self.index
 
         def queue(pipe: Any) -> None:
             for gram, chunk in pairs:
                 pipe.strlen(index.posting_key(gram, chunk))
 
-        sizes = await pipeline(index.client, queue)
+        sizes = await pipeline(index.client, queue) if pairs else []
         self.sizes = {pair: size // 2 for pair, size in zip(pairs, sizes, strict=True)}
 
     # -- candidates -----------------------------------------------------------------------
 
-    def _estimate(self, chunk: int) -> int:
-        return min(self.sizes[(g, chunk)] for g in self.grams)
+    def _estimate(self, group: int, chunk: int) -> float:
+        if group == self.unsized:
+            return math.inf
+        return sum(self.sizes[(g, chunk)] for g in self.groups[group])
 
     async def _load(self, first: int, want: int, descending: bool) -> None:
         """Load the candidates of chunk `first` and, in walking order, of enough chunks after
         it to expect `want` of them."""
         step = -1 if descending else 1
-        group = [first]
-        if self.every:
-            expected = self._estimate(first)
+        span = [first]
+        if self.unsized is None or len(self.groups) > 1:
+            expected = min(self._estimate(n, first) for n in range(len(self.groups)))
             nxt = first + step
             while 0 <= nxt < self.chunks and expected < want:
-                expected += self._estimate(nxt)
-                group.append(nxt)
+                expected += min(self._estimate(n, nxt) for n in range(len(self.groups)))
+                span.append(nxt)
                 nxt += step
         else:
-            for _ in range(self.group - 1):
-                nxt = group[-1] + step
+            for _ in range(self.span - 1):
+                nxt = span[-1] + step
                 if not 0 <= nxt < self.chunks:
                     break
-                group.append(nxt)
-            self.group *= 2
-        reads: list[tuple[int, bytes]] = []
-        for chunk in group:
-            if not self.every:
-                reads += [(chunk, gram) for gram in self.grams]
-                continue
-            ranked = sorted((self.sizes[(g, chunk)], g) for g in self.grams)
+                span.append(nxt)
+            self.span *= 2
+        reads: list[tuple[int, int, bytes]] = []  # chunk, group, gram
+        for chunk in span:
+            ranked = sorted((self._estimate(n, chunk), n) for n in range(len(self.groups)))
             least = ranked[0][0]
             if least == 0:
                 self.candidates[chunk] = []
                 continue
-            picked = [g for size, g in ranked[:_NARROW] if size <= least * _NARROW_RATIO]
-            reads += [(chunk, gram) for gram in picked]
+            picked = [n for size, n in ranked[:_NARROW] if size <= least * _NARROW_RATIO]
+            reads += [(chunk, n, gram) for n in picked for gram in self.groups[n]]
         index = self.index
 
         def queue(pipe: Any) -> None:
-            for chunk, gram in reads:
+            for chunk, _, gram in reads:
                 pipe.get(index.posting_key(gram, chunk))
 
         data = await pipeline(index.client, queue) if reads else []
+        unions: dict[tuple[int, int], set[int]] = {}
+        for (chunk, group, _), raw in zip(reads, data, strict=True):
+            unions.setdefault((chunk, group), set()).update(ngram.offsets(raw or b""))
         found: dict[int, set[int]] = {}
-        for (chunk, _), raw in zip(reads, data, strict=True):
-            offsets = ngram.offsets(raw or b"")
-            if chunk not in found:
-                found[chunk] = set(offsets)
-            elif self.every:
+        for (chunk, _), offsets in unions.items():
+            if chunk in found:
                 found[chunk].intersection_update(offsets)
             else:
-                found[chunk].update(offsets)
-        for chunk in group:
+                found[chunk] = offsets
+        for chunk in span:
             if chunk not in self.candidates:
                 base = chunk * ngram.CHUNK
                 self.candidates[chunk] = sorted(base + o for o in found.get(chunk, ()))

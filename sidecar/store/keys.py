@@ -38,10 +38,11 @@ class Keys:
         # sequence number (`seq`, at the end of its order-set member).
         # Hash: state (building | ready), seq (numbers handed out), top / late (ms), count, ...
         self.search_meta = f"{prefix}:{{idx}}:s:meta"
-        # Prefixes, append the hex of a trigram, ":" and a chunk (seq // 65536): a string of
-        # sorted 2-byte offsets (seq % 65536) of the identities whose text has the trigram.
+        # Prefix, append the hex of a trigram (or "t" and a digest of a tag), ":" and a chunk
+        # (seq // 65536): a string of the sorted 2-byte offsets (seq % 65536) of the
+        # identities whose text has the trigram (or that have the tag).
         self.search_postings = f"{prefix}:{{idx}}:s:g:"
-        # Append a chunk: a string of 26-byte slots, the _id of each seq (zeros once deleted).
+        # Append seq // 4096: a string of 4096 26-byte slots, the _id of each seq (zeros: none).
         self.search_ids = f"{prefix}:{{idx}}:s:id:"
         # Sorted set, scores 0: every trigram in use, reversed (the ones that end with two
         # given bytes are a range), for searches shorter than a trigram.

@@ -44,16 +44,17 @@ for i = 1, #batch do
   local member = batch[i]
   seen = i
   if not g_seq(member) then
-    local seq
+    -- Reserved seqs ascend, and identities created meanwhile take seqs from `end` on: below
+    -- the chunk of `end`, each reserved seq is the highest of its chunk when it is indexed.
+    local seq, newest = nxt, math.floor(nxt / G_CHUNK) < math.floor(stop / G_CHUNK)
     if nxt < stop then
-      seq = nxt
       nxt = nxt + 1
     else
-      seq = redis.call('HINCRBY', meta, 'seq', 1) - 1
+      seq, newest = redis.call('HINCRBY', meta, 'seq', 1) - 1, true
       g_arrived(string.sub(member, 1, 26), seq)
     end
     local indexed = member .. '\2' .. seq
-    g_index(indexed, seq)
+    g_index(indexed, seq, newest)
     redis.call('ZREM', order, member)
     redis.call('ZADD', order, 0, indexed)
     done = done + 1

@@ -8,7 +8,7 @@
 local G = {}
 
 -- The index's keys, from KEYS[first] on: meta hash, postings prefix, id-slots prefix,
--- trigram directory, late set.
+-- directory of trigram suffixes, late set.
 local function g_keys(first)
   G.meta, G.postings, G.ids = KEYS[first], KEYS[first + 1], KEYS[first + 2]
   G.suffixes, G.late = KEYS[first + 3], KEYS[first + 4]
@@ -31,20 +31,37 @@ local function g_seq(member)
   return nil
 end
 
--- The set of a member's trigrams: of each non-empty text field with G_START before it.
-local function g_trigrams(member)
+-- The set of a member's grams: the trigrams of each non-empty text field with G_START before
+-- it, and \1 followed by each tag.
+local function g_grams(member)
   local found = {}
   local stop = string.find(member, '\1', 28, true)
   for field in string.gmatch(string.sub(member, 28, stop - 1), '[^%z]+') do
     local s = G_START .. field
     for i = 1, #s - 2 do found[string.sub(s, i, i + 2)] = true end
   end
+  local seq_at = string.find(member, '\2', stop, true)
+  local tags = string.sub(member, stop + 1, (seq_at or #member + 1) - 1)
+  for tag in string.gmatch(tags, '[^\1]+') do found['\1' .. tag] = true end
   return found
 end
 
-local function g_key(trigram, chunk)
-  local a, b, c = string.byte(trigram, 1, 3)
+-- A gram's posting strings: a trigram's named by its hex, a tag's by a digest (ngram.py's
+-- key_part).
+local function g_key(gram, chunk)
+  if string.byte(gram, 1) == 1 then
+    return G.postings .. 't' .. string.sub(redis.sha1hex(string.sub(gram, 2)), 1, 24) .. ':'
+      .. chunk
+  end
+  local a, b, c = string.byte(gram, 1, 3)
   return G.postings .. string.format('%02x%02x%02x:%d', a, b, c, chunk)
+end
+
+-- A new posting string: a trigram goes in the directory of suffixes (not a tag).
+local function g_started(gram)
+  if string.byte(gram, 1) ~= 1 then
+    redis.call('ZADD', G.suffixes, 0, string.reverse(gram))
+  end
 end
 
 -- Posting strings hold 2-byte big-endian offsets, sorted; compared as numbers (Lua compares
@@ -102,17 +119,33 @@ local function g_remove(key, v)
   end
 end
 
-local function g_post(trigram, chunk, v)
-  if g_insert(g_key(trigram, chunk), v) then
-    redis.call('ZADD', G.suffixes, 0, string.reverse(trigram))
+local function g_post(gram, chunk, v)
+  if g_insert(g_key(gram, chunk), v) then g_started(gram) end
+end
+
+-- Write a seq's id slot. A string of slots is made whole when its first slot is written: a
+-- string grown a slot at a time would hold up to twice its length.
+local function g_slot(seq, id)
+  local key, at = G.ids .. math.floor(seq / G_ID_BLOCK), (seq % G_ID_BLOCK) * 26
+  if redis.call('SETRANGE', key, at, id) < G_ID_BLOCK * 26 then
+    local whole = string.rep('\0', at) .. id
+    redis.call('SET', key, whole .. string.rep('\0', G_ID_BLOCK * 26 - #whole))
   end
 end
 
--- Index a member that carries its seq: its postings and its id slot.
-local function g_index(member, seq)
+-- Index a member that carries its seq: its postings and its id slot. `newest`: the seq is the
+-- highest handed out, so it goes at the end of every posting string (one APPEND each).
+local function g_index(member, seq, newest)
   local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
-  for trigram in pairs(g_trigrams(member)) do g_post(trigram, chunk, v) end
-  redis.call('SETRANGE', G.ids .. chunk, v * 26, string.sub(member, 1, 26))
+  if newest then
+    local packed = g_pack(v)
+    for gram in pairs(g_grams(member)) do
+      if redis.call('APPEND', g_key(gram, chunk), packed) == 2 then g_started(gram) end
+    end
+  else
+    for gram in pairs(g_grams(member)) do g_post(gram, chunk, v) end
+  end
+  g_slot(seq, string.sub(member, 1, 26))
   redis.call('HINCRBY', G.meta, 'count', 1)
 end
 
@@ -140,7 +173,7 @@ local function g_new(order, member)
   local seq = redis.call('HINCRBY', G.meta, 'seq', 1) - 1
   g_arrived(string.sub(member, 1, 26), seq)
   member = member .. '\2' .. seq
-  g_index(member, seq)
+  g_index(member, seq, true)
   return member
 end
 
@@ -149,13 +182,13 @@ local function g_replace(old, member)
   local seq = g_seq(old)
   if not seq then return member end
   member = member .. '\2' .. seq
-  local before, after = g_trigrams(old), g_trigrams(member)
+  local before, after = g_grams(old), g_grams(member)
   local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
-  for trigram in pairs(before) do
-    if not after[trigram] then g_remove(g_key(trigram, chunk), v) end
+  for gram in pairs(before) do
+    if not after[gram] then g_remove(g_key(gram, chunk), v) end
   end
-  for trigram in pairs(after) do
-    if not before[trigram] then g_post(trigram, chunk, v) end
+  for gram in pairs(after) do
+    if not before[gram] then g_post(gram, chunk, v) end
   end
   return member
 end
@@ -165,8 +198,8 @@ local function g_unindex(member)
   local seq = g_seq(member)
   if not seq then return end
   local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
-  for trigram in pairs(g_trigrams(member)) do g_remove(g_key(trigram, chunk), v) end
-  redis.call('SETRANGE', G.ids .. chunk, v * 26, string.rep('\0', 26))
+  for gram in pairs(g_grams(member)) do g_remove(g_key(gram, chunk), v) end
+  g_slot(seq, string.rep('\0', 26))
   redis.call('ZREM', G.late, seq)
   redis.call('HINCRBY', G.meta, 'count', -1)
 end
