@@ -14,13 +14,11 @@ local function g_keys(first)
   G.suffixes, G.late = KEYS[first + 3], KEYS[first + 4]
 end
 
-local G_B32 = {}
-for i = 1, 32 do G_B32[string.byte(G_CROCKFORD, i)] = i - 1 end
-
--- The creation time an _id carries, in ms.
+-- The creation time an _id carries, in ms. (Nothing is computed before the functions: a
+-- script's top level runs on every call.)
 local function g_ms(id)
-  local ms = 0
-  for i = 1, 10 do ms = ms * 32 + G_B32[string.byte(id, i)] end
+  local ms, find, sub = 0, string.find, string.sub
+  for i = 1, 10 do ms = ms * 32 + find(G_CROCKFORD, sub(id, i, i), 1, true) - 1 end
   return ms
 end
 
@@ -49,11 +47,11 @@ end
 -- A gram's posting strings: a trigram's named by its hex, a tag's by a digest (ngram.py's
 -- key_part).
 local function g_key(gram, chunk)
-  if string.byte(gram, 1) == 1 then
+  local a, b, c = string.byte(gram, 1, 3)
+  if a == 1 then
     return G.postings .. 't' .. string.sub(redis.sha1hex(string.sub(gram, 2)), 1, 24) .. ':'
       .. chunk
   end
-  local a, b, c = string.byte(gram, 1, 3)
   return G.postings .. string.format('%02x%02x%02x:%d', a, b, c, chunk)
 end
 
