@@ -151,8 +151,9 @@ async def index_contents(world: World) -> tuple[dict[str, set[int]], dict[int, s
 
 
 async def check_index(world: World) -> None:
-    """The index holds exactly the listed identities' postings and ids, every one has a seq,
-    and every seq outside the late set keeps the order invariant (ngram.py)."""
+    """The index holds exactly the listed identities' postings and ids (and the directory the
+    trigrams they have), every one has a seq, and every seq outside the late set keeps the
+    order invariant (ngram.py)."""
     members: list[Any] = await world.client.zrange(world.keys.order, 0, -1)
     want: dict[str, set[int]] = {}
     ids: dict[int, str] = {}
@@ -165,6 +166,10 @@ async def check_index(world: World) -> None:
     postings, slots = await index_contents(world)
     assert postings == want
     assert slots == ids
+    # The directory names exactly the trigrams that have postings, reversed.
+    directory: list[Any] = await world.client.zrange(world.keys.search_suffixes, 0, -1)
+    trigrams = {bytes.fromhex(name)[::-1] for name in postings if not name.startswith("t")}
+    assert set(directory) == trigrams
     meta: dict[Any, Any] = await world.client.hgetall(world.keys.search_meta)
     assert int(meta[b"count"]) == len(members)
     late_set: list[Any] = await world.client.zrange(world.keys.search_late, 0, -1)

@@ -68,6 +68,10 @@ async def test_erasure_leaves_nothing_of_the_identity_in_the_index(world: World)
     assert ada not in slots.values()
     assert await search(world, "shared") == [grace]
     assert await search(world, "ada") == []
+    directory = await world.client.zrange(world.keys.search_suffixes, 0, -1)
+    assert b"ahs" in directory and b"ad\3" not in directory  # "sha" is Grace's too, "\3ad" not
+    await world.records.delete(world.known.pop(grace))
+    assert await world.client.zcard(world.keys.search_suffixes) == 0
     await check_index(world)
 
 

@@ -104,17 +104,25 @@ local function g_insert(key, v)
   return false
 end
 
-local function g_remove(key, v)
+-- Take v out of a gram's posting string of `chunk`. A trigram no identity has any more leaves
+-- the directory too (erasure leaves no fragment of the text behind).
+local function g_remove(gram, chunk, v)
+  local key = g_key(gram, chunk)
   local s = redis.call('GET', key)
   if not s then return end
   local i = g_search(s, v)
-  if i <= #s / 2 and g_at(s, i) == v then
-    if #s == 2 then
-      redis.call('DEL', key)
-    else
-      redis.call('SET', key, string.sub(s, 1, 2 * i - 2) .. string.sub(s, 2 * i + 1))
-    end
+  if i > #s / 2 or g_at(s, i) ~= v then return end
+  if #s > 2 then
+    redis.call('SET', key, string.sub(s, 1, 2 * i - 2) .. string.sub(s, 2 * i + 1))
+    return
   end
+  redis.call('DEL', key)
+  if string.byte(gram, 1) == 1 then return end
+  local seqs = tonumber(redis.call('HGET', G.meta, 'seq') or '0')
+  for other = 0, math.floor((seqs - 1) / G_CHUNK) do
+    if redis.call('EXISTS', g_key(gram, other)) == 1 then return end
+  end
+  redis.call('ZREM', G.suffixes, string.reverse(gram))
 end
 
 local function g_post(gram, chunk, v)
@@ -183,7 +191,7 @@ local function g_replace(old, member)
   local before, after = g_grams(old), g_grams(member)
   local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
   for gram in pairs(before) do
-    if not after[gram] then g_remove(g_key(gram, chunk), v) end
+    if not after[gram] then g_remove(gram, chunk, v) end
   end
   for gram in pairs(after) do
     if not before[gram] then g_post(gram, chunk, v) end
@@ -196,7 +204,7 @@ local function g_unindex(member)
   local seq = g_seq(member)
   if not seq then return end
   local chunk, v = math.floor(seq / G_CHUNK), seq % G_CHUNK
-  for gram in pairs(g_grams(member)) do g_remove(g_key(gram, chunk), v) end
+  for gram in pairs(g_grams(member)) do g_remove(gram, chunk, v) end
   g_slot(seq, string.rep('\0', 26))
   redis.call('ZREM', G.late, seq)
   redis.call('HINCRBY', G.meta, 'count', -1)
