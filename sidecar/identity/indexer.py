@@ -117,18 +117,19 @@ class IndexBuilder:
         while True:
             wait = CHECK_S
             try:
-                status = await self.status()
-                if status.state == "absent" and status.identities:
-                    log.info(
-                        "search index: building it for %d identities; searches read the "
-                        "list until it is ready",
-                        status.identities,
-                    )
-                if (status.state != "absent" or status.identities) and (
-                    status.state != "ready" or not mended
-                ):
+                status = self.last = await self.status()
+                if status.state == "absent" and not status.identities:
+                    mended = True  # nothing was listed before this process started
+                elif status.state != "ready" or not mended:
+                    if status.state == "absent":
+                        log.info(
+                            "search index: building it for %d identities; searches read the "
+                            "list until it is ready",
+                            status.identities,
+                        )
                     if await self.build(mend=not mended):
                         mended = True
+                        self.last = await self.status()
                     else:
                         wait = RETRY_S
             except StoreUnavailable as exc:

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -286,6 +287,7 @@ async def scenario(url: str, data: st.DataObject, first_seq: int, legacy: int) -
         await client.aclose()
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,
@@ -333,6 +335,7 @@ async def arrivals(url: str, steps: list[float], deleted: list[int]) -> None:
         await client.aclose()
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(
     steps=st.lists(st.sampled_from([0.001, 0.05, 0.0, -0.01, -0.1, -0.2, -6.0]), max_size=24),
