@@ -155,7 +155,7 @@ def build(
         *listing.scripts,
         *usage_counters.scripts,
         writer.script,
-        limiter.script,
+        *limiter.scripts,
     )
     return Services(
         settings=settings,

@@ -36,7 +36,7 @@ from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Meter, Settlement
 from sidecar.observe.counters import Counters
 from sidecar.proxy.upstream import Upstream
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request

@@ -15,7 +15,7 @@ from litestar.response import Response
 from sidecar.catalog import Catalog
 from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError
 from sidecar.identity import model
-from sidecar.quota.limiter import PolicyUsage
+from sidecar.quota.decision import PolicyUsage
 from sidecar.quota.policy import choose
 from sidecar.quota.service import Quota
 from sidecar.tokens import bearer, token_matches
