@@ -314,15 +314,17 @@ class Limiter:
             keys += [current, previous]
             spans.append((elapsed, left))
 
-        # One slot (the identity's hash tag), so one MGET, on a cluster too.
+        # GETs, not an MGET: a cluster pipeline refuses multi-key commands (one node, one
+        # round trip either way: the identity's keys share its slot).
         def queue(pipe: Any) -> None:
-            if keys:
-                pipe.mget(keys)
+            for key in keys:
+                pipe.get(key)
             if policy.concurrency:
                 pipe.zcount(self.keys.leases(identity_id), f"({now_ms}", "+inf")
 
         replies = await pipeline(self.client, queue) if keys or policy.concurrency else []
-        values = [int(v or 0) for v in replies.pop(0)] if keys else []
+        values = [int(v or 0) for v in replies[: len(keys)]]
+        replies = replies[len(keys) :]
         limits = []
         for i, (limit, (elapsed, left)) in enumerate(zip(policy.limits, spans, strict=True)):
             in_bucket, in_previous = values[2 * i], values[2 * i + 1]

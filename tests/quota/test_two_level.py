@@ -206,4 +206,3 @@ tokens = ["100/hour"]
     r = await env.api.get("/v2/usage", params={"group_by": "api_key_owner"})
     (row,) = r.json()["data"]
     assert (row["external_id"], row["requests"], row["input_tokens"]) == (OWNER, 1, 60)
-
