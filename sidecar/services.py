@@ -113,7 +113,7 @@ def build(
     live = LiveConfig(settings)
     profiles = PolicyProfiles(live, clock)
 
-    records = IdentityRecords(redis, keys, clock)
+    records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
     identifier = Identifier(records, profiles, clock)
 

@@ -104,7 +104,9 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
         loop="uvloop",
         http="httptools",
         access_log=False,  # the sidecar writes its own, when [server] access_log is true
-        proxy_headers=False,  # the sidecar reads no X-Forwarded-*; the middleware costs per request
+        # Not uvicorn's X-Forwarded-For rewrite: it would trust any local peer's header. The
+        # sidecar reads it itself, and only from `trusted_networks` (identity/caller.py).
+        proxy_headers=False,
         log_config=None,  # uvicorn's loggers propagate to the sidecar's handler (sidecar.logs)
         log_level="error" if settings.server.log_level == "error" else "warning",
         timeout_keep_alive=int(settings.server.keepalive_s),

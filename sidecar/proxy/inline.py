@@ -161,13 +161,23 @@ class InlineProxy:
                 return None, body
         else:
             logs.bind(resolved.external_id)
-            # A write, when one is needed, runs while the upstream works.
-            identity = known or asyncio.create_task(self.identifier.identify(resolved))
+            identity = known or await self._identify_first(resolved)
         requested = payload.get("model")
         model = requested if isinstance(requested, str) else None
         meter = Meter(resolved, kind, identity, model, decision, strip)
         meter.refresh = refresh and known is not None
         return meter, body
+
+    async def _identify_first(self, resolved: Resolved) -> str | asyncio.Task[str]:
+        """An identity this process does not know yet is found, or created, before the request
+        goes out, so that the creation cap can refuse it (IdentityCreationLimited). When the
+        store does not answer in time, the write goes on while the upstream works."""
+        write = asyncio.ensure_future(self.identifier.identify(resolved))
+        try:
+            async with asyncio.timeout(self.quota.limiter.timeout):
+                return await asyncio.shield(write)
+        except (StoreUnavailable, TimeoutError):
+            return write
 
     async def _refuse(
         self, send: Send, resolved: Resolved, identity_id: str | None, decision: Decision
