@@ -174,7 +174,7 @@ class InlineProxy:
         store does not answer in time, the write goes on while the upstream works."""
         write = asyncio.ensure_future(self.identifier.identify(resolved))
         try:
-            async with asyncio.timeout(self.quota.limiter.timeout):
+            async with self.quota.limiter.deadline():
                 return await asyncio.shield(write)
         except (StoreUnavailable, TimeoutError):
             return write

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from sidecar.quota.breaker import Breaker
 from sidecar.quota.decision import Decision, LimitUsage, PolicyUsage, Subject
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
+from sidecar.store.deadline import StoreDeadline
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Coalescer, Script, pipeline
@@ -87,6 +89,20 @@ class Limiter:
         self._admit = Script("sidecar.quota.lua", "admit", prelude=_PRELUDE)
         self._release = Script("sidecar.quota.lua", "release")
         self._calls = Coalescer(client, self._admit)
+        self._pinging: asyncio.Future[None] | None = None
+
+    def deadline(self) -> StoreDeadline:
+        """`timeout_ms`, counted while the store is not answering (see store.deadline)."""
+        return StoreDeadline(self.timeout, self._probe)
+
+    def _probe(self) -> None:
+        """A PING, unless one is in flight: its answer is the store's sign of life."""
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.ensure_future(self._ping())
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # no sign of life: the deadline fails
+            await call(self.client.ping())
 
     @property
     def script(self) -> Script:
@@ -138,8 +154,8 @@ class Limiter:
         metrics = self.metrics
         started = time.perf_counter()
         try:
-            # asyncio.timeout, not wait_for: no task per check on the request path.
-            async with asyncio.timeout(self.timeout):
+            # A deadline, not wait_for: no task per check on the request path.
+            async with self.deadline():
                 if self.one_slot and len(limited) > 1:
                     admitted, packs, replies = await self._admit_in_turn(
                         limited, now_ms, request_id

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -184,7 +183,7 @@ class Quota:
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:
-            async with asyncio.timeout(limiter.timeout):
+            async with limiter.deadline():
                 identity_id = known or await self.identifier.identify(resolved)
                 subjects = await self.subjects(resolved, identity_id)
         except (StoreUnavailable, TimeoutError) as exc:
