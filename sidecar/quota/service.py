@@ -135,7 +135,8 @@ class Quota:
         owner = resolved.owner
         if owner is None or owner == resolved.external_id:
             return None
-        return Resolved(owner, Source.API_KEY, owner=owner, creator=resolved.creator)
+        # Listed in the config: its record is not counted against any creation cap.
+        return Resolved(owner, Source.API_KEY, owner=owner)
 
     async def subjects(self, resolved: Resolved, identity_id: str) -> list[Subject]:
         """Whom a request counts against: its identity (when a policy applies to it), then its

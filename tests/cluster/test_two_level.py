@@ -93,3 +93,26 @@ async def test_mixed_refusals_never_over_admit_and_give_back_what_they_took(
     # The subjects live on different nodes.
     where = fresh_cluster.keys("sidecar:rl:*")
     assert len(set(where.values())) >= 2
+
+
+async def test_refused_claims_and_the_creation_cap_hold_on_the_cluster(
+    fresh_cluster: LocalCluster, make_side: MakeSide, tmp_path: Path
+) -> None:
+    raw = config(tmp_path, "1000/minute", "1000/minute")
+    raw["identity"]["max_new_per_minute"] = 6
+    side = await make_side(fresh_cluster.url, **raw)
+    limits = httpx.Limits(max_connections=None)
+    async with httpx.AsyncClient(base_url=side.url, timeout=30, limits=limits) as client:
+        stranger = await client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"X-ORQ-IDENTITY-ID": "acme-victim", "Authorization": "Bearer sk-bogus"},
+        )
+        assert stranger.status_code == 403
+        assert stranger.json()["error"]["code"] == "identity_not_allowed"
+    replies = await burst(side.url, [f"acme-new-{i}" for i in range(20)])
+    assert Counter(r.status_code for r in replies) == {200: 6, 429: 14}, replies[0].text
+    codes = {r.json()["error"]["code"] for r in replies if r.status_code == 429}
+    assert codes == {"identity_creation_limited"}
+    assert len(side.mock.requests) == 6
+    assert not any("acme-victim" in key for key in fresh_cluster.keys("sidecar:*"))
