@@ -146,7 +146,7 @@ async def test_counting_returns_to_the_store_when_it_answers_again(
     found = make(redis, clock, limit=10, timeout_s=0.1)
     await found.script.load(redis)
     key = "sidecar:fa:" + hashlib.sha256(ADDRESS.encode()).hexdigest()[:32]
-    await redis.execute_command("CLIENT", "PAUSE", "500", "ALL")  # an outage of half a second
+    await redis.client_pause(500, all=True)  # an outage of half a second
     assert await attempt(found, "wrong") is False  # the store does not answer in time
     assert await attempt(found, "wrong") is False  # nor is it asked again yet
     await asyncio.sleep(0.8)
