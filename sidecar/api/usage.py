@@ -267,16 +267,33 @@ async def _json(
     yield b"]}"
 
 
+# What a spreadsheet may read as the start of a formula (OWASP, CSV injection). A text cell
+# starting with one of them gets a `'` in front, which spreadsheets read as "text" and do not
+# show. Numeric columns stay as they are: they hold digits (a cost is never negative).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_COLUMNS = frozenset({"_id", "external_id", "display_name", "tag"})
+
+
+def spreadsheet_text(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def _csv_header(group_by: str) -> list[str]:
     kind = TagUsage if group_by == "tag" else IdentityUsage
     return [field.encode_name for field in msgspec.structs.fields(kind)]
 
 
 def _csv_lines(rows: list[Any]) -> bytes:
+    if not rows:
+        return b""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
+    text = [f.encode_name in _TEXT_COLUMNS for f in msgspec.structs.fields(rows[0])]
     for row in rows:
-        writer.writerow("" if v is None else v for v in msgspec.structs.astuple(row))
+        writer.writerow(
+            "" if v is None else spreadsheet_text(v) if is_text else v
+            for v, is_text in zip(msgspec.structs.astuple(row), text, strict=True)
+        )
     return out.getvalue().encode()
 
 

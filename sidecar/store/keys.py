@@ -70,6 +70,12 @@ class Keys:
         digest = hashlib.sha256(creator.encode("utf-8")).hexdigest()[:32]
         return f"{self._p}:{{idx}}:new:{digest}:{minute}"
 
+    def failed_signins(self, client: str) -> str:
+        # Hash with a TTL: failed admin sign-ins from one client address in the current window
+        # (see quota.signins). Keyed by a digest: an address may hold ':' and brackets.
+        digest = hashlib.sha256(client.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"{self._p}:fa:{digest}"
+
     def ui_session(self, digest: str) -> str:
         # String with a TTL: a dashboard session is signed in (keyed by a digest of its id).
         return f"{self._p}:ui:{digest}"
