@@ -11,6 +11,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+from sidecar.store.errors import translated
+
 log = logging.getLogger("sidecar.store")
 
 SCHEMES = frozenset({"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"})
@@ -22,6 +24,9 @@ RedisClient = Redis | RedisCluster
 # pipeline that does then makes redis-py close every connection of the client, so the cluster's
 # own default of 100 per node must not be left in place.
 MAX_CONNECTIONS = 512
+# Connections opened at start-up, before the server listens (per node of a cluster), so that
+# the first burst of requests finds them open instead of each opening its own under load.
+WARM_CONNECTIONS = min(MAX_CONNECTIONS, 16)
 SENTINEL_RECHECK_S = 1.0  # how often open connections are checked against the named master
 
 
@@ -85,6 +90,42 @@ def connect(url: str, *, timeout_ms: int) -> RedisClient:
     )
     client: Redis = sentinel.master_for(path[0], connection_pool_class=FollowingSentinelPool)
     return client
+
+
+async def warm(client: RedisClient, connections: int = WARM_CONNECTIONS) -> int:
+    """Open up to `connections` connections of the client's pool (of each primary's, on a
+    cluster) and leave them in the pool; how many were opened in all. Raises
+    StoreUnavailable when none could be."""
+    with translated():
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            counts = [await _warm_node(node, connections) for node in client.get_primaries()]
+            return sum(counts)
+        pool = client.connection_pool
+        got = await asyncio.gather(
+            *(pool.get_connection() for _ in range(connections)),  # type: ignore[no-untyped-call]
+            return_exceptions=True,
+        )
+        opened = [conn for conn in got if not isinstance(conn, BaseException)]
+        for conn in opened:
+            await pool.release(conn)
+        if not opened:
+            raise next(exc for exc in got if isinstance(exc, BaseException))
+        return len(opened)
+
+
+async def _warm_node(node: ClusterNode, connections: int) -> int:
+    taken = [node.acquire_connection() for _ in range(connections)]
+    try:
+        opening = (conn.connect() for conn in taken)  # type: ignore[no-untyped-call]
+        done = await asyncio.gather(*opening, return_exceptions=True)
+    finally:
+        for conn in taken:
+            node.release(conn)
+    failed = [exc for exc in done if isinstance(exc, BaseException)]
+    if len(failed) == len(taken):
+        raise failed[0]
+    return len(taken) - len(failed)
 
 
 class FollowingSentinelPool(SentinelConnectionPool):
