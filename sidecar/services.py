@@ -83,7 +83,7 @@ class Services:
         connections open and the scripts loaded."""
         await self.upstream.open()
         try:
-            opened = await warm(self.redis)
+            opened = await warm(self.redis, self.settings.redis.warm_connections)
             await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
         except StoreUnavailable as exc:
             log.warning(

@@ -8,11 +8,12 @@ import httpx
 import redis
 
 from sidecar.app import create_app
-from sidecar.settings import parse
-from sidecar.store.connect import WARM_CONNECTIONS
+from sidecar.settings import RedisSettings, parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import serve
 from tests.conftest import ADMIN_TOKEN
+
+WARM = RedisSettings().warm_connections
 
 
 def connections_received(admin: redis.Redis) -> int:
@@ -29,14 +30,14 @@ async def test_the_server_listens_with_store_connections_open_and_scripts_loaded
         before = connections_received(admin)
         async with serve(app) as url:
             opened = connections_received(admin) - before
-            assert opened >= WARM_CONNECTIONS
+            assert opened >= WARM
             shas = [script.sha for script in app.services.scripts]
             assert all(shas)
             assert admin.script_exists(*shas) == [True] * len(shas)
             # A first burst of store calls (a PING each) finds its connections open.
-            limits = httpx.Limits(max_connections=WARM_CONNECTIONS)
+            limits = httpx.Limits(max_connections=WARM)
             async with httpx.AsyncClient(base_url=url, limits=limits) as client:
-                burst = [client.get("/readyz") for _ in range(WARM_CONNECTIONS)]
+                burst = [client.get("/readyz") for _ in range(WARM)]
                 answers = await asyncio.gather(*burst)
-            assert [r.status_code for r in answers] == [200] * WARM_CONNECTIONS
+            assert [r.status_code for r in answers] == [200] * WARM
             assert connections_received(admin) - before == opened

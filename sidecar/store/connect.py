@@ -24,9 +24,6 @@ RedisClient = Redis | RedisCluster
 # pipeline that does then makes redis-py close every connection of the client, so the cluster's
 # own default of 100 per node must not be left in place.
 MAX_CONNECTIONS = 512
-# Connections opened at start-up, before the server listens (per node of a cluster), so that
-# the first burst of requests finds them open instead of each opening its own under load.
-WARM_CONNECTIONS = min(MAX_CONNECTIONS, 16)
 SENTINEL_RECHECK_S = 1.0  # how often open connections are checked against the named master
 
 
@@ -92,10 +89,14 @@ def connect(url: str, *, timeout_ms: int) -> RedisClient:
     return client
 
 
-async def warm(client: RedisClient, connections: int = WARM_CONNECTIONS) -> int:
+async def warm(client: RedisClient, connections: int) -> int:
     """Open up to `connections` connections of the client's pool (of each primary's, on a
     cluster) and leave them in the pool; how many were opened in all. Raises
-    StoreUnavailable when none could be."""
+    StoreUnavailable when none could be. Each opened under load costs a request about half a
+    millisecond of the event loop (a handshake of several round trips)."""
+    connections = min(connections, MAX_CONNECTIONS)
+    if connections < 1:
+        return 0
     with translated():
         if isinstance(client, RedisCluster):
             await client.initialize()

@@ -13,7 +13,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.identity.model import Profile
-from sidecar.store.connect import WARM_CONNECTIONS
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import LocalCluster
 from tests.cluster.conftest import MESSAGES, MakeSide, create, gpt_4o_nanos, tokens
 from tests.conftest import FakeClock
@@ -41,7 +41,7 @@ async def test_start_up_opens_connections_to_every_master(
     assert len(before) == 3
     await make_side(fresh_cluster.url)
     for port, count in before.items():
-        assert connections_received(port) - count >= WARM_CONNECTIONS, port
+        assert connections_received(port) - count >= RedisSettings().warm_connections, port
 
 
 async def test_identity_api(

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from sidecar.store.connect import WARM_CONNECTIONS
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import SentinelSet, role
 from tests.cluster.conftest import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
 from tests.conftest import FakeClock
@@ -48,7 +48,7 @@ async def test_start_up_opens_connections_to_the_master(
         before = int(node.info("stats")["total_connections_received"])
         await make_side(sentinels.url)
         opened = int(node.info("stats")["total_connections_received"]) - before
-    assert opened >= WARM_CONNECTIONS
+    assert opened >= RedisSettings().warm_connections
 
 
 async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demoted(

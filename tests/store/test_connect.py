@@ -9,8 +9,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from sidecar.errors import StoreUnavailable
-from sidecar.store.connect import WARM_CONNECTIONS, StoreConfigError, connect, warm
+from sidecar.store.connect import StoreConfigError, connect, warm
 from sidecar.testing.redis_server import RedisServer, free_port
+
+WARM = 16
 
 
 def connections_received(admin: redis.Redis) -> int:
@@ -55,11 +57,13 @@ async def test_warm_opens_the_pool_so_a_first_burst_opens_nothing(
     try:
         with redis.Redis.from_url(redis_server.url) as admin:
             before = connections_received(admin)
-            assert await warm(client) == WARM_CONNECTIONS
-            assert connections_received(admin) - before == WARM_CONNECTIONS
-            replies = await asyncio.gather(*(client.ping() for _ in range(WARM_CONNECTIONS)))
+            assert await warm(client, 0) == 0
+            assert connections_received(admin) == before
+            assert await warm(client, WARM) == WARM
+            assert connections_received(admin) - before == WARM
+            replies = await asyncio.gather(*(client.ping() for _ in range(WARM)))
             assert all(replies)
-            assert connections_received(admin) - before == WARM_CONNECTIONS
+            assert connections_received(admin) - before == WARM
     finally:
         await client.aclose()
 
@@ -68,6 +72,6 @@ async def test_warm_without_a_store_is_store_unavailable() -> None:
     client = connect(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens
     try:
         with pytest.raises(StoreUnavailable):
-            await warm(client)
+            await warm(client, WARM)
     finally:
         await client.aclose()
