@@ -117,6 +117,10 @@ class ConnectionGuard:
 
 
 class GuardedProtocol(HttpToolsProtocol):
+    """The deadline is a timer only while headers are incomplete: from connect until the first
+    request's headers are in, and for a later request only when a read ends with its headers
+    incomplete. A request that arrives whole in one read, as nearly all do, costs no timer."""
+
     def __init__(
         self,
         config: Config,
@@ -129,15 +133,17 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self.header_timer: asyncio.TimerHandle | None = None
-        self.in_headers = False  # a request has begun and its headers are not complete
-        self.header_bytes = 0
+        self.in_message = False  # the parser is inside a request (its headers or its body)
+        self.in_headers = False  # ... and its headers are not complete
+        self.header_bytes = 0  # read in earlier reads that ended with the headers incomplete
+        self.last_read = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if not self.guard.admit(self):
             transport.abort()  # a reset: nothing of it lingers in TIME_WAIT here
             return
-        self._arm()
+        self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.release(self)
@@ -151,10 +157,6 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _arm(self) -> None:
-        self.header_bytes = 0
-        self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self._timed_out)
-
     def _disarm(self) -> None:
         if self.header_timer is not None:
             self.header_timer.cancel()
@@ -165,16 +167,20 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.guard.idle.pop(self, None)
-        if self.header_timer is None and self._between_requests():
-            self._arm()
-        if self.header_timer is None:  # a body, or a request queued behind one in progress
-            super().data_received(data)
+        self.last_read = len(data)
+        super().data_received(data)
+        between = self._between_requests()
+        if not (self.in_headers or between) or self.transport.is_closing():
+            return
+        # This read ended with a request's headers incomplete, or with the connection between
+        # requests (blank lines, or the rest of a body the answer did not wait for).
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.guard.header_timeout_s, self._timed_out)
+        if self.in_message and not self.in_headers:
             return
         self.header_bytes += len(data)
-        super().data_received(data)
-        if self.header_timer is not None and self.header_bytes > MAX_HEADER_BYTES:
-            # Still incomplete: no more of them is read.
-            if self._between_requests():
+        if self.header_bytes > MAX_HEADER_BYTES:  # no more of them is read
+            if between:
                 message = f"request headers larger than {MAX_HEADER_BYTES} bytes"
                 self._refuse(431, message, "headers_too_large")
             else:  # pipelined behind a request in progress: no answer can be put in
@@ -182,16 +188,18 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.in_headers = True
-        if self.header_timer is None:  # a request pipelined behind one in progress
-            self._arm()
+        self.in_message = self.in_headers = True
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
         self._disarm()
-        # Only when what came while they were incomplete (chunks counted whole) passes the cap
-        # are the headers themselves measured.
-        if self.header_bytes > MAX_HEADER_BYTES and self._header_size() > MAX_HEADER_BYTES:
+        # Only when the reads they came in (counted whole) pass the cap are the headers measured.
+        oversized = (
+            self.header_bytes + self.last_read > MAX_HEADER_BYTES
+            and self._header_size() > MAX_HEADER_BYTES
+        )
+        self.header_bytes = 0
+        if oversized:
             # Answered in turn, as uvicorn answers any request, by an app of its own.
             app, self.app = self.app, _headers_too_large
             try:
@@ -203,6 +211,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _header_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -181,6 +181,10 @@ async def test_a_later_request_has_the_deadline_from_its_first_byte(
     conn = await connect(url)
     await conn.send(HEALTHZ)
     assert (await conn.response())[0] == 200
+    await conn.send(b"GET /healthz HTTP/1.1\r\n")  # in two pieces, within the deadline
+    await asyncio.sleep(DEADLINE / 3)
+    await conn.send(b"host: sidecar\r\n\r\n")
+    assert (await conn.response())[0] == 200
     await asyncio.sleep(DEADLINE / 2)
     await conn.send(b"GET /healthz HTTP/1.1\r\n")
     first_byte = time.monotonic()
