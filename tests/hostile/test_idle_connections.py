@@ -11,9 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,51 +54,67 @@ async def mock() -> AsyncIterator[MockServer]:
     await server.close()
 
 
+Launch = Callable[..., Awaitable[str]]
+
+
 @pytest.fixture
-async def sidecar(
+async def launch(
     enough_files: None, mock: MockServer, redis_server: RedisServer, tmp_path: Path
-) -> AsyncIterator[str]:
-    """`sidecar serve` in a process of its own, as a user runs it; its URL."""
-    port = free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[server]\nport = {port}\nheader_timeout_s = {DEADLINE}\ndata_dir = "{tmp_path}"\n'
-        f'[upstream]\nurl = "{mock.url}"\n[redis]\nurl = "{redis_server.url}"\n',
-        encoding="utf-8",
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env["SIDECAR_ADMIN_TOKEN"] = ADMIN_TOKEN
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", MAIN, "serve", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=ROOT,
+) -> AsyncIterator[Launch]:
+    """`sidecar serve` in a process of its own, as a user runs it, with these `[server]`
+    settings; its URL."""
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    async def launched(**server: Any) -> str:
+        port = free_port()
+        folder = tmp_path / str(len(procs))
+        folder.mkdir()
+        config = folder / "config.toml"
+        lines = [f"port = {port}", f'data_dir = "{folder}"']
+        lines += [f"{key} = {value}" for key, value in server.items()]
+        config.write_text(
+            "[server]\n" + "\n".join(lines) + "\n"
+            f'[upstream]\nurl = "{mock.url}"\n[redis]\nurl = "{redis_server.url}"\n',
+            encoding="utf-8",
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+        env["SIDECAR_ADMIN_TOKEN"] = ADMIN_TOKEN
+        log = folder / "serve.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", MAIN, "serve", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,  # its workers are stopped with it
+            )
+        procs.append((proc, log))
+        url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=url) as client:
             for _ in range(600):
                 assert proc.poll() is None, log.read_text()
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get("/readyz")).status_code == 200:
-                        break
+                        return url
                 await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"serve not ready:\n{log.read_text()}")
-        yield url
-        assert proc.poll() is None, log.read_text()
-        assert "Traceback" not in log.read_text()
+        raise AssertionError(f"serve not ready:\n{log.read_text()}")
+
+    try:
+        yield launched
+        for proc, log in procs:
+            assert proc.poll() is None, log.read_text()
+            assert "Traceback" not in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc, _ in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @dataclass
@@ -152,8 +169,9 @@ class Flood:
 
 
 async def test_idle_connections_hold_nothing_and_are_closed_at_the_header_deadline(
-    sidecar: str,
+    launch: Launch,
 ) -> None:
+    sidecar = await launch(header_timeout_s=DEADLINE)
     port = int(sidecar.rsplit(":", 1)[1])
     kinds = ("silent", "partial", "trickle")
     flood = Flood([Idle(kinds[i % 3]) for i in range(IDLE)])
@@ -198,3 +216,17 @@ async def test_idle_connections_hold_nothing_and_are_closed_at_the_header_deadli
             assert conn.received == b"", conn
         else:  # part of a request came: answered 408
             assert conn.received.startswith(b"HTTP/1.1 408 "), conn
+
+
+async def test_each_worker_process_keeps_the_deadline(launch: Launch) -> None:
+    """With `workers = 2` the server runs in processes of its own, each with the guard."""
+    sidecar = await launch(header_timeout_s=DEADLINE, workers=2)
+    port = int(sidecar.rsplit(":", 1)[1])
+    flood = Flood([Idle("partial") for _ in range(20)])
+    await asyncio.gather(*(flood.hold(conn, port) for conn in flood.conns))
+    for conn in flood.conns:
+        assert conn.closed_after is not None and conn.closed_after >= DEADLINE - 0.01, conn
+        assert conn.received.startswith(b"HTTP/1.1 408 "), conn
+    async with httpx.AsyncClient(base_url=sidecar, timeout=30) as client:
+        r = await client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
