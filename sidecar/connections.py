@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.server")
 
-# Request line and headers of one request: what h11 would call its largest incomplete event.
-# httptools sets no bound of its own. A chunk read while headers are still incomplete counts
-# whole; the one that completes them does not count at all.
+# Request line and headers of one request: what h11 would call its largest incomplete event;
+# httptools sets no bound of its own. Reads that end with the headers incomplete count whole (it
+# is what the parser holds); once they and the read that completes the headers pass the cap,
+# the headers themselves are measured.
 MAX_HEADER_BYTES = 65_536
 REFUSED_LOG_EVERY_S = 10.0  # at the cap, one log line per this long, however many are refused
 
