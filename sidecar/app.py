@@ -16,6 +16,7 @@ from litestar.response import Response
 
 from sidecar import __version__
 from sidecar.api.auth import AdminGuard, HookGuard
+from sidecar.api.budgets import BudgetController
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
@@ -127,10 +128,11 @@ def create_app(
         "sessions": _provide(services.sessions),
         "settlement": _provide(services.settlement),
         "authorizer": _provide(services.authorizer),
+        "budgets": _provide(services.budgets),
     }
     admin = Router(
         "/",
-        route_handlers=[IdentityController, UsageController],
+        route_handlers=[IdentityController, UsageController, BudgetController],
         guards=[AdminGuard(admin_token, services.signins)],
     )
     hooks = Router(

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 from ulid import ULID
 
+from sidecar.budgets.alerts import AlertScanner
+from sidecar.budgets.notify import AlertSender
+from sidecar.budgets.outbox import Outbox
+from sidecar.budgets.service import Budgets
+from sidecar.budgets.store import BudgetStore
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
@@ -66,6 +71,9 @@ class Services:
     usage_counters: UsageCounters
     recorder: Recorder
     limiter: Limiter
+    budgets: Budgets
+    alert_scanner: AlertScanner
+    alert_sender: AlertSender
     quota: Quota
     settlement: Settlement
     authorizer: Authorizer
@@ -95,7 +103,14 @@ class Services:
             )
         else:
             log.debug("store: %d connections open, %d scripts loaded", opened, len(self.scripts))
+        with contextlib.suppress(StoreUnavailable):  # else the watch loads them when it can
+            await self.budgets.refresh()
         self.loops.append(asyncio.create_task(self.live.watch()))
+        self.loops.append(asyncio.create_task(self.budgets.watch()))
+        if self.settings.notifiers:
+            await self.alert_sender.open()
+            self.loops.append(asyncio.create_task(self.alert_scanner.run()))
+            self.loops.append(asyncio.create_task(self.alert_sender.run()))
         self.recorder.start()  # replays what earlier processes left in the spool
 
     async def close(self) -> None:
@@ -108,6 +123,7 @@ class Services:
         await self.upstream.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.loops, return_exceptions=True)
+        await self.alert_sender.close()  # gives its lease back: another process sends at once
 
 
 def build(
@@ -121,7 +137,14 @@ def build(
     keys = Keys(settings.redis.key_prefix)
     counters = Counters() if settings.server.metrics else None
     live = LiveConfig(settings)
-    profiles = PolicyProfiles(live, clock)
+    budget_store = BudgetStore(redis, keys, clock)
+    outbox = Outbox(redis, keys, clock)
+    budgets = Budgets(budget_store, outbox, clock)
+    alert_sender = AlertSender(outbox, settings.notifiers, clock)
+    alert_scanner = AlertScanner(
+        budgets, budget_store, outbox, alert_sender, settings.notifiers, clock
+    )
+    profiles = PolicyProfiles(live, clock, budgets)
 
     records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
@@ -148,7 +171,7 @@ def build(
         clock=clock,
         counters=counters,
     )
-    quota = Quota(live, limiter, records, identifier, profiles)
+    quota = Quota(live, limiter, records, identifier, profiles, budgets)
     attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
     background = Background()
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
@@ -178,6 +201,8 @@ def build(
         writer.script,
         *limiter.scripts,
         signins.script,
+        *budget_store.scripts,
+        *outbox.scripts,
     )
     return Services(
         settings=settings,
@@ -191,6 +216,9 @@ def build(
         usage_counters=usage_counters,
         recorder=recorder,
         limiter=limiter,
+        budgets=budgets,
+        alert_scanner=alert_scanner,
+        alert_sender=alert_sender,
         quota=quota,
         settlement=settlement,
         authorizer=authorizer,

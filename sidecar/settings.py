@@ -87,6 +87,15 @@ class ApiKeyOwner(_Section):
     may_assert: list[str] = msgspec.field(default_factory=list)  # globs of external ids
 
 
+class NotifierSettings(_Section):
+    """Where budget alerts go (docs/budgets.md#notifiers)."""
+
+    name: str
+    url: str
+    secret: str | None = None  # signs each body: x-sidecar-signature, hex HMAC-SHA256
+    format: Literal["json", "slack"] = "json"
+
+
 class PoliciesSettings(_Section):
     paths: list[str] = msgspec.field(default_factory=list)
 
@@ -103,6 +112,7 @@ class Settings(_Section):
     metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
     identity: IdentitySettings = msgspec.field(default_factory=IdentitySettings)
     api_keys: list[ApiKeyOwner] = msgspec.field(default_factory=list)
+    notifiers: list[NotifierSettings] = msgspec.field(default_factory=list)
     policies: PoliciesSettings = msgspec.field(default_factory=PoliciesSettings)
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     # Where the config came from; relative paths in it resolve against this folder.
@@ -144,6 +154,9 @@ _ENV: dict[str, tuple[str, str, type]] = {
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Arrays of tables, each item checked as the struct: [[api_keys]], [[notifiers]].
+_TABLES: dict[str, type[msgspec.Struct]] = {"api_keys": ApiKeyOwner, "notifiers": NotifierSettings}
 
 
 def resolve_path(base_dir: str, path: str) -> Path:
@@ -227,6 +240,17 @@ def _check_values(s: Settings) -> list[str]:
         for j, glob in enumerate(key.may_assert):
             if not glob.strip() or len(glob) > 255:
                 problems.append(f"api_keys[{i}].may_assert[{j}]: must be 1-255 characters")
+    names: set[str] = set()
+    for i, notifier in enumerate(s.notifiers):
+        if not _NAME.fullmatch(notifier.name):
+            problems.append(f"notifiers[{i}].name: 1-64 of letters, digits, '_', '-', '.'")
+        elif notifier.name in names:
+            problems.append(f"notifiers[{i}].name: {notifier.name!r} is listed twice")
+        names.add(notifier.name)
+        if not re.fullmatch(r"https?://[^/\s]+\S*", notifier.url) or len(notifier.url) > 2048:
+            problems.append(f"notifiers[{i}].url: must be an http:// or https:// URL")
+        if notifier.secret is not None and len(notifier.secret) < 16:
+            problems.append(f"notifiers[{i}].secret: must be at least 16 characters")
     for model, price in s.pricing.models.items():
         for field in msgspec.structs.fields(price):
             value = getattr(price, field.name)
@@ -255,17 +279,18 @@ def parse(raw: Mapping[str, Any], *, base_dir: str = ".") -> Settings:
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for key, value in raw.items():
-        if key == "api_keys":
+        if key in _TABLES:
+            struct = _TABLES[key]
             if not isinstance(value, list):
-                problems.append("api_keys: expected an array of tables ([[api_keys]])")
+                problems.append(f"{key}: expected an array of tables ([[{key}]])")
                 continue
             items = []
             for i, item in enumerate(value):
-                problems += _unknown_keys(f"api_keys[{i}]", item, ApiKeyOwner)
+                problems += _unknown_keys(f"{key}[{i}]", item, struct)
                 try:
-                    items.append(msgspec.convert(item, ApiKeyOwner))
+                    items.append(msgspec.convert(item, struct))
                 except msgspec.ValidationError as exc:
-                    problems.append(_where(f"api_keys[{i}]", exc))
+                    problems.append(_where(f"{key}[{i}]", exc))
             sections[key] = items
         elif key in _SECTIONS:
             problems += _unknown_keys(key, value, _SECTIONS[key])

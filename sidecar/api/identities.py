@@ -10,7 +10,10 @@ from litestar.params import FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
-from sidecar.api.deps import CatalogDep, UsageCountersDep
+from sidecar.api.deps import BudgetsDep, CatalogDep, UsageCountersDep
+from sidecar.budgets import model as budget_model
+from sidecar.budgets.model import BudgetView
+from sidecar.budgets.service import Budgets
 from sidecar.errors import ErrorResponse, InvalidRequest, NotFound
 from sidecar.identity import model
 from sidecar.identity.model import (
@@ -36,9 +39,26 @@ class IdentityMetrics(msgspec.Struct):
 
 
 class IdentityList(msgspec.Struct):
-    data: list[Identity]
+    data: list[Identity]  # IdentityBudgets with include_budget
     has_more: bool
     object: Literal["list"] = "list"
+
+
+class IdentityBudgets(Identity, kw_only=True):
+    """An identity with the budgets in force that apply to it, each with its consumption."""
+
+    budgets: list[BudgetView] = msgspec.field(default_factory=list)
+
+
+async def with_budgets(budgets: Budgets, identities: list[Identity]) -> list[Identity]:
+    found = await budgets.for_identities([(i.external_id, i.tags) for i in identities])
+    return [
+        IdentityBudgets(
+            **msgspec.structs.asdict(identity),
+            budgets=[budget_model.view(b, used) for b, used in applying],
+        )
+        for identity, applying in zip(identities, found, strict=True)
+    ]
 
 
 def _profile(fields: IdentityCreate | IdentityPatch) -> model.Profile:
@@ -89,12 +109,16 @@ class IdentityController(Controller):
     async def list(
         self,
         catalog: CatalogDep,
+        budgets: BudgetsDep,
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 10,
         starting_after: Annotated[str | None, QueryParameter(max_length=64)] = None,
         ending_before: Annotated[str | None, QueryParameter(max_length=64)] = None,
         search: Annotated[str | None, QueryParameter(max_length=255)] = None,
         tags: Annotated[list[str] | None, QueryParameter(name="filter_by.tags")] = None,
         include_metrics: FromQuery[bool] = False,
+        include_budget: Annotated[
+            bool, QueryParameter(description="adds `budgets`: those that apply, with consumption")
+        ] = False,
         sort: Annotated[
             Literal["created", "cost", "requests", "error_rate"],
             QueryParameter(
@@ -122,7 +146,8 @@ class IdentityController(Controller):
             include_metrics=include_metrics,
             sort=sort,
         )
-        return IdentityList(data=page.data, has_more=page.has_more)
+        data = await with_budgets(budgets, page.data) if include_budget else page.data
+        return IdentityList(data=data, has_more=page.has_more)
 
     @get("/{ref:path}", operation_id="getIdentity", responses=INVALID)
     async def get(
@@ -130,9 +155,11 @@ class IdentityController(Controller):
         request: Request[Any, Any, Any],
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
+        budgets: BudgetsDep,
         include_metrics: FromQuery[bool] = False,
+        include_budget: FromQuery[bool] = False,
         granularity: FromQuery[Literal["day", "hour"]] = "day",
-    ) -> Identity | IdentityMetrics:
+    ) -> Identity | IdentityMetrics | IdentityBudgets:
         """`/v2/identities/{id}`: the identity; `/v2/identities/{id}/metrics`: its usage over
         time (`granularity=day`: the 30-day window; `hour`: the retained hours)."""
         path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
@@ -143,7 +170,8 @@ class IdentityController(Controller):
             usage = await usage_counters.series(identity.id, granularity)
             identity.metrics = UNSET
             return IdentityMetrics(identity=identity, totals=identity_totals, series=usage)
-        return await _find(catalog, identity_ref(request), include_metrics)
+        identity = await _find(catalog, identity_ref(request), include_metrics)
+        return (await with_budgets(budgets, [identity]))[0] if include_budget else identity
 
     @patch("/{ref:path}", operation_id="updateIdentity", responses=INVALID)
     async def update(

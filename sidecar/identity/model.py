@@ -120,6 +120,13 @@ def external_id(value: str, param: str = "external_id") -> str:
     return value
 
 
+def tag(value: str, param: str = "tag") -> str:
+    value = _text(param, value, MAX_TAG)
+    if not value:
+        raise InvalidField(param, f"{param} must not be empty")
+    return value
+
+
 def _optional(param: str, value: str | UnsetType | None, limit: int) -> str | UnsetType | None:
     if value is UNSET or value is None:
         return value

@@ -25,6 +25,9 @@ REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 # One batch of usage writes (a pipeline of up to 512 script calls), or a spool replay.
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+# Runtime budgets' policies are named "budget:<_id>" (quota.policy.BUDGET_PREFIX): counted under
+# one label, so that the series do not grow with the number of budgets.
+BUDGETS = "budget"
 MAX_MODELS = 100  # distinct model labels on the unpriced counter; the rest count as OTHER
 OTHER = "other"
 _MAX_LABEL = 128  # characters of a model name kept in its label
@@ -75,14 +78,15 @@ class Counters:
             dimensions = dict.fromkeys(limit.dimension.value for limit in policy.limits)
             if policy.concurrency:
                 dimensions["concurrency"] = None
-            keys = tuple((policy.name, d, "admitted") for d in dimensions)
+            name = _label(policy.name)
+            keys = tuple((name, d, "admitted") for d in dimensions)
             cached = self._admit_keys[id(policy)] = (policy, keys)
         decisions = self.decisions
         for key in cached[1]:
             decisions[key] = decisions.get(key, 0) + 1
 
     def refused(self, policy: str, dimension: str) -> None:
-        key = (policy, dimension, "refused")
+        key = (_label(policy), dimension, "refused")
         self.decisions[key] = self.decisions.get(key, 0) + 1
 
     def unpriced(self, model: str | None) -> None:
@@ -91,3 +95,7 @@ class Counters:
         if name not in models and len(models) >= MAX_MODELS:
             name = OTHER
         models[name] = models.get(name, 0) + 1
+
+
+def _label(policy: str) -> str:
+    return BUDGETS if policy.startswith(BUDGETS + ":") else policy

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -10,12 +11,34 @@ from sidecar.quota.policy import Dimension, Limit, Policy
 
 
 class Subject(NamedTuple):
-    """Someone a request counts against: its identity, and the owner of the API key it carries
-    when that is someone else (two levels)."""
+    """Someone a request counts against: its identity, the owner of the API key it carries
+    when that is someone else (two levels), and each runtime budget that applies. A budget's
+    `identity_id` is its `_id` (its buckets are keyed by it), its `external_id` the identity
+    it gates (the request's, or the key owner's), and its policy is made from its limits."""
 
     identity_id: str
     external_id: str
     policy: Policy
+    budget: str | None = None  # the budget's _id, when the subject is one
+
+
+class BudgetSubjects(Protocol):
+    """The runtime budgets in force (sidecar.budgets.service.Budgets), as admission sees them."""
+
+    @property
+    def active(self) -> bool:
+        """Whether any budget is in force."""
+        ...
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """The tags some budget in force is scoped to."""
+        ...
+
+    def subjects(self, external_id: str, tags: Sequence[str], owner: str | None) -> list[Subject]:
+        """One subject per budget that applies to a request of `external_id` with `tags`,
+        carrying `owner`'s key (None: no listed key)."""
+        ...
 
 
 class Decision(msgspec.Struct, kw_only=True):

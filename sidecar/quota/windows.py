@@ -8,7 +8,19 @@ from sidecar.quota.policy import Dimension, Limit
 
 # A sliding window of W ms is a pair of fixed buckets: the count "now" is the current bucket's
 # count plus the previous bucket's, weighted by how much of it the window still covers. A
-# calendar window (UTC day or month) is one bucket that starts empty at its boundary.
+# calendar window (a UTC day, week from Monday, month or year) is one bucket that starts empty
+# at its boundary; "once" is one bucket that never rolls (a one-time credit).
+
+DAY_MS = 86_400_000
+ONCE_DAYS = 3653  # a "once" bucket is said to end ten years on: its key lives that long
+# The calendar windows by name, with their nominal length in seconds (the longest they run).
+CALENDARS = {
+    "day": 86_400,
+    "week": 7 * 86_400,
+    "month": 31 * 86_400,
+    "year": 366 * 86_400,
+    "once": ONCE_DAYS * 86_400,
+}
 
 
 def bucket(limit: Limit, now_ms: int) -> tuple[str, str | None, int, int]:
@@ -18,17 +30,35 @@ def bucket(limit: Limit, now_ms: int) -> tuple[str, str | None, int, int]:
         index = now_ms // window
         elapsed = now_ms - index * window
         return str(index), str(index - 1), elapsed, window - elapsed
-    name, start_ms, end_ms = _calendar(limit.calendar, now_ms // 86_400_000)
+    name, start_ms, end_ms = calendar(limit.calendar, now_ms)
     return name, None, now_ms - start_ms, end_ms - now_ms
+
+
+def calendar(name: str, now_ms: int) -> tuple[str, int, int]:
+    """The calendar window `name` holding `now_ms`: its bucket name, start and end (ms)."""
+    return _calendar(name, now_ms // DAY_MS)
 
 
 @functools.lru_cache(maxsize=64)
 def _calendar(calendar: str, day: int) -> tuple[str, int, int]:
-    """The UTC calendar day or month holding `day` (days since the epoch): its bucket name,
-    start and end (ms). Worked out once a day, not per request."""
+    """The UTC calendar window holding `day` (days since the epoch): its bucket name, start
+    and end (ms). Worked out once a day, not per request."""
     start = datetime.fromtimestamp(day * 86_400, UTC)
     if calendar == "day":
-        return start.strftime("%Y%m%d"), day * 86_400_000, (day + 1) * 86_400_000
+        return start.strftime("%Y%m%d"), day * DAY_MS, (day + 1) * DAY_MS
+    if calendar == "week":
+        monday = day - start.weekday()  # weeks start on Monday, 00:00 UTC
+        name = datetime.fromtimestamp(monday * 86_400, UTC).strftime("w%Y%m%d")
+        return name, monday * DAY_MS, (monday + 7) * DAY_MS
+    if calendar == "once":
+        # One bucket for ever: it started at the epoch and ends ten years from today.
+        return "0", 0, (day + ONCE_DAYS) * DAY_MS
+    if calendar == "year":
+        first = start.replace(month=1, day=1)
+        after = first.replace(year=first.year + 1)
+        return first.strftime("%Y"), int(first.timestamp() * 1000), int(after.timestamp() * 1000)
+    if calendar != "month":
+        raise ValueError(f"no calendar window {calendar!r}")
     first = start.replace(day=1)
     after = (
         first.replace(year=first.year + 1, month=1)
