@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.budgets import model
 from sidecar.budgets.model import Budget, BudgetCreate, BudgetPatch, Scope, Used
-from sidecar.identity.model import InvalidField
+from sidecar.identity.model import InvalidField, rfc3339
 from sidecar.quota import windows
 from sidecar.quota.policy import Dimension
 
@@ -114,8 +114,8 @@ def test_periods() -> None:
         NOW - 13 * 3_600_000, NOW + 11 * 3_600_000,
     )  # fmt: skip
     name, start, end = model.period(made(period="yearly", amount_usd=1), NOW)
-    assert name == "2026" and model.rfc3339(start) == "2026-01-01T00:00:00Z"
-    assert end is not None and model.rfc3339(end) == "2027-01-01T00:00:00Z"
+    assert name == "2026" and rfc3339(start) == "2026-01-01T00:00:00Z"
+    assert end is not None and rfc3339(end) == "2027-01-01T00:00:00Z"
     # A one-time budget's period starts when it was made and never ends.
     assert model.period(made(period="one_time", amount_usd=1), NOW + 5) == ("0", NOW, None)
 
