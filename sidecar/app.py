@@ -29,6 +29,7 @@ from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.embedded import EmbeddedRedis, StoreHealth
 from sidecar.store.errors import call
+from sidecar.ui.budgets import BudgetPages
 from sidecar.ui.controller import DashboardController
 from sidecar.ui.templating import template_config
 
@@ -141,7 +142,7 @@ def create_app(
         guards=[HookGuard(settings.admin.hook_token or admin_token, services.signins)],
     )
     api = Litestar(
-        route_handlers=[admin, hooks, DashboardController, healthz, readyz],
+        route_handlers=[admin, hooks, DashboardController, BudgetPages, healthz, readyz],
         dependencies=dependencies,
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],

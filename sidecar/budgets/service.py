@@ -167,7 +167,7 @@ class Budgets:
 
     # -- the API's operations -------------------------------------------------------------------
 
-    async def _found(self, budget_id: str) -> Budget:
+    async def found(self, budget_id: str) -> Budget:
         budget = await self.store.get(budget_id)
         if budget is None:
             raise NotFound(f"no budget with _id {budget_id[:64]!r}", param="id")
@@ -191,10 +191,10 @@ class Budgets:
         return model.view(budget, model.unused(budget, budget.created_ms))
 
     async def get(self, budget_id: str) -> BudgetView:
-        return (await self.viewed([await self._found(budget_id)]))[0]
+        return (await self.viewed([await self.found(budget_id)]))[0]
 
     async def patch(self, budget_id: str, data: BudgetPatch) -> BudgetView:
-        budget = await self._found(budget_id)
+        budget = await self.found(budget_id)
         try:
             after, rearm = model.patched(budget, data, self._now_ms())
         except InvalidField as exc:
@@ -205,18 +205,18 @@ class Budgets:
         return (await self.viewed([after]))[0]
 
     async def delete(self, budget_id: str) -> None:
-        if not await self.store.delete(await self._found(budget_id)):
+        if not await self.store.delete(await self.found(budget_id)):
             raise NotFound(f"no budget with _id {budget_id[:64]!r}", param="id")
         await self.outbox.forget(budget_id)
         await self._refreshed()
 
     async def deliveries(self, budget_id: str, limit: int) -> list[Delivery]:
         """The budget's alert deliveries, newest first."""
-        await self._found(budget_id)
+        await self.found(budget_id)
         return await self.outbox.log(budget_id, limit)
 
     async def reset(self, budget_id: str) -> BudgetView:
-        budget = await self._found(budget_id)
+        budget = await self.found(budget_id)
         if not await self.store.reset(budget):
             raise NotFound(f"budget {budget_id!r} was deleted", param="id")
         await self._refreshed()

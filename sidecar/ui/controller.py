@@ -12,6 +12,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Response
 
+from sidecar.budgets.service import Budgets
 from sidecar.catalog import Catalog
 from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError
 from sidecar.identity import model
@@ -20,7 +21,7 @@ from sidecar.quota.policy import choose
 from sidecar.quota.service import Quota
 from sidecar.quota.signins import TooManyFailedSignIns
 from sidecar.tokens import bearer
-from sidecar.ui import detail, pages
+from sidecar.ui import budget_pages, detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, query, redirect
 from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
@@ -29,6 +30,7 @@ from sidecar.usage.counters import UsageCounters
 log = logging.getLogger("sidecar.ui")
 
 # The services the pages take, by parameter name (app.py provides them).
+BudgetsDep = NamedDependency[Budgets]
 CatalogDep = NamedDependency[Catalog]
 QuotaDep = NamedDependency[Quota]
 SessionsDep = NamedDependency[Sessions]
@@ -130,6 +132,37 @@ def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return message_page("Internal error", "Something went wrong; see the sidecar's log.", 500)
 
 
+async def auth_of(request: Request[Any, Any, Any], sessions: Sessions) -> Auth | None:
+    header = request.headers.get("authorization")
+    if header is not None and await sessions.token_valid(
+        bearer(header), _peer(request), request.headers
+    ):
+        return Auth(session=None, csrf=None)
+    session = await sessions.check(request.cookies.get(COOKIE))
+    return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
+
+
+async def signed_in(request: Request[Any, Any, Any], sessions: Sessions) -> Auth:
+    """The page's viewer, signed in by the session cookie or the admin token, on this site."""
+    auth = await auth_of(request, sessions)
+    if not same_origin(request.headers):
+        raise Forbidden()
+    if auth is None:
+        raise LoginRequired(_here(request))
+    return auth
+
+
+async def form_of(
+    request: Request[Any, Any, Any], sessions: Sessions
+) -> tuple[Auth, dict[str, list[str]]]:
+    """A form post of a signed-in user: from this site, with the session's CSRF token."""
+    auth = await signed_in(request, sessions)
+    fields = parse(await request.body(), request.headers.get("content-type", ""))
+    if auth.session is not None and not sessions.csrf_matches(auth.session, first(fields, "csrf")):
+        raise Forbidden()
+    return auth, fields
+
+
 class DashboardController(Controller):
     """The dashboard's pages, server-rendered; see README "Dashboard"."""
 
@@ -139,41 +172,12 @@ class DashboardController(Controller):
 
     # -- signing in ---------------------------------------------------------------------
 
-    async def _auth(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth | None:
-        header = request.headers.get("authorization")
-        if header is not None and await sessions.token_valid(
-            bearer(header), _peer(request), request.headers
-        ):
-            return Auth(session=None, csrf=None)
-        session = await sessions.check(request.cookies.get(COOKIE))
-        return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
-
-    async def _signed_in(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth:
-        auth = await self._auth(request, sessions)
-        if not same_origin(request.headers):
-            raise Forbidden()
-        if auth is None:
-            raise LoginRequired(_here(request))
-        return auth
-
-    async def _form(
-        self, request: Request[Any, Any, Any], sessions: SessionsDep
-    ) -> tuple[Auth, dict[str, list[str]]]:
-        """A form post of a signed-in user: from this site, with the session's CSRF token."""
-        auth = await self._signed_in(request, sessions)
-        fields = parse(await request.body(), request.headers.get("content-type", ""))
-        if auth.session is not None and not sessions.csrf_matches(
-            auth.session, first(fields, "csrf")
-        ):
-            raise Forbidden()
-        return auth, fields
-
     @get("/login", operation_id="uiLoginForm")
     async def login_form(
         self, request: Request[Any, Any, Any], sessions: SessionsDep
     ) -> Response[Any]:
         back_to = _back_to(request.query_params.get("next", "/ui"))
-        if await self._auth(request, sessions) is not None:
+        if await auth_of(request, sessions) is not None:
             return redirect(back_to)
         return pages.login(next_path=back_to)
 
@@ -201,7 +205,7 @@ class DashboardController(Controller):
 
     @post("/logout", operation_id="uiLogout")
     async def logout(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[Any]:
-        auth, _ = await self._form(request, sessions)
+        auth, _ = await form_of(request, sessions)
         if auth.session is not None:
             await sessions.close(auth.session)
         return redirect("/ui/login", cookies=[_cookie(request, "", 0)])
@@ -215,8 +219,9 @@ class DashboardController(Controller):
         sessions: SessionsDep,
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
+        budgets: BudgetsDep,
     ) -> Response[Any]:
-        auth = await self._signed_in(request, sessions)
+        auth = await signed_in(request, sessions)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
         sort = params.get("sort") or "newest"
@@ -244,6 +249,10 @@ class DashboardController(Controller):
         ids = [identity.id for identity in found.data]
         sources = await usage_counters.last_sources(ids)
         rows = [pages.Row(i, s) for i, s in zip(found.data, sources, strict=True)]
+        if budgets.active:
+            applying = await budgets.for_identities([(i.external_id, i.tags) for i in found.data])
+            for row, pairs in zip(rows, applying, strict=True):
+                row.budget = budget_pages.used_share(pairs)
         base: dict[str, str | None] = {
             "q": search,
             "tag": tag,
@@ -260,6 +269,7 @@ class DashboardController(Controller):
             sort=sort,
             previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
             next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
+            budgets=any(row.budget is not None for row in rows),
         )
         return pages.identities(listing, csrf=auth.csrf)
 
@@ -271,8 +281,9 @@ class DashboardController(Controller):
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
         quota: QuotaDep,
+        budgets: BudgetsDep,
     ) -> Response[Any]:
-        auth = await self._signed_in(request, sessions)
+        auth = await signed_in(request, sessions)
         ref = _ref(request)
         if ref is None:
             return self._new_form(NewIdentity(), auth, 200)
@@ -284,7 +295,16 @@ class DashboardController(Controller):
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
             usage = await quota.limiter.usage(found.id, policy)
-        return detail.identity_page(found, usage_series, policy, usage, csrf=auth.csrf)
+        (applying,) = await budgets.for_identities([(found.external_id, found.tags)])
+        return detail.identity_page(
+            found,
+            usage_series,
+            policy,
+            usage,
+            budgets=budget_pages.rows(applying),
+            new_budget=budget_pages.new_path("identity", found.external_id),
+            csrf=auth.csrf,
+        )
 
     @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
     async def create(
@@ -292,7 +312,7 @@ class DashboardController(Controller):
     ) -> Response[Any]:
         if _ref(request) is not None:
             raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
-        auth, fields = await self._form(request, sessions)
+        auth, fields = await form_of(request, sessions)
         form = NewIdentity.from_fields(fields)
         checked = form.validate()
         if checked is None:

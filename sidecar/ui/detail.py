@@ -8,6 +8,7 @@ from sidecar.quota import windows
 from sidecar.quota.decision import PolicyUsage
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.ui import chart
+from sidecar.ui.budget_pages import BudgetRow
 from sidecar.ui.pages import metrics
 from sidecar.ui.render import compact, money, page
 from sidecar.usage.counters import Series
@@ -28,6 +29,8 @@ class LimitRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _window(limit: Limit) -> str:
+    if limit.calendar == "once":
+        return "one-time (never resets)"
     if limit.calendar:
         return f"calendar {limit.calendar} (UTC)"
     units = ((86_400, "day"), (3_600, "hour"), (60, "minute"), (1, "second"))
@@ -104,6 +107,8 @@ def identity_page(
     policy: Policy | None,
     usage: PolicyUsage | None,
     *,
+    budgets: list[BudgetRow],
+    new_budget: str,
     csrf: str | None,
 ) -> Template:
     return page(
@@ -116,4 +121,6 @@ def identity_page(
         charts=charts(series),
         policy=policy,
         limits=[] if policy is None else limit_rows(policy, usage),
+        budgets=budgets,
+        new_budget=new_budget,
     )
