@@ -145,3 +145,43 @@ def test_api_key_digest_must_be_sha256() -> None:
     with pytest.raises(ConfigError) as info:
         parse({"api_keys": [{"sha256": "secret-key", "owner": "u"}]})
     assert info.value.problems == ["api_keys[0].sha256: must be 64 lowercase hex digits"]
+
+
+def test_notifiers_are_read_and_checked(tmp_path: Path) -> None:
+    good = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "https://hooks.example.com/b"\n'
+        'secret = "0123456789abcdef"\n\n'
+        '[[notifiers]]\nname = "slack"\nurl = "http://127.0.0.1:9/x"\nformat = "slack"\n',
+    )
+    ops, slack = load(good, env={}).notifiers
+    assert (ops.name, ops.format, ops.secret) == ("ops", "json", "0123456789abcdef")
+    assert (slack.format, slack.secret) == ("slack", None)
+    bad = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "ftp://x"\nsecret = "short"\n\n'
+        '[[notifiers]]\nname = "ops"\nurl = "https://x"\nformat = "teams"\n\n'
+        '[[notifiers]]\nname = "a b"\nurl = "https://x"\ncolour = 1\n\n'
+        '[[notifiers]]\nurl = "https://x"\n',
+    )
+    found = problems(bad)
+    assert all(p.startswith(f"{bad}: notifiers[") for p in found), found
+    assert {p.split(": ", 2)[1] for p in found} == {
+        "notifiers[1].format",
+        "notifiers[2].colour",
+        "notifiers[3].name",
+    }  # types and unknown keys first; the values are checked once those are right
+    fixed = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "ftp://x"\nsecret = "short"\n\n'
+        '[[notifiers]]\nname = "ops"\nurl = "https://x"\n\n'
+        '[[notifiers]]\nname = "a b"\nurl = "https://x"\n',
+    )
+    assert [p.split(": ", 2)[1] for p in problems(fixed)] == [
+        "notifiers[0].url",
+        "notifiers[0].secret",
+        "notifiers[1].name",
+        "notifiers[2].name",
+    ]
+    scalar = write(tmp_path, "notifiers = 1\n")
+    assert problems(scalar) == [f"{scalar}: notifiers: expected an array of tables ([[notifiers]])"]
