@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from bench import hooks_bench
+from bench import alerts_bench, hooks_bench
 from bench.bare_proxy import BareProxy, request_headers, response_headers
 from bench.lib import cli, config, payloads, proxy, proxy_report, report, rounds, wrk
 from bench.lib.client import Target, probe_metered
@@ -267,6 +267,20 @@ def test_hooks_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str
     assert printed.out == ""  # with --json FILE, nothing on stdout
     assert "| target | requests/s | / healthz |" in printed.err
     assert "| target | requests/s | / healthz |" in markdown.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_alerts_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "alerts.json"
+    argv = ["--identities", "20", "--minute", "2", "--fail-first", "3", "--json", str(out)]
+    assert alerts_bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert (result["expected"], result["delivered"], result["missing"]) == (40, 40, 0)
+    assert result["duplicate_ids"] == result["duplicate_alerts"] == result["bad_signatures"] == 0
+    assert result["attempts"] == 43 and result["exactly_once"]
+    assert 0 < result["latency"]["p50_ms"] <= result["latency"]["max_ms"] < 30_000
+    assert "every alert delivered exactly once" in capfd.readouterr().err
 
 
 def test_emit_writes_the_json_and_prints_the_table(
