@@ -163,13 +163,17 @@ def _thresholds(alerts: list[Alert]) -> tuple[int, ...]:
 
 def parse_time(param: str, text: str) -> int:
     """An RFC 3339 time with its offset (`Z` or `+hh:mm`), as ms since the epoch."""
+    problem = InvalidField(param, f"{param} must be an RFC 3339 time such as 2027-01-01T00:00:00Z")
+    if len(text) > 64:
+        raise problem
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None or len(text) > 64:
-        raise InvalidField(param, f"{param} must be an RFC 3339 time such as 2027-01-01T00:00:00Z")
-    return int(when.astimezone(UTC).timestamp() * 1000)
+        if when.tzinfo is None:
+            raise problem
+        # Out of range once moved to UTC (year 1 with a positive offset, 9999 with a negative).
+        return int(when.astimezone(UTC).timestamp() * 1000)
+    except (ValueError, OverflowError):
+        raise problem from None
 
 
 def _expiry(text: str | None, now_ms: int) -> int | None:

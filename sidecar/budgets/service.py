@@ -67,6 +67,8 @@ class Budgets:
         return int(self.clock() * 1000)
 
     def _applicable(self, external_id: str, tags: Sequence[str], owner: str | None) -> list[Entry]:
+        if not self._entries:  # the common case: no budget at all, nothing to look up
+            return []
         now_ms = self._now_ms()
         found: dict[str, Entry] = {}
         groups = [self._by_identity.get(external_id, ())]

@@ -75,6 +75,8 @@ def test_a_budget_as_the_spec_shows_it() -> None:
         ({"amount_usd": 1, "expires_at": "tomorrow"}, "expires_at"),
         ({"amount_usd": 1, "expires_at": "2027-01-01T00:00:00"}, "expires_at"),  # no offset
         ({"amount_usd": 1, "expires_at": "2026-01-01T00:00:00Z"}, "expires_at"),  # past
+        ({"amount_usd": 1, "expires_at": "9999-12-31T23:59:59-23:59"}, "expires_at"),
+        ({"amount_usd": 1, "expires_at": "0001-01-01T00:00:00+01:00"}, "expires_at"),
         ({"amount_usd": 1, "scope": {"kind": "identity", "target": " "}}, "scope.target"),
         ({"amount_usd": 1, "scope": {"kind": "tag", "target": "x" * 65}}, "scope.target"),
         (
