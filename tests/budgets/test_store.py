@@ -18,6 +18,10 @@ from tests.conftest import FakeClock
 ID = "01JDQ6ZK3N4X8V2B7C9D0E1F2G"
 
 
+async def names(redis: Redis) -> list[str]:
+    return sorted(k.decode() if isinstance(k, bytes) else k for k in await redis.keys("*"))
+
+
 def budget(clock: FakeClock, **fields: object) -> Budget:
     raw = {"scope": {"kind": "tag", "target": "team:{a}"}, "amount_usd": 5, **fields}
     data = msgspec.convert(raw, BudgetCreate)
@@ -31,24 +35,25 @@ async def test_records_and_indexes_share_one_slot_and_bump_the_generation(
     made = budget(clock)
     await store.create(made)
     digest = xid_digest("team:{a}")  # no key embeds a raw target
-    assert sorted(k.decode() for k in await redis.keys("*")) == [
+    assert await names(redis) == [
         "sidecar:{budgets}:all",
         f"sidecar:{{budgets}}:b:{ID}",
         "sidecar:{budgets}:gen",
         "sidecar:{budgets}:k:tag",
         f"sidecar:{{budgets}}:s:tag:{digest}",
     ]
-    assert msgspec.json.decode(await redis.get(f"sidecar:{{budgets}}:b:{ID}"), type=Budget) == made
+    raw = await redis.get(f"sidecar:{{budgets}}:b:{ID}")
+    assert raw is not None and msgspec.json.decode(raw, type=Budget) == made
     assert await redis.ttl(f"sidecar:{{budgets}}:b:{ID}") == -1  # kept until deleted
     assert await store.generation() == 1
     assert await store.update(msgspec.structs.replace(made, amount_nanos=1), rearm=True)
     assert await store.arm(ID) == 1 and await store.generation() == 2
     assert await store.delete(made)
-    assert [k.decode() for k in await redis.keys("*")] == ["sidecar:{budgets}:gen"]
+    assert await names(redis) == ["sidecar:{budgets}:gen"]
     assert await store.generation() == 3
     assert not await store.update(made, rearm=False)  # gone: nothing written
     assert not await store.delete(made)
-    assert [k.decode() for k in await redis.keys("*")] == ["sidecar:{budgets}:gen"]
+    assert await names(redis) == ["sidecar:{budgets}:gen"]
 
 
 async def test_buckets_are_the_limiters_and_a_one_time_one_lives_ten_years(
