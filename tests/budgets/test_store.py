@@ -76,6 +76,13 @@ async def test_buckets_are_the_limiters_and_a_one_time_one_lives_ten_years(
     assert set(lifetimes) == {cost, tokens}
     assert all(life >= (ONCE_DAYS - 1) * 86_400 for life in lifetimes.values())
     await redis.set(cost, 10**9)
+    await redis.set(tokens, 40)
+    # What the API shows is what the limiter reads.
+    (used,) = await store.consumption([credit], now_ms)
+    usage = await limiter.usage(ID, subject.policy)
+    assert (used.cost_nanos, used.tokens) == (10**9, 40)
+    assert [item.used for item in usage.limits] == [10**9, 40, 1]
+    await redis.set(cost, 10**9)
     assert await store.reset(credit) is False  # not stored: the buckets go, nothing re-arms
     assert await redis.exists(cost, tokens, current) == 0
 
