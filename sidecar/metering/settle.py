@@ -38,6 +38,8 @@ class Meter:
     decision: Decision | None = None  # the limit check's, when policies apply
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
     refresh: bool = False  # the body profile is written once the response is out
+    request_id: str = ""  # the admission's (its leases' and reservations' name)
+    settled: bool = False  # its token and cost limits are charged (Settlement.settle)
 
 
 class Settlement:
@@ -87,24 +89,65 @@ class Settlement:
             self.background.spawn(self._when_known(identity, resolved, counters))
             self._via_owner(resolved, counters, None, {})
             return
-        charges: dict[str, dict[str, tuple[int, int]]] = {}
         decision = meter.decision
+        owner_id: str | None = None
         if identity is not None and decision is not None:
             limiter = self.quota.limiter
             if decision.leases:
                 self.background.spawn(limiter.release(decision.leases))
-            tokens = usage.total_tokens if usage is not None else 0
-            charges = limiter.charges(decision.subjects, tokens, nanos, limiter.clock())
+            if decision.admitted and decision.charged and not meter.settled:
+                # Not settled before the response ended (it failed, or the client left): what
+                # upstream produced replaces the reservation now.
+                tokens = usage.total_tokens if usage is not None else 0
+                self.background.spawn(self._settle_later(meter, tokens, nanos))
+            owner_id = next(
+                (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
+                None,
+            )
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
-            charges=charges.pop(identity, None) if identity is not None else None,
         )
-        owner_id, owner_charges = next(iter(charges.items()), (None, {}))
-        self._via_owner(resolved, counters, owner_id, owner_charges)
+        self._via_owner(resolved, counters, owner_id, {})
+
+    async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
+        """Before an inline response ends: when a token or cost limit applies, what the request
+        used replaces what it reserved, in the store, so the client's next request (on any
+        sidecar) sees it. Cheap requests (no such limit) do nothing here."""
+        decision = meter.decision
+        if decision is None or not decision.admitted or not decision.charged or meter.settled:
+            return
+        model = usage.model if usage is not None and usage.model else meter.model
+        cost = self.attribution.cost(meter.kind, model, usage, header_cost)
+        tokens = usage.total_tokens if usage is not None else 0
+        limiter = self.quota.limiter
+        meter.settled = True
+        try:
+            async with limiter.deadline():
+                await limiter.settle(
+                    decision.subjects, meter.request_id, tokens, cost.nanos if cost else 0
+                )
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            self.background.spawn(self._settle_later(meter, tokens, cost.nanos if cost else 0))
+
+    async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
+        decision = meter.decision
+        assert decision is not None
+        meter.settled = True
+        for attempt in range(5):
+            try:
+                await self.quota.limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+                return
+            except StoreUnavailable as exc:
+                if attempt == 4:
+                    # Its reservation is given back when it expires; the actual is not charged.
+                    log.error("limits of %s not charged: %s", meter.request_id, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _via_owner(
         self,
@@ -158,38 +201,39 @@ class Settlement:
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
-        charges: dict[str, dict[str, tuple[int, int]]] = {}
         identity_id: str | None = None
         owner: str | None = None
+        subjects: list[Subject] = []
         try:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
                 subjects, owner = await self._admitted(resolved, identity_id, request_id)
-                if subjects:
-                    # The slots authorize took, if any, are free again (a retry finds them gone).
-                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
-                    charges = quota.limiter.charges(
-                        subjects, usage.total_tokens, nanos, quota.limiter.clock()
-                    )
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
-            # when its lease expires, and the limits are not charged for it.
+            # when its lease expires, and its reservation is given back unsettled.
             log.warning("usage report %s kept for later: %s", request_id, exc)
         recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
             request_id=request_id,
-            charges=charges.pop(identity_id, None) if identity_id is not None else None,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
         )
+        if subjects and recorded.counted:  # a retried report is settled once
+            try:
+                async with asyncio.timeout(within_s):
+                    # The slots authorize took, if any, are free again.
+                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
+                    await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.warning("limits of report %s not charged: %s", request_id, exc)
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
-            owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+            owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)
             with_owner = msgspec.structs.replace(resolved, owner=owner)
-            self._via_owner(with_owner, counters, owner_id, owner_charges)
+            self._via_owner(with_owner, counters, owner_id, {})
         return recorded
 
     async def _admitted(

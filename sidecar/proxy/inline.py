@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -149,11 +150,15 @@ class InlineProxy:
         known, refresh = self.identifier.cached(resolved)
         decision: Decision | None = None
         identity: str | asyncio.Task[str] | None
+        request_id = ""
         if self.quota.active:
-            request_id = str(ULID())  # also the concurrency lease's name
+            request_id = str(ULID())  # also the concurrency lease's and reservation's name
             logs.bind(resolved.external_id, request_id)
+            reserve = None
+            if self.quota.reserving:
+                reserve = self.attribution.reserve(kind, payload, len(body))
             # Limits are kept under the identity's _id: it must be known before admission.
-            identity, decision = await self.quota.admit(resolved, request_id, known)
+            identity, decision = await self.quota.admit(resolved, request_id, known, reserve)
             if not decision.admitted:
                 await self._refuse(send, resolved, identity, decision)
                 return None, body
@@ -162,7 +167,7 @@ class InlineProxy:
             identity = known or await self._identify_first(resolved)
         requested = payload.get("model")
         model = requested if isinstance(requested, str) else None
-        meter = Meter(resolved, kind, identity, model, decision, strip)
+        meter = Meter(resolved, kind, identity, model, decision, strip, request_id=request_id)
         meter.refresh = refresh and known is not None
         return meter, body
 
@@ -246,10 +251,13 @@ class InlineProxy:
                     return
                 if meter is not None and meter.decision is not None:
                     out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
-                if meter and sse and kind is not None:
-                    usage = await _relay_stream(upstream, send, out_headers, kind, meter.strip)
-                elif meter and kind is not None:
-                    usage = await _relay_json(upstream, send, out_headers, kind)
+                if meter and kind is not None:
+
+                    async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                        await self.settlement.settle(meter, usage, header_cost)
+
+                    relay = _relay_stream if sse else _relay_json
+                    usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
                 else:
                     await _relay(upstream, send, out_headers)
                 complete = True
@@ -275,13 +283,18 @@ class InlineProxy:
         # drop the connection, so the client sees the failure.
 
 
+Settle = Callable[[Usage | None], Awaitable[None]]
+
+
 async def _relay_stream(
     upstream: aiohttp.ClientResponse,
     send: Send,
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
     strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """An SSE answer, chunk by chunk; its usage is settled before the last bytes go out."""
     headers = [(k, v) for k, v in headers if k != b"content-length"]
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     stream = StreamUsage(kind, strip_usage_chunk=strip)
@@ -291,8 +304,11 @@ async def _relay_stream(
         out = stream.feed(chunk)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-    await send({"type": "http.response.body", "body": stream.flush(), "more_body": False})
-    return stream.finish()
+    last = stream.flush()
+    usage = stream.finish()
+    await settle(usage)
+    await send({"type": "http.response.body", "body": last, "more_body": False})
+    return usage
 
 
 async def _relay_json(
@@ -300,28 +316,32 @@ async def _relay_json(
     send: Send,
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
+    strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """A JSON answer; its usage is settled before the client has all of it."""
     start: Any = {"type": "http.response.start", "status": upstream.status, "headers": headers}
     if upstream.content_length is not None and upstream.content_length <= _WHOLE:
         body = await upstream.read()
+        usage = extract_json(kind, body) if upstream.status < 400 else None
+        await settle(usage)
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
-    else:
-        await send(start)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in upstream.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            size += len(chunk)
-            if size <= _JSON_CAP:
-                chunks.append(chunk)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if size > _JSON_CAP:
-            return None
-        body = b"".join(chunks)
-    if upstream.status >= 400:
-        return None
-    return extract_json(kind, body)
+        return usage
+    await send(start)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        size += len(chunk)
+        if size <= _JSON_CAP:
+            chunks.append(chunk)
+    usage = None
+    if size <= _JSON_CAP and upstream.status < 400:
+        usage = extract_json(kind, b"".join(chunks))
+    await settle(usage)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return usage
 
 
 async def _unrelayed_usage(
