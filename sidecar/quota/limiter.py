@@ -103,6 +103,7 @@ class Limiter:
         self._release = Script("sidecar.quota.lua", "release")
         self._settle = Script("sidecar.quota.lua", "settle")
         self._calls = Coalescer(client, self._admit)
+        self._settles = Coalescer(client, self._settle)  # under load, many share a round trip
         self._pinging: asyncio.Future[None] | None = None
 
     def deadline(self) -> StoreDeadline:
@@ -379,21 +380,18 @@ class Limiter:
     ) -> None:
         """What an answered request used replaces what it reserved, in every token and cost
         limit of its subjects (the actual is charged where nothing was reserved, or the
-        reservation expired): durable before the client has the whole response. One round
-        trip (a pipeline: each subject's call is atomic in its own slot). Raises
-        StoreUnavailable."""
+        reservation expired): durable before the client has the whole response. Each
+        subject's call is atomic in its own slot; concurrent settlements share round trips (a
+        Coalescer, as admissions do). Raises StoreUnavailable."""
         charged = [s for s in subjects if _charged(s.policy)]
         if not charged:
             return
         now_ms = int(self.clock() * 1000)
-
-        def queue(pipe: Any) -> None:
-            for subject in charged:
-                self._settle.queue(
-                    pipe, *self._settle_call(subject, request_id, tokens, nanos, now_ms)
-                )
-
-        await pipeline(self.client, queue, [self._settle])
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in charged]
+        if len(calls) == 1:
+            await self._settles(*calls[0])
+        else:
+            await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window
