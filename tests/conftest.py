@@ -1,28 +1,20 @@
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from sidecar.app import create_app
-from sidecar.settings import Settings
+from sidecar.mock import MockServer, start_mock
+from sidecar.settings import Settings, parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import ApiClient, serve
-
-ADMIN_TOKEN = "test-admin-token-0123456789"
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_795_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +40,6 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    from sidecar.settings import parse
-
     data_dir = str(tmp_path_factory.mktemp("data"))
     return parse({"redis": {"url": redis_server.url}, "server": {"data_dir": data_dir}})
 
@@ -60,3 +50,56 @@ async def api(redis: Redis, settings: Settings, clock: FakeClock) -> AsyncIterat
     async with serve(app) as url, ApiClient(base_url=url, headers=AUTH) as client:
         client.app = app
         yield client
+
+
+@pytest.fixture
+async def make_env(
+    redis: Redis,
+    redis_server: RedisServer,
+    clock: FakeClock,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[MakeEnv]:
+    opened: list[Any] = []
+
+    async def make(
+        upstream_url: str | None = None,
+        real_clock: bool = False,
+        redis_client: Redis | None = None,
+        **config: Any,
+    ) -> Env:
+        mock = await start_mock()
+        opened.append(mock)
+        # Checks get time to answer on a busy test machine instead of failing open (the outage
+        # tests set their own short timeout).
+        raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 2000}}
+        raw["server"] = {"data_dir": str(tmp_path_factory.mktemp("data"))}  # the spool
+        raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
+        for section, values in config.items():
+            raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}
+        app = create_app(
+            parse(raw),
+            admin_token=ADMIN_TOKEN,
+            redis=redis_client or redis,
+            clock=time.time if real_clock else clock,
+        )
+        context = serve(app)
+        url = await context.__aenter__()
+        opened.append(context)
+        api = ApiClient(base_url=url, headers=AUTH)
+        opened.append(api)
+        return Env(url=url, mock=mock, app=app, api=api, redis=redis)
+
+    yield make
+    for item in reversed(opened):
+        if isinstance(item, ApiClient):
+            await item.aclose()
+        elif isinstance(item, MockServer):
+            await item.close()
+        else:
+            await item.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def env(make_env: MakeEnv) -> Env:
+    made: Env = await make_env()
+    return made

@@ -12,10 +12,8 @@ import pytest
 from sidecar.cli import main
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient, serve
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import MakeEnv
 
 
 async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

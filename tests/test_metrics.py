@@ -12,10 +12,8 @@ from redis.asyncio import Redis
 from sidecar.observe.counters import MAX_MODELS, Counters, Histogram
 from sidecar.observe.prometheus import Exposition
 from sidecar.testing.redis_server import free_port
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import MakeEnv
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 _SAMPLE = re.compile(r"^([a-z_]+)(\{.*\})? (\S+)$")

@@ -7,7 +7,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient as Client
-from tests.api.test_identities import create, snapshot
+from tests.support.identities import create, snapshot
 
 
 def nested(depth: int) -> dict[str, Any]:

@@ -1,36 +1,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import cast
 from urllib.parse import quote
 
 import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient as Client
-from tests.conftest import FakeClock
-
-
-async def create(api: Client, **fields: Any) -> dict[str, Any]:
-    r = await api.post("/v2/identities", json=fields)
-    assert r.status_code == 201, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
-async def snapshot(redis: Redis) -> dict[bytes, Any]:
-    """Every key and its value, to prove that a rejected request wrote nothing."""
-    out: dict[bytes, Any] = {}
-    keys = cast(list[bytes], await redis.keys("*"))
-    for key in keys:
-        kind = await redis.type(key)
-        if kind == b"hash":
-            out[key] = await redis.hgetall(key)
-        elif kind == b"zset":
-            out[key] = await redis.zrange(key, 0, -1)
-        else:
-            out[key] = await redis.get(key)
-    return out
+from tests.support.clock import FakeClock
+from tests.support.identities import create, snapshot
 
 
 async def test_create_returns_the_record(api: Client) -> None:

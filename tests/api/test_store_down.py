@@ -9,7 +9,7 @@ from sidecar.app import create_app
 from sidecar.settings import parse
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient, serve
-from tests.conftest import ADMIN_TOKEN, AUTH
+from tests.support.auth import ADMIN_TOKEN, AUTH
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import httpx
 import pytest
 
 from sidecar.api import usage
-from tests.conftest import FakeClock
-from tests.proxy.conftest import Env, MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
 
 COUNTS = (
     "requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",

@@ -12,17 +12,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import (
-    MESSAGES,
-    MakeSide,
-    chat,
-    create,
-    eventually,
-    gpt_4o_nanos,
-    listing,
-    tokens,
-)
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, chat, create, eventually, gpt_4o_nanos, listing
+from tests.support.traffic import MESSAGES, tokens
 
 INDEX = "sidecar:{idx}:order"
 RECOVERY_S = 15  # node timeout 1 s, the election, and the client's slot map refresh

@@ -10,8 +10,8 @@ from typing import Any
 import redis
 
 from sidecar.testing.redis_cluster import SentinelSet, role
-from tests.cluster.conftest import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
 
 RECOVERY_S = 15  # down-after 1 s, the election, the client's retries
 NOTICE_S = 1.5  # the sidecar asks the sentinels for the master once a second

@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.redis_server import RedisServer
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
 
 TIMEOUT_MS = 100
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "faults"

@@ -20,7 +20,7 @@ from sidecar.identity.model import Metrics
 from sidecar.mock import MockServer, start_mock
 from sidecar.store.keys import Keys
 from sidecar.testing.redis_server import RedisServer, free_port
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 STREAM = {
     "model": "gpt-4o-mini",

@@ -17,7 +17,7 @@ from bench import flood_bench
 from sidecar.identity import identify, records
 from sidecar.quota import profiles
 from sidecar.usage import recorder as usage_recorder
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
 
 BOUND = 250
 HEADER_IDS = 4 * BOUND

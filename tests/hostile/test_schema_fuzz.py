@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from sidecar.testing.serving import ApiClient
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 EXAMPLES = 40  # per operation, mode and credential set
 CREDENTIALS = {

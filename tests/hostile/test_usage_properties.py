@@ -17,7 +17,7 @@ from sidecar.usage.extract import (
     usage_from_mapping,
 )
 from sidecar.usage.model import Kind, Usage
-from tests.usage import samples
+from tests.support import samples
 
 BOUNDED = settings(
     max_examples=150,

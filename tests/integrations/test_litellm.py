@@ -30,9 +30,9 @@ from sidecar.integrations import litellm as integration
 from sidecar.integrations.litellm import ConfigError, Settings, SidecarCallback
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import serve
-from tests.conftest import ADMIN_TOKEN
-from tests.integrations.litellm_proxy import LiteLLMProxy
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
+from tests.support.litellm_proxy import LiteLLMProxy
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
 # items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.

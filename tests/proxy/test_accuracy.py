@@ -12,8 +12,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES
 
 KINDS = ["chat", "chat_stream", "chat_stream_usage", "responses", "responses_stream",
          "embeddings", "messages", "messages_stream"]  # fmt: skip

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
 
 HOOK = {"x-sidecar-token": ADMIN_TOKEN}
 

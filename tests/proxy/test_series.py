@@ -3,9 +3,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import FakeClock
-from tests.proxy.conftest import Env
-from tests.proxy.test_inline import MESSAGES, client, tokens
+from tests.support.clock import FakeClock
+from tests.support.env import Env
+from tests.support.traffic import MESSAGES, client, tokens
 
 
 async def test_daily_and_hourly_series_with_sources(env: Env, clock: FakeClock) -> None:

@@ -17,9 +17,10 @@ from redis.asyncio import Redis
 
 from sidecar.mock import start_mock
 from sidecar.testing.redis_server import RedisServer, free_port
-from tests.conftest import ADMIN_TOKEN, FakeClock
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES, tokens
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES, tokens
 
 BODY = {"model": "gpt-4o", "messages": MESSAGES}
 

@@ -25,7 +25,7 @@ from sidecar.mock import MockServer, start_mock
 from sidecar.store.embedded import EmbeddedStoreError, embedded, socket_path
 from sidecar.store.embedded import process as embedded_module
 from sidecar.testing.redis_server import free_port
-from tests.conftest import ADMIN_TOKEN, AUTH
+from tests.support.auth import ADMIN_TOKEN, AUTH
 
 # uvicorn re-raises the SIGTERM it handled once it has shut down.
 STOPPED = {0, -signal.SIGTERM}

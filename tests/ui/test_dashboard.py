@@ -14,10 +14,11 @@ import openai
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient
-from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES, tokens
-from tests.ui.conftest import csrf_of, sign_in
+from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.clock import FakeClock
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES, tokens
+from tests.support.ui import csrf_of, sign_in
 
 
 def cookie_header(r: httpx.Response) -> str:

@@ -14,7 +14,7 @@ from sidecar.store.keys import Keys
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
 from sidecar.usage.recorder import Recorder
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 KEYS = Keys("sidecar")
 

@@ -17,8 +17,8 @@ from sidecar.usage.extract import (
     prepare_request,
 )
 from sidecar.usage.model import Kind, Usage, kind_for_path
-from tests.usage import samples
-from tests.usage.samples import dumps, sse
+from tests.support import samples
+from tests.support.samples import dumps, sse
 
 CHAT = Usage(
     input_tokens=1337,

@@ -26,7 +26,7 @@ from sidecar.usage.ranking import Rankings
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
 from sidecar.usage.writer import UsageWriter
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 KEYS = Keys("sidecar")
 
