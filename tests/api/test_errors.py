@@ -35,3 +35,24 @@ async def test_unreachable_store_is_a_503_json_error(api_without_store: ApiClien
         r = await api_without_store.request(method, path, json=body)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "service_unavailable_error"
+
+
+async def test_unknown_route_and_method_are_json(api: ApiClient) -> None:
+    r = await api.get("/v2/identities/someone/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # Paths the sidecar does not own go upstream; with none configured that is a 502.
+    r = await api.get("/v2/nothing")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "no_upstream"
+    r = await api.put("/v2/identities", json={})
+    assert r.status_code == 405 and "error" in r.json()
+
+
+async def test_body_over_the_api_limit_is_413(api: ApiClient, redis: Redis) -> None:
+    r = await api.post(
+        "/v2/identities",
+        content=b'{"external_id": "big", "display_name": "' + b"x" * 3_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert await redis.dbsize() == 0
