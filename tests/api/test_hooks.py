@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from redis.asyncio import Redis
 
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.env import Env, MakeEnv
+from tests.support.limits import policy_file
 
 HOOK = {"x-sidecar-token": ADMIN_TOKEN}
 
@@ -137,3 +139,15 @@ async def test_bad_usage_reports_are_400(env: Env, redis: Redis, fields: dict[st
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert await redis.dbsize() == 0
+
+
+async def test_hook_authorize_refuses_with_429(make_env: MakeEnv, tmp_path: Path) -> None:
+    env = await make_env(**policy_file(tmp_path, '[[policy]]\nname = "h"\nrequests = ["1/hour"]\n'))
+    hook = {"x-sidecar-token": ADMIN_TOKEN, "X-ORQ-IDENTITY-ID": "hooked"}
+    first = await env.api.post("/hooks/authorize", json={}, headers=hook)
+    assert first.status_code == 200 and first.json()["policy"] == "h"
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    second = await env.api.post("/hooks/authorize", json={}, headers=hook)
+    assert second.status_code == 429
+    assert second.json()["error"]["policy"] == "h"
+    assert int(second.headers["retry-after"]) >= 1
