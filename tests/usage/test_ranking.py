@@ -1,64 +1,20 @@
 """The top-spenders index: written after the counters, read as 30-day rankings, and the
-`sort` of the identity API and the dashboard that pages through them."""
+`sort` of the identity API that pages through them."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.store.keys import Keys
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
-from sidecar.usage.recorder import Recorder
 from tests.support.clock import FakeClock
+from tests.support.rankings import order, recorder_of, seed
 
 KEYS = Keys("sidecar")
-
-# external id -> counters added today; "early" usage lands 3 days ago, "ancient" 40 days ago.
-TRAFFIC: dict[str, dict[str, int]] = {
-    "a": {"r": 5, "c": 100},
-    "b": {"r": 2, "e": 1, "c": 900},
-    "c": {"r": 9, "e": 3, "c": 300},
-    "d": {"r": 1, "e": 1, "c": 50},
-    "e": {},
-    "f": {},
-}
-
-
-def recorder_of(api: ApiClient) -> Recorder:
-    recorder: Recorder = api.app.services.recorder
-    return recorder
-
-
-async def seed(api: ApiClient, clock: FakeClock) -> dict[str, str]:
-    """Identities a-f (f newest), their usage written as the proxy writes it; a gets $10
-    more three days ago, f $99 forty days ago (out of every ranking)."""
-    ids = {}
-    for name in TRAFFIC:
-        clock.advance(1)
-        r = await api.post("/v2/identities", json={"external_id": name, "tags": [f"t-{name}"]})
-        ids[name] = r.json()["_id"]
-    recorder = recorder_of(api)
-    for name, counters in TRAFFIC.items():
-        if counters:
-            recorder.add(ids[name], counters, source="header", external_id=name)
-    now = clock()
-    recorder.add(
-        ids["a"], {"r": 1, "c": 1000}, source="header", external_id="a", at=now - 3 * 86400
-    )
-    recorder.add(ids["f"], {"r": 1, "c": 99}, source="header", external_id="f", at=now - 40 * 86400)
-    await recorder.drain()
-    return ids
-
-
-async def order(api: ApiClient, **params: Any) -> list[str]:
-    r = await api.get("/v2/identities", params={"limit": 200, **params})
-    assert r.status_code == 200, r.text
-    return [i["external_id"] for i in r.json()["data"]]
 
 
 async def test_each_sort_ranks_by_its_30_day_counter_then_the_rest_newest_first(
@@ -205,23 +161,3 @@ async def test_bad_sort_is_a_400_and_the_schema_documents_it(api: ApiClient) -> 
     assert sort["schema"]["enum"] == ["created", "cost", "requests", "error_rate"]
     assert sort["schema"]["default"] == "created"
     assert not any(path.startswith("/ui") for path in schema["paths"])
-
-
-async def test_the_dashboard_sorts_through_the_index(
-    api: ApiClient, clock: FakeClock, browser_client: httpx.AsyncClient, signed_in: str
-) -> None:
-    await seed(api, clock)
-
-    def names(page: str) -> list[str]:
-        return re.findall(r'<td class="name"><a href="/ui/identities/(\w)">', page)
-
-    for sort in ("cost", "requests", "error_rate"):
-        page = (await browser_client.get("/ui", params={"sort": sort})).text
-        assert names(page) == await order(api, sort=sort), sort
-        assert f'<option value="{sort}" selected>' in page
-    page = (await browser_client.get("/ui", params={"sort": "cost", "limit": 4})).text
-    assert names(page) == ["a", "b", "c", "d"]
-    found = re.search(r'<a rel="next" href="([^"]+)">', page)
-    assert found
-    page = (await browser_client.get(found.group(1).replace("&amp;", "&"))).text
-    assert names(page) == ["f", "e"]
