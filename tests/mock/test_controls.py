@@ -174,7 +174,8 @@ async def test_drop_after_kills_an_anthropic_stream_mid_way(
     claude: anthropic.AsyncAnthropic,
 ) -> None:
     seen: list[str] = []
-    with pytest.raises(httpx2.RemoteProtocolError):
+    # anthropic 2.x reports the broken connection as its own APIConnectionError.
+    with pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as dropped:
         async with claude.messages.stream(
             model="c",
             max_tokens=5,
@@ -184,6 +185,12 @@ async def test_drop_after_kills_an_anthropic_stream_mid_way(
             async for text in stream.text_stream:
                 seen.append(text)
     assert seen == ["Hello"]
+    cause = (
+        dropped.value.__cause__
+        if isinstance(dropped.value, anthropic.APIConnectionError)
+        else dropped.value
+    )
+    assert isinstance(cause, httpx2.RemoteProtocolError), "the connection broke mid-stream"
 
 
 async def test_drop_after_on_json_closes_without_an_answer(oai: openai.AsyncOpenAI) -> None:
