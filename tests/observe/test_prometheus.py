@@ -1,59 +1,18 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
-from sidecar.observe.counters import MAX_MODELS, Counters, Histogram
-from sidecar.observe.prometheus import Exposition
 from sidecar.testing.redis_server import free_port
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.env import MakeEnv
+from tests.support.limits import policy_file
+from tests.support.prometheus import Samples, parse
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-_SAMPLE = re.compile(r"^([a-z_]+)(\{.*\})? (\S+)$")
-
-
-_LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
-
-
-def canonical(sample: str) -> str:
-    """`name{labels}` with its labels in name order: the text format leaves the order open."""
-    name, brace, labels = sample.partition("{")
-    if not brace:
-        return sample
-    pairs = sorted(_LABEL.findall(labels[:-1]))
-    return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
-
-
-class Samples(dict[str, float]):
-    """Samples by `name{labels}`, found whatever order a lookup writes the labels in."""
-
-    def __getitem__(self, key: str) -> float:
-        return super().__getitem__(canonical(key))
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and super().__contains__(canonical(key))
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return super().get(canonical(key), default)
-
-
-def parse(text: str) -> Samples:
-    """`name{labels}` -> value, for every sample line; every other line must be a comment."""
-    out = Samples()
-    for line in text.splitlines():
-        if not line or line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        match = _SAMPLE.match(line)
-        assert match, f"not a sample line: {line!r}"
-        out[canonical(match.group(1) + (match.group(2) or ""))] = float(match.group(3))
-    return out
 
 
 async def scrape(url: str) -> tuple[Samples, str]:
@@ -71,17 +30,11 @@ def histogram(samples: dict[str, float], name: str) -> tuple[list[float], float]
     return buckets, samples[f"{name}_count"]
 
 
-def policy(tmp_path: Path, text: str) -> dict[str, Any]:
-    path = tmp_path / "policies.toml"
-    path.write_text(text)
-    return {"policies": {"paths": [str(path)]}}
-
-
 async def test_metrics_count_requests_refusals_latency_and_unpriced_models(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
     env = await make_env(
-        **policy(
+        **policy_file(
             tmp_path,
             '[[policy]]\nname = "trial"\nrequests = ["3/minute"]\ntokens = ["100000/hour"]\n',
         )
@@ -180,7 +133,7 @@ async def test_redis_failures_show_as_errors_and_spooled_usage(
     env = await make_env(
         redis_client=dead,
         redis={"timeout_ms": 200},
-        **policy(tmp_path, '[[policy]]\nname = "p"\nrequests = ["100/minute"]\n'),
+        **policy_file(tmp_path, '[[policy]]\nname = "p"\nrequests = ["100/minute"]\n'),
     )
     try:
         async with httpx.AsyncClient(base_url=env.url) as client:
@@ -212,31 +165,3 @@ async def test_metrics_off_is_a_404_and_the_proxy_still_works(make_env: MakeEnv)
         r = await client.get("/metrics")
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "not_found_error"
-
-
-def test_model_labels_are_capped_and_escaped() -> None:
-    metrics = Counters()
-    for n in range(MAX_MODELS + 50):
-        metrics.unpriced(f"model-{n}")
-    metrics.unpriced("model-0")
-    metrics.unpriced('odd"name\\with\nnewline')
-    samples = parse(Exposition(metrics).render().decode())
-    models = {k: v for k, v in samples.items() if k.startswith("sidecar_unpriced_requests_total")}
-    assert len(models) == MAX_MODELS + 1
-    assert models['sidecar_unpriced_requests_total{model="model-0"}'] == 2
-    assert models['sidecar_unpriced_requests_total{model="other"}'] == 51
-    assert sum(models.values()) == MAX_MODELS + 52
-
-
-def test_histogram_buckets_are_inclusive_upper_bounds() -> None:
-    h = Histogram((0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
-        h.observe(value)
-    metrics = Counters()
-    metrics.upstream = h
-    samples = parse(Exposition(metrics).render().decode())
-    name = "sidecar_upstream_latency_seconds"
-    assert samples[f'{name}_bucket{{le="0.1"}}'] == 2
-    assert samples[f'{name}_bucket{{le="1.0"}}'] == 4
-    assert samples[f'{name}_bucket{{le="+Inf"}}'] == 5
-    assert samples[f"{name}_sum"] == pytest.approx(8.65)
