@@ -118,6 +118,7 @@ def test_log_settings_are_checked() -> None:
     assert any(p.startswith("server.log_format") for p in bad.value.problems), bad.value.problems
 
 
+@pytest.mark.slow
 async def test_serve_writes_json_lines_and_an_access_log_without_secrets(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

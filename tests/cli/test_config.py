@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.cli import clean_env
 
 
@@ -16,6 +18,7 @@ def sidecar(
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[server]\nport = 9000\n[upstream]\nurl = "http://127.0.0.1:4000"\n')

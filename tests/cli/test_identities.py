@@ -84,6 +84,7 @@ async def test_list_and_get_print_an_identity_created_through_the_api(
     assert shown == (await api.get(f"/v2/identities/{ada['_id']}?include_metrics=true")).json()
 
 
+@pytest.mark.slow
 async def test_the_installed_command_prints_only_the_table(
     api: ApiClient, capsys: pytest.CaptureFixture[str]
 ) -> None:

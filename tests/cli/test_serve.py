@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from sidecar.testing.redis_server import free_port
 from tests.support.cli import clean_env
@@ -48,6 +49,7 @@ def serving(
         lines += rest.splitlines()
 
 
+@pytest.mark.slow
 def test_serve_on_the_embedded_store_keeps_identities_across_restarts(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 import redis
 
 from sidecar.testing.redis_cluster import SentinelSet, role
@@ -39,6 +40,7 @@ async def survives(side: Side, before: list[dict[str, Any]]) -> None:
         assert now[record["_id"]] == record
 
 
+@pytest.mark.slow
 async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demoted(
     sentinels: SentinelSet, make_side: MakeSide, clock: FakeClock
 ) -> None:
@@ -76,6 +78,7 @@ async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demot
     assert metrics["total_cost"] == (gpt_4o_nanos(10, 1) + gpt_4o_nanos(1000, 100)) / 1e9
 
 
+@pytest.mark.slow
 async def test_master_killed(sentinels: SentinelSet, make_side: MakeSide, clock: FakeClock) -> None:
     side = await make_side(sentinels.url)
     await traffic(side, clock, "crash", 5)

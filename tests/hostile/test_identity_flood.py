@@ -52,6 +52,7 @@ def request(k: int) -> dict[str, Any]:
     return {"json": body}
 
 
+@pytest.mark.slow
 async def test_a_flood_of_identities_keeps_every_cache_within_its_bound(
     make_env: MakeEnv, small_caches: None, tmp_path: Path
 ) -> None:
@@ -92,6 +93,7 @@ async def test_a_flood_of_identities_keeps_every_cache_within_its_bound(
     assert [i["external_id"] for i in listed.json()["data"]] == ["flood-0"]
 
 
+@pytest.mark.slow
 def test_the_flood_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """bench/flood_bench.py end to end on a small flood: its own redis-server, mock upstream and
     `sidecar serve`, all stopped at the end."""

@@ -448,6 +448,7 @@ class Hop:
         return self.answers[0]
 
 
+@pytest.mark.slow
 async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
 ) -> None:
@@ -477,6 +478,7 @@ async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts
     assert len(limited.mock.requests) == 2
 
 
+@pytest.mark.slow
 async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

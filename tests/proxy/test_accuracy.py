@@ -146,6 +146,7 @@ async def send(clients: Clients, call: Call) -> None:
         await oai.embeddings.create(model=model, input="hi", **common)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_a_thousand_mixed_requests_are_counted_exactly(make_env: MakeEnv) -> None:
     env = await make_env(

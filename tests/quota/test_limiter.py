@@ -116,6 +116,7 @@ tokens = ["10/hour"]
     assert len(request_keys) == 1 and await redis.get(request_keys[0]) == b"1"
 
 
+@pytest.mark.slow
 async def test_concurrency_slots_are_released(make_env: MakeEnv, tmp_path: Path) -> None:
     env = await make_env(**policy_file(tmp_path, '[[policy]]\nname = "c"\nconcurrency = 2\n'))
     slow = {"x-mock-latency-ms": "400"}
@@ -194,6 +195,7 @@ async def test_redis_outage_follows_on_error_within_the_timeout(
         private_redis.resume()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_four_sidecar_processes_enforce_one_count(
     tmp_path: Path, redis_server: RedisServer, redis: Redis

@@ -9,6 +9,7 @@ from tests.support.env import MakeEnv
 from tests.support.limits import burst, policy_file
 
 
+@pytest.mark.slow
 async def test_hot_reload_keeps_the_window_count(
     make_env: MakeEnv, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -73,6 +73,7 @@ cost_usd = ["5/day"]
     assert refused.headers["x-ratelimit-remaining-tokens"] == "840"
 
 
+@pytest.mark.slow
 async def test_openai_client_raises_and_its_retry_honours_retry_after(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:

@@ -59,6 +59,7 @@ async def row_cell(page: Page, external_id: str, cell: str) -> str:
     return (await row.locator(f"td.{cell}").inner_text()).strip()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + 60)  # the first use may install chromium
 async def test_sign_in_create_send_traffic_and_see_it(
     chromium: str, browser: Browser, make_env: MakeEnv, tmp_path: Path, clock: FakeClock

@@ -146,6 +146,7 @@ def test_the_last_user_signals_only_the_process_holding_the_store_lock(
     user.close()  # (reaps its child)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_a_rolling_restart_keeps_the_store_of_the_new_process(
     data: Path, sidecars: Callable[..., Sidecar], mock: MockServer
@@ -184,6 +185,7 @@ async def test_a_rolling_restart_keeps_the_store_of_the_new_process(
     assert not (data / "redis.sock").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_sidecars_on_one_data_dir_share_one_store_until_the_last_leaves(
     data: Path, sidecars: Callable[..., Sidecar]

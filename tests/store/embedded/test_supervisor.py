@@ -19,6 +19,7 @@ from tests.support.embedded import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_a_killed_store_is_restarted_with_its_data(
     data: Path, sidecars: Callable[..., Sidecar]
