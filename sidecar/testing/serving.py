@@ -39,11 +39,13 @@ class _Server(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()
         # uvicorn's sets of connections and tasks signal nothing when they empty: poll them.
-        while self.server_state.connections or self.server_state.tasks:  # noqa: ASYNC110
+        state = self.server_state
+        while (state.connections or state.tasks) and not self.force_exit:  # noqa: ASYNC110
             await asyncio.sleep(0.002)
         for server in self.servers:
             await server.wait_closed()
-        await self.lifespan.shutdown()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 @asynccontextmanager
