@@ -129,6 +129,13 @@ class TooManyRequests(SidecarError):
     code = "rate_limited"
 
 
+class IdentityCreationLimited(TooManyRequests):
+    """A key owner (or a client address without a listed key) made `[identity]
+    max_new_per_minute` identities in the last minute."""
+
+    code = "identity_creation_limited"
+
+
 class BadGateway(SidecarError):
     status = 502
     type = "api_error"

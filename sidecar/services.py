@@ -30,6 +30,7 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
+from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
@@ -68,6 +69,7 @@ class Services:
     quota: Quota
     settlement: Settlement
     authorizer: Authorizer
+    signins: FailedSignIns
     sessions: Sessions
     upstream: Upstream
     background: Background
@@ -113,7 +115,7 @@ def build(
     live = LiveConfig(settings)
     profiles = PolicyProfiles(live, clock)
 
-    records = IdentityRecords(redis, keys, clock)
+    records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
     identifier = Identifier(records, profiles, clock)
 
@@ -144,8 +146,19 @@ def build(
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
     authorizer = Authorizer(attribution, identifier, quota, settlement)
     proxy = InlineProxy(settings, upstream, attribution, identifier, quota, settlement, counters)
+    signins = FailedSignIns(
+        redis,
+        keys,
+        per_minute=settings.admin.failed_auth_per_minute,
+        networks=attribution.networks,
+        clock=clock,
+        timeout_s=settings.redis.timeout_ms / 1000,
+    )
     raw_authorize = RawAuthorize(
-        authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
+        authorizer,
+        settings.admin.hook_token or admin_token,
+        signins,
+        settings.server.body_timeout_s,
     )
     exposition = (
         Exposition(counters, Readings(limiter, recorder, live)) if counters is not None else None
@@ -155,7 +168,8 @@ def build(
         *listing.scripts,
         *usage_counters.scripts,
         writer.script,
-        limiter.script,
+        *limiter.scripts,
+        signins.script,
     )
     return Services(
         settings=settings,
@@ -172,7 +186,8 @@ def build(
         quota=quota,
         settlement=settlement,
         authorizer=authorizer,
-        sessions=Sessions(redis, keys, admin_token),
+        signins=signins,
+        sessions=Sessions(redis, keys, admin_token, signins),
         upstream=upstream,
         background=background,
         proxy=proxy,

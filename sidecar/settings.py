@@ -137,6 +137,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "SIDECAR_DATA_DIR": ("server", "data_dir", str),
     # Comma-separated CIDRs: how a container image says whose identity claims it accepts.
     "SIDECAR_TRUSTED_NETWORKS": ("identity", "trusted_networks", list),
+    "SIDECAR_TRUST": ("identity", "trust", str),
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

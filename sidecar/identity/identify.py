@@ -108,10 +108,11 @@ class Identifier:
             write.exception()  # retrieved here: every waiter may have given up
 
     async def _write(self, resolved: Resolved, digest: bytes) -> str:
+        creator = resolved.creator or None
         if resolved.profile is None:
-            identity, _ = await self.records.upsert(resolved.external_id, Profile())
+            identity, _ = await self.records.upsert(resolved.external_id, Profile(), creator)
             return identity.id
-        identity, _ = await self.records.upsert(resolved.external_id, resolved.profile)
+        identity, _ = await self.records.upsert(resolved.external_id, resolved.profile, creator)
         self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
         self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
         if len(self._written) > _WRITTEN_SIZE:

@@ -7,12 +7,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import msgspec
+
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
 from sidecar.metering.attribution import Attribution
 from sidecar.observe.counters import Counters
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision, Subject
 from sidecar.quota.service import Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
@@ -83,21 +85,44 @@ class Settlement:
         identity = meter.identity
         if isinstance(identity, asyncio.Task):
             self.background.spawn(self._when_known(identity, resolved, counters))
+            self._via_owner(resolved, counters, None, {})
             return
-        charges = {}
+        charges: dict[str, dict[str, tuple[int, int]]] = {}
         decision = meter.decision
         if identity is not None and decision is not None:
             limiter = self.quota.limiter
-            if decision.lease is not None:
-                self.background.spawn(limiter.release(identity, decision.lease))
+            if decision.leases:
+                self.background.spawn(limiter.release(decision.leases))
             tokens = usage.total_tokens if usage is not None else 0
-            charges = limiter.charges(identity, decision.policy, tokens, nanos, limiter.clock())
+            charges = limiter.charges(decision.subjects, tokens, nanos, limiter.clock())
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            charges=charges.pop(identity, None) if identity is not None else None,
+        )
+        owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+        self._via_owner(resolved, counters, owner_id, owner_charges)
+
+    def _via_owner(
+        self,
+        resolved: Resolved,
+        counters: dict[str, int],
+        owner_id: str | None,
+        charges: dict[str, tuple[int, int]],
+    ) -> None:
+        """A request that carried a listed key for someone else counts for the key's owner
+        too: in its VIA counters, and in its limits (`charges`, when two levels applied)."""
+        owner = resolved.owner
+        if owner is None or owner == resolved.external_id:
+            return
+        self.recorder.add(
+            owner_id,
+            buckets.via(counters),
+            source="",
+            external_id=owner,
             charges=charges,
         )
 
@@ -113,6 +138,7 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
         )
+        self._via_owner(resolved, counters, None, {})
 
     async def reported(
         self,
@@ -132,32 +158,58 @@ class Settlement:
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
-        charges = {}
+        charges: dict[str, dict[str, tuple[int, int]]] = {}
         identity_id: str | None = None
+        owner: str | None = None
         try:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
-                if quota.active:
-                    # The slot authorize took, if any, is free again (a retry finds it gone).
-                    await quota.limiter.release(identity_id, request_id)
-                    policy = await quota.policy_for(identity_id, resolved)
+                subjects, owner = await self._admitted(resolved, identity_id, request_id)
+                if subjects:
+                    # The slots authorize took, if any, are free again (a retry finds them gone).
+                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
                     charges = quota.limiter.charges(
-                        identity_id, policy, usage.total_tokens, nanos, quota.limiter.clock()
+                        subjects, usage.total_tokens, nanos, quota.limiter.clock()
                     )
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
             # when its lease expires, and the limits are not charged for it.
             log.warning("usage report %s kept for later: %s", request_id, exc)
-        return await self.recorder.record(
+        recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
             request_id=request_id,
-            charges=charges,
+            charges=charges.pop(identity_id, None) if identity_id is not None else None,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
         )
+        if owner is not None and (recorded.counted or recorded.spooled):
+            # A retried report counts once, for the owner too.
+            owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+            with_owner = msgspec.structs.replace(resolved, owner=owner)
+            self._via_owner(with_owner, counters, owner_id, owner_charges)
+        return recorded
+
+    async def _admitted(
+        self, resolved: Resolved, identity_id: str, request_id: str
+    ) -> tuple[list[Subject], str | None]:
+        """Whom a reported request counts against: its identity under its policy now, and the
+        key owner its authorization counted it against (see Limiter.remember); and that
+        owner's external id, when it carried a key for someone else."""
+        quota = self.quota
+        policy = await quota.policy_for(identity_id, resolved) if quota.active else None
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        admission = await quota.limiter.recall(request_id)
+        if admission is None:
+            return out, None
+        by_name = {p.name: p for p in quota.live.policies}
+        for owner_id, name in admission.subjects:
+            owner_policy = by_name.get(name)
+            if owner_policy is not None:  # else: the policies changed since
+                out.append(Subject(owner_id, admission.owner, owner_policy))
+        return out, admission.owner
 
     async def _refresh(self, resolved: Resolved) -> None:
         """Write a known identity's body profile, after its request was answered."""

@@ -35,8 +35,9 @@ from sidecar.jsonbody import parse_object
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Meter, Settlement
 from sidecar.observe.counters import Counters
+from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
@@ -62,9 +63,6 @@ _REQUEST_SKIP = frozenset(
         b"content-length",
         b"expect",
     }
-)
-_RESPONSE_SKIP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
 )
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
@@ -161,13 +159,23 @@ class InlineProxy:
                 return None, body
         else:
             logs.bind(resolved.external_id)
-            # A write, when one is needed, runs while the upstream works.
-            identity = known or asyncio.create_task(self.identifier.identify(resolved))
+            identity = known or await self._identify_first(resolved)
         requested = payload.get("model")
         model = requested if isinstance(requested, str) else None
         meter = Meter(resolved, kind, identity, model, decision, strip)
         meter.refresh = refresh and known is not None
         return meter, body
+
+    async def _identify_first(self, resolved: Resolved) -> str | asyncio.Task[str]:
+        """An identity this process does not know yet is found, or created, before the request
+        goes out, so that the creation cap can refuse it (IdentityCreationLimited). When the
+        store does not answer in time, the write goes on while the upstream works."""
+        write = asyncio.ensure_future(self.identifier.identify(resolved))
+        try:
+            async with self.quota.limiter.deadline():
+                return await asyncio.shield(write)
+        except (StoreUnavailable, TimeoutError):
+            return write
 
     async def _refuse(
         self, send: Send, resolved: Resolved, identity_id: str | None, decision: Decision
@@ -226,15 +234,18 @@ class InlineProxy:
                 if self.counters is not None:
                     self.counters.upstream.observe(time.perf_counter() - started)
                 header_cost = upstream.headers.get("x-litellm-response-cost")
-                out_headers = [
-                    (k.lower().encode("latin-1"), v.encode("latin-1"))
-                    for k, v in upstream.headers.items()
-                    if k.lower() not in _RESPONSE_SKIP
-                ]
-                if meter is not None and meter.decision is not None:
-                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 kind = meter.kind if meter else None
                 sse = "text/event-stream" in upstream.headers.get("content-type", "")
+                try:
+                    out_headers = relayed(upstream.raw_headers)
+                except Unrelayable as exc:
+                    log.warning("upstream answer not relayed: %s", exc)
+                    message = f"the upstream's answer cannot be relayed: {exc}"
+                    await send_error(send, BadGateway(message, code="bad_upstream_response"))
+                    usage = await _unrelayed_usage(upstream, kind, sse)
+                    return
+                if meter is not None and meter.decision is not None:
+                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 if meter and sse and kind is not None:
                     usage = await _relay_stream(upstream, send, out_headers, kind, meter.strip)
                 elif meter and kind is not None:
@@ -245,6 +256,10 @@ class InlineProxy:
         except TimeoutError:
             if status is None:
                 await send_error(send, GatewayTimeout("the upstream did not answer in time"))
+        except aiohttp.ClientResponseError:
+            if status is None:  # what it sent is not an HTTP answer (its head, typically)
+                message = "the upstream's answer is not valid HTTP"
+                await send_error(send, BadGateway(message, code="bad_upstream_response"))
         except (aiohttp.ClientError, OSError) as exc:
             if status is None:
                 message = f"the upstream cannot be reached: {type(exc).__name__}"
@@ -307,6 +322,28 @@ async def _relay_json(
     if upstream.status >= 400:
         return None
     return extract_json(kind, body)
+
+
+async def _unrelayed_usage(
+    upstream: aiohttp.ClientResponse, kind: Kind | None, sse: bool
+) -> Usage | None:
+    """What an answer the client was not given used: the upstream did the work (and bills it),
+    so it counts as a client that left would."""
+    if kind is None:
+        return None
+    if sse:
+        stream = StreamUsage(kind)
+        async for chunk in upstream.content.iter_any():
+            stream.feed(chunk)
+        stream.flush()
+        return stream.finish()
+    body = bytearray()
+    async for chunk in upstream.content.iter_any():
+        if len(body) <= _JSON_CAP:
+            body += chunk
+    if upstream.status >= 400 or len(body) > _JSON_CAP:
+        return None
+    return extract_json(kind, bytes(body))
 
 
 async def _relay(

@@ -60,6 +60,9 @@ async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
         access_log=False,
         lifespan="on",
         loop="none",
+        # As `serve`: the client address behind a proxy is the sidecar's own business
+        # (identity.caller, trusted_networks); uvicorn's rewrite would trust any local peer.
+        proxy_headers=False,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())

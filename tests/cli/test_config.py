@@ -1,21 +1,10 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import clean_env
-
-
-def sidecar(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args], cwd=cwd, env=env or clean_env(),
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+from tests.support.cli import sidecar
 
 
 @pytest.mark.slow
