@@ -32,7 +32,7 @@ from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
 from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
-from sidecar.store.connect import RedisClient
+from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.tasks import Background
@@ -80,13 +80,21 @@ class Services:
     loops: list[asyncio.Task[None]]  # run from open() to close()
 
     async def open(self) -> None:
-        """Open the I/O: the upstream client, the store's scripts, the background loops."""
+        """Open the I/O: the upstream client, the store's connections and scripts, the
+        background loops. It runs before the server listens, so the first requests find the
+        connections open and the scripts loaded."""
         await self.upstream.open()
         try:
-            for script in self.scripts:
-                await script.load(self.redis)
+            opened = await warm(self.redis, self.settings.redis.warm_connections)
+            await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
         except StoreUnavailable as exc:
-            log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+            log.warning(
+                "store not reachable at start-up (%s); connections open and scripts load on "
+                "first use",
+                exc,
+            )
+        else:
+            log.debug("store: %d connections open, %d scripts loaded", opened, len(self.scripts))
         self.loops.append(asyncio.create_task(self.live.watch()))
         self.recorder.start()  # replays what earlier processes left in the spool
 

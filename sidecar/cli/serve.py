@@ -130,6 +130,7 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
     import uvicorn
 
     from sidecar.app import create_app
+    from sidecar.connections import ConnectionGuard
 
     app: Any = "sidecar.cli.serve:app_from_env"
     if settings.server.workers == 1:
@@ -142,7 +143,11 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a header deadline and a connection cap (uvicorn's limit_concurrency
+        # would answer 503 to requests instead; see sidecar.connections).
+        http=ConnectionGuard(
+            settings.server.header_timeout_s, settings.server.max_connections
+        ).protocol,
         access_log=False,  # the sidecar writes its own, when [server] access_log is true
         # Not uvicorn's X-Forwarded-For rewrite: it would trust any local peer's header. The
         # sidecar reads it itself, and only from `trusted_networks` (identity/caller.py).

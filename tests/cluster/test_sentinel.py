@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import SentinelSet, role
 from tests.support.clock import FakeClock
 from tests.support.cluster import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
@@ -38,6 +39,18 @@ async def survives(side: Side, before: list[dict[str, Any]]) -> None:
     now = {r["_id"]: r for r in await listing(side)}
     for record in before:
         assert now[record["_id"]] == record
+
+
+@pytest.mark.slow
+async def test_start_up_opens_connections_to_the_master(
+    sentinels: SentinelSet, make_side: MakeSide
+) -> None:
+    master = sentinels.master_port()
+    with redis.Redis(port=master, socket_timeout=2) as node:
+        before = int(node.info("stats")["total_connections_received"])
+        await make_side(sentinels.url)
+        opened = int(node.info("stats")["total_connections_received"]) - before
+    assert opened >= RedisSettings().warm_connections
 
 
 @pytest.mark.slow
