@@ -16,6 +16,10 @@ from tests.support.auth import ADMIN_TOKEN, AUTH
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
 
+# Every test starts its own app: one store connection warmed at start-up rather than the default
+# 64 (tests/test_services.py and the cluster tests check the warm pool itself).
+WARM = 1
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
@@ -41,7 +45,8 @@ def clock() -> FakeClock:
 @pytest.fixture
 def settings(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     data_dir = str(tmp_path_factory.mktemp("data"))
-    return parse({"redis": {"url": redis_server.url}, "server": {"data_dir": data_dir}})
+    redis = {"url": redis_server.url, "warm_connections": WARM}
+    return parse({"redis": redis, "server": {"data_dir": data_dir}})
 
 
 @pytest.fixture
@@ -71,7 +76,9 @@ async def make_env(
         opened.append(mock)
         # Checks get time to answer on a busy test machine instead of failing open (the outage
         # tests set their own short timeout).
-        raw: dict[str, Any] = {"redis": {"url": redis_server.url, "timeout_ms": 2000}}
+        raw: dict[str, Any] = {
+            "redis": {"url": redis_server.url, "timeout_ms": 2000, "warm_connections": WARM}
+        }
         raw["server"] = {"data_dir": str(tmp_path_factory.mktemp("data"))}  # the spool
         raw["upstream"] = {"url": upstream_url or mock.url, "timeout_s": 5}
         for section, values in config.items():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,16 @@ from sidecar.testing.serving import ApiClient, serve
 from tests.support.auth import ADMIN_TOKEN, AUTH
 from tests.support.clock import FakeClock
 from tests.support.cluster import MakeSide, Side
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here is slow: each needs the session's Redis Cluster (six servers, ~2 s to
+    start) or a module's Sentinels."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

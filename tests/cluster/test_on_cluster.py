@@ -19,9 +19,6 @@ from tests.support.clock import FakeClock
 from tests.support.cluster import MakeSide, create, gpt_4o_nanos
 from tests.support.traffic import MESSAGES, tokens
 
-# Each test here needs the session's Redis Cluster (six servers, ~2 s to start).
-pytestmark = pytest.mark.slow
-
 
 async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
     fresh_cluster: LocalCluster, make_side: MakeSide
