@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import functools
+import importlib
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +22,33 @@ from tests.support.env import Env, MakeEnv
 # Every test starts its own app: one store connection warmed at start-up rather than the default
 # 64 (tests/test_services.py and the cluster tests check the warm pool itself).
 WARM = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_tls_context() -> Iterator[None]:
+    """httpx (and httpx2, anthropic's) loads the whole CA bundle into a new TLS context for every
+    client it builds (~40 ms), and the tests build hundreds (theirs, the SDKs'), all for plain
+    HTTP to local servers: every client without a context of its own shares the first one."""
+    with pytest.MonkeyPatch.context() as patch:
+        for package in ("httpx", "httpx2"):
+            try:
+                transports = importlib.import_module(f"{package}._transports.default")
+            except ImportError:
+                continue
+            build = transports.create_ssl_context
+            patch.setattr(transports, "create_ssl_context", _sharing_defaults(build))
+        yield
+
+
+def _sharing_defaults(build: Callable[..., ssl.SSLContext]) -> Callable[..., ssl.SSLContext]:
+    shared = functools.cache(lambda trust_env: build(verify=True, trust_env=trust_env))
+
+    def create_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+        if verify is True and cert is None:
+            return shared(trust_env)
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+
+    return create_ssl_context
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -86,16 +84,5 @@ async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
         await task
 
 
-@functools.cache
-def tls() -> ssl.SSLContext:
-    """One TLS context for every test client: httpx builds one per client otherwise, loading the
-    CA bundle each time (~40 ms), and these clients mostly talk plain HTTP to local servers."""
-    return ssl.create_default_context()
-
-
 class ApiClient(httpx.AsyncClient):
     app: Any
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("verify", tls())
-        super().__init__(**kwargs)

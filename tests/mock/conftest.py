@@ -8,7 +8,6 @@ import openai
 import pytest
 
 from sidecar.mock import MockServer, start_mock
-from sidecar.testing.serving import tls
 
 
 @pytest.fixture
@@ -22,10 +21,7 @@ async def mock(caplog: pytest.LogCaptureFixture) -> AsyncIterator[MockServer]:
 
 @pytest.fixture
 async def oai(mock: MockServer) -> AsyncIterator[openai.AsyncOpenAI]:
-    http = openai.DefaultAsyncHttpxClient(verify=tls())
-    async with openai.AsyncOpenAI(
-        base_url=mock.url + "/v1", api_key="x", max_retries=0, http_client=http
-    ) as client:
+    async with openai.AsyncOpenAI(base_url=mock.url + "/v1", api_key="x", max_retries=0) as client:
         yield client
 
 

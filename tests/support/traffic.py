@@ -6,14 +6,12 @@ from typing import Any
 
 import openai
 
-from sidecar.testing.serving import tls
 from tests.support.env import Env
 
 MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
 
 
 def client(env: Env, **kw: Any) -> openai.AsyncOpenAI:
-    kw.setdefault("http_client", openai.DefaultAsyncHttpxClient(verify=tls()))
     return openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-upstream", max_retries=0, **kw)
 
 
