@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ulid import ULID
 
+from sidecar import __version__
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
@@ -23,6 +24,7 @@ from sidecar.metering.authorize import Authorizer
 from sidecar.metering.settle import Settlement
 from sidecar.observe.counters import Counters
 from sidecar.observe.prometheus import Exposition, Readings
+from sidecar.observe.tracing import Tracer
 from sidecar.proxy.authorize import RawAuthorize
 from sidecar.proxy.inline import InlineProxy
 from sidecar.proxy.upstream import Upstream
@@ -30,7 +32,7 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
-from sidecar.settings import Settings
+from sidecar.settings import Settings, TelemetrySettings
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
@@ -74,12 +76,15 @@ class Services:
     proxy: InlineProxy
     raw_authorize: RawAuthorize
     exposition: Exposition | None
+    tracer: Tracer | None  # None: [telemetry] enabled = false
     scripts: tuple[Script, ...]
     loops: list[asyncio.Task[None]]  # run from open() to close()
 
     async def open(self) -> None:
         """Open the I/O: the upstream client, the store's scripts, the background loops."""
         await self.upstream.open()
+        if self.tracer is not None:
+            self.tracer.open()
         try:
             for script in self.scripts:
                 await script.load(self.redis)
@@ -96,6 +101,8 @@ class Services:
         # process with this data dir.
         await self.recorder.close(grace_s=SHUTDOWN_USAGE_S)
         await self.upstream.close()
+        if self.tracer is not None:  # the spans of the requests just settled go out
+            await self.tracer.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.loops, return_exceptions=True)
 
@@ -141,9 +148,12 @@ def build(
     quota = Quota(live, limiter, records, identifier, profiles)
     attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
     background = Background()
-    settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
+    tracer = _tracer(settings.telemetry)
+    settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
     authorizer = Authorizer(attribution, identifier, quota, settlement)
-    proxy = InlineProxy(settings, upstream, attribution, identifier, quota, settlement, counters)
+    proxy = InlineProxy(
+        settings, upstream, attribution, identifier, quota, settlement, counters, tracer
+    )
     raw_authorize = RawAuthorize(
         authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
     )
@@ -178,6 +188,23 @@ def build(
         proxy=proxy,
         raw_authorize=raw_authorize,
         exposition=exposition,
+        tracer=tracer,
         scripts=scripts,
         loops=[],
+    )
+
+
+def _tracer(telemetry: TelemetrySettings) -> Tracer | None:
+    if not telemetry.enabled:
+        return None
+    # The `otel` extra, imported only when asked for (the settings checked it is installed).
+    from sidecar.observe.otel import OtelTracer
+
+    return OtelTracer(
+        endpoint=telemetry.endpoint,
+        headers=telemetry.headers,
+        service_name=telemetry.service_name,
+        service_version=__version__,
+        sample_ratio=telemetry.sample_ratio,
+        timeout_s=telemetry.timeout_s,
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from redis.asyncio import Redis
@@ -9,6 +10,9 @@ from sidecar.app import create_app
 from sidecar.settings import Settings
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import ApiClient, serve
+
+if TYPE_CHECKING:
+    from sidecar.testing.otlp import OtlpReceiver
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -60,3 +64,16 @@ async def api(redis: Redis, settings: Settings, clock: FakeClock) -> AsyncIterat
     async with serve(app) as url, ApiClient(base_url=url, headers=AUTH) as client:
         client.app = app
         yield client
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[OtlpReceiver]:
+    """An OTLP/HTTP traces receiver on loopback (a collector, for the telemetry tests)."""
+    from sidecar.testing.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.close()

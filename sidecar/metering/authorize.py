@@ -99,7 +99,7 @@ class Authorizer:
                 raise StoreUnavailable(
                     "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                 )
-            self.settlement.refused(identity_id, resolved)
+            self.settlement.refused(identity_id, resolved, decision)
             out["retry-after"] = str(decision.retry_after)
             return Decided(429, refusal(decision, resolved.external_id), out)
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.

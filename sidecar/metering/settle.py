@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ulid import ULID
 
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
+from sidecar.metering import spans
 from sidecar.metering.attribution import Attribution
 from sidecar.observe.counters import Counters
+from sidecar.observe.tracing import Span, Tracer
 from sidecar.quota.limiter import Decision
+from sidecar.quota.policy import Policy
 from sidecar.quota.service import Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
@@ -21,6 +28,10 @@ from sidecar.usage.model import Kind, Usage
 from sidecar.usage.recorder import Recorded, Recorder
 
 log = logging.getLogger("sidecar.metering")
+
+# A hook-mode span starts when /hooks/authorize made its request id (a ULID), if that was within
+# this long before the report; else when the report came.
+HOOK_SPAN_MAX_S = 3600
 
 
 @dataclass(slots=True)
@@ -36,6 +47,8 @@ class Meter:
     decision: Decision | None = None  # the limit check's, when policies apply
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
     refresh: bool = False  # the body profile is written once the response is out
+    span: Span | None = None  # with [telemetry] enabled
+    request_id: str | None = None  # the limit check's, when policies apply
 
 
 class Settlement:
@@ -47,6 +60,7 @@ class Settlement:
         recorder: Recorder,
         background: Background,
         counters: Counters | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.attribution = attribution
         self.identifier = identifier
@@ -54,6 +68,7 @@ class Settlement:
         self.recorder = recorder
         self.background = background
         self.counters = counters
+        self.tracer = tracer
 
     def _counters(
         self,
@@ -72,12 +87,29 @@ class Settlement:
         return counters, cost.nanos if cost is not None else 0
 
     def answered(
-        self, meter: Meter, failed: bool, usage: Usage | None, header_cost: str | None
+        self,
+        meter: Meter,
+        failed: bool,
+        usage: Usage | None,
+        header_cost: str | None,
+        *,
+        status: int | None = None,
+        error: str | None = None,
     ) -> None:
-        """An inline request is over (answered, failed or abandoned): count it."""
+        """An inline request is over (answered, failed or abandoned): count it. `status` is
+        what the client was answered (None: nothing), `error` why it failed, for its span."""
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         counters, nanos = self._counters(resolved, meter.kind, model, usage, header_cost, failed)
+        if meter.span is not None:
+            self._trace(
+                meter,
+                status,
+                usage,
+                nanos if usage is not None or header_cost is not None else None,
+                meter.decision.policy if meter.decision is not None else None,
+                error or _failure(status),
+            )
         if meter.refresh:
             self.background.spawn(self._refresh(resolved))
         identity = meter.identity
@@ -101,8 +133,20 @@ class Settlement:
             charges=charges,
         )
 
-    def refused(self, identity_id: str | None, resolved: Resolved) -> None:
-        """A request the limits refused: counted as rate limited only."""
+    def refused(
+        self,
+        identity_id: str | None,
+        resolved: Resolved,
+        decision: Decision,
+        meter: Meter | None = None,
+    ) -> None:
+        """A request the limits refused: counted as rate limited only. `meter`: an inline
+        request's, with its span."""
+        if meter is not None and meter.span is not None:
+            # The sidecar doing its job: as for any 4xx a server answers, the span's status
+            # stays unset.
+            dimension = decision.dimension.value if decision.dimension is not None else None
+            self._trace(meter, 429, None, None, decision.policy, None, dimension)
         counters = increments(
             source=resolved.source.value, failed=False, usage=None, cost=None, rate_limited=True
         )
@@ -114,6 +158,40 @@ class Settlement:
             profile=resolved.profile,
         )
 
+    def unanswered(self, meter: Meter, status: int, error: str | None) -> None:
+        """An inline request the sidecar answered with an error of its own before forwarding
+        it (nothing is counted): its span ends."""
+        if meter.span is not None:
+            self._trace(meter, status, None, None, None, error or str(status))
+
+    def _trace(
+        self,
+        meter: Meter,
+        status: int | None,
+        usage: Usage | None,
+        cost_nanos: int | None,
+        policy: Policy | None,
+        error: str | None,
+        refused_by: str | None = None,
+    ) -> None:
+        """End the request's span, with its attributes built once, here."""
+        span = meter.span
+        if span is None or not span.recording:  # not sampled: nothing to build
+            return
+        attributes = spans.attributes(
+            meter.resolved,
+            meter.kind,
+            meter.model,
+            usage,
+            cost_nanos=cost_nanos,
+            policy=policy.name if policy is not None else None,
+            status=status,
+            request_id=meter.request_id,
+        )
+        if refused_by is not None:
+            attributes["sidecar.limit.dimension"] = refused_by
+        span.finish(attributes, time.time_ns(), error)
+
     async def reported(
         self,
         resolved: Resolved,
@@ -122,18 +200,23 @@ class Settlement:
         kind: Kind,
         model: str | None,
         usage: Usage,
-        failed: bool,
+        status: int,
         within_s: float,
         sourced: bool = True,
+        carrier: Mapping[str, str] | None = None,
     ) -> Recorded:
-        """A hook-mode usage report: counted now, once per request id. `sourced` false: the
-        report named no source, so no source counter is bumped."""
+        """A hook-mode usage report: counted now, once per request id. `status` is the one
+        upstream answered; `sourced` false: the report named no source, so no source counter
+        is bumped. `carrier`: the report's headers, whose trace context its span continues."""
+        received_ns = time.time_ns()
+        failed = status >= 400
         counters, nanos = self._counters(resolved, kind, model, usage, None, failed)
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
         charges = {}
         identity_id: str | None = None
+        policy: Policy | None = None
         try:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
@@ -148,7 +231,7 @@ class Settlement:
             # Kept in the backlog and counted when the store is back; a slot it held frees
             # when its lease expires, and the limits are not charged for it.
             log.warning("usage report %s kept for later: %s", request_id, exc)
-        return await self.recorder.record(
+        recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
@@ -158,6 +241,12 @@ class Settlement:
             profile=resolved.profile,
             within_s=within_s,
         )
+        if self.tracer is not None and not recorded.duplicate:  # one span per request
+            start_ns = _authorized_ns(request_id, received_ns)
+            span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)
+            meter = Meter(resolved, kind, identity_id, model, span=span, request_id=request_id)
+            self._trace(meter, status, usage, nanos, policy, _failure(status))
+        return recorded
 
     async def _refresh(self, resolved: Resolved) -> None:
         """Write a known identity's body profile, after its request was answered."""
@@ -183,3 +272,20 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
         )
+
+
+def _failure(status: int | None) -> str | None:
+    """The `error.type` of an upstream answer: its status, when it is an error."""
+    return str(status) if status is not None and status >= 400 else None
+
+
+def _authorized_ns(request_id: str, received_ns: int) -> int:
+    """When /hooks/authorize made `request_id`, if it did (a ULID from the last
+    HOOK_SPAN_MAX_S); else `received_ns`."""
+    try:
+        made_ns = ULID.from_str(request_id).milliseconds * 1_000_000
+    except ValueError:
+        return received_ns
+    if 0 <= received_ns - made_ns <= HOOK_SPAN_MAX_S * 1_000_000_000:
+        return made_ns
+    return received_ns
