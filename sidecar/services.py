@@ -32,7 +32,7 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
-from sidecar.settings import Settings, TelemetrySettings
+from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
@@ -84,7 +84,7 @@ class Services:
         """Open the I/O: the upstream client, the store's scripts, the background loops."""
         await self.upstream.open()
         if self.tracer is not None:
-            self.tracer.open()
+            await self.tracer.open()
         try:
             for script in self.scripts:
                 await script.load(self.redis)
@@ -148,7 +148,7 @@ def build(
     quota = Quota(live, limiter, records, identifier, profiles)
     attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
     background = Background()
-    tracer = _tracer(settings.telemetry)
+    tracer = _tracer(settings)
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
     authorizer = Authorizer(attribution, identifier, quota, settlement)
     proxy = InlineProxy(
@@ -194,17 +194,21 @@ def build(
     )
 
 
-def _tracer(telemetry: TelemetrySettings) -> Tracer | None:
+def _tracer(settings: Settings) -> Tracer | None:
+    telemetry = settings.telemetry
     if not telemetry.enabled:
         return None
     # The `otel` extra, imported only when asked for (the settings checked it is installed).
     from sidecar.observe.otel import OtelTracer
+    from sidecar.observe.otel_export import Config
 
-    return OtelTracer(
+    exporter = Config(
         endpoint=telemetry.endpoint,
         headers=telemetry.headers,
         service_name=telemetry.service_name,
         service_version=__version__,
-        sample_ratio=telemetry.sample_ratio,
         timeout_s=telemetry.timeout_s,
+        log_format=settings.server.log_format,
+        log_level=settings.server.log_level,
     )
+    return OtelTracer(exporter, telemetry.sample_ratio)

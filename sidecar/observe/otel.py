@@ -1,135 +1,279 @@
-"""The tracer `[telemetry]` turns on: OpenTelemetry's SDK, its BatchSpanProcessor queueing ended
-spans and its OTLP/HTTP exporter sending them from the processor's thread. Only this module
-imports OpenTelemetry (the `otel` extra); the composition root imports it only when enabled."""
+"""The tracer `[telemetry]` turns on. A span costs the request a few microseconds: its ids, its
+sampling decision (OpenTelemetry's ParentBased ratio sampler) and the traceparent sent upstream
+are made here, and once the request is settled its attributes are queued as one record. Every
+SEND_EVERY_S the records go to a child process (observe/otel_export.py), where OpenTelemetry's
+SDK batches them (its BatchSpanProcessor) and sends them (its OTLP/HTTP exporter). Encoding
+spans for OTLP costs more CPU than the proxy spends on a request: in this process it would take
+the event loop's time and hold its GIL (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
 import time
 from collections.abc import Mapping
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from sidecar.observe.otel_export import Config, Record, frame
 from sidecar.observe.tracing import Attributes
 
+log = logging.getLogger("sidecar.telemetry")
+
+EXPORTER = "sidecar.observe.otel_export"
+SEND_EVERY_S = 0.1  # a span reaches the exporter process within this
+BATCH = 512  # or as soon as this many are waiting
+MAX_UNSENT_BYTES = 16 * 1024 * 1024  # written to the exporter, not yet read: beyond, dropped
+RESTART_S = 1.0  # an exporter that exited is started again after this
+DROPS_LOGGED_EVERY_S = 60.0
+
 _propagator = TraceContextTextMapPropagator()
-_NO_PARENT = Context()  # not the ambient context: nothing here attaches one
-_ERROR = Status(StatusCode.ERROR)
-# The batch processor warns once per span it drops when its queue is full (the collector is
-# down or slow): at a few thousand requests a second, a line per request.
-_QUIET_LOGGERS = ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export")
-QUIET_S = 60.0
+_ROOT = Context()  # no parent: the ambient context is never consulted
+_SERVER, _INTERNAL = 2, 1  # SpanKind as the exporter's records say it
 
 
 class OtelSpan:
-    __slots__ = ("_span",)
+    __slots__ = (
+        "_tracer",
+        "flags",
+        "kind",
+        "name",
+        "parent_id",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "trace_state",
+    )
 
-    def __init__(self, span: trace.Span) -> None:
-        self._span = span
+    def __init__(
+        self,
+        tracer: OtelTracer,
+        name: str,
+        kind: int,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        flags: int,
+        trace_state: str,
+        start_ns: int,
+    ) -> None:
+        self._tracer = tracer
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.flags = flags
+        self.trace_state = trace_state
+        self.start_ns = start_ns
 
     @property
     def recording(self) -> bool:
-        return self._span.is_recording()
+        return bool(self.flags & 1)
 
     def propagation(self) -> list[tuple[str, str]]:
-        carrier: dict[str, str] = {}
-        _propagator.inject(carrier, trace.set_span_in_context(self._span, _NO_PARENT))
-        return list(carrier.items())
+        parent = f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+        if self.trace_state:
+            return [("traceparent", parent), ("tracestate", self.trace_state)]
+        return [("traceparent", parent)]
 
     def finish(self, attributes: Attributes, end_ns: int, error: str | None = None) -> None:
-        span = self._span
-        if error is not None:
-            attributes["error.type"] = error
-            span.set_status(_ERROR)
-        span.set_attributes(attributes)
-        span.end(end_time=end_ns)
+        if not self.flags & 1:
+            return
+        record: Record = (
+            self.name,
+            self.kind,
+            self.trace_id.to_bytes(16, "big"),
+            self.span_id.to_bytes(8, "big"),
+            self.parent_id.to_bytes(8, "big") if self.parent_id else b"",
+            self.flags,
+            self.trace_state,
+            self.start_ns,
+            end_ns,
+            error,
+            attributes,
+        )
+        self._tracer.queue(record)
 
 
 class OtelTracer:
-    def __init__(
-        self,
-        *,
-        endpoint: str,
-        headers: Mapping[str, str],
-        service_name: str,
-        service_version: str,
-        sample_ratio: float,
-        timeout_s: float,
-    ) -> None:
-        self.endpoint = endpoint
-        self.headers = dict(headers)
-        self.resource = {"service.name": service_name, "service.version": service_version}
-        self.sample_ratio = sample_ratio
-        self.timeout_s = timeout_s
-        self._provider: TracerProvider | None = None
-        self._tracer: trace.Tracer = trace.NoOpTracer()  # until open()
+    def __init__(self, config: Config, sample_ratio: float) -> None:
+        self.config = config
+        self.sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+        self.ids = RandomIdGenerator()
+        self.dropped = 0  # spans given up: the exporter was not running or not keeping up
+        self._records: list[Record] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._flushes: dict[int, asyncio.Future[None]] = {}
+        self._flush_seq = 0
+        self._closing = False
+        self._drops_logged = -DROPS_LOGGED_EVERY_S
 
-    def open(self) -> None:
-        _quieten()
-        provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(self.sample_ratio)),
-            # OTEL_RESOURCE_ATTRIBUTES adds to these (deployment.environment, host.name, ...).
-            resource=Resource.create(self.resource),
-            shutdown_on_exit=False,  # close() does it
-        )
-        exporter = OTLPSpanExporter(
-            endpoint=self.endpoint,
-            # Without headers here, OTEL_EXPORTER_OTLP_TRACES_HEADERS / _HEADERS supply them.
-            headers=self.headers or None,
-            timeout=self.timeout_s,
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-        self._provider = provider
-        self._tracer = provider.get_tracer("sidecar", self.resource["service.version"])
+    # -- on the request path ------------------------------------------------------------------
 
     def start(
         self, name: str, carrier: Mapping[str, str], start_ns: int, *, server: bool
     ) -> OtelSpan:
-        parent = _propagator.extract(carrier) if "traceparent" in carrier else _NO_PARENT
+        context = _ROOT
+        parent_id = 0
+        trace_state = ""
+        if "traceparent" in carrier:
+            extracted = _propagator.extract(carrier)
+            parent = trace.get_current_span(extracted).get_span_context()
+            if parent.is_valid:
+                context, trace_id, parent_id = extracted, parent.trace_id, parent.span_id
+                trace_state = parent.trace_state.to_header() if parent.trace_state else ""
+        if not parent_id:
+            trace_id = self.ids.generate_trace_id()
         kind = SpanKind.SERVER if server else SpanKind.INTERNAL
-        return OtelSpan(self._tracer.start_span(name, parent, kind, start_time=start_ns))
+        decision = self.sampler.should_sample(context, trace_id, name, kind).decision
+        sampled = decision is Decision.RECORD_AND_SAMPLE
+        return OtelSpan(
+            self,
+            name,
+            _SERVER if server else _INTERNAL,
+            trace_id,
+            self.ids.generate_span_id(),
+            parent_id,
+            1 if sampled else 0,
+            trace_state,
+            start_ns,
+        )
 
-    def flush(self) -> bool:
-        """Export every ended span now (blocking)."""
-        return self._provider is not None and self._provider.force_flush(int(self.timeout_s * 1000))
+    def queue(self, record: Record) -> None:
+        records = self._records
+        records.append(record)
+        if len(records) >= BATCH:
+            self._send()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SEND_EVERY_S, self._send)
 
-    async def close(self) -> None:
-        provider, self._provider = self._provider, None
-        self._tracer = trace.NoOpTracer()
-        if provider is not None:
-            await asyncio.to_thread(provider.shutdown)
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        records, self._records = self._records, []
+        if not records:
+            return
+        stdin = self._process.stdin if self._process is not None else None
+        if (
+            stdin is None
+            or stdin.is_closing()
+            or stdin.transport.get_write_buffer_size() > MAX_UNSENT_BYTES
+        ):
+            self._drop(len(records))
+            return
+        stdin.write(frame(("spans", records)))
 
-
-class _Quiet(logging.Filter):
-    """Each message at most once per QUIET_S, with how many of it were left out since."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: dict[str, tuple[float, int]] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
+    def _drop(self, count: int) -> None:
+        self.dropped += count
         now = time.monotonic()
-        shown, left_out = self.last.get(record.msg, (-QUIET_S, 0))
-        if now - shown < QUIET_S:
-            self.last[record.msg] = (shown, left_out + 1)
+        if now - self._drops_logged >= DROPS_LOGGED_EVERY_S:
+            self._drops_logged = now
+            log.warning(
+                "%d spans dropped in all: the span exporter is not running or not keeping up",
+                self.dropped,
+            )
+
+    # -- the exporter process -----------------------------------------------------------------
+
+    @property
+    def exporter(self) -> asyncio.subprocess.Process | None:
+        """The exporter process (None while it is being started again)."""
+        return self._process
+
+    async def open(self) -> None:
+        self._process = await self._spawn()
+        self._keeper = asyncio.create_task(self._keep())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            EXPORTER,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C to the sidecar's group must not cut its export
+        )
+        assert process.stdin is not None
+        process.stdin.write(frame(msgspec.structs.asdict(self.config)))
+        return process
+
+    async def _keep(self) -> None:
+        """Read the exporter's answers; start it again should it exit before close()."""
+        while True:
+            process = self._process
+            if process is not None:
+                assert process.stdout is not None
+                async for line in process.stdout:
+                    self._answered(line)
+                code = await process.wait()
+                for done in self._flushes.values():
+                    if not done.done():
+                        done.set_exception(RuntimeError("the span exporter exited"))
+                if self._closing:
+                    return
+                self._process = None
+                log.error("the span exporter exited (status %s); starting it again", code)
+            await asyncio.sleep(RESTART_S)
+            try:
+                self._process = await self._spawn()
+            except OSError:
+                log.exception("the span exporter cannot be started")
+
+    def _answered(self, line: bytes) -> None:
+        word, _, number = line.decode("ascii", "replace").partition(" ")
+        if word != "flushed" or not number.strip().isdigit():
+            return
+        upto = int(number)
+        for seq, done in self._flushes.items():
+            if seq <= upto and not done.done():
+                done.set_result(None)
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Every span finished so far handed to the collector (or given up by the exporter);
+        False when that did not happen within `timeout_s`."""
+        self._send()
+        stdin = self._process.stdin if self._process is not None else None
+        if stdin is None or stdin.is_closing():
             return False
-        self.last[record.msg] = (now, 0)
-        if left_out:
-            record.msg = f"{record.msg} ({left_out} more like it in the last {QUIET_S:.0f} s)"
+        self._flush_seq += 1
+        seq = self._flush_seq
+        done = self._flushes[seq] = asyncio.get_running_loop().create_future()
+        stdin.write(frame(("flush", seq)))
+        try:
+            await asyncio.wait_for(done, timeout_s)
+        except (TimeoutError, RuntimeError):
+            return False
+        finally:
+            del self._flushes[seq]
         return True
 
-
-def _quieten() -> None:
-    for name in _QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Quiet) for f in logger.filters):
-            logger.addFilter(_Quiet())
+    async def close(self) -> None:
+        """What is queued goes out: the exporter exports it all, within a few export timeouts,
+        then exits."""
+        self._closing = True
+        self._send()
+        process = self._process
+        if process is not None and process.stdin is not None:
+            process.stdin.close()  # its end of input, once what is written is read
+            try:
+                await asyncio.wait_for(process.wait(), self.config.timeout_s * 3 + 5)
+            except TimeoutError:
+                log.warning("the span exporter did not finish in time: stopped")
+                process.kill()
+                await process.wait()
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper

@@ -51,8 +51,8 @@ class Tracer(Protocol):
         answers the request itself (inline mode); else it reports on one (hook mode)."""
         ...
 
-    def open(self) -> None:
-        """Start exporting (a background thread)."""
+    async def open(self) -> None:
+        """Start exporting."""
         ...
 
     async def close(self) -> None:

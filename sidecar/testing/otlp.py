@@ -13,7 +13,7 @@ import contextlib
 import gzip
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,15 +86,14 @@ class OtlpReceiver:
         return self.url
 
     async def collect(
-        self, flush: Callable[[], object], count: int, timeout_s: float = 10.0
+        self, flush: Callable[[], Awaitable[object]], count: int, timeout_s: float = 10.0
     ) -> list[ReceivedSpan]:
-        """The spans once `count` have come, `flush` (a tracer's, blocking) run in a thread
-        meanwhile."""
+        """The spans once `count` have come, `flush` (a tracer's) awaited meanwhile."""
         deadline = time.monotonic() + timeout_s
         while len(self.spans) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{len(self.spans)} of {count} spans exported")
-            await asyncio.to_thread(flush)
+            await flush()
             await asyncio.sleep(0.01)
         return self.spans
 

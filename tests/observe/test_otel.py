@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from sidecar import __version__
-from sidecar.observe import otel
+from sidecar.observe import otel, otel_export
 from sidecar.observe.otel import OtelTracer
+from sidecar.observe.otel_export import Config
 from sidecar.testing.otlp import OtlpReceiver
 
 PARENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -19,30 +21,37 @@ PARENT_SPAN = "b7ad6b7169203331"
 SAMPLED = {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01", "tracestate": "vendor=abc"}
 UNSAMPLED = {"traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-00"}
 
-MakeTracer = Callable[..., OtelTracer]
+MakeTracer = Callable[..., Awaitable[OtelTracer]]
 
 
 @pytest.fixture
 async def make_tracer(otlp: OtlpReceiver) -> AsyncIterator[MakeTracer]:
     made: list[OtelTracer] = []
 
-    def make(**overrides: Any) -> OtelTracer:
+    async def make(sample_ratio: float = 1.0, **overrides: Any) -> OtelTracer:
         options: dict[str, Any] = {
             "endpoint": otlp.url + "/v1/traces",
             "headers": {},
             "service_name": "llm-sidecar",
             "service_version": __version__,
-            "sample_ratio": 1.0,
             "timeout_s": 5.0,
         }
-        tracer = OtelTracer(**(options | overrides))
-        tracer.open()
+        tracer = OtelTracer(Config(**(options | overrides)), sample_ratio)
+        await tracer.open()
         made.append(tracer)
         return tracer
 
     yield make
     for tracer in made:
         await tracer.close()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
 
 
 def traceparent(propagated: list[tuple[str, str]]) -> list[str]:
@@ -54,7 +63,7 @@ def traceparent(propagated: list[tuple[str, str]]) -> list[str]:
 async def test_a_span_continues_the_callers_trace_and_names_itself_downstream(
     otlp: OtlpReceiver, make_tracer: MakeTracer
 ) -> None:
-    tracer = make_tracer(headers={"authorization": "Bearer collector-secret"})
+    tracer = await make_tracer(headers={"authorization": "Bearer collector-secret"})
     start = time.time_ns() - 5_000_000
     span = tracer.start("chat gpt-4o", SAMPLED, start, server=True)
     assert span.recording
@@ -81,7 +90,7 @@ async def test_a_span_continues_the_callers_trace_and_names_itself_downstream(
 async def test_without_a_parent_a_span_starts_a_trace(
     otlp: OtlpReceiver, make_tracer: MakeTracer
 ) -> None:
-    tracer = make_tracer()
+    tracer = await make_tracer()
     span = tracer.start("embeddings", {"x-other": "1"}, time.time_ns(), server=False)
     version, trace_id, span_id, flags = traceparent(span.propagation())
     span.finish({}, time.time_ns(), error="500")
@@ -97,7 +106,7 @@ async def test_without_a_parent_a_span_starts_a_trace(
 async def test_a_malformed_traceparent_is_ignored(
     otlp: OtlpReceiver, make_tracer: MakeTracer
 ) -> None:
-    tracer = make_tracer()
+    tracer = await make_tracer()
     span = tracer.start("chat", {"traceparent": "00-zz-not-a-trace"}, time.time_ns(), server=True)
     span.finish({}, time.time_ns())
     [got] = await otlp.collect(tracer.flush, 1)
@@ -107,7 +116,7 @@ async def test_a_malformed_traceparent_is_ignored(
 async def test_sampling_follows_the_ratio_and_the_callers_flag(
     otlp: OtlpReceiver, make_tracer: MakeTracer
 ) -> None:
-    tracer = make_tracer(sample_ratio=0.0)
+    tracer = await make_tracer(sample_ratio=0.0)
     root = tracer.start("chat", {}, time.time_ns(), server=True)
     unsampled = tracer.start("chat", UNSAMPLED, time.time_ns(), server=True)
     sampled = tracer.start("chat sampled", SAMPLED, time.time_ns(), server=True)
@@ -119,12 +128,12 @@ async def test_sampling_follows_the_ratio_and_the_callers_flag(
         span.finish({}, time.time_ns())
     [got] = await otlp.collect(tracer.flush, 1)
     assert got.name == "chat sampled"
-    tracer.flush()
+    assert await tracer.flush()
     assert len(otlp.spans) == 1
 
 
 async def test_close_sends_what_is_queued(otlp: OtlpReceiver, make_tracer: MakeTracer) -> None:
-    tracer = make_tracer()
+    tracer = await make_tracer()
     for i in range(3):
         tracer.start(f"chat {i}", {}, time.time_ns(), server=True).finish({}, time.time_ns())
     await tracer.close()
@@ -137,11 +146,13 @@ async def test_close_sends_what_is_queued(otlp: OtlpReceiver, make_tracer: MakeT
 async def test_an_unreachable_collector_costs_the_caller_nothing(make_tracer: MakeTracer) -> None:
     from sidecar.testing.redis_server import free_port
 
-    tracer = make_tracer(endpoint=f"http://127.0.0.1:{free_port()}/v1/traces", timeout_s=0.5)
+    tracer = await make_tracer(endpoint=f"http://127.0.0.1:{free_port()}/v1/traces", timeout_s=0.5)
     started = time.perf_counter()
     for _ in range(100):
         tracer.start("chat", {}, time.time_ns(), server=True).finish({}, time.time_ns())
-    assert time.perf_counter() - started < 0.5  # queued; the export fails in its own thread
+    assert time.perf_counter() - started < 0.5  # queued; the export fails in another process
+    assert await tracer.flush()  # the exporter gave them up: nothing waits
+    assert tracer.dropped == 0
 
 
 def test_the_processors_warnings_are_kept_to_one_a_minute(
@@ -150,14 +161,14 @@ def test_the_processors_warnings_are_kept_to_one_a_minute(
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     logger = logging.getLogger("sidecar.tests.quiet")
-    quiet = otel._Quiet()
+    quiet = otel_export.Quiet()
     logger.addFilter(quiet)
     try:
         with caplog.at_level(logging.WARNING, logger=logger.name):
             for _ in range(5):
                 logger.warning("Queue full, dropping %s.", "spans")
             logger.warning("Exporter already shutdown, ignoring batch")
-            now[0] += otel.QUIET_S
+            now[0] += otel_export.QUIET_S
             logger.warning("Queue full, dropping %s.", "spans")
     finally:
         logger.removeFilter(quiet)
@@ -166,3 +177,28 @@ def test_the_processors_warnings_are_kept_to_one_a_minute(
         "Exporter already shutdown, ignoring batch",
         "Queue full, dropping spans. (4 more like it in the last 60 s)",
     ]
+
+
+async def test_an_exporter_that_dies_is_started_again(
+    otlp: OtlpReceiver,
+    make_tracer: MakeTracer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(otel, "RESTART_S", 0.2)
+    tracer = await make_tracer()
+    first = tracer.exporter
+    assert first is not None
+    first.kill()
+    await first.wait()
+    # Until it is back, spans are counted and dropped; the requests do not wait for it.
+    await until(lambda: tracer.exporter is not first, "the dead exporter was not noticed")
+    tracer.start("lost", {}, time.time_ns(), server=True).finish({}, time.time_ns())
+    tracer._send()
+    assert tracer.dropped == 1
+    await until(lambda: tracer.exporter is not None, "the exporter was not started again")
+    tracer.start("kept", {}, time.time_ns(), server=True).finish({}, time.time_ns())
+    [got] = await otlp.collect(tracer.flush, 1)
+    assert got.name == "kept"
+    assert "the span exporter exited (status -9); starting it again" in caplog.text
+    assert "1 spans dropped in all" in caplog.text
