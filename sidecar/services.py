@@ -122,7 +122,7 @@ def build(
 
     records = IdentityRecords(redis, keys, clock)
     listing = Listing(redis, keys)
-    identifier = Identifier(records, profiles, clock)
+    identifier = Identifier(records, profiles, clock, counters)
 
     usage_counters = UsageCounters(redis, keys, clock)
     rankings = Rankings(redis, keys, clock)
@@ -158,7 +158,9 @@ def build(
         authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
     )
     exposition = (
-        Exposition(counters, Readings(limiter, recorder, live)) if counters is not None else None
+        Exposition(counters, Readings(limiter, recorder, live, tracer))
+        if counters is not None
+        else None
     )
     scripts = (
         *records.scripts,

@@ -101,6 +101,8 @@ class Settlement:
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         counters, nanos = self._counters(resolved, meter.kind, model, usage, header_cost, failed)
+        if self.counters is not None:
+            self.counters.metered_request(resolved.source.value)
         if meter.span is not None:
             self._trace(
                 meter,
@@ -150,6 +152,8 @@ class Settlement:
         counters = increments(
             source=resolved.source.value, failed=False, usage=None, cost=None, rate_limited=True
         )
+        if self.counters is not None:
+            self.counters.metered_request(resolved.source.value)
         self.recorder.add(
             identity_id,
             counters,
@@ -241,6 +245,8 @@ class Settlement:
             profile=resolved.profile,
             within_s=within_s,
         )
+        if self.counters is not None and not recorded.duplicate:
+            self.counters.metered_request(resolved.source.value)
         if self.tracer is not None and not recorded.duplicate:  # one span per request
             start_ns = _authorized_ns(request_id, received_ns)
             span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)

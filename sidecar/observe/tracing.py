@@ -45,6 +45,8 @@ class Span(Protocol):
 
 
 class Tracer(Protocol):
+    dropped: int  # spans given up before export (the exporter not running or not keeping up)
+
     def start(self, name: str, carrier: Mapping[str, str], start_ns: int, *, server: bool) -> Span:
         """A span started at `start_ns` (Unix ns), the child of the W3C trace context that
         `carrier` (request headers by lower-case name) holds, if any. `server`: the sidecar

@@ -92,6 +92,8 @@ async def test_a_chat_span_continues_the_callers_trace_and_is_the_parent_upstrea
     assert forwarded.header("traceparent") == f"00-{TRACE}-{span.span_id}-01"
     assert forwarded.header("tracestate") == CALLER["tracestate"]
     assert [n for n, _ in forwarded.headers].count("traceparent") == 1
+    metrics = (await env.api.get("/metrics")).text
+    assert "\nsidecar_spans_dropped_total 0.0\n" in metrics
 
 
 async def test_a_request_without_trace_context_starts_a_trace(
@@ -268,3 +270,4 @@ async def test_without_telemetry_the_callers_trace_context_goes_upstream_untouch
     forwarded = env.mock.requests[-1]
     assert forwarded.header("traceparent") == CALLER["traceparent"]
     assert forwarded.header("tracestate") == CALLER["tracestate"]
+    assert "sidecar_spans_dropped" not in (await env.api.get("/metrics")).text
