@@ -53,7 +53,7 @@ def upstream_traceparent(env: Env) -> list[str]:
 
 
 async def test_a_chat_span_continues_the_callers_trace_and_is_the_parent_upstream(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(telemetry=telemetry(otlp))
     before = time.time_ns()
@@ -97,7 +97,7 @@ async def test_a_chat_span_continues_the_callers_trace_and_is_the_parent_upstrea
 
 
 async def test_a_request_without_trace_context_starts_a_trace(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(telemetry=telemetry(otlp, service_name="gateway-sidecar"))
     async with client(env) as oai:
@@ -117,7 +117,7 @@ async def test_a_request_without_trace_context_starts_a_trace(
 
 
 async def test_anthropic_streams_are_spans_with_their_usage(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(telemetry=telemetry(otlp))
     async with (
@@ -142,7 +142,7 @@ async def test_anthropic_streams_are_spans_with_their_usage(
     assert upstream_traceparent(env)[2] == span.span_id
 
 
-async def test_an_upstream_error_marks_the_span(make_env: MakeEnv, otlp: OtlpReceiver) -> None:
+async def test_an_upstream_error_marks_the_span(otlp: OtlpReceiver, make_env: MakeEnv) -> None:
     env = await make_env(telemetry=telemetry(otlp))
     async with client(env) as oai:
         with pytest.raises(openai.InternalServerError):
@@ -160,7 +160,7 @@ async def test_an_upstream_error_marks_the_span(make_env: MakeEnv, otlp: OtlpRec
 
 
 async def test_an_unreachable_upstream_is_an_error_span(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(upstream_url=f"http://127.0.0.1:{free_port()}", telemetry=telemetry(otlp))
     async with client(env) as oai:
@@ -175,7 +175,7 @@ async def test_an_unreachable_upstream_is_an_error_span(
 
 
 async def test_a_refusal_is_a_span_naming_the_limit(
-    make_env: MakeEnv, otlp: OtlpReceiver, tmp_path: Path
+    otlp: OtlpReceiver, make_env: MakeEnv, tmp_path: Path
 ) -> None:
     policies = tmp_path / "policies.toml"
     policies.write_text('[[policy]]\nname = "tight"\nrequests = ["1/minute"]\n')
@@ -205,7 +205,7 @@ async def test_a_refusal_is_a_span_naming_the_limit(
 
 
 async def test_a_hook_report_is_a_span_from_authorize_to_report(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(telemetry=telemetry(otlp))
     authorized = await env.api.post(
@@ -247,7 +247,7 @@ async def test_a_hook_report_is_a_span_from_authorize_to_report(
 
 
 async def test_sampled_out_requests_still_carry_the_trace_upstream(
-    make_env: MakeEnv, otlp: OtlpReceiver
+    otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
     env = await make_env(telemetry=telemetry(otlp, sample_ratio=0.0))
     async with client(env) as oai:
