@@ -265,7 +265,7 @@ class InlineProxy:
         except TimeoutError:
             if status is None:
                 await send_error(send, GatewayTimeout("the upstream did not answer in time"))
-                answered, reason = GatewayTimeout.status, "timeout"
+                answered, reason = GatewayTimeout.status, GatewayTimeout.code
         except (aiohttp.ClientError, OSError) as exc:
             if status is None:
                 message = f"the upstream cannot be reached: {type(exc).__name__}"

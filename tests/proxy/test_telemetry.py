@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 from ulid import ULID
@@ -22,6 +23,7 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 CALLER = {"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "congo=t61rcWkgMzE"}
 MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
+CHAT = {"model": "gpt-4o", "messages": MESSAGES}
 HOOK = {"x-sidecar-token": ADMIN_TOKEN}
 SERVER, INTERNAL = 2, 1
 UNSET, ERROR = 0, 2
@@ -172,6 +174,25 @@ async def test_an_unreachable_upstream_is_an_error_span(
     assert span.attributes["error.type"] == "upstream_unreachable"
     assert span.attributes["http.response.status_code"] == 502
     assert "gen_ai.usage.input_tokens" not in span.attributes
+
+
+async def test_a_timeout_and_a_broken_stream_are_error_spans(
+    otlp: OtlpReceiver, make_env: MakeEnv
+) -> None:
+    env = await make_env(telemetry=telemetry(otlp), upstream={"timeout_s": 0.3})
+    async with httpx.AsyncClient(base_url=env.url) as http:
+        slow = {"x-mock-latency-ms": "1000"}
+        r = await http.post("/v1/chat/completions", json=CHAT, headers=slow)
+        assert r.status_code == 504
+        with pytest.raises(httpx.RemoteProtocolError):
+            broken = {**CHAT, "stream": True}
+            await http.post("/v1/chat/completions", json=broken, headers={"x-mock-drop-after": "1"})
+    timed_out, incomplete = await spans(env, otlp, 2)
+    assert timed_out.attributes["error.type"] == "upstream_timeout"
+    assert timed_out.attributes["http.response.status_code"] == 504
+    assert incomplete.attributes["error.type"] == "response_incomplete"
+    assert incomplete.attributes["http.response.status_code"] == 200  # the headers had gone out
+    assert timed_out.status_code == incomplete.status_code == ERROR
 
 
 async def test_a_refusal_is_a_span_naming_the_limit(
