@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from bench import hooks_bench
+from bench import hooks_bench, telemetry_bench
 from bench.bare_proxy import BareProxy, request_headers, response_headers
 from bench.lib import cli, config, payloads, proxy, proxy_report, report, rounds, wrk
 from bench.lib.client import Target, probe_metered
@@ -267,6 +267,22 @@ def test_hooks_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str
     assert printed.out == ""  # with --json FILE, nothing on stdout
     assert "| target | requests/s | / healthz |" in printed.err
     assert "| target | requests/s | / healthz |" in markdown.read_text()
+
+
+@needs_wrk
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_telemetry_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "telemetry.json"
+    assert telemetry_bench.main(["--repeats", "1", "--duration", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    [run] = result["runs"]
+    assert run["on"]["requests"] > 0 and run["on"]["http_errors"] == 0
+    assert run["off"]["requests"] > 0 and run["off"]["http_errors"] == 0
+    # The receiver got a span for every request the sidecar with telemetry answered.
+    assert result["received"]["spans"] >= result["measured_requests_on"] > 0
+    assert len(result["exporter_pids"]) == 1 and result["exporter_us_per_request"][0] > 0
+    assert "telemetry on / off" in capfd.readouterr().err
 
 
 def test_emit_writes_the_json_and_prints_the_table(

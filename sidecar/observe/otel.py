@@ -1,10 +1,11 @@
 """The tracer `[telemetry]` turns on. A span costs the request a few microseconds: its ids, its
-sampling decision (OpenTelemetry's ParentBased ratio sampler) and the traceparent sent upstream
-are made here, and once the request is settled its attributes are queued as one record. Every
-SEND_EVERY_S the records go to a child process (observe/otel_export.py), where OpenTelemetry's
-SDK batches them (its BatchSpanProcessor) and sends them (its OTLP/HTTP exporter). Encoding
-spans for OTLP costs more CPU than the proxy spends on a request: in this process it would take
-the event loop's time and hold its GIL (docs/benchmarks.md)."""
+sampling decision (the one OpenTelemetry's ParentBased(TraceIdRatioBased) sampler makes) and the
+traceparent sent upstream are made here, and once the request is settled its attributes are
+queued as one record. Every SEND_EVERY_S the records go to a child process
+(observe/otel_export.py), where OpenTelemetry's SDK batches them (its BatchSpanProcessor) and
+sends them (its OTLP/HTTP exporter). Encoding spans for OTLP costs more CPU than the proxy spends
+on a request: in this process it would take the event loop's time and hold its GIL
+(docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ from collections.abc import Mapping
 
 import msgspec
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sidecar.observe.otel_export import Config, Record, frame
@@ -36,7 +35,6 @@ RESTART_S = 1.0  # an exporter that exited is started again after this
 DROPS_LOGGED_EVERY_S = 60.0
 
 _propagator = TraceContextTextMapPropagator()
-_ROOT = Context()  # no parent: the ambient context is never consulted
 _SERVER, _INTERNAL = 2, 1  # SpanKind as the exporter's records say it
 
 
@@ -107,7 +105,10 @@ class OtelSpan:
 class OtelTracer:
     def __init__(self, config: Config, sample_ratio: float) -> None:
         self.config = config
-        self.sampler = ParentBased(TraceIdRatioBased(sample_ratio))
+        # OpenTelemetry's ParentBased(TraceIdRatioBased(ratio)), its two cases written out: a
+        # remote parent's sampled flag decides; a new trace is kept when the low 64 bits of its
+        # id fall under the ratio's bound.
+        self.ratio = TraceIdRatioBased(sample_ratio)
         self.ids = RandomIdGenerator()
         self.dropped = 0  # spans given up: the exporter was not running or not keeping up
         self._records: list[Record] = []
@@ -124,20 +125,17 @@ class OtelTracer:
     def start(
         self, name: str, carrier: Mapping[str, str], start_ns: int, *, server: bool
     ) -> OtelSpan:
-        context = _ROOT
         parent_id = 0
         trace_state = ""
         if "traceparent" in carrier:
-            extracted = _propagator.extract(carrier)
-            parent = trace.get_current_span(extracted).get_span_context()
+            parent = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
             if parent.is_valid:
-                context, trace_id, parent_id = extracted, parent.trace_id, parent.span_id
+                trace_id, parent_id = parent.trace_id, parent.span_id
                 trace_state = parent.trace_state.to_header() if parent.trace_state else ""
+                sampled = parent.trace_flags.sampled
         if not parent_id:
             trace_id = self.ids.generate_trace_id()
-        kind = SpanKind.SERVER if server else SpanKind.INTERNAL
-        decision = self.sampler.should_sample(context, trace_id, name, kind).decision
-        sampled = decision is Decision.RECORD_AND_SAMPLE
+            sampled = trace_id & self.ratio.TRACE_ID_LIMIT < self.ratio.bound
         return OtelSpan(
             self,
             name,

@@ -153,8 +153,8 @@ class InlineProxy:
         if strip or resolved.source is Source.BODY:
             body = _encode(payload)  # without the identity object, with stream_options
         requested = payload.get("model")
-        meter = Meter(resolved, kind, None, requested if isinstance(requested, str) else None)
-        meter.strip = strip
+        model = requested if isinstance(requested, str) else None
+        meter = Meter(resolved, kind, None, model, strip=strip)
         if self.tracer is not None:
             name = spans.name(kind, meter.model)
             meter.span = self.tracer.start(name, headers, started_ns, server=True)
