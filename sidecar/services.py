@@ -32,8 +32,9 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
+from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
-from sidecar.store.connect import RedisClient
+from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.tasks import Background
@@ -70,6 +71,7 @@ class Services:
     quota: Quota
     settlement: Settlement
     authorizer: Authorizer
+    signins: FailedSignIns
     sessions: Sessions
     upstream: Upstream
     background: Background
@@ -81,15 +83,23 @@ class Services:
     loops: list[asyncio.Task[None]]  # run from open() to close()
 
     async def open(self) -> None:
-        """Open the I/O: the upstream client, the store's scripts, the background loops."""
+        """Open the I/O: the upstream client, the store's connections and scripts, the
+        background loops. It runs before the server listens, so the first requests find the
+        connections open and the scripts loaded."""
         await self.upstream.open()
         if self.tracer is not None:
             await self.tracer.open()
         try:
-            for script in self.scripts:
-                await script.load(self.redis)
+            opened = await warm(self.redis, self.settings.redis.warm_connections)
+            await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
         except StoreUnavailable as exc:
-            log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+            log.warning(
+                "store not reachable at start-up (%s); connections open and scripts load on "
+                "first use",
+                exc,
+            )
+        else:
+            log.debug("store: %d connections open, %d scripts loaded", opened, len(self.scripts))
         self.loops.append(asyncio.create_task(self.live.watch()))
         self.recorder.start()  # replays what earlier processes left in the spool
 
@@ -120,7 +130,7 @@ def build(
     live = LiveConfig(settings)
     profiles = PolicyProfiles(live, clock)
 
-    records = IdentityRecords(redis, keys, clock)
+    records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
     identifier = Identifier(records, profiles, clock, counters)
 
@@ -154,8 +164,19 @@ def build(
     proxy = InlineProxy(
         settings, upstream, attribution, identifier, quota, settlement, counters, tracer
     )
+    signins = FailedSignIns(
+        redis,
+        keys,
+        per_minute=settings.admin.failed_auth_per_minute,
+        networks=attribution.networks,
+        clock=clock,
+        timeout_s=settings.redis.timeout_ms / 1000,
+    )
     raw_authorize = RawAuthorize(
-        authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
+        authorizer,
+        settings.admin.hook_token or admin_token,
+        signins,
+        settings.server.body_timeout_s,
     )
     exposition = (
         Exposition(counters, Readings(limiter, recorder, live, tracer))
@@ -167,7 +188,8 @@ def build(
         *listing.scripts,
         *usage_counters.scripts,
         writer.script,
-        limiter.script,
+        *limiter.scripts,
+        signins.script,
     )
     return Services(
         settings=settings,
@@ -184,7 +206,8 @@ def build(
         quota=quota,
         settlement=settlement,
         authorizer=authorizer,
-        sessions=Sessions(redis, keys, admin_token),
+        signins=signins,
+        sessions=Sessions(redis, keys, admin_token, signins),
         upstream=upstream,
         background=background,
         proxy=proxy,

@@ -48,6 +48,9 @@ class RedisSettings(_Section):
     key_prefix: str = "sidecar"
     timeout_ms: int = 50
     on_error: Literal["allow", "deny"] = "allow"
+    # Opened at start-up, before the server listens (per master of a cluster), so that a first
+    # burst of up to this many concurrent requests opens none under load.
+    warm_connections: int = 64
 
 
 class AdminSettings(_Section):
@@ -149,6 +152,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "SIDECAR_DATA_DIR": ("server", "data_dir", str),
     # Comma-separated CIDRs: how a container image says whose identity claims it accepts.
     "SIDECAR_TRUSTED_NETWORKS": ("identity", "trusted_networks", list),
+    "SIDECAR_TRUST": ("identity", "trust", str),
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -199,6 +203,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("redis.key_prefix: 1-64 of letters, digits, '_', '-', '.'")
     if not 1 <= s.redis.timeout_ms <= 60_000:
         problems.append("redis.timeout_ms: must be 1-60000")
+    if not 0 <= s.redis.warm_connections <= 512:
+        problems.append("redis.warm_connections: must be 0-512")
     for name, token in (("admin.token", s.admin.token), ("admin.hook_token", s.admin.hook_token)):
         if token is not None and len(token) < 16:
             problems.append(f"{name}: must be at least 16 characters")

@@ -9,9 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
+from sidecar.cli.serve import protected_mode
+from sidecar.settings import parse
 from sidecar.testing.redis_server import free_port
 
 
@@ -137,3 +141,58 @@ def test_serve_on_the_embedded_store_keeps_identities_across_restarts(tmp_path: 
         got = httpx.get(f"{url}/v2/identities/persisted", headers=auth)
         assert got.status_code == 200, got.text
         assert got.json()["external_id"] == "persisted"
+
+
+def test_protected_mode_refuses_a_public_bind_with_default_trust(tmp_path: Path) -> None:
+    env = clean_env(SIDECAR_HOST="0.0.0.0", SIDECAR_DATA_DIR=str(tmp_path / "data"))
+    refused = sidecar("serve", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    message = refused.stderr
+    assert "refusing to listen on 0.0.0.0" in message
+    for way_out in ('trust = "keys"', "trusted_networks", 'trust = "any" written out'):
+        assert way_out in message
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize(
+    ("host", "extra", "refused"),
+    [
+        ("127.0.0.1", {}, False),
+        ("::1", {}, False),
+        ("localhost", {}, False),
+        ("0.0.0.0", {}, True),
+        ("10.1.2.3", {}, True),
+        ("0.0.0.0", {"trust": "keys"}, False),
+        ("0.0.0.0", {"trust": "any"}, False),
+        ("0.0.0.0", {"trusted_networks": ["10.0.0.0/8"]}, False),
+    ],
+)
+def test_protected_mode_ways_out(host: str, extra: dict[str, Any], refused: bool) -> None:
+    settings = parse({"server": {"host": host}, "identity": extra})
+    assert (protected_mode(settings) is not None) is refused
+
+
+def test_an_explicit_trust_any_on_a_public_address_starts_with_a_warning(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(
+        SIDECAR_HOST="0.0.0.0",
+        SIDECAR_TRUST="any",
+        SIDECAR_PORT=str(port),
+        SIDECAR_DATA_DIR=str(tmp_path / "data"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "serve"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if not line or line.startswith("sidecar listening"):
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert any('trust = \\"any\\"' in line or 'trust = "any"' in line for line in lines), lines
+    assert any(line.startswith("sidecar listening on http://0.0.0.0") for line in lines), lines

@@ -119,9 +119,12 @@ on_error = "maybe"
 """,
     )
     assert problems(path) == [f"{path}: redis.on_error: invalid enum value 'maybe'"]
-    path = write(tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\n')
+    path = write(
+        tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\nwarm_connections = 513\n'
+    )
     found = problems(path)
     assert f"{path}: server.port: must be 0-65535" in found
+    assert f"{path}: redis.warm_connections: must be 0-512" in found
     assert any(p.startswith(f"{path}: redis.url: scheme must be one of") for p in found)
 
 

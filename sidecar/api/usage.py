@@ -1,4 +1,5 @@
-"""`GET /v2/usage`: usage per identity or per tag over a range of UTC days, for cross-charging.
+"""`GET /v2/usage`: usage per identity, per tag or per API key owner over a range of UTC days,
+for cross-charging.
 
 Reads the daily counters (the `<day>:<counter>` fields of each identity's day hash, kept
 RETENTION_DAYS days), walking the identities in creation order a page at a time, with one
@@ -53,7 +54,9 @@ _COUNTERS = (
     buckets.RATE_LIMITED,
 )
 _WIDTH = len(_COUNTERS)
-_PICK = [buckets.COUNTERS.index(c) for c in _COUNTERS]
+# Per key owner: its own counters, then what its keys carried for others (buckets.VIA).
+_OWNER_COUNTERS = (*_COUNTERS, buckets.BY_SOURCE["api_key"], *(buckets.VIA + c for c in _COUNTERS))
+GroupBy = Literal["identity", "tag", "api_key_owner"]
 
 
 class IdentityUsage(msgspec.Struct, kw_only=True):
@@ -111,7 +114,7 @@ class UsageRow(msgspec.Struct, kw_only=True):
 
 class UsageExport(msgspec.Struct, kw_only=True):
     object: Literal["usage_export"] = "usage_export"
-    group_by: Literal["identity", "tag"]
+    group_by: GroupBy
     from_: str = msgspec.field(name="from")
     to: str
     note: str | None = None
@@ -177,12 +180,15 @@ Row = tuple[Identity, list[int]]
 
 
 class _Reader:
-    """Identities in creation order with their sums over the days, a page at a time."""
+    """Identities in creation order with their sums over the days, a page at a time; with
+    `owners`, only API key owners, each with what requests carrying its keys counted: its
+    own, and those it made for others (its VIA counters)."""
 
-    def __init__(self, catalog: CatalogDep, first: int, last: int) -> None:
+    def __init__(self, catalog: CatalogDep, first: int, last: int, owners: bool = False) -> None:
         self.catalog = catalog
         self.first = first
         self.last = last
+        self.owners = owners
         self.bound: bytes | None = b"-"
 
     async def page(self) -> list[Row]:
@@ -194,10 +200,17 @@ class _Reader:
         # Past the last member read, whether or not it is deleted meanwhile.
         self.bound = b"(" + members[-1] if len(members) == PAGE else None
         found = await self.catalog.records.many([m[:26].decode() for m in members])
-        days = await self.catalog.counters.days([i.id for i in found], self.first, self.last)
+        ids = [i.id for i in found]
         rows = []
-        for identity, all_sums in zip(found, days, strict=True):
-            sums = [all_sums[i] for i in _PICK]
+        if self.owners:
+            days = await self.catalog.counters.days(ids, self.first, self.last, _OWNER_COUNTERS)
+            for identity, all_sums in zip(found, days, strict=True):
+                own, by_key, via = all_sums[:_WIDTH], all_sums[_WIDTH], all_sums[_WIDTH + 1 :]
+                if by_key or any(via):  # an owner: a listed key named it, or carried others
+                    rows.append((identity, [a + b for a, b in zip(own, via, strict=True)]))
+            return rows
+        days = await self.catalog.counters.days(ids, self.first, self.last, _COUNTERS)
+        for identity, sums in zip(found, days, strict=True):
             if any(sums):
                 rows.append((identity, sums))
         return rows
@@ -254,16 +267,33 @@ async def _json(
     yield b"]}"
 
 
+# What a spreadsheet may read as the start of a formula (OWASP, CSV injection). A text cell
+# starting with one of them gets a `'` in front, which spreadsheets read as "text" and do not
+# show. Numeric columns stay as they are: they hold digits (a cost is never negative).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_COLUMNS = frozenset({"_id", "external_id", "display_name", "tag"})
+
+
+def spreadsheet_text(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def _csv_header(group_by: str) -> list[str]:
-    kind = IdentityUsage if group_by == "identity" else TagUsage
+    kind = TagUsage if group_by == "tag" else IdentityUsage
     return [field.encode_name for field in msgspec.structs.fields(kind)]
 
 
 def _csv_lines(rows: list[Any]) -> bytes:
+    if not rows:
+        return b""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
+    text = [f.encode_name in _TEXT_COLUMNS for f in msgspec.structs.fields(rows[0])]
     for row in rows:
-        writer.writerow("" if v is None else v for v in msgspec.structs.astuple(row))
+        writer.writerow(
+            "" if v is None else spreadsheet_text(v) if is_text else v
+            for v, is_text in zip(msgspec.structs.astuple(row), text, strict=True)
+        )
     return out.getvalue().encode()
 
 
@@ -304,7 +334,7 @@ class UsageController(Controller):
         self,
         request: Request[Any, Any, Any],
         catalog: CatalogDep,
-        group_by: FromQuery[Literal["identity", "tag"]] = "identity",
+        group_by: FromQuery[GroupBy] = "identity",
         from_: Annotated[
             str | None,
             QueryParameter(name="from", max_length=10, description="first UTC day, YYYY-MM-DD"),
@@ -314,16 +344,17 @@ class UsageController(Controller):
         ] = None,
         format: FromQuery[Literal["json", "csv"]] = "json",
     ) -> Stream:
-        """Requests, errors, tokens and cost per identity or per tag over UTC days, both
-        included (default: the 30 days up to `to`, today by default, as the identities'
-        metrics); kept 32 days. Groups without usage in the range are left out. Per tag, an
-        identity with several tags counts under each; identities without tags are under
-        `(untagged)`."""
+        """Requests, errors, tokens and cost per identity, per tag or per API key owner over
+        UTC days, both included (default: the 30 days up to `to`, today by default, as the
+        identities' metrics); kept 32 days. Groups without usage in the range are left out.
+        Per tag, an identity with several tags counts under each; identities without tags are
+        under `(untagged)`. Per key owner: the owner's own requests and those its keys carried
+        for the end users it may assert."""
         for name in request.query_params:
             if name not in PARAMS:
                 raise InvalidRequest(f"unknown parameter {name[:64]!r}", param=name[:64])
         first, last = day_range(from_, to, catalog.clock())
-        reader = _Reader(catalog, first, last)
+        reader = _Reader(catalog, first, last, owners=group_by == "api_key_owner")
         first_page = await reader.page()  # a store that is down is a 503, not a cut stream
         headers = {"cache-control": "no-store"}
         if group_by == "tag":

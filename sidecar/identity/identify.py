@@ -118,11 +118,14 @@ class Identifier:
             write.exception()  # retrieved here: every waiter may have given up
 
     async def _write(self, resolved: Resolved, digest: bytes) -> str:
+        creator = resolved.creator or None
         if resolved.profile is None:
-            identity, created = await self.records.upsert(resolved.external_id, Profile())
+            identity, created = await self.records.upsert(resolved.external_id, Profile(), creator)
             self._created(created)
             return identity.id
-        identity, created = await self.records.upsert(resolved.external_id, resolved.profile)
+        identity, created = await self.records.upsert(
+            resolved.external_id, resolved.profile, creator
+        )
         self._created(created)
         self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
         self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)

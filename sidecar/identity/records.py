@@ -13,7 +13,7 @@ from msgspec import UNSET
 from redis.asyncio.cluster import RedisCluster
 from ulid import ULID
 
-from sidecar.errors import Conflict, StoreUnavailable
+from sidecar.errors import Conflict, IdentityCreationLimited, StoreUnavailable
 from sidecar.identity.model import Identity, Profile, rfc3339
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
@@ -55,10 +55,18 @@ class IdentityRecords:
     """Create, read, update and delete identities; the external-id index and the order set
     (see Keys) are kept with them."""
 
-    def __init__(self, client: RedisClient, keys: Keys, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        clock: Clock = time.time,
+        max_new_per_minute: int | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.clock = clock
+        # Identities one creator (see Resolved.creator) may make per minute, sliding.
+        self.max_new_per_minute = max_new_per_minute
         # A single server runs a pipeline's commands in order; a cluster's nodes do not.
         self.in_order = not isinstance(client, RedisCluster)
         # An external id keeps its _id until the identity is deleted, so the mapping can be
@@ -162,8 +170,12 @@ class IdentityRecords:
             raise Conflict(f"identity {external_id!r} already exists", param="external_id")
         return identity
 
-    async def upsert(self, external_id: str, profile: Profile) -> tuple[Identity, bool]:
-        """Create the identity, or overwrite the given fields; True when it was created."""
+    async def upsert(
+        self, external_id: str, profile: Profile, creator: str | None = None
+    ) -> tuple[Identity, bool]:
+        """Create the identity, or overwrite the given fields; True when it was created. A new
+        identity made for `creator` counts against its creation cap: IdentityCreationLimited
+        (a 429) beyond it."""
         cached = self._ids.get(external_id)
         if cached is not None:
             updated = await self._update(cached, external_id, profile)
@@ -185,13 +197,14 @@ class IdentityRecords:
                 ) -> None:
                     self._merge.queue(pipe, [self.keys.identity(candidate)], args)
                     self._claim.queue(
-                        pipe,
-                        [self.keys.external_ids, self.keys.order],
-                        [xid_digest(external_id), candidate, member],
+                        pipe, *self._claim_call(external_id, candidate, member, creator)
                     )
 
                 scripts = [self._merge, self._claim]
                 (_, _, record), owner = await pipeline(self.client, write_and_claim, scripts)
+                if not owner:
+                    await call(self.client.delete(self.keys.identity(candidate)))
+                    raise self._limited(creator)
                 if owner.decode() == candidate:
                     self._remember(external_id, candidate)
                     return _identity(candidate, record), True
@@ -209,7 +222,7 @@ class IdentityRecords:
                 discard = candidate
                 if owner is None:
                     identity, created = await self._claim_for(
-                        external_id, _identity(candidate, record)
+                        external_id, _identity(candidate, record), creator
                     )
                     if created:
                         return identity, True
@@ -241,13 +254,39 @@ class IdentityRecords:
         candidate = str(ULID.from_timestamp(self.clock()))
         return candidate, [self._now_ms(), "1", external_id, *_field_args(profile)]
 
-    async def _claim_for(self, external_id: str, identity: Identity) -> tuple[Identity, bool]:
+    def _claim_call(
+        self, external_id: str, candidate: str, member: str, creator: str | None
+    ) -> tuple[list[str], list[Any]]:
+        """claim.lua's keys and arguments; with the creator's cap when it has one."""
+        keys = [self.keys.external_ids, self.keys.order]
+        args: list[Any] = [xid_digest(external_id), candidate, member]
+        if creator and self.max_new_per_minute is not None:
+            now_ms = int(self.clock() * 1000)
+            minute = now_ms // 60_000
+            keys += [self.keys.created(creator, minute), self.keys.created(creator, minute - 1)]
+            args += [self.max_new_per_minute, now_ms % 60_000]
+        return keys, args
+
+    def _limited(self, creator: str | None) -> IdentityCreationLimited:
+        wait = 60 - int(self.clock()) % 60
+        who = "key owner" if creator and creator.startswith("key:") else "client address"
+        return IdentityCreationLimited(
+            f"this {who} created {self.max_new_per_minute} identities in the last minute "
+            "([identity] max_new_per_minute); use an existing identity or retry later",
+            headers={"retry-after": str(max(1, wait))},
+        )
+
+    async def _claim_for(
+        self, external_id: str, identity: Identity, creator: str | None = None
+    ) -> tuple[Identity, bool]:
         """Claim the external id for a freshly written record, or discard it for the owner's."""
         owner = await self._claim(
             self.client,
-            [self.keys.external_ids, self.keys.order],
-            [xid_digest(external_id), identity.id, order_member(identity)],
+            *self._claim_call(external_id, identity.id, order_member(identity), creator),
         )
+        if not owner:
+            await call(self.client.delete(self.keys.identity(identity.id)))
+            raise self._limited(creator)
         if owner.decode() == identity.id:
             self._remember(external_id, identity.id)
             return identity, True

@@ -9,6 +9,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import msgspec
 from ulid import ULID
 
 from sidecar.errors import StoreUnavailable
@@ -18,7 +19,7 @@ from sidecar.metering import spans
 from sidecar.metering.attribution import Attribution
 from sidecar.observe.counters import Counters
 from sidecar.observe.tracing import Span, Tracer
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision, Subject
 from sidecar.quota.policy import Policy
 from sidecar.quota.service import Quota
 from sidecar.tasks import Background
@@ -117,21 +118,44 @@ class Settlement:
         identity = meter.identity
         if isinstance(identity, asyncio.Task):
             self.background.spawn(self._when_known(identity, resolved, counters))
+            self._via_owner(resolved, counters, None, {})
             return
-        charges = {}
+        charges: dict[str, dict[str, tuple[int, int]]] = {}
         decision = meter.decision
         if identity is not None and decision is not None:
             limiter = self.quota.limiter
-            if decision.lease is not None:
-                self.background.spawn(limiter.release(identity, decision.lease))
+            if decision.leases:
+                self.background.spawn(limiter.release(decision.leases))
             tokens = usage.total_tokens if usage is not None else 0
-            charges = limiter.charges(identity, decision.policy, tokens, nanos, limiter.clock())
+            charges = limiter.charges(decision.subjects, tokens, nanos, limiter.clock())
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            charges=charges.pop(identity, None) if identity is not None else None,
+        )
+        owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+        self._via_owner(resolved, counters, owner_id, owner_charges)
+
+    def _via_owner(
+        self,
+        resolved: Resolved,
+        counters: dict[str, int],
+        owner_id: str | None,
+        charges: dict[str, tuple[int, int]],
+    ) -> None:
+        """A request that carried a listed key for someone else counts for the key's owner
+        too: in its VIA counters, and in its limits (`charges`, when two levels applied)."""
+        owner = resolved.owner
+        if owner is None or owner == resolved.external_id:
+            return
+        self.recorder.add(
+            owner_id,
+            buckets.via(counters),
+            source="",
+            external_id=owner,
             charges=charges,
         )
 
@@ -146,9 +170,18 @@ class Settlement:
         request's, with its span."""
         if meter is not None and meter.span is not None:
             # The sidecar doing its job: as for any 4xx a server answers, the span's status
-            # stays unset.
-            dimension = decision.dimension.value if decision.dimension is not None else None
-            self._trace(meter, 429, None, None, decision.policy, None, dimension)
+            # stays unset. The policy is the one that refused (the key owner's, maybe).
+            by = decision.refused_by
+            self._trace(
+                meter,
+                429,
+                None,
+                None,
+                by.policy if by is not None else decision.policy,
+                None,
+                decision.dimension.value if decision.dimension is not None else None,
+                by.external_id if by is not None else None,
+            )
         counters = increments(
             source=resolved.source.value, failed=False, usage=None, cost=None, rate_limited=True
         )
@@ -161,6 +194,7 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
         )
+        self._via_owner(resolved, counters, None, {})
 
     def unanswered(self, meter: Meter, status: int, error: str | None) -> None:
         """An inline request the sidecar answered with an error of its own before forwarding
@@ -176,9 +210,11 @@ class Settlement:
         cost_nanos: int | None,
         policy: Policy | None,
         error: str | None,
-        refused_by: str | None = None,
+        refused_in: str | None = None,
+        refused_for: str | None = None,
     ) -> None:
-        """End the request's span, with its attributes built once, here."""
+        """End the request's span, with its attributes built once, here. `refused_in` is the
+        dimension that refused it, `refused_for` whose limit that was."""
         span = meter.span
         if span is None or not span.recording:  # not sampled: nothing to build
             return
@@ -192,8 +228,10 @@ class Settlement:
             status=status,
             request_id=meter.request_id,
         )
-        if refused_by is not None:
-            attributes["sidecar.limit.dimension"] = refused_by
+        if refused_in is not None:
+            attributes["sidecar.limit.dimension"] = refused_in
+        if refused_for is not None:
+            attributes["sidecar.limit.identity"] = refused_for
         span.finish(attributes, time.time_ns(), error)
 
     async def reported(
@@ -218,18 +256,19 @@ class Settlement:
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
-        charges = {}
+        charges: dict[str, dict[str, tuple[int, int]]] = {}
         identity_id: str | None = None
-        policy: Policy | None = None
+        owner: str | None = None
+        subjects: list[Subject] = []
         try:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
-                if quota.active:
-                    # The slot authorize took, if any, is free again (a retry finds it gone).
-                    await quota.limiter.release(identity_id, request_id)
-                    policy = await quota.policy_for(identity_id, resolved)
+                subjects, owner = await self._admitted(resolved, identity_id, request_id)
+                if subjects:
+                    # The slots authorize took, if any, are free again (a retry finds them gone).
+                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
                     charges = quota.limiter.charges(
-                        identity_id, policy, usage.total_tokens, nanos, quota.limiter.clock()
+                        subjects, usage.total_tokens, nanos, quota.limiter.clock()
                     )
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
@@ -240,19 +279,44 @@ class Settlement:
             counters,
             source=resolved.source.value,
             request_id=request_id,
-            charges=charges,
+            charges=charges.pop(identity_id, None) if identity_id is not None else None,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
         )
+        if owner is not None and (recorded.counted or recorded.spooled):
+            # A retried report counts once, for the owner too.
+            owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+            with_owner = msgspec.structs.replace(resolved, owner=owner)
+            self._via_owner(with_owner, counters, owner_id, owner_charges)
         if self.counters is not None and not recorded.duplicate:
             self.counters.metered_request(resolved.source.value)
         if self.tracer is not None and not recorded.duplicate:  # one span per request
             start_ns = _authorized_ns(request_id, received_ns)
             span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)
             meter = Meter(resolved, kind, identity_id, model, span=span, request_id=request_id)
+            policy = next((s.policy for s in subjects if s.identity_id == identity_id), None)
             self._trace(meter, status, usage, nanos, policy, _failure(status))
         return recorded
+
+    async def _admitted(
+        self, resolved: Resolved, identity_id: str, request_id: str
+    ) -> tuple[list[Subject], str | None]:
+        """Whom a reported request counts against: its identity under its policy now, and the
+        key owner its authorization counted it against (see Limiter.remember); and that
+        owner's external id, when it carried a key for someone else."""
+        quota = self.quota
+        policy = await quota.policy_for(identity_id, resolved) if quota.active else None
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        admission = await quota.limiter.recall(request_id)
+        if admission is None:
+            return out, None
+        by_name = {p.name: p for p in quota.live.policies}
+        for owner_id, name in admission.subjects:
+            owner_policy = by_name.get(name)
+            if owner_policy is not None:  # else: the policies changed since
+                out.append(Subject(owner_id, admission.owner, owner_policy))
+        return out, admission.owner
 
     async def _refresh(self, resolved: Resolved) -> None:
         """Write a known identity's body profile, after its request was answered."""

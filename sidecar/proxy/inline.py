@@ -27,6 +27,7 @@ from sidecar.errors import (
 )
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import (
+    Resolved,
     Source,
     encode_header_id,
 )
@@ -36,8 +37,9 @@ from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Meter, Settlement
 from sidecar.observe.counters import Counters
 from sidecar.observe.tracing import Tracer
+from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
@@ -66,9 +68,6 @@ _REQUEST_SKIP = frozenset(
 )
 # Replaced by the sidecar's own when it traces the request (its span is the parent upstream).
 _TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
-_RESPONSE_SKIP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
-)
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _encode = msgspec.json.Encoder().encode
@@ -161,36 +160,46 @@ class InlineProxy:
         # A known identity whose body profile is due to be written again is counted under the
         # _id at hand, and the write waits until the response is out (Meter.refresh).
         known, refresh = self.identifier.cached(resolved)
-        if self.quota.active:
-            request_id = meter.request_id = str(ULID())  # also the concurrency lease's name
-            logs.bind(resolved.external_id, request_id)
-            try:
+        decision: Decision | None = None
+        try:
+            if self.quota.active:
+                request_id = meter.request_id = str(ULID())  # also the concurrency lease's name
+                logs.bind(resolved.external_id, request_id)
                 # Limits are kept under the identity's _id: it must be known before admission.
-                identity, decision = await self.quota.admit(resolved, request_id, known)
+                meter.identity, decision = await self.quota.admit(resolved, request_id, known)
                 if decision.store_failed and not decision.admitted:  # on_error = "deny"
                     raise StoreUnavailable(
                         "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                     )
-            except SidecarError as exc:
-                self.settlement.unanswered(meter, exc.status, exc.code)
-                raise
-            meter.identity, meter.decision = identity, decision
-            if not decision.admitted:
-                await self._refuse(send, meter, identity, decision)
-                return None, body
-        else:
-            logs.bind(resolved.external_id)
-            # A write, when one is needed, runs while the upstream works.
-            meter.identity = known or asyncio.create_task(self.identifier.identify(resolved))
+                meter.decision = decision
+            else:
+                logs.bind(resolved.external_id)
+                meter.identity = known or await self._identify_first(resolved)
+        except SidecarError as exc:  # the span ends with the error the client gets
+            self.settlement.unanswered(meter, exc.status, exc.code)
+            raise
+        if decision is not None and not decision.admitted:
+            await self._refuse(send, meter, decision)
+            return None, body
         meter.refresh = refresh and known is not None
         return meter, body
 
-    async def _refuse(
-        self, send: Send, meter: Meter, identity_id: str | None, decision: Decision
-    ) -> None:
+    async def _identify_first(self, resolved: Resolved) -> str | asyncio.Task[str]:
+        """An identity this process does not know yet is found, or created, before the request
+        goes out, so that the creation cap can refuse it (IdentityCreationLimited). When the
+        store does not answer in time, the write goes on while the upstream works."""
+        write = asyncio.ensure_future(self.identifier.identify(resolved))
+        try:
+            async with self.quota.limiter.deadline():
+                return await asyncio.shield(write)
+        except (StoreUnavailable, TimeoutError):
+            return write
+
+    async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
         headers = [(b"retry-after", b"%d" % decision.retry_after)]
         headers += [(k.encode(), v.encode()) for k, v in decision.headers]
         await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
+        identity_id = meter.identity if isinstance(meter.identity, str) else None
         self.settlement.refused(identity_id, meter.resolved, decision, meter)
 
     def _headers(self, scope: HTTPScope, meter: Meter | None) -> list[tuple[str, str]]:
@@ -246,15 +255,18 @@ class InlineProxy:
                 if self.counters is not None:
                     self.counters.upstream.observe(time.perf_counter() - started)
                 header_cost = upstream.headers.get("x-litellm-response-cost")
-                out_headers = [
-                    (k.lower().encode("latin-1"), v.encode("latin-1"))
-                    for k, v in upstream.headers.items()
-                    if k.lower() not in _RESPONSE_SKIP
-                ]
-                if meter is not None and meter.decision is not None:
-                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 kind = meter.kind if meter else None
                 sse = "text/event-stream" in upstream.headers.get("content-type", "")
+                try:
+                    out_headers = relayed(upstream.raw_headers)
+                except Unrelayable as exc:
+                    log.warning("upstream answer not relayed: %s", exc)
+                    message = f"the upstream's answer cannot be relayed: {exc}"
+                    await send_error(send, BadGateway(message, code="bad_upstream_response"))
+                    usage = await _unrelayed_usage(upstream, kind, sse)
+                    return
+                if meter is not None and meter.decision is not None:
+                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 if meter and sse and kind is not None:
                     usage = await _relay_stream(upstream, send, out_headers, kind, meter.strip)
                 elif meter and kind is not None:
@@ -266,6 +278,11 @@ class InlineProxy:
             if status is None:
                 await send_error(send, GatewayTimeout("the upstream did not answer in time"))
                 answered, reason = GatewayTimeout.status, GatewayTimeout.code
+        except aiohttp.ClientResponseError:
+            if status is None:  # what it sent is not an HTTP answer (its head, typically)
+                message = "the upstream's answer is not valid HTTP"
+                await send_error(send, BadGateway(message, code="bad_upstream_response"))
+                answered, reason = BadGateway.status, "bad_upstream_response"
         except (aiohttp.ClientError, OSError) as exc:
             if status is None:
                 message = f"the upstream cannot be reached: {type(exc).__name__}"
@@ -333,6 +350,28 @@ async def _relay_json(
     if upstream.status >= 400:
         return None
     return extract_json(kind, body)
+
+
+async def _unrelayed_usage(
+    upstream: aiohttp.ClientResponse, kind: Kind | None, sse: bool
+) -> Usage | None:
+    """What an answer the client was not given used: the upstream did the work (and bills it),
+    so it counts as a client that left would."""
+    if kind is None:
+        return None
+    if sse:
+        stream = StreamUsage(kind)
+        async for chunk in upstream.content.iter_any():
+            stream.feed(chunk)
+        stream.flush()
+        return stream.finish()
+    body = bytearray()
+    async for chunk in upstream.content.iter_any():
+        if len(body) <= _JSON_CAP:
+            body += chunk
+    if upstream.status >= 400 or len(body) > _JSON_CAP:
+        return None
+    return extract_json(kind, bytes(body))
 
 
 async def _relay(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -11,8 +10,9 @@ import msgspec
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.records import IdentityRecords
-from sidecar.identity.resolve import Resolved
-from sidecar.quota.limiter import Decision, Limiter
+from sidecar.identity.resolve import Resolved, Source
+from sidecar.quota.decision import Decision, Subject
+from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.policy import Dimension, Policy, choose
 from sidecar.quota.profiles import PolicyProfiles
@@ -44,8 +44,14 @@ _PER = re.compile(r"\s*(?:/|\bper\b)\s*", re.IGNORECASE)
 
 
 def refusal(decision: Decision, external_id: str) -> RateLimitError:
-    """The 429 body, OpenAI-shaped, naming the identity, policy, dimension and limit."""
-    assert decision.policy is not None and decision.dimension is not None
+    """The 429 body, OpenAI-shaped, naming the subject that refused (the identity, or the
+    owner of the key it came with), its policy, the dimension and the limit."""
+    assert decision.dimension is not None
+    if decision.refused_by is not None:
+        external_id, policy = decision.refused_by.external_id, decision.refused_by.policy
+    else:
+        assert decision.policy is not None
+        policy = decision.policy
     dimension = decision.dimension
     if decision.binding is not None:
         text = decision.binding.text
@@ -53,17 +59,17 @@ def refusal(decision: Decision, external_id: str) -> RateLimitError:
         what = f"${amount}" if dimension is Dimension.COST else f"{amount} {dimension.value}"
         summary = f"{what} per {per.strip()}"
     else:
-        text = str(decision.policy.concurrency)
+        text = str(policy.concurrency)
         summary = f"{text} concurrent requests"
     return RateLimitError(
         RateLimitBody(
             message=f"Rate limit exceeded: {summary} for identity {external_id} "
-            f"(policy {decision.policy.name})",
+            f"(policy {policy.name})",
             type="rate_limit_error",
             code=f"{dimension.value}_limit_exceeded",
             param=None,
             identity=external_id,
-            policy=decision.policy.name,
+            policy=policy.name,
             dimension=dimension.value,
             limit=text,
         )
@@ -123,28 +129,72 @@ class Quota:
         assert not isinstance(policy, _Missing)
         return policy
 
+    def owner_of(self, resolved: Resolved) -> Resolved | None:
+        """The second subject of a request: the owner of the listed key it carries, when that is
+        not the identity itself."""
+        owner = resolved.owner
+        if owner is None or owner == resolved.external_id:
+            return None
+        # Listed in the config: its record is not counted against any creation cap.
+        return Resolved(owner, Source.API_KEY, owner=owner)
+
+    async def subjects(self, resolved: Resolved, identity_id: str) -> list[Subject]:
+        """Whom a request counts against: its identity (when a policy applies to it), then its
+        key's owner (two levels). Raises StoreUnavailable."""
+        policy = await self.policy_for(identity_id, resolved)
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        owner = self.owner_of(resolved)
+        if owner is not None and self.live.policies:
+            owner_id = self.identifier.known(owner) or await self.identifier.identify(owner)
+            owner_policy = await self.policy_for(owner_id, owner)
+            if owner_policy is not None and owner_policy.limited:
+                out.append(Subject(owner_id, owner.external_id, owner_policy))
+        return out
+
+    def _known_subjects(self, resolved: Resolved, identity_id: str) -> list[Subject] | None:
+        """`subjects`, when everything it needs is at hand without a store read."""
+        policy = self._known_policy(resolved)
+        if isinstance(policy, _Missing):
+            return None
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        owner = self.owner_of(resolved)
+        if owner is not None and self.live.policies:
+            owner_id = self.identifier.known(owner)
+            owner_policy = self._known_policy(owner) if owner_id is not None else MISSING
+            if owner_id is None or isinstance(owner_policy, _Missing):
+                return None
+            if owner_policy is not None and owner_policy.limited:
+                out.append(Subject(owner_id, owner.external_id, owner_policy))
+        return out
+
     async def admit(
         self, resolved: Resolved, request_id: str, known: str | None
     ) -> tuple[str | None, Decision]:
         """The identity's `_id` (None when the store could not say) and the decision; `known`
         is the `_id` the caller already has (see Identifier.cached).
 
-        Finding the identity (an upsert when it is new) and its profile, then the limit check,
-        each give up after `timeout_ms`; then `on_error` decides, as for the check itself."""
+        Finding the identity (an upsert when it is new), its key's owner and their profiles,
+        then the limit check, each give up after `timeout_ms`; then `on_error` decides, as for
+        the check itself."""
         limiter = self.limiter
         if known is not None:
-            policy = self._known_policy(resolved)
-            if not isinstance(policy, _Missing):  # the common case: one store call, the check
-                return known, await limiter.admit(known, policy, request_id)
+            subjects = self._known_subjects(resolved, known)
+            if subjects is not None:  # the common case: one store call, the check
+                return known, await limiter.admit(subjects, request_id, _own(subjects, known))
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:
-            async with asyncio.timeout(limiter.timeout):
+            async with limiter.deadline():
                 identity_id = known or await self.identifier.identify(resolved)
-                policy = await self.policy_for(identity_id, resolved)
+                subjects = await self.subjects(resolved, identity_id)
         except (StoreUnavailable, TimeoutError) as exc:
             limiter.failed(exc)
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
-        return identity_id, await limiter.admit(identity_id, policy, request_id)
+        return identity_id, await limiter.admit(subjects, request_id, _own(subjects, identity_id))
+
+
+def _own(subjects: list[Subject], identity_id: str) -> Policy | None:
+    """The identity's own policy among a request's subjects."""
+    return subjects[0].policy if subjects and subjects[0].identity_id == identity_id else None

@@ -58,6 +58,24 @@ class Keys:
         # Sorted set, kept a minute: _id -> 30-day score ending on `day` (the union of `top`).
         return f"{self._p}:{{idx}}:rank:{sort}:{day}"
 
+    def admission(self, request_id: str) -> str:
+        # String with a TTL (a concurrency lease's): whom a hook-mode admission counted against
+        # beyond the identity, read when its usage report comes.
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:adm:{digest}"
+
+    def created(self, creator: str, minute: int) -> str:
+        # String with a TTL: identities one creator (a key owner or a client address) made in
+        # one minute. In the {idx} slot, beside the external-id index the creation writes.
+        digest = hashlib.sha256(creator.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:{{idx}}:new:{digest}:{minute}"
+
+    def failed_signins(self, client: str) -> str:
+        # Hash with a TTL: failed admin sign-ins from one client address in the current window
+        # (see quota.signins). Keyed by a digest: an address may hold ':' and brackets.
+        digest = hashlib.sha256(client.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"{self._p}:fa:{digest}"
+
     def ui_session(self, digest: str) -> str:
         # String with a TTL: a dashboard session is signed in (keyed by a digest of its id).
         return f"{self._p}:ui:{digest}"

@@ -8,21 +8,31 @@ from typing import Any
 import httpx
 import uvicorn
 
+from sidecar.connections import ConnectionGuard
+from sidecar.dispatch import Sidecar
+from sidecar.settings import ServerSettings
 from sidecar.testing.redis_server import free_port
 
 
 @asynccontextmanager
 async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
-    """Run an ASGI app under uvicorn in this event loop; yield its base URL."""
+    """Run an ASGI app under uvicorn in this event loop; yield its base URL. The sidecar's
+    app is served as `sidecar serve` serves it: with its header deadline and connection cap."""
     port = port or free_port()
+    server_settings = app.services.settings.server if isinstance(app, Sidecar) else ServerSettings()
+    guard = ConnectionGuard(server_settings.header_timeout_s, server_settings.max_connections)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
+        http=guard.protocol,
         log_level="warning",
         access_log=False,
         lifespan="on",
         loop="none",
+        # As `serve`: the client address behind a proxy is the sidecar's own business
+        # (identity.caller, trusted_networks); uvicorn's rewrite would trust any local peer.
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

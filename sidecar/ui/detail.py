@@ -5,7 +5,7 @@ from litestar.response import Template
 
 from sidecar.identity.model import Identity
 from sidecar.quota import windows
-from sidecar.quota.limiter import PolicyUsage
+from sidecar.quota.decision import PolicyUsage
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.ui import chart
 from sidecar.ui.pages import metrics

@@ -45,6 +45,27 @@ COUNTERS = (
     *BY_SOURCE.values(),
 )
 
+# A key owner's own copy of what requests carrying its keys for others (end users it may
+# assert) counted, per day only (`/v2/usage?group_by=api_key_owner`): the counters above,
+# prefixed. Not in its metrics, series or rankings, which are its own requests'.
+VIA = "k"
+VIA_COUNTERS = tuple(
+    VIA + c
+    for c in (
+        REQUESTS,
+        ERRORS,
+        INPUT,
+        CACHED_INPUT,
+        CACHE_WRITE,
+        OUTPUT,
+        REASONING,
+        COST,
+        RATE_LIMITED,
+        UNPRICED,
+    )
+)
+_VIA = frozenset(VIA_COUNTERS)
+
 METRICS_DAYS = 30
 RETENTION_DAYS = 32  # outlives the window by a margin, so the oldest day is whole when read
 HOUR_RETENTION = 72
@@ -70,8 +91,11 @@ def lua_constants() -> str:
     """The counters and windows above, as Lua: the scripts that keep the 30-day sums start
     with these (then lua/counters.lua), so Python and Lua cannot disagree on them."""
     names = ", ".join(f"'{c}'" for c in COUNTERS)
+    kept = ", ".join(f"'{c}'" for c in COUNTERS + VIA_COUNTERS)
     return (
         f"local COUNTERS = {{{names}}}\n"
+        f"local KEPT = {{{kept}}}\n"
+        f"local VIA = '{VIA}'\n"
         f"local WINDOW = {METRICS_DAYS}\n"
         f"local RETENTION = {RETENTION_DAYS}\n"
     )
@@ -104,6 +128,11 @@ def increments(
         if not cost.priced and usage is not None and usage.total_tokens:
             out[UNPRICED] = 1
     return {k: v for k, v in out.items() if v}
+
+
+def via(counters: dict[str, int]) -> dict[str, int]:
+    """A request's counters as its key's owner keeps them (see VIA)."""
+    return {VIA + c: n for c, n in counters.items() if VIA + c in _VIA}
 
 
 def error_rates(

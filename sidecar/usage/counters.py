@@ -4,7 +4,7 @@ them; the Redis side of what usage/buckets.py describes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -167,11 +167,17 @@ class UsageCounters:
         replies = await pipeline(self.client, queue) if identity_ids else []
         return [v.decode() if v else None for v in replies]
 
-    async def days(self, identity_ids: list[str], first: int, last: int) -> list[list[int]]:
-        """Per identity, the sum of each counter (in `buckets.COUNTERS` order) over the UTC
-        days first..last, both included, from the daily counters."""
-        fields = [f"{d}:{c}" for d in range(first, last + 1) for c in buckets.COUNTERS]
-        width = len(buckets.COUNTERS)
+    async def days(
+        self,
+        identity_ids: list[str],
+        first: int,
+        last: int,
+        counters: Sequence[str] = buckets.COUNTERS,
+    ) -> list[list[int]]:
+        """Per identity, the sum of each of `counters` (in their order) over the UTC days
+        first..last, both included, from the daily counters."""
+        fields = [f"{d}:{c}" for d in range(first, last + 1) for c in counters]
+        width = len(counters)
 
         def queue(pipe: Any) -> None:
             for identity_id in identity_ids:

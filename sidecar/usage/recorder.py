@@ -164,7 +164,9 @@ class Recorder:
             entry = self._pending[key] = Entry(
                 at=at, source=source, counters={}, identity=identity_id, external_id=external_id
             )
-        entry.source, entry.at = source, max(entry.at, at)
+        entry.at = max(entry.at, at)
+        if source:  # a key owner's VIA counters name no source
+            entry.source = source
         if profile is not None:
             entry.profile = profile
         for counter, n in counters.items():

@@ -126,7 +126,7 @@ async def make_side(
             "server": {"data_dir": str(tmp_path_factory.mktemp("data"))},  # the usage spool
         }
         for section, values in config.items():
-            raw[section] = {**raw.get(section, {}), **values}
+            raw[section] = values if section == "api_keys" else {**raw.get(section, {}), **values}
         # No client is handed in: the app connects from the URL, as `sidecar serve` does.
         app = create_app(
             parse(raw), admin_token=ADMIN_TOKEN, clock=time.time if real_clock else clock

@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import SentinelSet, role
 from tests.cluster.conftest import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
 from tests.conftest import FakeClock
@@ -37,6 +38,17 @@ async def survives(side: Side, before: list[dict[str, Any]]) -> None:
     now = {r["_id"]: r for r in await listing(side)}
     for record in before:
         assert now[record["_id"]] == record
+
+
+async def test_start_up_opens_connections_to_the_master(
+    sentinels: SentinelSet, make_side: MakeSide
+) -> None:
+    master = sentinels.master_port()
+    with redis.Redis(port=master, socket_timeout=2) as node:
+        before = int(node.info("stats")["total_connections_received"])
+        await make_side(sentinels.url)
+        opened = int(node.info("stats")["total_connections_received"]) - before
+    assert opened >= RedisSettings().warm_connections
 
 
 async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demoted(

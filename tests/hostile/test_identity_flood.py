@@ -57,7 +57,10 @@ async def test_a_flood_of_identities_keeps_every_cache_within_its_bound(
 ) -> None:
     policy = tmp_path / "flood.toml"
     policy.write_text(POLICY)
-    env = await make_env(policies={"paths": [str(policy)]})
+    # Every id from one address: the creation cap (1,000 a minute by default) is lifted.
+    env = await make_env(
+        policies={"paths": [str(policy)]}, identity={"max_new_per_minute": 1_000_000}
+    )
     peak = dict.fromkeys(cache_sizes(env), 0)
     statuses: list[int] = []
     ids = iter(range(HEADER_IDS + BODY_IDS))

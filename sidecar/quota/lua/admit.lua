@@ -1,14 +1,14 @@
--- Check every limit of one request and, only if all of them admit it, count it.
+-- Check every limit of one request's subjects and, only if all of them admit it, count it.
 -- KEYS: per limit, its current and previous bucket (the previous one is never read for a
--- calendar window); then, when a concurrency limit applies, the identity's lease set.
+-- calendar window); then one lease set per concurrency limit.
 -- ARGV[1] the limits, one argument (cheaper to send than five each): per limit 'kind amount
 -- window elapsed lifetime ' with kind REQUESTS, TOKENS or COST (the codes come first, in a
 -- prelude limiter.py writes), window in ms (0 for a calendar window), ms elapsed in the
 -- current bucket, bucket lifetime (s);
--- ARGV[2] now (ms), ARGV[3] concurrency limit (0: none), ARGV[4] lease member (the request
--- id), ARGV[5] lease length (ms).
--- Returns {admitted (1/0), leases in use, then per limit: previous, current} with the counts
--- as they are after this call. A refused request changes nothing.
+-- ARGV[2] now (ms), ARGV[3] the concurrency limits, one per lease set, as 'n n ...' ('' for
+-- none), ARGV[4] lease member (the request id), ARGV[5] lease length (ms).
+-- Returns {admitted (1/0), {leases in use per lease set}, {per limit: previous, current}} with
+-- the counts as they are after this call. A refused request changes nothing.
 local limits = {}
 for kind, amount, window, elapsed, lifetime in
     string.gmatch(ARGV[1], '(%S+) (%S+) (%S+) (%S+) (%S+)') do
@@ -35,19 +35,16 @@ for i = 1, n do
   counts[#counts + 1] = previous
   counts[#counts + 1] = current
 end
-local concurrency = tonumber(ARGV[3])
-local leases = 0
-local lease_key = KEYS[2 * n + 1]
-if concurrency > 0 then
-  redis.call('ZREMRANGEBYSCORE', lease_key, '-inf', now)
-  leases = redis.call('ZCARD', lease_key)
-  if leases >= concurrency then refused = true end
+local caps = {}
+for cap in string.gmatch(ARGV[3], '%S+') do caps[#caps + 1] = tonumber(cap) end
+local leases = {}
+for j = 1, #caps do
+  local key = KEYS[2 * n + j]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  leases[j] = redis.call('ZCARD', key)
+  if leases[j] >= caps[j] then refused = true end
 end
-if refused then
-  local out = {0, leases}
-  for i = 1, #counts do out[#out + 1] = counts[i] end
-  return out
-end
+if refused then return {0, leases, counts} end
 for i = 1, n do
   if limits[i][1] == REQUESTS then
     counts[2 * i] = redis.call('INCR', KEYS[2 * i - 1])
@@ -55,12 +52,11 @@ for i = 1, n do
     if counts[2 * i] == 1 then redis.call('EXPIRE', KEYS[2 * i - 1], limits[i][5]) end
   end
 end
-if concurrency > 0 then
+for j = 1, #caps do
   -- Leases all last as long, so the newest expires last: the set lives as long as it does.
-  redis.call('ZADD', lease_key, now + tonumber(ARGV[5]), ARGV[4])
-  redis.call('PEXPIRE', lease_key, tonumber(ARGV[5]))
-  leases = leases + 1
+  local key = KEYS[2 * n + j]
+  redis.call('ZADD', key, now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', key, tonumber(ARGV[5]))
+  leases[j] = leases[j] + 1
 end
-local out = {1, leases}
-for i = 1, #counts do out[#out + 1] = counts[i] end
-return out
+return {1, leases, counts}

@@ -45,8 +45,11 @@ local kept = day > current - RETENTION
 local hour_ttl = tonumber(ARGV[3])
 for counter, n in string.gmatch(ARGV[7], '(%S+) (%S+)') do
   if kept then redis.call('HINCRBY', KEYS[2], day .. ':' .. counter, n) end
-  if in_window then redis.call('HINCRBY', KEYS[2], 's:' .. counter, n) end
-  if hour_ttl > 0 then redis.call('HINCRBY', KEYS[3], counter, n) end
+  -- A key owner's VIA counters are kept per day only.
+  if string.sub(counter, 1, 1) ~= VIA then
+    if in_window then redis.call('HINCRBY', KEYS[2], 's:' .. counter, n) end
+    if hour_ttl > 0 then redis.call('HINCRBY', KEYS[3], counter, n) end
+  end
 end
 if hour_ttl > 0 then redis.call('EXPIRE', KEYS[3], hour_ttl) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 's:src', ARGV[5], 's:at', ARGV[6]) end

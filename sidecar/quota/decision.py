@@ -1,0 +1,44 @@
+"""What a limit check decides, and about whom."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+
+from sidecar.quota.policy import Dimension, Limit, Policy
+
+
+class Subject(NamedTuple):
+    """Someone a request counts against: its identity, and the owner of the API key it carries
+    when that is someone else (two levels)."""
+
+    identity_id: str
+    external_id: str
+    policy: Policy
+
+
+class Decision(msgspec.Struct, kw_only=True):
+    admitted: bool
+    policy: Policy | None = None  # the request's identity's
+    subjects: tuple[Subject, ...] = ()  # whom it counts against, the identity first
+    refused_by: Subject | None = None  # the subject whose limit refused
+    binding: Limit | None = None  # the limit that refused (None for concurrency)
+    dimension: Dimension | None = None  # what refused
+    retry_after: int = 0  # whole seconds, >= 1 when refused
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    # Concurrency slots to give back when the request ends: (identity _id, lease).
+    leases: tuple[tuple[str, str], ...] = ()
+    store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
+
+
+class LimitUsage(msgspec.Struct, kw_only=True):
+    limit: Limit
+    used: float  # requests, tokens or nano-dollars the window holds now
+    remaining: float
+    reset_ms: int  # until the count is back to zero
+
+
+class PolicyUsage(msgspec.Struct, kw_only=True):
+    limits: list[LimitUsage]
+    in_flight: int | None = None  # concurrency leases held, when the policy limits them
