@@ -156,7 +156,13 @@ def build(
         counters=counters,
     )
     quota = Quota(live, limiter, records, identifier, profiles)
-    attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
+    attribution = Attribution(
+        settings.identity,
+        live,
+        Pricer(settings.pricing.models),
+        clock,
+        settings.limits.default_output_reserve,
+    )
     background = Background()
     tracer = _tracer(settings)
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)

@@ -92,6 +92,11 @@ class PoliciesSettings(_Section):
     paths: list[str] = msgspec.field(default_factory=list)
 
 
+class LimitsSettings(_Section):
+    # Output tokens reserved for a request that names no cap of its own (see usage/estimate.py).
+    default_output_reserve: int = 1024
+
+
 class PricingSettings(_Section):
     models: dict[str, ModelPrice] = msgspec.field(default_factory=dict)
 
@@ -114,6 +119,7 @@ class Settings(_Section):
     identity: IdentitySettings = msgspec.field(default_factory=IdentitySettings)
     api_keys: list[ApiKeyOwner] = msgspec.field(default_factory=list)
     policies: PoliciesSettings = msgspec.field(default_factory=PoliciesSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     # Where the config came from; relative paths in it resolve against this folder.
@@ -139,6 +145,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "metering": MeteringSettings,
     "identity": IdentitySettings,
     "policies": PoliciesSettings,
+    "limits": LimitsSettings,
     "pricing": PricingSettings,
     "telemetry": TelemetrySettings,
 }
@@ -223,6 +230,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("admin.failed_auth_per_minute: must be 1-1000000")
     if not 1 <= s.identity.max_new_per_minute <= 100_000_000:
         problems.append("identity.max_new_per_minute: must be 1-100000000")
+    if not 0 <= s.limits.default_output_reserve <= 10_000_000:
+        problems.append("limits.default_output_reserve: must be 0-10000000")
     for i, cidr in enumerate(s.identity.trusted_networks):
         try:
             ipaddress.ip_network(cidr, strict=False)

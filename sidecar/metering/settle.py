@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
-from ulid import ULID
 
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
@@ -30,10 +29,6 @@ from sidecar.usage.recorder import Recorded, Recorder
 
 log = logging.getLogger("sidecar.metering")
 
-# A hook-mode span starts when /hooks/authorize made its request id (a ULID), if that was within
-# this long before the report; else when the report came.
-HOOK_SPAN_MAX_S = 3600
-
 
 @dataclass(slots=True)
 class Meter:
@@ -48,8 +43,9 @@ class Meter:
     decision: Decision | None = None  # the limit check's, when policies apply
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
     refresh: bool = False  # the body profile is written once the response is out
+    request_id: str = ""  # the admission's (its leases' and reservations' name)
+    settled: bool = False  # its token and cost limits are charged (Settlement.settle)
     span: Span | None = None  # with [telemetry] enabled
-    request_id: str | None = None  # the limit check's, when policies apply
 
 
 class Settlement:
@@ -111,7 +107,7 @@ class Settlement:
                 usage,
                 nanos if usage is not None or header_cost is not None else None,
                 meter.decision.policy if meter.decision is not None else None,
-                error or _failure(status),
+                error or spans.failure(status),
             )
         if meter.refresh:
             self.background.spawn(self._refresh(resolved))
@@ -120,24 +116,65 @@ class Settlement:
             self.background.spawn(self._when_known(identity, resolved, counters))
             self._via_owner(resolved, counters, None, {})
             return
-        charges: dict[str, dict[str, tuple[int, int]]] = {}
         decision = meter.decision
+        owner_id: str | None = None
         if identity is not None and decision is not None:
             limiter = self.quota.limiter
             if decision.leases:
                 self.background.spawn(limiter.release(decision.leases))
-            tokens = usage.total_tokens if usage is not None else 0
-            charges = limiter.charges(decision.subjects, tokens, nanos, limiter.clock())
+            if decision.admitted and decision.charged and not meter.settled:
+                # Not settled before the response ended (it failed, or the client left): what
+                # upstream produced replaces the reservation now.
+                tokens = usage.total_tokens if usage is not None else 0
+                self.background.spawn(self._settle_later(meter, tokens, nanos))
+            owner_id = next(
+                (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
+                None,
+            )
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
-            charges=charges.pop(identity, None) if identity is not None else None,
         )
-        owner_id, owner_charges = next(iter(charges.items()), (None, {}))
-        self._via_owner(resolved, counters, owner_id, owner_charges)
+        self._via_owner(resolved, counters, owner_id, {})
+
+    async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
+        """Before an inline response ends: when a token or cost limit applies, what the request
+        used replaces what it reserved, in the store, so the client's next request (on any
+        sidecar) sees it. Cheap requests (no such limit) do nothing here."""
+        decision = meter.decision
+        if decision is None or not decision.admitted or not decision.charged or meter.settled:
+            return
+        model = usage.model if usage is not None and usage.model else meter.model
+        cost = self.attribution.cost(meter.kind, model, usage, header_cost)
+        tokens = usage.total_tokens if usage is not None else 0
+        limiter = self.quota.limiter
+        meter.settled = True
+        try:
+            async with limiter.deadline():
+                await limiter.settle(
+                    decision.subjects, meter.request_id, tokens, cost.nanos if cost else 0
+                )
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            self.background.spawn(self._settle_later(meter, tokens, cost.nanos if cost else 0))
+
+    async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
+        decision = meter.decision
+        assert decision is not None
+        meter.settled = True
+        for attempt in range(5):
+            try:
+                await self.quota.limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+                return
+            except StoreUnavailable as exc:
+                if attempt == 4:
+                    # Its reservation is given back when it expires; the actual is not charged.
+                    log.error("limits of %s not charged: %s", meter.request_id, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _via_owner(
         self,
@@ -226,7 +263,7 @@ class Settlement:
             cost_nanos=cost_nanos,
             policy=policy.name if policy is not None else None,
             status=status,
-            request_id=meter.request_id,
+            request_id=meter.request_id or None,
         )
         if refused_in is not None:
             attributes["sidecar.limit.dimension"] = refused_in
@@ -256,7 +293,6 @@ class Settlement:
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
-        charges: dict[str, dict[str, tuple[int, int]]] = {}
         identity_id: str | None = None
         owner: str | None = None
         subjects: list[Subject] = []
@@ -264,39 +300,40 @@ class Settlement:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
                 subjects, owner = await self._admitted(resolved, identity_id, request_id)
-                if subjects:
-                    # The slots authorize took, if any, are free again (a retry finds them gone).
-                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
-                    charges = quota.limiter.charges(
-                        subjects, usage.total_tokens, nanos, quota.limiter.clock()
-                    )
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
-            # when its lease expires, and the limits are not charged for it.
+            # when its lease expires, and its reservation is given back unsettled.
             log.warning("usage report %s kept for later: %s", request_id, exc)
         recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
             request_id=request_id,
-            charges=charges.pop(identity_id, None) if identity_id is not None else None,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
         )
+        if subjects and recorded.counted:  # a retried report is settled once
+            try:
+                async with asyncio.timeout(within_s):
+                    # The slots authorize took, if any, are free again.
+                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
+                    await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.warning("limits of report %s not charged: %s", request_id, exc)
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
-            owner_id, owner_charges = next(iter(charges.items()), (None, {}))
+            owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)
             with_owner = msgspec.structs.replace(resolved, owner=owner)
-            self._via_owner(with_owner, counters, owner_id, owner_charges)
+            self._via_owner(with_owner, counters, owner_id, {})
         if self.counters is not None and not recorded.duplicate:
             self.counters.metered_request(resolved.source.value)
         if self.tracer is not None and not recorded.duplicate:  # one span per request
-            start_ns = _authorized_ns(request_id, received_ns)
+            start_ns = spans.authorized_ns(request_id, received_ns)
             span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)
-            meter = Meter(resolved, kind, identity_id, model, span=span, request_id=request_id)
+            meter = Meter(resolved, kind, identity_id, model, request_id=request_id, span=span)
             policy = next((s.policy for s in subjects if s.identity_id == identity_id), None)
-            self._trace(meter, status, usage, nanos, policy, _failure(status))
+            self._trace(meter, status, usage, nanos, policy, spans.failure(status))
         return recorded
 
     async def _admitted(
@@ -342,20 +379,3 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
         )
-
-
-def _failure(status: int | None) -> str | None:
-    """The `error.type` of an upstream answer: its status, when it is an error."""
-    return str(status) if status is not None and status >= 400 else None
-
-
-def _authorized_ns(request_id: str, received_ns: int) -> int:
-    """When /hooks/authorize made `request_id`, if it did (a ULID from the last
-    HOOK_SPAN_MAX_S); else `received_ns`."""
-    try:
-        made_ns = ULID.from_str(request_id).milliseconds * 1_000_000
-    except ValueError:
-        return received_ns
-    if 0 <= received_ns - made_ns <= HOOK_SPAN_MAX_S * 1_000_000_000:
-        return made_ns
-    return received_ns

@@ -4,10 +4,16 @@ settled and its usage known."""
 
 from __future__ import annotations
 
+from ulid import ULID
+
 from sidecar import money
 from sidecar.identity.resolve import Resolved
 from sidecar.observe.tracing import Attributes
 from sidecar.usage.model import Kind, Usage
+
+# A hook-mode span starts when /hooks/authorize made its request id (a ULID), if that was within
+# this long before the report; else when the report came.
+HOOK_SPAN_MAX_S = 3600
 
 OPERATIONS = {
     Kind.CHAT: "chat",
@@ -70,3 +76,20 @@ def attributes(
     if request_id is not None:
         out["sidecar.request_id"] = request_id
     return out
+
+
+def failure(status: int | None) -> str | None:
+    """The `error.type` of an upstream answer: its status, when it is an error."""
+    return str(status) if status is not None and status >= 400 else None
+
+
+def authorized_ns(request_id: str, received_ns: int) -> int:
+    """When /hooks/authorize made `request_id`, if it did (a ULID from the last
+    HOOK_SPAN_MAX_S); else `received_ns`, when the report came."""
+    try:
+        made_ns = ULID.from_str(request_id).milliseconds * 1_000_000
+    except ValueError:
+        return received_ns
+    if 0 <= received_ns - made_ns <= HOOK_SPAN_MAX_S * 1_000_000_000:
+        return made_ns
+    return received_ns

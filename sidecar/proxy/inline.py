@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -155,7 +156,7 @@ class InlineProxy:
         model = requested if isinstance(requested, str) else None
         meter = Meter(resolved, kind, None, model, strip=strip)
         if self.tracer is not None:
-            name = spans.name(kind, meter.model)
+            name = spans.name(kind, model)
             meter.span = self.tracer.start(name, headers, started_ns, server=True)
         # A known identity whose body profile is due to be written again is counted under the
         # _id at hand, and the write waits until the response is out (Meter.refresh).
@@ -163,10 +164,16 @@ class InlineProxy:
         decision: Decision | None = None
         try:
             if self.quota.active:
-                request_id = meter.request_id = str(ULID())  # also the concurrency lease's name
+                # Also the concurrency lease's and reservation's name.
+                request_id = meter.request_id = str(ULID())
                 logs.bind(resolved.external_id, request_id)
+                reserve = None
+                if self.quota.reserving:
+                    reserve = self.attribution.reserve(kind, payload, len(body))
                 # Limits are kept under the identity's _id: it must be known before admission.
-                meter.identity, decision = await self.quota.admit(resolved, request_id, known)
+                meter.identity, decision = await self.quota.admit(
+                    resolved, request_id, known, reserve
+                )
                 if decision.store_failed and not decision.admitted:  # on_error = "deny"
                     raise StoreUnavailable(
                         "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
@@ -239,8 +246,7 @@ class InlineProxy:
         usage: Usage | None = None
         header_cost: str | None = None
         complete = False
-        answered: int | None = None  # the sidecar's own error status, when it sent one
-        reason: str | None = None  # why the request failed, when not by its status
+        failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
         started = time.perf_counter()
         try:
             async with self.upstream.session.request(
@@ -262,45 +268,55 @@ class InlineProxy:
                 except Unrelayable as exc:
                     log.warning("upstream answer not relayed: %s", exc)
                     message = f"the upstream's answer cannot be relayed: {exc}"
-                    await send_error(send, BadGateway(message, code="bad_upstream_response"))
+                    failure = BadGateway(message, code="bad_upstream_response")
+                    await send_error(send, failure)
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
                     out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
-                if meter and sse and kind is not None:
-                    usage = await _relay_stream(upstream, send, out_headers, kind, meter.strip)
-                elif meter and kind is not None:
-                    usage = await _relay_json(upstream, send, out_headers, kind)
+                if meter and kind is not None:
+
+                    async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                        await self.settlement.settle(meter, usage, header_cost)
+
+                    relay = _relay_stream if sse else _relay_json
+                    usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
                 else:
                     await _relay(upstream, send, out_headers)
                 complete = True
         except TimeoutError:
             if status is None:
-                await send_error(send, GatewayTimeout("the upstream did not answer in time"))
-                answered, reason = GatewayTimeout.status, GatewayTimeout.code
+                failure = GatewayTimeout("the upstream did not answer in time")
+                await send_error(send, failure)
         except aiohttp.ClientResponseError:
             if status is None:  # what it sent is not an HTTP answer (its head, typically)
                 message = "the upstream's answer is not valid HTTP"
-                await send_error(send, BadGateway(message, code="bad_upstream_response"))
-                answered, reason = BadGateway.status, "bad_upstream_response"
+                failure = BadGateway(message, code="bad_upstream_response")
+                await send_error(send, failure)
         except (aiohttp.ClientError, OSError) as exc:
             if status is None:
                 message = f"the upstream cannot be reached: {type(exc).__name__}"
-                await send_error(send, BadGateway(message, code="upstream_unreachable"))
-                answered, reason = BadGateway.status, "upstream_unreachable"
+                failure = BadGateway(message, code="upstream_unreachable")
+                await send_error(send, failure)
         finally:
             if meter is not None:
                 failed = status is None or status >= 400 or not complete
-                if not complete and reason is None and status is not None:
+                # For its span: what the client got, and why it failed when not by the status.
+                reason = failure.code if failure is not None else None
+                if not complete and status is not None and failure is None:
                     reason = "response_incomplete"  # the upstream or the client left midway
+                sent = failure.status if failure is not None else status
                 try:
                     self.settlement.answered(
-                        meter, failed, usage, header_cost, status=answered or status, error=reason
+                        meter, failed, usage, header_cost, status=sent, error=reason
                     )
                 except Exception:
                     log.exception("usage of %s not recorded", meter.resolved.external_id)
         # When headers went out but the body did not finish, returning now makes the server
         # drop the connection, so the client sees the failure.
+
+
+Settle = Callable[[Usage | None], Awaitable[None]]
 
 
 async def _relay_stream(
@@ -309,7 +325,9 @@ async def _relay_stream(
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
     strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """An SSE answer, chunk by chunk; its usage is settled before the last bytes go out."""
     headers = [(k, v) for k, v in headers if k != b"content-length"]
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     stream = StreamUsage(kind, strip_usage_chunk=strip)
@@ -319,8 +337,11 @@ async def _relay_stream(
         out = stream.feed(chunk)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-    await send({"type": "http.response.body", "body": stream.flush(), "more_body": False})
-    return stream.finish()
+    last = stream.flush()
+    usage = stream.finish()
+    await settle(usage)
+    await send({"type": "http.response.body", "body": last, "more_body": False})
+    return usage
 
 
 async def _relay_json(
@@ -328,28 +349,32 @@ async def _relay_json(
     send: Send,
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
+    strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """A JSON answer; its usage is settled before the client has all of it."""
     start: Any = {"type": "http.response.start", "status": upstream.status, "headers": headers}
     if upstream.content_length is not None and upstream.content_length <= _WHOLE:
         body = await upstream.read()
+        usage = extract_json(kind, body) if upstream.status < 400 else None
+        await settle(usage)
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
-    else:
-        await send(start)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in upstream.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            size += len(chunk)
-            if size <= _JSON_CAP:
-                chunks.append(chunk)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if size > _JSON_CAP:
-            return None
-        body = b"".join(chunks)
-    if upstream.status >= 400:
-        return None
-    return extract_json(kind, body)
+        return usage
+    await send(start)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        size += len(chunk)
+        if size <= _JSON_CAP:
+            chunks.append(chunk)
+    usage = None
+    if size <= _JSON_CAP and upstream.status < 400:
+        usage = extract_json(kind, b"".join(chunks))
+    await settle(usage)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return usage
 
 
 async def _unrelayed_usage(

@@ -18,6 +18,14 @@ class Subject(NamedTuple):
     policy: Policy
 
 
+class Reserve(NamedTuple):
+    """What a request is expected to use at most: reserved at admission against every token
+    and cost limit, replaced by the actual once it is answered."""
+
+    tokens: int
+    nanos: int
+
+
 class Decision(msgspec.Struct, kw_only=True):
     admitted: bool
     policy: Policy | None = None  # the request's identity's
@@ -30,6 +38,16 @@ class Decision(msgspec.Struct, kw_only=True):
     # Concurrency slots to give back when the request ends: (identity _id, lease).
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
+
+    @property
+    def charged(self) -> bool:
+        """Whether a token or cost limit applies: its usage is settled before the response
+        ends (Limiter.settle), not written behind."""
+        return any(
+            limit.dimension in (Dimension.TOKENS, Dimension.COST)
+            for subject in self.subjects
+            for limit in subject.policy.limits
+        )
 
 
 class LimitUsage(msgspec.Struct, kw_only=True):

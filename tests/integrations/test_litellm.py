@@ -695,3 +695,23 @@ def test_the_module_handler_is_a_litellm_callback_configured_from_the_environmen
 def test_a_bad_environment_names_the_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(environ)
+
+
+def test_the_callback_passes_the_output_caps_through_for_the_reservation() -> None:
+    from sidecar.integrations.litellm import client_body
+
+    data = {
+        "model": "gpt-4o",
+        "messages": [],
+        "max_tokens": 64,
+        "max_completion_tokens": 32,
+        "metadata": {"user_api_key": "x"},
+        "litellm_call_id": "abc",
+        "proxy_server_request": {},
+    }
+    assert client_body(data) == {
+        "model": "gpt-4o",
+        "messages": [],
+        "max_tokens": 64,
+        "max_completion_tokens": 32,
+    }

@@ -88,9 +88,10 @@ cost_usd = ["5/day"]
     )
     clock.now = 1_795_000_040.0  # 20 s into a minute
     async with httpx.AsyncClient(base_url=env.url) as client:
+        capped = {**BODY, "max_tokens": 20}  # a reservation of about 50 tokens
         ok = await client.post(
             "/v1/chat/completions",
-            json=BODY,
+            json=capped,
             headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(100, 50)},
         )
         assert ok.status_code == 200
@@ -98,17 +99,18 @@ cost_usd = ["5/day"]
         assert ok.headers["x-ratelimit-remaining-requests"] == "1"
         assert ok.headers["x-ratelimit-reset-requests"] == "1m40s"
         assert ok.headers["x-ratelimit-limit-tokens"] == "1000"
-        assert ok.headers["x-ratelimit-remaining-tokens"] == "1000"
+        # What is left once this request's reservation is counted.
+        assert 900 < int(ok.headers["x-ratelimit-remaining-tokens"]) < 1000
         assert ok.headers["x-ratelimit-limit-cost"] == "5"
         await env.settle()
         await client.post(
             "/v1/chat/completions",
-            json=BODY,
+            json=capped,
             headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(10, 0)},
         )
         await env.settle()
         refused = await client.post(
-            "/v1/chat/completions", json=BODY, headers={"X-ORQ-IDENTITY-ID": "user_123"}
+            "/v1/chat/completions", json=capped, headers={"X-ORQ-IDENTITY-ID": "user_123"}
         )
     assert refused.status_code == 429
     assert refused.json() == {
@@ -124,8 +126,9 @@ cost_usd = ["5/day"]
             "limit": "2/minute",
         }
     }
-    # Two in this minute, 40 s left. 30 s into the next minute this one's two weigh 1: room.
-    assert refused.headers["retry-after"] == "70"
+    # Two in this minute, 40 s left: 30 s into the next minute this one's two weigh 1 (room in
+    # 70 s), but retry-after never exceeds the binding window (60 s).
+    assert refused.headers["retry-after"] == "60"
     assert refused.headers["x-ratelimit-reset-requests"] == "1m40s"  # until both slid out
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert refused.headers["x-ratelimit-remaining-tokens"] == "840"
@@ -176,16 +179,17 @@ cost_usd = ["0.001/day"]
             # A model no catalogue prices: only x-mock-cost costs anything here.
             r = await client.post(
                 "/v1/chat/completions",
-                json={**BODY, "model": "in-house-7b"},
+                json={**BODY, "model": "in-house-7b", "max_tokens": 1},
                 headers={"X-ORQ-IDENTITY-ID": who, **extra},
             )
             await env.settle()
             return r
 
+        # Each request reserves its estimate (docs/policies.md): about 45 tokens here (the
+        # body's bytes / 3 + 16, and max_tokens 1); the actual replaces it once answered.
         assert (await call("tok", **tokens(600, 100))).status_code == 200
-        assert (await call("tok", **tokens(200, 99))).status_code == 200  # 999 < 1000
-        assert (await call("tok", **tokens(1, 0))).status_code == 200  # reaches 1000
-        over = await call("tok")
+        assert (await call("tok", **tokens(200, 60))).status_code == 200  # 960 used
+        over = await call("tok")  # 960 + its estimate does not fit in 1000
         assert over.status_code == 429 and over.json()["error"]["dimension"] == "tokens"
         assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
         assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
