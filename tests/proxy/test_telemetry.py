@@ -3,6 +3,7 @@ mock upstream, spans exported over OTLP/HTTP to a receiver on loopback and decod
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,43 @@ async def test_a_refusal_is_a_span_naming_the_limit(
     assert refused.status_code == UNSET  # the sidecar doing its job, not a failure
     assert refused.parent_span_id == PARENT
     assert "gen_ai.usage.input_tokens" not in refused.attributes
+
+
+async def test_a_refusal_by_the_key_owners_limit_names_the_owner(
+    otlp: OtlpReceiver, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    key = "sk-tenant-key-1"
+    policies = tmp_path / "policies.toml"
+    policies.write_text(
+        '[[policy]]\nname = "tenant"\nmatch = { ids = ["tenant"] }\nrequests = ["1/minute"]\n'
+        '[[policy]]\nname = "user"\nrequests = ["100/minute"]\n'
+    )
+    env = await make_env(
+        telemetry=telemetry(otlp),
+        policies={"paths": [str(policies)]},
+        identity={"trust": "keys"},
+        api_keys=[
+            {
+                "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                "owner": "tenant",
+                "may_assert": ["tenant-user-*"],
+            }
+        ],
+        real_clock=True,
+    )
+    async with httpx.AsyncClient(base_url=env.url) as http:
+        statuses = []
+        for user in ("tenant-user-1", "tenant-user-2"):
+            headers = {"X-ORQ-IDENTITY-ID": user, "authorization": f"Bearer {key}"}
+            r = await http.post("/v1/chat/completions", json=CHAT, headers=headers)
+            statuses.append(r.status_code)
+    assert statuses == [200, 429]
+    answered, refused = await spans(env, otlp, 2)
+    assert answered.attributes["sidecar.policy"] == "user"  # the identity's own
+    assert refused.attributes["enduser.id"] == "tenant-user-2"
+    assert refused.attributes["sidecar.policy"] == "tenant"  # the one that refused
+    assert refused.attributes["sidecar.limit.identity"] == "tenant"
+    assert "sidecar.limit.identity" not in answered.attributes
 
 
 async def test_a_hook_report_is_a_span_from_authorize_to_report(
