@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from ulid import ULID
 
 from sidecar.identity.resolve import Resolved, Source
 from sidecar.metering import spans
@@ -78,3 +79,23 @@ def test_openai_kinds_name_their_operation() -> None:
         assert attributes["gen_ai.provider.name"] == "openai"
         assert attributes["sidecar.cost_usd"] == 0.0
         assert "gen_ai.response.model" not in attributes  # the response named none
+
+
+def test_a_hook_span_starts_when_authorize_made_its_request_id() -> None:
+    now_ns = 1_800_000_000_000 * 1_000_000  # a fixed instant, in ns
+    made = str(ULID.from_timestamp((now_ns - 2_500_000_000) / 1e9))  # 2.5 s before
+    assert spans.authorized_ns(made, now_ns) == now_ns - 2_500_000_000
+    later = str(ULID.from_timestamp((now_ns + 1_000_000_000) / 1e9))  # a clock ahead of ours
+    stale = str(ULID.from_timestamp((now_ns - 2 * 3600 * 1_000_000_000) / 1e9))  # 2 h old
+    for request_id in (later, stale, "proxy-own-id", ""):
+        assert spans.authorized_ns(request_id, now_ns) == now_ns
+
+
+def test_an_upstream_error_is_its_status() -> None:
+    assert [spans.failure(s) for s in (None, 200, 399, 400, 503)] == [
+        None,
+        None,
+        None,
+        "400",
+        "503",
+    ]
