@@ -32,9 +32,9 @@ from sidecar.observe.otel import OtelTracer
 from sidecar.testing.otlp import OtlpReceiver
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import serve
-from tests.conftest import ADMIN_TOKEN
-from tests.integrations.litellm_proxy import LiteLLMProxy
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
+from tests.support.litellm_proxy import LiteLLMProxy
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
 # items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.
@@ -477,6 +477,7 @@ class Hop:
         return self.answers[0]
 
 
+@pytest.mark.slow
 async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
 ) -> None:
@@ -506,6 +507,7 @@ async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts
     assert len(limited.mock.requests) == 2
 
 
+@pytest.mark.slow
 async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 
 from sidecar.testing.otlp import OtlpReceiver
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import MakeEnv, make_env
-from tests.test_metrics import CHAT, canonical, policy
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import MakeEnv
+from tests.support.limits import policy_file
+from tests.support.prometheus import canonical
 
-__all__ = ["make_env"]
-
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 ROOT = Path(__file__).resolve().parent.parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "sidecar.json"
 
@@ -90,7 +90,7 @@ async def test_every_metric_and_label_the_dashboard_queries_is_exposed(
 ) -> None:
     env = await make_env(
         telemetry={"enabled": True, "endpoint": otlp.url + "/v1/traces"},
-        **policy(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n'),
+        **policy_file(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n'),
     )
     async with httpx.AsyncClient(base_url=env.url) as client:
         traffic = [

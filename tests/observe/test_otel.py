@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 
 from sidecar import __version__
-from sidecar.observe import otel, otel_export
+from sidecar.observe import otel
 from sidecar.observe.otel import OtelTracer
 from sidecar.observe.otel_export import Config
 from sidecar.testing.otlp import OtlpReceiver
@@ -153,30 +152,6 @@ async def test_an_unreachable_collector_costs_the_caller_nothing(make_tracer: Ma
     assert time.perf_counter() - started < 0.5  # queued; the export fails in another process
     assert await tracer.flush()  # the exporter gave them up: nothing waits
     assert tracer.dropped == 0
-
-
-def test_the_processors_warnings_are_kept_to_one_a_minute(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    logger = logging.getLogger("sidecar.tests.quiet")
-    quiet = otel_export.Quiet()
-    logger.addFilter(quiet)
-    try:
-        with caplog.at_level(logging.WARNING, logger=logger.name):
-            for _ in range(5):
-                logger.warning("Queue full, dropping %s.", "spans")
-            logger.warning("Exporter already shutdown, ignoring batch")
-            now[0] += otel_export.QUIET_S
-            logger.warning("Queue full, dropping %s.", "spans")
-    finally:
-        logger.removeFilter(quiet)
-    assert [r.getMessage() for r in caplog.records] == [
-        "Queue full, dropping spans.",
-        "Exporter already shutdown, ignoring batch",
-        "Queue full, dropping spans. (4 more like it in the last 60 s)",
-    ]
 
 
 async def test_an_exporter_that_dies_is_started_again(

@@ -14,9 +14,9 @@ import openai
 
 from sidecar.identity.resolve import Resolved, Source
 from sidecar.quota.decision import Reserve, Subject
-from tests.conftest import FakeClock
-from tests.proxy.conftest import Env, MakeEnv
-from tests.proxy.test_inline import tokens
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
+from tests.support.traffic import tokens
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -35,7 +35,7 @@ async def used(env: Env, who: str) -> float:
     policy = await services.quota.policy_for(identity_id, resolved)
     assert policy is not None
     usage = await services.limiter.usage(identity_id, policy)
-    return sum(u.used for u in usage.limits if u.limit.dimension.value == "tokens")
+    return float(sum(u.used for u in usage.limits if u.limit.dimension.value == "tokens"))
 
 
 async def test_sequential_calls_never_overshoot_without_waiting_for_write_behind(
