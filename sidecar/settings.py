@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from sidecar._msgspec import describe
+from sidecar.observe import tracing
 from sidecar.usage.pricing import ModelPrice
 
 DEFAULT_CONFIG = "config.toml"
@@ -100,6 +101,15 @@ class PricingSettings(_Section):
     models: dict[str, ModelPrice] = msgspec.field(default_factory=dict)
 
 
+class TelemetrySettings(_Section):
+    enabled: bool = False  # needs the `otel` extra
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP/HTTP (protobuf) traces URL
+    service_name: str = "llm-sidecar"
+    headers: dict[str, str] = msgspec.field(default_factory=dict)  # sent with every export
+    sample_ratio: float = 1.0  # of traces the sidecar starts; a caller's sampled flag wins
+    timeout_s: float = 10.0  # one export, retries included
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
@@ -111,6 +121,7 @@ class Settings(_Section):
     policies: PoliciesSettings = msgspec.field(default_factory=PoliciesSettings)
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     # Where the config came from; relative paths in it resolve against this folder.
     base_dir: str = "."
     source: str = "<defaults>"
@@ -136,6 +147,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "policies": PoliciesSettings,
     "limits": LimitsSettings,
     "pricing": PricingSettings,
+    "telemetry": TelemetrySettings,
 }
 
 _ENV: dict[str, tuple[str, str, type]] = {
@@ -151,6 +163,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name (RFC 9110 5.6.2)
 
 
 def resolve_path(base_dir: str, path: str) -> Path:
@@ -236,11 +249,35 @@ def _check_values(s: Settings) -> list[str]:
         for j, glob in enumerate(key.may_assert):
             if not glob.strip() or len(glob) > 255:
                 problems.append(f"api_keys[{i}].may_assert[{j}]: must be 1-255 characters")
+    problems += _check_telemetry(s.telemetry)
     for model, price in s.pricing.models.items():
         for field in msgspec.structs.fields(price):
             value = getattr(price, field.name)
             if value is not None and value < 0:
                 problems.append(f"pricing.models.{model}.{field.name}: must not be negative")
+    return problems
+
+
+def _check_telemetry(t: TelemetrySettings) -> list[str]:
+    problems = []
+    if not re.match(r"https?://[^/]+", t.endpoint):
+        problems.append("telemetry.endpoint: must be an http:// or https:// URL")
+    if not t.service_name.strip() or len(t.service_name) > 255:
+        problems.append("telemetry.service_name: must be 1-255 characters")
+    for name, value in t.headers.items():
+        if not _TOKEN.fullmatch(name):
+            problems.append(f"telemetry.headers: {name!r} is not an HTTP header name")
+        elif not (value.isascii() and value.isprintable()):
+            problems.append(f"telemetry.headers.{name}: must be printable ASCII on one line")
+    if not 0 <= t.sample_ratio <= 1:
+        problems.append("telemetry.sample_ratio: must be between 0 and 1")
+    if not 0.1 <= t.timeout_s <= 300:
+        problems.append("telemetry.timeout_s: must be between 0.1 and 300")
+    if t.enabled and (missing := tracing.missing_extra()) is not None:
+        problems.append(
+            "telemetry.enabled: needs the `otel` extra, which is not installed (pip install "
+            f"'llm-identity-sidecar[otel]'): no module {missing}"
+        )
     return problems
 
 

@@ -102,7 +102,7 @@ class Authorizer:
                 raise StoreUnavailable(
                     "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                 )
-            self.settlement.refused(identity_id, resolved)
+            self.settlement.refused(identity_id, resolved, decision)
             out["retry-after"] = str(decision.retry_after)
             return Decided(429, refusal(decision, resolved.external_id), out)
         owner = self.quota.owner_of(resolved)
