@@ -60,3 +60,10 @@ class LimitUsage(msgspec.Struct, kw_only=True):
 class PolicyUsage(msgspec.Struct, kw_only=True):
     limits: list[LimitUsage]
     in_flight: int | None = None  # concurrency leases held, when the policy limits them
+
+
+class Admission(msgspec.Struct, array_like=True):
+    """A hook-mode admission of a request carrying a listed key for someone else."""
+
+    owner: str  # the key owner's external id
+    subjects: list[tuple[str, str]]  # (_id, policy name) of the subjects beyond the identity

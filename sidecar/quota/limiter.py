@@ -13,12 +13,12 @@ from typing import Any
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
-from sidecar import money
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
 from sidecar.quota import windows
 from sidecar.quota.breaker import Breaker
-from sidecar.quota.decision import Decision, LimitUsage, PolicyUsage, Reserve, Subject
+from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
+from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
 from sidecar.store.deadline import StoreDeadline
@@ -31,48 +31,6 @@ __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyU
 log = logging.getLogger("sidecar.quota")
 
 Clock = Callable[[], float]
-
-# How admit.lua is told each limit's dimension; the script's prelude gets them from here.
-_KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
-_PRELUDE = "".join(f"local {d.name} = '{code}'\n" for d, code in _KIND.items())
-_HEADER = {Dimension.REQUESTS: "requests", Dimension.TOKENS: "tokens", Dimension.COST: "cost"}
-
-
-class _Packed:
-    """One admit.lua call's keys and arguments, for some subjects."""
-
-    __slots__ = (
-        "args",
-        "caps",
-        "keys",
-        "leases",
-        "limits",
-        "packed",
-        "reserves",
-        "reserving",
-        "spans",
-        "subjects",
-    )
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.reserves: list[int] = []  # per limit: what the request reserves of it
-        self.reserving: list[Subject] = []  # subjects that reserve (their reservations keys)
-        self.packed: list[str] = []
-        self.spans: list[tuple[int, int]] = []  # per limit: (elapsed, left) ms
-        self.limits: list[tuple[Subject, Limit]] = []
-        self.caps: list[str] = []
-        self.leases: list[tuple[Subject, str]] = []  # (subject, its lease set key)
-        self.subjects: list[Subject] = []
-        self.args: list[Any] = []
-
-    def request_buckets(self) -> list[str]:
-        """The buckets an admission counts one request in."""
-        return [
-            self.keys[2 * i]
-            for i, (_, limit) in enumerate(self.limits)
-            if limit.dimension is Dimension.REQUESTS
-        ]
 
 
 class Limiter:
@@ -99,7 +57,7 @@ class Limiter:
         # One script touches one cluster slot: an identity's keys share its slot, so on a
         # cluster each subject is admitted by a call of its own (see `_admit_in_turn`).
         self.one_slot = isinstance(client, RedisCluster)
-        self._admit = Script("sidecar.quota.lua", "admit", prelude=_PRELUDE)
+        self._admit = Script("sidecar.quota.lua", "admit", prelude=PRELUDE)
         self._release = Script("sidecar.quota.lua", "release")
         self._settle = Script("sidecar.quota.lua", "settle")
         self._calls = Coalescer(client, self._admit)
@@ -138,8 +96,8 @@ class Limiter:
         now_ms: int,
         request_id: str,
         reserve: Reserve | None = None,
-    ) -> _Packed:
-        out = _Packed()
+    ) -> Packed:
+        out = Packed()
         out.subjects = list(subjects)
         groups: list[str] = []
         for subject in subjects:
@@ -149,9 +107,9 @@ class Limiter:
                 out.keys += [current, previous]
                 window = 0 if limit.calendar else limit.window_s * 1000
                 lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
-                amount = _reserved(limit, reserve)
+                amount = reserved(limit, reserve)
                 out.packed.append(
-                    f"{_KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
+                    f"{KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
                     f"{amount} "
                 )
                 out.spans.append((elapsed, left))
@@ -224,12 +182,12 @@ class Limiter:
 
     async def _admit_in_turn(
         self, subjects: list[Subject], now_ms: int, request_id: str, reserve: Reserve | None
-    ) -> tuple[bool, list[_Packed], list[Any]]:
+    ) -> tuple[bool, list[Packed], list[Any]]:
         """On a cluster: each subject in a fixed order (by `_id`), each call atomic on its own
         slot; when one refuses, what the earlier ones took is given back. No subject is ever
         over-admitted; a request refused later may, for that moment, hold a slot another
         request then misses (it is given back at once)."""
-        packs: list[_Packed] = []
+        packs: list[Packed] = []
         replies: list[Any] = []
         for subject in sorted(subjects, key=lambda s: s.identity_id):
             pack = self._pack([subject], now_ms, request_id, reserve)
@@ -243,7 +201,7 @@ class Limiter:
                 return False, packs, replies
         return True, packs, replies
 
-    async def _give_back(self, packs: list[_Packed], request_id: str) -> None:
+    async def _give_back(self, packs: list[Packed], request_id: str) -> None:
         now_ms = int(self.clock() * 1000)
 
         def queue(pipe: Any) -> None:
@@ -261,7 +219,7 @@ class Limiter:
         subjects: Sequence[Subject],
         policy: Policy | None,
         admitted: bool,
-        packs: list[_Packed],
+        packs: list[Packed],
         replies: list[Any],
         request_id: str,
     ) -> Decision:
@@ -283,7 +241,7 @@ class Limiter:
                 for (subject, _), cap, held in zip(pack.leases, pack.caps, in_use, strict=True):
                     if int(held) >= int(cap):
                         refusing.append((subject, None, 1000))
-        headers = self._headers(rows)
+        headers = rate_headers(rows)
         if admitted:
             if metrics is not None:
                 for subject in subjects:
@@ -328,33 +286,6 @@ class Limiter:
             admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
         )
 
-    def _headers(
-        self, rows: list[tuple[Subject, Limit, int, int, int, int]]
-    ) -> list[tuple[str, str]]:
-        """OpenAI's x-ratelimit-* headers; per dimension, the limit with the least left (of
-        every subject's)."""
-        tightest: dict[Dimension, tuple[float, Limit, int]] = {}
-        for _, limit, previous, current, elapsed, left in rows:
-            remaining = max(0.0, limit.amount - windows.used(limit, previous, current, elapsed))
-            reset = windows.reset_ms(limit, previous, current, left)
-            best = tightest.get(limit.dimension)
-            if best is None or remaining / limit.amount < best[0] / best[1].amount:
-                tightest[limit.dimension] = (remaining, limit, reset)
-        headers = []
-        for dimension, (remaining, limit, reset) in tightest.items():
-            name = _HEADER[dimension]
-            if dimension is Dimension.COST:
-                shown_limit = money.plain(limit.amount)
-                shown_left = money.plain(int(remaining))
-            else:
-                shown_limit, shown_left = str(limit.amount), str(math.floor(remaining))
-            headers += [
-                (f"x-ratelimit-limit-{name}", shown_limit),
-                (f"x-ratelimit-remaining-{name}", shown_left),
-                (f"x-ratelimit-reset-{name}", windows.duration(reset)),
-            ]
-        return headers
-
     def _settle_call(
         self, subject: Subject, request_id: str, tokens: int, nanos: int, now_ms: int
     ) -> tuple[list[str], list[Any]]:
@@ -383,11 +314,11 @@ class Limiter:
         reservation expired): durable before the client has the whole response. Each
         subject's call is atomic in its own slot; concurrent settlements share round trips (a
         Coalescer, as admissions do). Raises StoreUnavailable."""
-        charged = [s for s in subjects if _charged(s.policy)]
-        if not charged:
+        paying = [s for s in subjects if charged(s.policy)]
+        if not paying:
             return
         now_ms = int(self.clock() * 1000)
-        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in charged]
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
         if len(calls) == 1:
             await self._settles(*calls[0])
         else:
@@ -459,30 +390,6 @@ class Limiter:
         """What `remember` kept for a request, if anything."""
         raw = await call(self.client.get(self.keys.admission(request_id)))
         return msgspec.json.decode(raw, type=Admission) if raw else None
-
-
-def _charged(policy: Policy) -> bool:
-    return any(limit.dimension in (Dimension.TOKENS, Dimension.COST) for limit in policy.limits)
-
-
-def _reserved(limit: Limit, reserve: Reserve | None) -> int:
-    """What a request reserves of one limit: its estimate, but never more than the whole limit
-    (a request estimated above it is admitted into an empty window, and may overshoot by its
-    estimate's error, as any request may)."""
-    if reserve is None:
-        return 0
-    if limit.dimension is Dimension.TOKENS:
-        return min(limit.amount, max(0, reserve.tokens))
-    if limit.dimension is Dimension.COST:
-        return min(limit.amount, max(0, reserve.nanos))
-    return 0
-
-
-class Admission(msgspec.Struct, array_like=True):
-    """A hook-mode admission of a request carrying a listed key for someone else."""
-
-    owner: str  # the key owner's external id
-    subjects: list[tuple[str, str]]  # (_id, policy name) of the subjects beyond the identity
 
 
 _admission = msgspec.json.Encoder().encode
