@@ -20,7 +20,7 @@ from sidecar.mock import start_mock
 from sidecar.settings import parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import serve
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 DEADLINE = 0.5
 # How late a close may come on a busy 2-core machine shared with other test runs.
@@ -162,6 +162,7 @@ async def test_headers_sent_a_byte_at_a_time_are_cut_at_the_deadline_with_408(
     assert b"connection: close" in data.lower()
 
 
+@pytest.mark.slow
 async def test_an_idle_kept_alive_connection_outlives_the_header_deadline(
     start: Start, connect: Open
 ) -> None:
@@ -193,6 +194,7 @@ async def test_a_later_request_has_the_deadline_from_its_first_byte(
     assert status_of(data) == 408
 
 
+@pytest.mark.slow
 async def test_a_response_or_body_slower_than_the_deadline_is_not_cut(
     start: Start, connect: Open
 ) -> None:
@@ -267,6 +269,7 @@ async def test_at_the_cap_the_connection_idle_longest_makes_room(
         assert (await conn.response())[0] == 200
 
 
+@pytest.mark.slow
 async def test_at_the_cap_with_none_idle_new_connections_are_closed(
     start: Start, connect: Open
 ) -> None:

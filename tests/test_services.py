@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 import redis
 
 from sidecar.app import create_app
 from sidecar.settings import RedisSettings, parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import serve
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 WARM = RedisSettings().warm_connections
 
@@ -20,6 +21,7 @@ def connections_received(admin: redis.Redis) -> int:
     return int(admin.info("stats")["total_connections_received"])
 
 
+@pytest.mark.slow
 async def test_the_server_listens_with_store_connections_open_and_scripts_loaded(
     redis_server: RedisServer,
 ) -> None:

@@ -49,6 +49,7 @@ class Budgets:
         self._by_tag: dict[str, list[Entry]] = {}
         self._by_owner: dict[str, list[Entry]] = {}
         self._tags: frozenset[str] = frozenset()
+        self._charging = False  # some budget limits tokens or cost
         # budget _id -> external id of the last request checked against it (alerts name it)
         self._touched: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -62,6 +63,10 @@ class Budgets:
     @property
     def tags(self) -> frozenset[str]:
         return self._tags
+
+    @property
+    def charging(self) -> bool:
+        return self._charging
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -142,6 +147,10 @@ class Budgets:
         self._entries = entries
         self._by_identity, self._by_tag, self._by_owner = by_identity, by_tag, by_owner
         self._tags = frozenset(by_tag)
+        self._charging = any(
+            e.budget.amount_nanos is not None or e.budget.token_limit is not None
+            for e in entries.values()
+        )
         self.generation = loaded.generation
         self.loads += 1
 

@@ -14,10 +14,9 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.redis_server import free_port
-from tests.conftest import ADMIN_TOKEN, FakeClock
-from tests.proxy.conftest import Env, MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
 
 LIMIT = 3
 # The sidecar's peer in these tests is 127.0.0.1: trusted, so X-Forwarded-For names the client.
@@ -88,6 +87,7 @@ async def test_api_bearer_failures_block_the_address_until_the_minute_passes(
     assert (await api_get(env, bearer(WRONG, MALLORY))).status_code == 401
 
 
+@pytest.mark.slow
 async def test_a_request_without_a_token_is_not_a_failure(make_env: MakeEnv) -> None:
     env = await make_env(**CONFIG)
     no_token: tuple[dict[str, str], ...] = (
@@ -122,6 +122,7 @@ async def test_hook_and_api_failures_add_up_and_block_every_route(make_env: Make
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow
 async def test_the_dashboard_sign_in_is_limited(make_env: MakeEnv) -> None:
     env = await make_env(**CONFIG)
     for _ in range(LIMIT):
@@ -149,6 +150,7 @@ async def test_wrong_bearer_headers_on_dashboard_pages_count(make_env: MakeEnv) 
     assert (await login(env, ADMIN_TOKEN, MALLORY)).status_code == 429
 
 
+@pytest.mark.slow
 async def test_a_success_does_not_reset_another_address(make_env: MakeEnv) -> None:
     env = await make_env(**CONFIG)
     for _ in range(LIMIT - 1):

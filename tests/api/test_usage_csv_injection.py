@@ -12,9 +12,7 @@ import httpx
 import pytest
 
 from sidecar.api.usage import spreadsheet_text
-from tests.proxy.conftest import Env, MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.env import Env, MakeEnv
 
 # external id -> (display name, tags)
 HOSTILE = {

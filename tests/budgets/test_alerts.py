@@ -24,8 +24,8 @@ from sidecar.budgets.service import Budgets
 from sidecar.budgets.store import BudgetStore
 from sidecar.settings import NotifierSettings
 from sidecar.store.keys import Keys
-from tests.budgets.receiver import Receiver
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.receiver import Receiver
 
 SECRET = "a-shared-secret-0123456789"
 

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 
 async def make(api: ApiClient, **fields: Any) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from sidecar.dispatch import Sidecar
 from sidecar.settings import parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import serve
-from tests.budgets.receiver import Receiver
-from tests.conftest import ADMIN_TOKEN, AUTH
+from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from sidecar.budgets.outbox import Outbox
 from sidecar.budgets.service import Budgets
 from sidecar.budgets.store import BudgetStore
 from sidecar.store.keys import Keys
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 
 def process(redis: Redis, clock: FakeClock) -> Budgets:

@@ -11,8 +11,9 @@ import httpx
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.budgets.receiver import Receiver
-from tests.cluster.conftest import MESSAGES, MakeSide
+from tests.support.cluster import MakeSide
+from tests.support.receiver import Receiver
+from tests.support.traffic import MESSAGES
 
 
 async def test_budgets_gate_list_reset_and_alert_on_a_cluster(

@@ -15,8 +15,9 @@ from redis.asyncio.cluster import RedisCluster
 from sidecar.identity.model import Profile
 from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import MESSAGES, MakeSide, create, gpt_4o_nanos, tokens
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, create, gpt_4o_nanos
+from tests.support.traffic import MESSAGES, tokens
 
 
 async def test_the_app_talks_to_the_cluster_through_a_cluster_client(

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from sidecar.mock import RecordedRequest
-from tests.hostile.rawhttp import RawConnection
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
+from tests.support.rawhttp import RawConnection
 
 HEADER = "x-orq-identity-id"
 CHAT = "/v1/chat/completions"

@@ -100,6 +100,7 @@ def assert_valid_id(external_id: str) -> None:
     assert not model.has_control(external_id)
 
 
+@pytest.mark.slow
 @BOUNDED
 @given(
     where=st.sampled_from(PARAMS),
@@ -150,6 +151,7 @@ def test_any_header_is_resolved_or_refused_as_documented(
         assert resolved.profile is None
 
 
+@pytest.mark.slow
 @BOUNDED
 @given(
     body=st.none() | st.dictionaries(HOSTILE_TEXT, JSON, max_size=4),
@@ -223,6 +225,7 @@ def valid_identities(draw: st.DrawFn) -> tuple[dict[str, Any], Profile]:
     return sent, expected
 
 
+@pytest.mark.slow
 @BOUNDED
 @given(
     identity=valid_identities(),
@@ -257,6 +260,7 @@ def test_a_valid_id_round_trips_through_the_identity_header(external_id: str) ->
     )
 
 
+@pytest.mark.slow
 @BOUNDED
 @given(external_id=IDS.filter(lambda s: s.isascii() and s.isprintable() and "%" not in s))
 def test_a_printable_ascii_id_travels_as_it_is(external_id: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from sidecar.mock import MockServer, start_mock
 from sidecar.testing.redis_server import RedisServer, free_port
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -11,8 +11,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, AUTH
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.env import Env, MakeEnv
 
 CHAT = "/v1/chat/completions"
 HOOK = {"x-sidecar-token": ADMIN_TOKEN}

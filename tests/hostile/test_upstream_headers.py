@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
 
 CHAT = "/v1/chat/completions"
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}

@@ -16,7 +16,7 @@ from sidecar.identity.caller import Networks
 from sidecar.quota import signins
 from sidecar.quota.signins import FailedSignIns, TooManyFailedSignIns
 from sidecar.store.keys import Keys
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 TOKEN = "the-right-token-0123456789"
 ADDRESS = "2001:db8::7"

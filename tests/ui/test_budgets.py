@@ -12,7 +12,7 @@ import httpx
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient
-from tests.ui.conftest import csrf_of
+from tests.support.ui import csrf_of
 
 
 async def budget(api: ApiClient, **fields: Any) -> dict[str, Any]:
