@@ -106,6 +106,13 @@ class Budgets:
                 self._touched[budget.id] = external_id
         return out
 
+    def subject(self, budget_id: str) -> Subject | None:
+        entry = self._entries.get(budget_id)
+        if entry is None:
+            return None
+        scope = entry.budget.scope
+        return Subject(budget_id, scope.target, entry.policy, budget=budget_id)
+
     def with_alerts(self) -> list[Entry]:
         """The budgets in force that have alert thresholds over cost or tokens."""
         now_ms = self._now_ms()

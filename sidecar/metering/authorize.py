@@ -106,17 +106,19 @@ class Authorizer:
             out["retry-after"] = str(decision.retry_after)
             return Decided(429, refusal(decision, resolved.external_id), out)
         owner = self.quota.owner_of(resolved)
-        if owner is not None:
-            # Its usage report counts for the key's owner too: keep whom it counted against.
-            others = [
-                (s.identity_id, s.policy.name)
-                for s in decision.subjects
-                if s.identity_id != identity_id
-            ]
+        others = [
+            (s.identity_id, s.policy.name)
+            for s in decision.subjects
+            if s.identity_id != identity_id
+        ]
+        if owner is not None or others:
+            # Its usage report counts for the key's owner and the budgets too: keep whom it
+            # counted against.
+            admission = Admission(owner.external_id if owner is not None else "", others)
             try:
-                await self.quota.limiter.remember(request_id, Admission(owner.external_id, others))
+                await self.quota.limiter.remember(request_id, admission)
             except StoreUnavailable as exc:
-                log.warning("key owner of %s not kept for its report: %s", request_id, exc)
+                log.warning("subjects of %s not kept for its report: %s", request_id, exc)
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
         out[self.attribution.header] = encode_header_id(resolved.external_id)
         out["x-sidecar-request-id"] = request_id

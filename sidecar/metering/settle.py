@@ -349,11 +349,16 @@ class Settlement:
         if admission is None:
             return out, None
         by_name = {p.name: p for p in quota.live.policies}
-        for owner_id, name in admission.subjects:
+        for subject_id, name in admission.subjects:
+            if name.startswith("budget:"):
+                budget = quota.budgets.subject(subject_id)
+                if budget is not None:  # else: deleted since
+                    out.append(budget)
+                continue
             owner_policy = by_name.get(name)
             if owner_policy is not None:  # else: the policies changed since
-                out.append(Subject(owner_id, admission.owner, owner_policy))
-        return out, admission.owner
+                out.append(Subject(subject_id, admission.owner, owner_policy))
+        return out, admission.owner or None
 
     async def _refresh(self, resolved: Resolved) -> None:
         """Write a known identity's body profile, after its request was answered."""

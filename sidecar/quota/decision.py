@@ -45,6 +45,10 @@ class BudgetSubjects(Protocol):
         carrying `owner`'s key (None: no listed key)."""
         ...
 
+    def subject(self, budget_id: str) -> Subject | None:
+        """The subject of one budget in force, by its `_id` (None: gone since)."""
+        ...
+
 
 class Reserve(NamedTuple):
     """What a request is expected to use at most: reserved at admission against every token

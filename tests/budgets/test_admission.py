@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
 from sidecar.identity.resolve import Resolved, Source
@@ -284,12 +283,6 @@ async def test_a_finished_requests_tokens_count_against_its_budget(make_env: Mak
     assert (got["tokens"], got["cost_usd"]) == (550, 0.25)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a hook-mode usage report settles the subjects Settlement._admitted rebuilds (the "
-    "identity and the key owner's policy), not the budgets its authorization reserved in",
-)
 async def test_a_hook_mode_reports_tokens_count_against_its_budget(make_env: MakeEnv) -> None:
     env: Env = await make_env()
     made = await budget(env, "identity", "ann", token_limit=500)
