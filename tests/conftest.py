@@ -6,7 +6,7 @@ import importlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from redis.asyncio import Redis
@@ -19,6 +19,9 @@ from sidecar.testing.serving import ApiClient, serve
 from tests.support.auth import ADMIN_TOKEN, AUTH
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
+
+if TYPE_CHECKING:
+    from sidecar.testing.otlp import OtlpReceiver
 
 # Every test starts its own app: one store connection warmed at start-up rather than the default
 # 64 (tests/test_services.py and the cluster tests check the warm pool itself).
@@ -148,3 +151,16 @@ async def make_env(
 async def env(make_env: MakeEnv) -> Env:
     made: Env = await make_env()
     return made
+
+
+@pytest.fixture
+async def otlp() -> AsyncIterator[OtlpReceiver]:
+    """An OTLP/HTTP traces receiver on loopback (a collector, for the telemetry tests)."""
+    from sidecar.testing.otlp import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.close()

@@ -298,6 +298,15 @@ class Launcher:
                 found.append(hop)
         return found
 
+    def otlp(self, name: str = "otlp") -> int:
+        """An OTLP/HTTP traces receiver (sidecar.testing.otlp) counting what it is sent; its
+        port (`GET /stats` answers the counts)."""
+        port = free_port()
+        args = [sys.executable, "-m", "sidecar.testing.otlp", "--port", str(port)]
+        proc = self.start(name, args)
+        wait_for("OTLP receiver", proc, lambda: port_open(port))
+        return port
+
     def redis(self, name: str = "redis", *extra: str) -> RedisServer:
         server = RedisServer(self.folder(name), *extra)
         self.stack.callback(server.kill)

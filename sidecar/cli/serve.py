@@ -25,7 +25,13 @@ def _logging(settings: Settings, *secret: str | None) -> None:
     logs.configure(
         settings.server.log_format,
         settings.server.log_level,
-        secrets=[settings.admin.token, settings.admin.hook_token, *secret],
+        secrets=[
+            settings.admin.token,
+            settings.admin.hook_token,
+            # A collector's credentials; short values (a tenant name) would blank out too much.
+            *(v for v in settings.telemetry.headers.values() if len(v) >= 8),
+            *secret,
+        ],
     )
 
 

@@ -36,6 +36,15 @@ class Keys:
         """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
         return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL
 
+    def reservations(self, identity_id: str) -> str:
+        # Hash: request id -> 'bucket amount ...' a token or cost limit reserved for it at
+        # admission, replaced by the actual at completion (quota/lua/settle.lua).
+        return f"{self._p}:rv:{{{identity_id}}}"
+
+    def reservations_expiry(self, identity_id: str) -> str:
+        # Sorted set: request id -> when its reservation is given back unsettled (ms).
+        return f"{self._p}:rx:{{{identity_id}}}"
+
     def leases(self, identity_id: str) -> str:
         return f"{self._p}:cc:{{{identity_id}}}"  # sorted set: request id -> lease expiry (ms)
 

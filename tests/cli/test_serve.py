@@ -19,6 +19,32 @@ from sidecar.testing.redis_server import free_port
 from tests.support.cli import clean_env, sidecar
 
 
+def test_serve_with_telemetry_and_without_the_otel_extra_stops_on_a_config_error(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[telemetry]\nenabled = true\nheaders = { authorization = "Bearer s3cret-1" }\n'
+    )
+    # The extra's exporter made unimportable, as when it is not installed.
+    main = (
+        "import sys; sys.modules['opentelemetry.exporter.otlp.proto.http'] = None; "
+        "from sidecar.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", main, "serve", "--config", str(config)],
+        cwd=tmp_path, env=clean_env(SIDECAR_DATA_DIR=str(tmp_path / "data")),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{config}: telemetry.enabled: needs the `otel` extra, which is not installed (pip "
+        "install 'llm-identity-sidecar[otel]'): no module "
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    ]
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
 @contextmanager
 def serving(
     tmp_path: Path, port: int, stop: signal.Signals = signal.SIGINT

@@ -91,6 +91,40 @@ async def test_metrics_count_requests_refusals_latency_and_unpriced_models(
     assert again['sidecar_requests_total{route="ops",outcome="2xx"}'] == 1  # the first scrape
 
 
+async def test_metered_requests_by_identity_source_and_identities_created(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    env = await make_env(
+        **policy_file(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n')
+    )
+    hook = {"x-sidecar-token": ADMIN_TOKEN}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        statuses = [
+            (await client.post("/v1/chat/completions", json=body, headers=headers)).status_code
+            for body, headers in [
+                ({**CHAT, "identity": {"id": "src-body"}}, {}),
+                (CHAT, {"X-ORQ-IDENTITY-ID": "src-header"}),
+                (CHAT, {"X-ORQ-IDENTITY-ID": "src-header"}),  # refused: counted all the same
+                (CHAT, {}),
+            ]
+        ]
+        assert statuses == [200, 200, 429, 200]
+        report = {"request_id": "r-9", "identity": "src-hook", "source": "api_key"}
+        for _ in range(2):  # a retried report counts once
+            r = await client.post("/hooks/usage", json=report, headers=hook)
+            assert r.status_code == 202, r.text
+    await env.settle()
+    samples, _ = await scrape(env.url)
+    metered = 'sidecar_metered_requests_total{source="%s"}'
+    assert samples[metered % "body"] == 1
+    assert samples[metered % "header"] == 2
+    assert samples[metered % "anonymous"] == 1
+    assert samples[metered % "api_key"] == 1
+    assert samples[metered % "user_field"] == 0
+    # src-body, src-header, anonymous and src-hook were new; src-header's second request was not.
+    assert samples["sidecar_identities_created_total"] == 4
+
+
 async def test_hooks_are_counted_apart(make_env: MakeEnv) -> None:
     env = await make_env()
     hook = {"x-sidecar-token": ADMIN_TOKEN}

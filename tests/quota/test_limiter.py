@@ -69,16 +69,17 @@ cost_usd = ["0.001/day"]
             # A model no catalogue prices: only x-mock-cost costs anything here.
             r = await client.post(
                 "/v1/chat/completions",
-                json={**BODY, "model": "in-house-7b"},
+                json={**BODY, "model": "in-house-7b", "max_tokens": 1},
                 headers={"X-ORQ-IDENTITY-ID": who, **extra},
             )
             await env.settle()
             return r
 
+        # Each request reserves its estimate (docs/policies.md): about 45 tokens here (the
+        # body's bytes / 3 + 16, and max_tokens 1); the actual replaces it once answered.
         assert (await call("tok", **tokens(600, 100))).status_code == 200
-        assert (await call("tok", **tokens(200, 99))).status_code == 200  # 999 < 1000
-        assert (await call("tok", **tokens(1, 0))).status_code == 200  # reaches 1000
-        over = await call("tok")
+        assert (await call("tok", **tokens(200, 60))).status_code == 200  # 960 used
+        over = await call("tok")  # 960 + its estimate does not fit in 1000
         assert over.status_code == 429 and over.json()["error"]["dimension"] == "tokens"
         assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
         assert (await call("usd", **{"x-mock-cost": "0.0006"})).status_code == 200
