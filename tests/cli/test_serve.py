@@ -133,6 +133,7 @@ def test_protected_mode_ways_out(host: str, extra: dict[str, Any], refused: bool
     assert (protected_mode(settings) is not None) is refused
 
 
+@pytest.mark.slow
 def test_an_explicit_trust_any_on_a_public_address_starts_with_a_warning(tmp_path: Path) -> None:
     port = free_port()
     env = clean_env(

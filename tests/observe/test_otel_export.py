@@ -79,6 +79,7 @@ async def serving(
         await mock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_the_last_spans_go_out_when_serve_stops(
     otlp: OtlpReceiver, redis_server: RedisServer, tmp_path: Path, stop: signal.Signals
@@ -98,6 +99,7 @@ async def test_the_last_spans_go_out_when_serve_stops(
     assert exporters(mark) == []
 
 
+@pytest.mark.slow
 async def test_the_exporter_does_not_outlive_a_killed_sidecar(
     otlp: OtlpReceiver, redis_server: RedisServer, tmp_path: Path
 ) -> None:
