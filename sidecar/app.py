@@ -19,7 +19,7 @@ from sidecar.api.auth import AdminGuard, HookGuard
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
-from sidecar.api.usage import UsageController
+from sidecar.api.usage.controller import UsageController
 from sidecar.dispatch import Sidecar
 from sidecar.errors import StoreUnavailable
 from sidecar.proxy.upstream import Upstream

@@ -185,3 +185,9 @@ def profile(fields: _Fields) -> Profile:
 
 def has_control(value: str) -> bool:
     return _CONTROL.search(value) is not None
+
+
+def metadata_text(value: object) -> str:
+    """A metadata value as text, to group or filter by: a string as it is, anything else as
+    JSON (`true`, `3`, `null`)."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()

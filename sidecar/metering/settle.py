@@ -83,8 +83,9 @@ class Settlement:
         if meter.refresh:
             self.background.spawn(self._refresh(resolved))
         identity = meter.identity
+        name = buckets.model_name(model)
         if isinstance(identity, asyncio.Task):
-            self.background.spawn(self._when_known(identity, resolved, counters))
+            self.background.spawn(self._when_known(identity, resolved, counters, name))
             self._via_owner(resolved, counters, None, {})
             return
         charges: dict[str, dict[str, tuple[int, int]]] = {}
@@ -102,6 +103,7 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
             charges=charges.pop(identity, None) if identity is not None else None,
+            model=name,
         )
         owner_id, owner_charges = next(iter(charges.items()), (None, {}))
         self._via_owner(resolved, counters, owner_id, owner_charges)
@@ -184,6 +186,7 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
+            model=buckets.model_name(usage.model or model),
         )
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
@@ -219,7 +222,11 @@ class Settlement:
             log.warning("profile of %s not written now: %s", resolved.external_id, exc)
 
     async def _when_known(
-        self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]
+        self,
+        identify: asyncio.Task[str],
+        resolved: Resolved,
+        counters: dict[str, int],
+        model: str,
     ) -> None:
         identity_id: str | None
         try:
@@ -234,4 +241,5 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            model=model,
         )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 from sidecar.usage.model import Usage
 from sidecar.usage.pricing import Cost
 
@@ -66,6 +68,31 @@ VIA_COUNTERS = tuple(
 )
 _VIA = frozenset(VIA_COUNTERS)
 
+# Per identity and UTC day, usage by model (Keys.usage_models: one hash per day, kept
+# RETENTION_DAYS), fields "<model>\x1f<counter>" for these counters, and MODEL_COUNT counting
+# the models named that day. At most MAX_MODELS models a day keep their own name; the rest of
+# that day is counted under OTHER_MODEL. Model names are untrusted (the response's or the
+# request's): model_name bounds them and takes out control characters, so no name holds the
+# separator and every field parses back.
+MODEL_COUNTERS = (
+    REQUESTS,
+    ERRORS,
+    INPUT,
+    CACHED_INPUT,
+    CACHE_WRITE,
+    OUTPUT,
+    REASONING,
+    COST,
+    UNPRICED,
+)
+MODEL_SEP = "\x1f"
+MODEL_COUNT = MODEL_SEP + "n"
+MAX_MODELS = 16
+MAX_MODEL_NAME = 128
+OTHER_MODEL = "(other)"
+UNKNOWN_MODEL = "(unknown)"  # a request that named no model and got no answer naming one
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 METRICS_DAYS = 30
 RETENTION_DAYS = 32  # outlives the window by a margin, so the oldest day is whole when read
 HOUR_RETENTION = 72
@@ -99,6 +126,39 @@ def lua_constants() -> str:
         f"local WINDOW = {METRICS_DAYS}\n"
         f"local RETENTION = {RETENTION_DAYS}\n"
     )
+
+
+def lua_model_constants() -> str:
+    """The by-model layout above, as Lua (lua/record.lua and lua/models.lua start with it)."""
+    counted = ", ".join(f"['{c}'] = true" for c in MODEL_COUNTERS)
+    ordered = ", ".join(f"'{c}'" for c in MODEL_COUNTERS)
+    return (
+        f"local MODEL_COUNTERS = {{{counted}}}\n"
+        f"local MODEL_ORDER = {{{ordered}}}\n"
+        f"local SEP = '\\31'\n"
+        f"local MAX_MODELS = {MAX_MODELS}\n"
+        f"local OTHER_MODEL = '{OTHER_MODEL}'\n"
+    )
+
+
+def model_name(raw: object) -> str:
+    """The name a request's usage is counted under: the model as given, without control
+    characters and surrounding blanks, at most MAX_MODEL_NAME characters; UNKNOWN_MODEL for
+    none."""
+    if not isinstance(raw, str):
+        return UNKNOWN_MODEL
+    name = _CONTROL.sub("", raw).strip()[:MAX_MODEL_NAME].rstrip()
+    return name or UNKNOWN_MODEL
+
+
+def model_field(model: str, counter: str) -> str:
+    return f"{model}{MODEL_SEP}{counter}"
+
+
+def split_model_field(field: str) -> tuple[str, str] | None:
+    """(model, counter) of a by-model hash field; None for MODEL_COUNT."""
+    model, sep, counter = field.rpartition(MODEL_SEP)
+    return (model, counter) if sep and model else None
 
 
 def increments(

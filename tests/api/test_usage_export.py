@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.api import usage
+from sidecar.api.usage import groups
 from tests.conftest import FakeClock
 from tests.proxy.conftest import Env, MakeEnv, make_env
 
@@ -213,7 +213,7 @@ async def test_the_admin_token_is_required(make_env: MakeEnv) -> None:
 async def test_identities_are_read_page_by_page(
     make_env: MakeEnv, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(usage, "PAGE", 2)
+    monkeypatch.setattr(groups, "PAGE", 2)
     env = await make_env()
     names = [f"u{n}" for n in range(7)]
     for name in names:
