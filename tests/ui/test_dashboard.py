@@ -282,7 +282,13 @@ async def test_identity_page_shows_profile_metrics_chart_limits_and_sources(
     sources: dict[str, Any] = dict(
         re.findall(r'data-source="(\w+)">.*?<td class="num">([\d,]+)</td>', page, re.S)
     )
-    assert sources == {"body": "0", "header": "3", "api_key": "0", "anonymous": "0"}
+    assert sources == {
+        "body": "0",
+        "user_field": "0",
+        "header": "3",
+        "api_key": "0",
+        "anonymous": "0",
+    }
 
 
 async def test_the_list_shows_name_source_and_30_day_metrics(
