@@ -69,11 +69,13 @@ VIA_COUNTERS = tuple(
 _VIA = frozenset(VIA_COUNTERS)
 
 # Per identity and UTC day, usage by model (Keys.usage_models: one hash per day, kept
-# RETENTION_DAYS), fields "<model>\x1f<counter>" for these counters, and MODEL_COUNT counting
-# the models named that day. At most MAX_MODELS models a day keep their own name; the rest of
-# that day is counted under OTHER_MODEL. Model names are untrusted (the response's or the
-# request's): model_name bounds them and takes out control characters, so no name holds the
-# separator and every field parses back.
+# RETENTION_DAYS). The day's models take slots: field "=<model>" holds the model's slot, one
+# character, and "<slot><counter>" its counters (MODEL_COUNTERS), so a long model name is
+# written once a day rather than once per counter; MODEL_COUNT counts the named slots. At most
+# MAX_MODELS models a day get a slot of their own (a..p); the rest of that day is counted
+# under OTHER_MODEL (slot OTHER_SLOT). Model names are untrusted (the response's or the
+# request's): model_name bounds them and takes out control characters, and no field of one
+# kind can be read as the other ("=" names, a slot letter and a counter, "\x1f" the count).
 MODEL_COUNTERS = (
     REQUESTS,
     ERRORS,
@@ -85,9 +87,11 @@ MODEL_COUNTERS = (
     COST,
     UNPRICED,
 )
-MODEL_SEP = "\x1f"
-MODEL_COUNT = MODEL_SEP + "n"
+MODEL_NAME = "="
+MODEL_COUNT = "\x1fn"
 MAX_MODELS = 16
+FIRST_SLOT = "a"
+OTHER_SLOT = "~"
 MAX_MODEL_NAME = 128
 OTHER_MODEL = "(other)"
 UNKNOWN_MODEL = "(unknown)"  # a request that named no model and got no answer naming one
@@ -135,8 +139,11 @@ def lua_model_constants() -> str:
     return (
         f"local MODEL_COUNTERS = {{{counted}}}\n"
         f"local MODEL_ORDER = {{{ordered}}}\n"
-        f"local SEP = '\\31'\n"
+        f"local MODEL_NAME = '{MODEL_NAME}'\n"
+        f"local MODEL_COUNT = '\\31n'\n"
         f"local MAX_MODELS = {MAX_MODELS}\n"
+        f"local FIRST_SLOT = {ord(FIRST_SLOT)}\n"
+        f"local OTHER_SLOT = '{OTHER_SLOT}'\n"
         f"local OTHER_MODEL = '{OTHER_MODEL}'\n"
     )
 
@@ -151,14 +158,24 @@ def model_name(raw: object) -> str:
     return name or UNKNOWN_MODEL
 
 
-def model_field(model: str, counter: str) -> str:
-    return f"{model}{MODEL_SEP}{counter}"
-
-
-def split_model_field(field: str) -> tuple[str, str] | None:
-    """(model, counter) of a by-model hash field; None for MODEL_COUNT."""
-    model, sep, counter = field.rpartition(MODEL_SEP)
-    return (model, counter) if sep and model else None
+def model_day(usage: dict[str, dict[str, int]]) -> dict[str, str | int]:
+    """A by-model day hash holding `usage` (model -> counter -> n), as lua/record.lua leaves
+    it after counting the models in this order: for tools that write the layout directly."""
+    out: dict[str, str | int] = {}
+    named = 0
+    for model, counters in usage.items():
+        if model != OTHER_MODEL and named < MAX_MODELS:
+            slot = chr(ord(FIRST_SLOT) + named)
+            named += 1
+        else:
+            slot = OTHER_SLOT
+        out[MODEL_NAME + (model if slot != OTHER_SLOT else OTHER_MODEL)] = slot
+        for counter, n in counters.items():
+            if counter in MODEL_COUNTERS:
+                field = slot + counter
+                out[field] = int(out.get(field, 0)) + n
+    out[MODEL_COUNT] = named
+    return out
 
 
 def increments(

@@ -3,7 +3,7 @@ order), decoded from the by-model hashes' fields (usage/buckets.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from sidecar.usage import buckets
 
@@ -13,22 +13,24 @@ _INDEX = {counter: i for i, counter in enumerate(buckets.MODEL_COUNTERS)}
 ModelSums = dict[str, list[int]]  # model -> MODEL_COUNTERS sums
 
 
-def decode(flat: Sequence[bytes | str]) -> ModelSums:
-    """A flat HGETALL-like reply (field, value, field, value, ...) as sums per model; fields
-    that are not '<model>SEP<counter>' of a known counter are skipped."""
+def decode(day: Mapping[bytes, bytes]) -> ModelSums:
+    """One by-model day hash (HGETALL) as sums per model; fields of no known slot or counter
+    are skipped."""
+    name = buckets.MODEL_NAME.encode()
+    models = {
+        value: field[1:].decode("utf-8", "replace")
+        for field, value in day.items()
+        if field.startswith(name)
+    }
     out: ModelSums = {}
-    for n in range(0, len(flat) - 1, 2):
-        raw, value = flat[n], flat[n + 1]
-        field = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        parts = buckets.split_model_field(field)
-        if parts is None:
+    for field, value in day.items():
+        model = models.get(field[:1])
+        i = _INDEX.get(field[1:].decode("ascii", "replace")) if model is not None else None
+        if model is None or i is None:
             continue
-        i = _INDEX.get(parts[1])
-        if i is None:
-            continue
-        sums = out.get(parts[0])
+        sums = out.get(model)
         if sums is None:
-            sums = out[parts[0]] = [0] * WIDTH
+            sums = out[model] = [0] * WIDTH
         sums[i] += int(value)
     return out
 

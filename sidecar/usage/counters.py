@@ -224,7 +224,7 @@ class UsageCounters:
                 pipe.hgetall(prefix + str(d))
 
         replies = await pipeline(self.client, queue)
-        return [decode([x for pair in reply.items() for x in pair]) for reply in replies]
+        return [decode(reply) for reply in replies]
 
     async def erase(self, identity_id: str) -> None:
         """The identity's day counters, and every hour bucket and by-model day hash younger

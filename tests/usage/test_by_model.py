@@ -126,8 +126,8 @@ async def test_at_most_16_models_a_day_then_other(
     await rec.drain()
     assert await models(redis, clock, ids["many"]) == {"late": sums(requests=1)}
     assert (await models(redis, clock, ids["many"], days=2))["late"][0] == 1
-    fields = await redis.hkeys(KEYS.usage_models(ids["many"]) + str(buckets.day(clock())))
-    assert len(fields) == 2  # its requests, and the day's model count
+    day = await redis.hgetall(KEYS.usage_models(ids["many"]) + str(buckets.day(clock())))
+    assert day == {b"=late": b"a", b"ar": b"1", b"\x1fn": b"1"}  # its slot, requests, count
 
 
 @pytest.mark.parametrize(
@@ -156,10 +156,24 @@ def test_model_names_are_bounded_and_printable() -> None:
     assert buckets.model_name(None) == buckets.model_name("") == buckets.UNKNOWN_MODEL
     assert buckets.model_name("\x01\x02") == buckets.UNKNOWN_MODEL
     assert buckets.model_name(42) == buckets.UNKNOWN_MODEL
-    assert buckets.split_model_field(buckets.model_field("a b", "ci")) == ("a b", "ci")
-    assert buckets.split_model_field(buckets.MODEL_COUNT) is None
-    flat = [b"m\x1fr", b"2", b"m\x1fc", b"5", b"\x1fn", b"1", b"m\x1fzz", b"9"]
-    assert by_model.decode(flat) == {"m": sums(requests=2, cost=5)}
+
+
+def test_the_day_layout_reads_back() -> None:
+    # A name that looks like fields first: its one field, "==x ar", holds its slot.
+    usage = {"=x ar": {"r": 7}}
+    usage |= {f"m{n}": {"r": n + 1, "c": 10, "sh": 1} for n in range(buckets.MAX_MODELS + 1)}
+    day = buckets.model_day(usage)
+    assert day[buckets.MODEL_COUNT] == buckets.MAX_MODELS
+    assert (day["==x ar"], day["ar"], day["=m0"], day["br"]) == ("a", 7, "b", 1)
+    raw = {k.encode(): str(v).encode() for k, v in day.items()}
+    raw[b"zr"] = b"5"  # a slot no model holds
+    raw[b"azz"] = b"9"  # a counter not kept by model
+    found = by_model.decode(raw)
+    named = ["=x ar", *(f"m{n}" for n in range(buckets.MAX_MODELS - 1))]
+    assert sorted(found) == sorted([*named, buckets.OTHER_MODEL])
+    assert (found["=x ar"], found["m0"]) == (sums(requests=7), sums(requests=1, cost=10))
+    # m15 and m16 had no slot left: (other), together.
+    assert found[buckets.OTHER_MODEL] == sums(requests=16 + 17, cost=20)
 
 
 async def test_sums_are_exact_past_what_a_lua_number_holds(

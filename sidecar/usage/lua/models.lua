@@ -9,15 +9,19 @@ local index = {}
 for i, counter in ipairs(MODEL_ORDER) do index[counter] = i end
 local width = #MODEL_ORDER
 local high, low, order = {}, {}, {}
-local find, sub = string.find, string.sub
+local sub, byte = string.sub, string.byte
+local name_byte = byte(MODEL_NAME)
 for d = tonumber(ARGV[2]), tonumber(ARGV[3]) do
   local flat = redis.call('HGETALL', ARGV[1] .. d)
+  local names = {}  -- this day's slots -> models
+  for n = 1, #flat, 2 do
+    if byte(flat[n]) == name_byte then names[flat[n + 1]] = sub(flat[n], 2) end
+  end
   for n = 1, #flat, 2 do
     local field, value = flat[n], flat[n + 1]
-    local at = find(field, SEP, 1, true)
-    local i = at and at > 1 and index[sub(field, at + 1)]
+    local model = names[sub(field, 1, 1)]
+    local i = model and index[sub(field, 2)]
     if i then
-      local model = sub(field, 1, at - 1)
       local h, l = high[model], low[model]
       if h == nil then
         h, l = {}, {}

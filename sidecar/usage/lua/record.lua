@@ -57,19 +57,21 @@ end
 if hour_ttl > 0 then redis.call('EXPIRE', KEYS[3], hour_ttl) end
 local model, model_ttl = ARGV[12], tonumber(ARGV[13])
 if model ~= '' and kept and model_ttl > 0 then
-  -- A model not seen today takes a place among the day's MAX_MODELS, or goes to OTHER_MODEL.
-  -- Its requests field always exists (HINCRBY by 0 makes it): it marks the model as seen.
+  -- A model not seen today takes the next of the day's MAX_MODELS slots, or OTHER_MODEL's.
   local models = KEYS[4]
-  if model ~= OTHER_MODEL and redis.call('HEXISTS', models, model .. SEP .. 'r') == 0 then
-    if tonumber(redis.call('HGET', models, SEP .. 'n') or '0') >= MAX_MODELS then
-      model = OTHER_MODEL
+  local slot = redis.call('HGET', models, MODEL_NAME .. model)
+  if not slot then
+    local named = tonumber(redis.call('HGET', models, MODEL_COUNT) or '0')
+    if model ~= OTHER_MODEL and named < MAX_MODELS then
+      slot = string.char(FIRST_SLOT + named)
+      redis.call('HSET', models, MODEL_NAME .. model, slot, MODEL_COUNT, named + 1)
     else
-      redis.call('HINCRBY', models, SEP .. 'n', 1)
+      slot = OTHER_SLOT
+      redis.call('HSET', models, MODEL_NAME .. OTHER_MODEL, slot)
     end
   end
-  redis.call('HINCRBY', models, model .. SEP .. 'r', 0)
   for counter, n in string.gmatch(ARGV[7], '(%S+) (%S+)') do
-    if MODEL_COUNTERS[counter] then redis.call('HINCRBY', models, model .. SEP .. counter, n) end
+    if MODEL_COUNTERS[counter] then redis.call('HINCRBY', models, slot .. counter, n) end
   end
   redis.call('EXPIRE', models, model_ttl)
 end
