@@ -133,6 +133,15 @@ async def seed_export(url: str, identities: int, days: int) -> None:
         today = buckets.day(time.time())
         first = today - days + 1
         log(f"writing {days} days of {len(DAYS_OF)} models for each, straight into Redis")
+        # Every identity's days are alike: each day's two hashes are made once.
+        usage = dict(day_of(n) for n in range(len(DAYS_OF)))
+        by_model: Any = buckets.model_day(usage)
+        day_fields: Any = {}
+        for d in range(first, today + 1):
+            for counters in usage.values():
+                for counter, value in counters.items():
+                    field = f"{d}:{counter}"
+                    day_fields[field] = day_fields.get(field, 0) + value
         bound = b"-"
         written = 0
         while True:
@@ -143,16 +152,10 @@ async def seed_export(url: str, identities: int, days: int) -> None:
             pipe = redis.pipeline(transaction=False)
             for member in members:
                 identity = member[:26].decode()
-                day_fields: dict[str, int] = {}
+                prefix = KEYS.usage_models(identity)
                 for d in range(first, today + 1):
-                    usage = dict(day_of(n) for n in range(len(DAYS_OF)))
-                    for counters in usage.values():
-                        for counter, value in counters.items():
-                            field = f"{d}:{counter}"
-                            day_fields[field] = day_fields.get(field, 0) + value
-                    by_model: Any = buckets.model_day(usage)
-                    pipe.hset(KEYS.usage_models(identity) + str(d), mapping=by_model)
-                pipe.hset(KEYS.usage_days(identity), mapping=day_fields)  # type: ignore[arg-type]
+                    pipe.hset(prefix + str(d), mapping=by_model)
+                pipe.hset(KEYS.usage_days(identity), mapping=day_fields)
             await pipe.execute()
             written += len(members)
             if written % 20_000 < 1000:
