@@ -107,7 +107,8 @@ async def memory(url: str, identities: int, days: int, models: int) -> dict[str,
         model_hashes = [
             await redis.memory_usage(KEYS.usage_models(i) + str(buckets.day(now))) or 0
             for i in sample
-        ]
+            if BY_MODEL
+        ] or [0]
         return {
             "identities": identities,
             "days": days,
