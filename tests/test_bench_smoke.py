@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from bench import hooks_bench
+from bench import hooks_bench, models_bench
 from bench.bare_proxy import BareProxy, request_headers, response_headers
 from bench.lib import cli, config, payloads, proxy, proxy_report, report, rounds, wrk
 from bench.lib.client import Target, probe_metered
@@ -267,6 +267,25 @@ def test_hooks_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str
     assert printed.out == ""  # with --json FILE, nothing on stdout
     assert "| target | requests/s | / healthz |" in printed.err
     assert "| target | requests/s | / healthz |" in markdown.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_models_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models.json"
+    argv = ["--memory-identities", "20", "--identities", "30", "--days", "2", "--repeats", "1"]
+    assert models_bench.main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    memory = result["memory"]
+    assert memory["by_model"] is True and memory["memory_usage_model_hash_per_day"] > 0
+    assert memory["used_memory_bytes_per_identity_day"] > memory["memory_usage_day_hash_per_day"]
+    export = result["export"]
+    # Each answer was checked against what was written; here, its size.
+    assert export["group_by=model"]["rows"] == 3
+    assert export["group_by=identity,model"]["rows"] == 90
+    assert export["group_by=identity"]["rows"] == 30
+    assert export["group_by=model"]["csv_total_s"] > 0
+    assert "| group_by=model | 3 |" in capfd.readouterr().err
 
 
 def test_emit_writes_the_json_and_prints_the_table(

@@ -34,8 +34,8 @@ class Keys:
 
     def usage_models(self, identity_id: str) -> str:
         """Prefix of the by-model day hashes: append the day (days since the epoch, UTC)."""
-        # Hash per UTC day, fields "<model>\x1f<counter>" (usage/buckets.py); model names
-        # stay in fields, never in key names.
+        # Hash per UTC day: each model's slot and its counters (usage/buckets.py). Model
+        # names stay in fields, never in key names.
         return f"{self._p}:u:{{{identity_id}}}:m:"
 
     def limit(self, identity_id: str, part: str) -> str:
