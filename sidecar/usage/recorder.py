@@ -162,7 +162,7 @@ class Recorder:
             if len(self._pending) >= MAX_PENDING:
                 self._dropped += 1
                 log.error(
-                    "usage of %s not recorded: %d identity-hours already wait for Redis",
+                    "usage of %s not recorded: %d identity-hour-models already wait for Redis",
                     external_id,
                     len(self._pending),
                 )
