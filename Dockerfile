@@ -11,7 +11,9 @@ RUN useradd --system --uid 10001 --home-dir /data --create-home sidecar
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+# --build-arg EXTRAS=otel adds OpenTelemetry for [telemetry].
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" && rm -rf /root/.cache
 
 USER sidecar
 VOLUME ["/data"]

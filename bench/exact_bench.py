@@ -6,8 +6,9 @@
 Starts a private redis-server, the mock upstream and `sidecar serve` with three limits per
 request (requests per hour binding, tokens and dollars not), and per round drives wrk at
 `--connections` against the sidecar with `--identities` fresh header identities, each sent far
-more than `--limit` requests. Afterwards: the requests the sidecar admitted (wrk's answered
-requests less its 429s) must be exactly identities x limit; the limit checks that failed
+more than `--limit` requests. Afterwards: the requests the sidecar admitted (each identity's
+`total_requests`, read back from the identity API once the usage is written) must be exactly
+`--limit` per identity; the limit checks that failed
 (`sidecar_redis_limit_check_errors` in /metrics: each would have been forwarded unchecked with
 `on_error = "allow"`) must be 0. The default `timeout_ms` (50 ms) and `on_error` are kept: the
 point is that a saturated worker does not fail open with Redis healthy. The JSON goes to stdout
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from bench.lib import cli
+from bench.lib.client import admin_get
 from bench.lib.config import sidecar_config
 from bench.lib.payloads import chat_body
 from bench.lib.processes import Launcher
@@ -68,7 +71,14 @@ def measure(args: Any) -> cli.Outcome:
                 env={"WRK_BODIES": str(body), "WRK_HEADERS": str(headers)},
             )
             failed = metric(sidecar.port, "sidecar_redis_limit_check_errors") - failed_before
-            admitted = figures["requests"] - figures["http_errors"]
+            time.sleep(1.0)  # usage is written within 300 ms of each answer
+            per_identity = []
+            for i in range(args.identities):
+                record = admin_get(
+                    sidecar.port, f"/v2/identities/exact-{n}-{i}?include_metrics=true"
+                )
+                per_identity.append(int(record["metrics"]["total_requests"]) if record else -1)
+            admitted = sum(per_identity)
             expected = args.identities * args.limit
             row = {
                 "round": n,
@@ -77,7 +87,8 @@ def measure(args: Any) -> cli.Outcome:
                 "p99_ms": figures["p99_ms"],
                 "admitted": admitted,
                 "expected": expected,
-                "exact": admitted == expected,
+                "per_identity": per_identity,
+                "exact": all(a == args.limit for a in per_identity),
                 "failed_open": int(failed),
                 "socket_errors": figures["socket_errors"],
             }
@@ -106,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--rounds", type=cli.positive, default=3)
     add("--duration", type=cli.positive, default=10, help="seconds of wrk per round")
     add("--identities", type=cli.positive, default=4)
-    add("--limit", type=cli.positive, default=2000, help="requests per hour per identity")
+    add("--limit", type=cli.positive, default=1000, help="requests per hour per identity")
     add("--connections", type=cli.positive, default=64)
     add("--threads", type=cli.positive, default=2)
     args = p.parse_args(argv)

@@ -129,12 +129,14 @@ def create_app(
         "authorizer": _provide(services.authorizer),
     }
     admin = Router(
-        "/", route_handlers=[IdentityController, UsageController], guards=[AdminGuard(admin_token)]
+        "/",
+        route_handlers=[IdentityController, UsageController],
+        guards=[AdminGuard(admin_token, services.signins)],
     )
     hooks = Router(
         "/",
         route_handlers=[HookController],
-        guards=[HookGuard(settings.admin.hook_token or admin_token)],
+        guards=[HookGuard(settings.admin.hook_token or admin_token, services.signins)],
     )
     api = Litestar(
         route_handlers=[admin, hooks, DashboardController, healthz, readyz],

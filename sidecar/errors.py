@@ -32,6 +32,7 @@ TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     502: "api_error",
     503: "service_unavailable_error",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ulid import ULID
 
+from sidecar import __version__
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
@@ -23,6 +24,7 @@ from sidecar.metering.authorize import Authorizer
 from sidecar.metering.settle import Settlement
 from sidecar.observe.counters import Counters
 from sidecar.observe.prometheus import Exposition, Readings
+from sidecar.observe.tracing import Tracer
 from sidecar.proxy.authorize import RawAuthorize
 from sidecar.proxy.inline import InlineProxy
 from sidecar.proxy.upstream import Upstream
@@ -30,8 +32,9 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
+from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
-from sidecar.store.connect import RedisClient
+from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.tasks import Background
@@ -68,23 +71,35 @@ class Services:
     quota: Quota
     settlement: Settlement
     authorizer: Authorizer
+    signins: FailedSignIns
     sessions: Sessions
     upstream: Upstream
     background: Background
     proxy: InlineProxy
     raw_authorize: RawAuthorize
     exposition: Exposition | None
+    tracer: Tracer | None  # None: [telemetry] enabled = false
     scripts: tuple[Script, ...]
     loops: list[asyncio.Task[None]]  # run from open() to close()
 
     async def open(self) -> None:
-        """Open the I/O: the upstream client, the store's scripts, the background loops."""
+        """Open the I/O: the upstream client, the store's connections and scripts, the
+        background loops. It runs before the server listens, so the first requests find the
+        connections open and the scripts loaded."""
         await self.upstream.open()
+        if self.tracer is not None:
+            await self.tracer.open()
         try:
-            for script in self.scripts:
-                await script.load(self.redis)
+            opened = await warm(self.redis, self.settings.redis.warm_connections)
+            await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
         except StoreUnavailable as exc:
-            log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+            log.warning(
+                "store not reachable at start-up (%s); connections open and scripts load on "
+                "first use",
+                exc,
+            )
+        else:
+            log.debug("store: %d connections open, %d scripts loaded", opened, len(self.scripts))
         self.loops.append(asyncio.create_task(self.live.watch()))
         self.recorder.start()  # replays what earlier processes left in the spool
 
@@ -96,6 +111,8 @@ class Services:
         # process with this data dir.
         await self.recorder.close(grace_s=SHUTDOWN_USAGE_S)
         await self.upstream.close()
+        if self.tracer is not None:  # the spans of the requests just settled go out
+            await self.tracer.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.loops, return_exceptions=True)
 
@@ -115,7 +132,7 @@ def build(
 
     records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
-    identifier = Identifier(records, profiles, clock)
+    identifier = Identifier(records, profiles, clock, counters)
 
     usage_counters = UsageCounters(redis, keys, clock)
     rankings = Rankings(redis, keys, clock)
@@ -139,16 +156,38 @@ def build(
         counters=counters,
     )
     quota = Quota(live, limiter, records, identifier, profiles)
-    attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
+    attribution = Attribution(
+        settings.identity,
+        live,
+        Pricer(settings.pricing.models),
+        clock,
+        settings.limits.default_output_reserve,
+    )
     background = Background()
-    settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
+    tracer = _tracer(settings)
+    settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
     authorizer = Authorizer(attribution, identifier, quota, settlement)
-    proxy = InlineProxy(settings, upstream, attribution, identifier, quota, settlement, counters)
+    proxy = InlineProxy(
+        settings, upstream, attribution, identifier, quota, settlement, counters, tracer
+    )
+    signins = FailedSignIns(
+        redis,
+        keys,
+        per_minute=settings.admin.failed_auth_per_minute,
+        networks=attribution.networks,
+        clock=clock,
+        timeout_s=settings.redis.timeout_ms / 1000,
+    )
     raw_authorize = RawAuthorize(
-        authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
+        authorizer,
+        settings.admin.hook_token or admin_token,
+        signins,
+        settings.server.body_timeout_s,
     )
     exposition = (
-        Exposition(counters, Readings(limiter, recorder, live)) if counters is not None else None
+        Exposition(counters, Readings(limiter, recorder, live, tracer))
+        if counters is not None
+        else None
     )
     scripts = (
         *records.scripts,
@@ -156,6 +195,7 @@ def build(
         *usage_counters.scripts,
         writer.script,
         *limiter.scripts,
+        signins.script,
     )
     return Services(
         settings=settings,
@@ -172,12 +212,34 @@ def build(
         quota=quota,
         settlement=settlement,
         authorizer=authorizer,
-        sessions=Sessions(redis, keys, admin_token),
+        signins=signins,
+        sessions=Sessions(redis, keys, admin_token, signins),
         upstream=upstream,
         background=background,
         proxy=proxy,
         raw_authorize=raw_authorize,
         exposition=exposition,
+        tracer=tracer,
         scripts=scripts,
         loops=[],
     )
+
+
+def _tracer(settings: Settings) -> Tracer | None:
+    telemetry = settings.telemetry
+    if not telemetry.enabled:
+        return None
+    # The `otel` extra, imported only when asked for (the settings checked it is installed).
+    from sidecar.observe.otel import OtelTracer
+    from sidecar.observe.otel_export import Config
+
+    exporter = Config(
+        endpoint=telemetry.endpoint,
+        headers=telemetry.headers,
+        service_name=telemetry.service_name,
+        service_version=__version__,
+        timeout_s=telemetry.timeout_s,
+        log_format=settings.server.log_format,
+        log_level=settings.server.log_level,
+    )
+    return OtelTracer(exporter, telemetry.sample_ratio)

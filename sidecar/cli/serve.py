@@ -25,7 +25,13 @@ def _logging(settings: Settings, *secret: str | None) -> None:
     logs.configure(
         settings.server.log_format,
         settings.server.log_level,
-        secrets=[settings.admin.token, settings.admin.hook_token, *secret],
+        secrets=[
+            settings.admin.token,
+            settings.admin.hook_token,
+            # A collector's credentials; short values (a tenant name) would blank out too much.
+            *(v for v in settings.telemetry.headers.values() if len(v) >= 8),
+            *secret,
+        ],
     )
 
 
@@ -130,6 +136,7 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
     import uvicorn
 
     from sidecar.app import create_app
+    from sidecar.connections import ConnectionGuard
 
     app: Any = "sidecar.cli.serve:app_from_env"
     if settings.server.workers == 1:
@@ -142,7 +149,11 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a header deadline and a connection cap (uvicorn's limit_concurrency
+        # would answer 503 to requests instead; see sidecar.connections).
+        http=ConnectionGuard(
+            settings.server.header_timeout_s, settings.server.max_connections
+        ).protocol,
         access_log=False,  # the sidecar writes its own, when [server] access_log is true
         # Not uvicorn's X-Forwarded-For rewrite: it would trust any local peer's header. The
         # sidecar reads it itself, and only from `trusted_networks` (identity/caller.py).

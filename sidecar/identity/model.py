@@ -19,7 +19,10 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 ANONYMOUS = "anonymous"
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the bidirectional marks, embeddings, overrides and isolates: text that
+# would change how a log line, a terminal or a page shows what follows it (an id shown
+# reversed, a forged line).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _URL = re.compile(r"https?://[^\s/]+\S*", re.IGNORECASE)
 
@@ -100,8 +103,13 @@ def _text(param: str, value: str, limit: int) -> str:
     value = value.strip()
     if len(value) > limit:
         raise InvalidField(param, f"{param} must be at most {limit} characters")
-    if _CONTROL.search(value):
-        raise InvalidField(param, f"{param} must not contain control characters")
+    found = _CONTROL.search(value)
+    if found:
+        raise InvalidField(
+            param,
+            f"{param} must not contain control or bidirectional formatting characters "
+            f"(found U+{ord(found.group()):04X})",
+        )
     return value
 
 

@@ -80,7 +80,10 @@ class Authorizer:
         known = self.identifier.known(resolved)
         identity_id: str | None
         if self.quota.active:
-            identity_id, decision = await self.quota.admit(resolved, request_id, known)
+            reserve = None
+            if self.quota.reserving:  # settled by the usage report with this request_id
+                reserve = self.attribution.reserve(None, body or {}, len(raw))
+            identity_id, decision = await self.quota.admit(resolved, request_id, known, reserve)
         else:
             decision = Decision(admitted=True)
             try:
@@ -99,7 +102,7 @@ class Authorizer:
                 raise StoreUnavailable(
                     "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                 )
-            self.settlement.refused(identity_id, resolved)
+            self.settlement.refused(identity_id, resolved, decision)
             out["retry-after"] = str(decision.retry_after)
             return Decided(429, refusal(decision, resolved.external_id), out)
         owner = self.quota.owner_of(resolved)

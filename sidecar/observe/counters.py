@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from sidecar.quota.policy import Policy
 
 ROUTES = ("proxy", "hooks_authorize", "hooks_usage", "api", "ui", "ops")
+# Where a metered request's identity came from (identity.resolve.Source's values).
+SOURCES = ("body", "user_field", "header", "api_key", "anonymous")
 UPSTREAM_ERROR = "upstream_error"  # the proxy's 502 and 504
 NO_RESPONSE = "no_response"  # the client left, or the connection broke, before a status
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -50,6 +52,8 @@ class Counters:
         # (policy, dimension, "admitted" | "refused") -> checks
         self.decisions: dict[tuple[str, str, str], int] = {}
         self.unpriced_models: dict[str, int] = {}
+        self.metered: dict[str, int] = {}  # identity source -> metered requests
+        self.identities_created = 0  # by traffic: ids seen for the first time
         self.upstream = Histogram(UPSTREAM_BUCKETS)
         self.limit_check = Histogram(REDIS_BUCKETS)
         self.usage_write = Histogram(WRITE_BUCKETS)
@@ -84,6 +88,9 @@ class Counters:
     def refused(self, policy: str, dimension: str) -> None:
         key = (policy, dimension, "refused")
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def metered_request(self, source: str) -> None:
+        self.metered[source] = self.metered.get(source, 0) + 1
 
     def unpriced(self, model: str | None) -> None:
         name = (model or "unknown")[:_MAX_LABEL]

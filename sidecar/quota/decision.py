@@ -18,6 +18,14 @@ class Subject(NamedTuple):
     policy: Policy
 
 
+class Reserve(NamedTuple):
+    """What a request is expected to use at most: reserved at admission against every token
+    and cost limit, replaced by the actual once it is answered."""
+
+    tokens: int
+    nanos: int
+
+
 class Decision(msgspec.Struct, kw_only=True):
     admitted: bool
     policy: Policy | None = None  # the request's identity's
@@ -31,6 +39,16 @@ class Decision(msgspec.Struct, kw_only=True):
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
 
+    @property
+    def charged(self) -> bool:
+        """Whether a token or cost limit applies: its usage is settled before the response
+        ends (Limiter.settle), not written behind."""
+        return any(
+            limit.dimension in (Dimension.TOKENS, Dimension.COST)
+            for subject in self.subjects
+            for limit in subject.policy.limits
+        )
+
 
 class LimitUsage(msgspec.Struct, kw_only=True):
     limit: Limit
@@ -42,3 +60,10 @@ class LimitUsage(msgspec.Struct, kw_only=True):
 class PolicyUsage(msgspec.Struct, kw_only=True):
     limits: list[LimitUsage]
     in_flight: int | None = None  # concurrency leases held, when the policy limits them
+
+
+class Admission(msgspec.Struct, array_like=True):
+    """A hook-mode admission of a request carrying a listed key for someone else."""
+
+    owner: str  # the key owner's external id
+    subjects: list[tuple[str, str]]  # (_id, policy name) of the subjects beyond the identity

@@ -13,12 +13,12 @@ from typing import Any
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
-from sidecar import money
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
 from sidecar.quota import windows
 from sidecar.quota.breaker import Breaker
-from sidecar.quota.decision import Decision, LimitUsage, PolicyUsage, Subject
+from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
+from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
 from sidecar.store.deadline import StoreDeadline
@@ -31,35 +31,6 @@ __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyU
 log = logging.getLogger("sidecar.quota")
 
 Clock = Callable[[], float]
-
-# How admit.lua is told each limit's dimension; the script's prelude gets them from here.
-_KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
-_PRELUDE = "".join(f"local {d.name} = '{code}'\n" for d, code in _KIND.items())
-_HEADER = {Dimension.REQUESTS: "requests", Dimension.TOKENS: "tokens", Dimension.COST: "cost"}
-
-
-class _Packed:
-    """One admit.lua call's keys and arguments, for some subjects."""
-
-    __slots__ = ("args", "caps", "keys", "leases", "limits", "packed", "spans", "subjects")
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-        self.packed: list[str] = []
-        self.spans: list[tuple[int, int]] = []  # per limit: (elapsed, left) ms
-        self.limits: list[tuple[Subject, Limit]] = []
-        self.caps: list[str] = []
-        self.leases: list[tuple[Subject, str]] = []  # (subject, its lease set key)
-        self.subjects: list[Subject] = []
-        self.args: list[Any] = []
-
-    def request_buckets(self) -> list[str]:
-        """The buckets an admission counts one request in."""
-        return [
-            self.keys[2 * i]
-            for i, (_, limit) in enumerate(self.limits)
-            if limit.dimension is Dimension.REQUESTS
-        ]
 
 
 class Limiter:
@@ -86,9 +57,11 @@ class Limiter:
         # One script touches one cluster slot: an identity's keys share its slot, so on a
         # cluster each subject is admitted by a call of its own (see `_admit_in_turn`).
         self.one_slot = isinstance(client, RedisCluster)
-        self._admit = Script("sidecar.quota.lua", "admit", prelude=_PRELUDE)
+        self._admit = Script("sidecar.quota.lua", "admit", prelude=PRELUDE)
         self._release = Script("sidecar.quota.lua", "release")
+        self._settle = Script("sidecar.quota.lua", "settle")
         self._calls = Coalescer(client, self._admit)
+        self._settles = Coalescer(client, self._settle)  # under load, many share a round trip
         self._pinging: asyncio.Future[None] | None = None
 
     def deadline(self) -> StoreDeadline:
@@ -110,41 +83,76 @@ class Limiter:
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._admit, self._release]
+        return [self._admit, self._release, self._settle]
 
     def _buckets(self, identity_id: str, limit: Limit, now_ms: int) -> tuple[str, str, int, int]:
         current, previous, elapsed, left = windows.bucket(limit, now_ms)
         base = self.keys.limit(identity_id, limit.key_part)
         return base + current, base + (previous or current), elapsed, left
 
-    def _pack(self, subjects: Sequence[Subject], now_ms: int, request_id: str) -> _Packed:
-        out = _Packed()
+    def _pack(
+        self,
+        subjects: Sequence[Subject],
+        now_ms: int,
+        request_id: str,
+        reserve: Reserve | None = None,
+    ) -> Packed:
+        out = Packed()
         out.subjects = list(subjects)
+        groups: list[str] = []
         for subject in subjects:
+            mine: list[str] = []
             for limit in subject.policy.limits:
                 current, previous, elapsed, left = self._buckets(subject.identity_id, limit, now_ms)
                 out.keys += [current, previous]
                 window = 0 if limit.calendar else limit.window_s * 1000
                 lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                amount = reserved(limit, reserve)
                 out.packed.append(
-                    f"{_KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
+                    f"{KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
+                    f"{amount} "
                 )
                 out.spans.append((elapsed, left))
                 out.limits.append((subject, limit))
+                out.reserves.append(amount)
+                if amount:
+                    mine.append(str(len(out.limits)))
+            if mine:
+                out.reserving.append(subject)
+                groups.append(",".join(mine))
         for subject in subjects:
             if subject.policy.concurrency:
                 key = self.keys.leases(subject.identity_id)
                 out.leases.append((subject, key))
                 out.caps.append(str(subject.policy.concurrency))
         out.keys += [key for _, key in out.leases]
-        out.args = ["".join(out.packed), now_ms, " ".join(out.caps), request_id, self.lease_ms]
+        for subject in out.reserving:
+            out.keys += [
+                self.keys.reservations(subject.identity_id),
+                self.keys.reservations_expiry(subject.identity_id),
+            ]
+        out.args = [
+            "".join(out.packed),
+            now_ms,
+            " ".join(out.caps),
+            request_id,
+            self.lease_ms,
+            " ".join(groups),
+            self.lease_ms,
+        ]
         return out
 
     async def admit(
-        self, subjects: Sequence[Subject], request_id: str, policy: Policy | None = None
+        self,
+        subjects: Sequence[Subject],
+        request_id: str,
+        policy: Policy | None = None,
+        reserve: Reserve | None = None,
     ) -> Decision:
         """Admit a request against every limit of every subject, or refuse it having counted
-        nothing; `policy` is the identity's own. On a single server that is one script call."""
+        nothing; `policy` is the identity's own. `reserve`: what the request may use at most,
+        reserved against every token and cost limit (see `settle`). On a single server that is
+        one script call."""
         limited = [s for s in subjects if s.policy.limited]
         if not limited:
             return Decision(admitted=True, policy=policy, subjects=tuple(subjects))
@@ -158,10 +166,10 @@ class Limiter:
             async with self.deadline():
                 if self.one_slot and len(limited) > 1:
                     admitted, packs, replies = await self._admit_in_turn(
-                        limited, now_ms, request_id
+                        limited, now_ms, request_id, reserve
                     )
                 else:
-                    pack = self._pack(limited, now_ms, request_id)
+                    pack = self._pack(limited, now_ms, request_id, reserve)
                     reply = await self._calls(pack.keys, pack.args)
                     admitted, packs, replies = bool(reply[0]), [pack], [reply]
         except (StoreUnavailable, TimeoutError) as exc:
@@ -173,16 +181,16 @@ class Limiter:
         return self._decide(subjects, policy, admitted, packs, replies, request_id)
 
     async def _admit_in_turn(
-        self, subjects: list[Subject], now_ms: int, request_id: str
-    ) -> tuple[bool, list[_Packed], list[Any]]:
+        self, subjects: list[Subject], now_ms: int, request_id: str, reserve: Reserve | None
+    ) -> tuple[bool, list[Packed], list[Any]]:
         """On a cluster: each subject in a fixed order (by `_id`), each call atomic on its own
         slot; when one refuses, what the earlier ones took is given back. No subject is ever
         over-admitted; a request refused later may, for that moment, hold a slot another
         request then misses (it is given back at once)."""
-        packs: list[_Packed] = []
+        packs: list[Packed] = []
         replies: list[Any] = []
         for subject in sorted(subjects, key=lambda s: s.identity_id):
-            pack = self._pack([subject], now_ms, request_id)
+            pack = self._pack([subject], now_ms, request_id, reserve)
             reply = await self._calls(pack.keys, pack.args)
             packs.append(pack)
             replies.append(reply)
@@ -193,21 +201,25 @@ class Limiter:
                 return False, packs, replies
         return True, packs, replies
 
-    async def _give_back(self, packs: list[_Packed], request_id: str) -> None:
+    async def _give_back(self, packs: list[Packed], request_id: str) -> None:
+        now_ms = int(self.clock() * 1000)
+
         def queue(pipe: Any) -> None:
             for pack in packs:
                 buckets = pack.request_buckets()
                 lease_sets = [key for _, key in pack.leases]
                 self._release.queue(pipe, buckets + lease_sets, [len(buckets), request_id])
+                for subject in pack.reserving:  # its reservation, settled at nothing
+                    self._settle.queue(pipe, *self._settle_call(subject, request_id, 0, 0, now_ms))
 
-        await pipeline(self.client, queue, [self._release])
+        await pipeline(self.client, queue, [self._release, self._settle])
 
     def _decide(
         self,
         subjects: Sequence[Subject],
         policy: Policy | None,
         admitted: bool,
-        packs: list[_Packed],
+        packs: list[Packed],
         replies: list[Any],
         request_id: str,
     ) -> Decision:
@@ -221,14 +233,15 @@ class Limiter:
             ):
                 previous, current = int(counts[2 * i]), int(counts[2 * i + 1])
                 rows.append((subject, limit, previous, current, elapsed, left))
-                if not reply[0] and not windows.admits(limit, previous, current, elapsed):
-                    wait = windows.wait_ms(limit, previous, current, elapsed, left)
+                need = pack.reserves[i]
+                if not reply[0] and not windows.admits(limit, previous, current, elapsed, need):
+                    wait = windows.wait_ms(limit, previous, current, elapsed, left, need)
                     refusing.append((subject, limit, wait))
             if not reply[0]:
                 for (subject, _), cap, held in zip(pack.leases, pack.caps, in_use, strict=True):
                     if int(held) >= int(cap):
                         refusing.append((subject, None, 1000))
-        headers = self._headers(rows)
+        headers = rate_headers(rows)
         if admitted:
             if metrics is not None:
                 for subject in subjects:
@@ -273,51 +286,43 @@ class Limiter:
             admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
         )
 
-    def _headers(
-        self, rows: list[tuple[Subject, Limit, int, int, int, int]]
-    ) -> list[tuple[str, str]]:
-        """OpenAI's x-ratelimit-* headers; per dimension, the limit with the least left (of
-        every subject's)."""
-        tightest: dict[Dimension, tuple[float, Limit, int]] = {}
-        for _, limit, previous, current, elapsed, left in rows:
-            remaining = max(0.0, limit.amount - windows.used(limit, previous, current, elapsed))
-            reset = windows.reset_ms(limit, previous, current, left)
-            best = tightest.get(limit.dimension)
-            if best is None or remaining / limit.amount < best[0] / best[1].amount:
-                tightest[limit.dimension] = (remaining, limit, reset)
-        headers = []
-        for dimension, (remaining, limit, reset) in tightest.items():
-            name = _HEADER[dimension]
-            if dimension is Dimension.COST:
-                shown_limit = money.plain(limit.amount)
-                shown_left = money.plain(int(remaining))
-            else:
-                shown_limit, shown_left = str(limit.amount), str(math.floor(remaining))
-            headers += [
-                (f"x-ratelimit-limit-{name}", shown_limit),
-                (f"x-ratelimit-remaining-{name}", shown_left),
-                (f"x-ratelimit-reset-{name}", windows.duration(reset)),
-            ]
-        return headers
+    def _settle_call(
+        self, subject: Subject, request_id: str, tokens: int, nanos: int, now_ms: int
+    ) -> tuple[list[str], list[Any]]:
+        keys = [
+            self.keys.reservations(subject.identity_id),
+            self.keys.reservations_expiry(subject.identity_id),
+        ]
+        parts = []
+        for limit in subject.policy.limits:
+            amount = {Dimension.TOKENS: tokens, Dimension.COST: nanos}.get(limit.dimension)
+            if amount is None:
+                continue
+            current, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
+            lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+            keys.append(current)
+            parts.append(
+                f"{amount} {lifetime} {self.keys.limit(subject.identity_id, limit.key_part)} "
+            )
+        return keys, [request_id, "".join(parts)]
 
-    def charges(
-        self, subjects: Sequence[Subject], tokens: int, cost_nanos: int, at: float
-    ) -> dict[str, dict[str, tuple[int, int]]]:
-        """Per subject's `_id`, bucket key -> (amount, lifetime s): what a finished request
-        adds to the token and cost windows of the subject's policy (each subject's buckets live
-        in its own cluster slot, so each is written with that subject's usage)."""
-        out: dict[str, dict[str, tuple[int, int]]] = {}
-        now_ms = int(at * 1000)
-        for subject in subjects:
-            mine = out.setdefault(subject.identity_id, {})
-            for limit in subject.policy.limits:
-                amount = {Dimension.TOKENS: tokens, Dimension.COST: cost_nanos}.get(limit.dimension)
-                if not amount:
-                    continue
-                current, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
-                lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
-                mine[current] = (amount, lifetime)
-        return out
+    async def settle(
+        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+    ) -> None:
+        """What an answered request used replaces what it reserved, in every token and cost
+        limit of its subjects (the actual is charged where nothing was reserved, or the
+        reservation expired): durable before the client has the whole response. Each
+        subject's call is atomic in its own slot; concurrent settlements share round trips (a
+        Coalescer, as admissions do). Raises StoreUnavailable."""
+        paying = [s for s in subjects if charged(s.policy)]
+        if not paying:
+            return
+        now_ms = int(self.clock() * 1000)
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        if len(calls) == 1:
+            await self._settles(*calls[0])
+        else:
+            await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window
@@ -385,13 +390,6 @@ class Limiter:
         """What `remember` kept for a request, if anything."""
         raw = await call(self.client.get(self.keys.admission(request_id)))
         return msgspec.json.decode(raw, type=Admission) if raw else None
-
-
-class Admission(msgspec.Struct, array_like=True):
-    """A hook-mode admission of a request carrying a listed key for someone else."""
-
-    owner: str  # the key owner's external id
-    subjects: list[tuple[str, str]]  # (_id, policy name) of the subjects beyond the identity
 
 
 _admission = msgspec.json.Encoder().encode

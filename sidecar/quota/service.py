@@ -11,7 +11,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved, Source
-from sidecar.quota.decision import Decision, Subject
+from sidecar.quota.decision import Decision, Reserve, Subject
 from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.policy import Dimension, Policy, choose
@@ -92,10 +92,25 @@ class Quota:
         self.records = records
         self.identifier = identifier
         self.profiles = profiles
+        self._reserving_for: object = None
+        self._reserving = False
 
     @property
     def active(self) -> bool:
         return self.live.limited
+
+    @property
+    def reserving(self) -> bool:
+        """Whether some policy limits tokens or cost: requests then reserve at admission."""
+        policies = self.live.policies
+        if policies is not self._reserving_for:
+            self._reserving_for = policies
+            self._reserving = any(
+                limit.dimension in (Dimension.TOKENS, Dimension.COST)
+                for policy in policies
+                for limit in policy.limits
+            )
+        return self._reserving
 
     def _known_policy(self, resolved: Resolved) -> Policy | _Missing | None:
         """The policy, when what it depends on is at hand (no store read), else MISSING."""
@@ -168,7 +183,11 @@ class Quota:
         return out
 
     async def admit(
-        self, resolved: Resolved, request_id: str, known: str | None
+        self,
+        resolved: Resolved,
+        request_id: str,
+        known: str | None,
+        reserve: Reserve | None = None,
     ) -> tuple[str | None, Decision]:
         """The identity's `_id` (None when the store could not say) and the decision; `known`
         is the `_id` the caller already has (see Identifier.cached).
@@ -180,7 +199,8 @@ class Quota:
         if known is not None:
             subjects = self._known_subjects(resolved, known)
             if subjects is not None:  # the common case: one store call, the check
-                return known, await limiter.admit(subjects, request_id, _own(subjects, known))
+                own = _own(subjects, known)
+                return known, await limiter.admit(subjects, request_id, own, reserve)
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:
@@ -192,7 +212,8 @@ class Quota:
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
-        return identity_id, await limiter.admit(subjects, request_id, _own(subjects, identity_id))
+        own = _own(subjects, identity_id)
+        return identity_id, await limiter.admit(subjects, request_id, own, reserve)
 
 
 def _own(subjects: list[Subject], identity_id: str) -> Policy | None:

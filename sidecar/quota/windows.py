@@ -45,35 +45,47 @@ def used(limit: Limit, previous: int, current: int, elapsed_ms: int) -> float:
     return previous * (window - elapsed_ms) / window + current
 
 
-def _need(limit: Limit) -> int:
-    # A request needs room for itself; tokens and cost are charged afterwards, so an identity
-    # is refused only once it is at or over the limit.
-    return 1 if limit.dimension is Dimension.REQUESTS else 0
+def _need(limit: Limit, reserve: int = 0) -> int:
+    # A request needs room for itself; tokens and cost are charged afterwards, so without a
+    # reservation an identity is refused only once it is at or over the limit; with one, the
+    # reservation must fit.
+    return 1 if limit.dimension is Dimension.REQUESTS else reserve
 
 
-def admits(limit: Limit, previous: int, current: int, elapsed_ms: int) -> bool:
+def _strict(limit: Limit, reserve: int) -> bool:
+    return limit.dimension is not Dimension.REQUESTS and not reserve
+
+
+def admits(limit: Limit, previous: int, current: int, elapsed_ms: int, reserve: int = 0) -> bool:
+    """Whether the window has room for a request; `reserve`: the tokens or nano-dollars a
+    token or cost limit's request reserves (0: none, it only needs to be under the limit)."""
     count = used(limit, previous, current, elapsed_ms)
-    if limit.dimension is Dimension.REQUESTS:
-        return count + 1 <= limit.amount
-    return count < limit.amount
+    if _strict(limit, reserve):
+        return count < limit.amount
+    return count + _need(limit, reserve) <= limit.amount
 
 
-def wait_ms(limit: Limit, previous: int, current: int, elapsed_ms: int, left_ms: int) -> int:
-    """How long until the limit would admit again, counting nothing new meanwhile."""
-    if admits(limit, previous, current, elapsed_ms):
+def wait_ms(
+    limit: Limit, previous: int, current: int, elapsed_ms: int, left_ms: int, reserve: int = 0
+) -> int:
+    """How long until the limit would admit again, counting nothing new meanwhile; never
+    more than the window's length (a request that can never fit is told to wait that long)."""
+    if admits(limit, previous, current, elapsed_ms, reserve):
         return 0
     if limit.calendar is not None:
         return left_ms
     window = limit.window_s * 1000
-    room = limit.amount - _need(limit)
-    strict = limit.dimension is not Dimension.REQUESTS
+    room = limit.amount - _need(limit, reserve)
+    if room < 0:
+        return window
+    strict = _strict(limit, reserve)
     if current <= room and not (strict and current >= limit.amount) and previous > 0:
         # The previous bucket's weight falls enough before this bucket ends.
         t = left_ms - window * (room - current) / previous
-        return max(0, math.ceil(t + (1 if strict else 0)))
+        return min(window, max(0, math.ceil(t + (1 if strict else 0))))
     # Only once this bucket is the previous one, and its weight has fallen enough.
     share = 1 - room / current if current else 0.0
-    return left_ms + max(0, math.ceil(window * share + (1 if strict else 0)))
+    return min(window, left_ms + max(0, math.ceil(window * share + (1 if strict else 0))))
 
 
 def reset_ms(limit: Limit, previous: int, current: int, left_ms: int) -> int:

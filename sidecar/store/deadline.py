@@ -21,7 +21,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 # A check waits at most this many times its timeout while the store looks alive, and never
-# less than CAP_MIN_S nor more than CAP_MAX_S.
+# less than CAP_MIN_S nor more than CAP_MAX_S (but two timeouts at least).
 CAP_FACTOR = 20
 CAP_MIN_S = 0.5
 CAP_MAX_S = 2.0
@@ -71,7 +71,8 @@ class StoreDeadline:
         self._probe = probe  # asks the store for a sign of life (its answer tells `liveness`)
         self._asked = False
         self._liveness = liveness
-        self._cap = min(CAP_MAX_S, max(CAP_MIN_S, CAP_FACTOR * timeout))
+        # Never less than two periods: the one the probe gets must fit.
+        self._cap = max(2 * timeout, min(CAP_MAX_S, max(CAP_MIN_S, CAP_FACTOR * timeout)))
         self._inner = asyncio.timeout(None)
         self._handle: asyncio.TimerHandle | None = None
 

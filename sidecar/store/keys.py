@@ -42,6 +42,15 @@ class Keys:
         """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
         return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL
 
+    def reservations(self, identity_id: str) -> str:
+        # Hash: request id -> 'bucket amount ...' a token or cost limit reserved for it at
+        # admission, replaced by the actual at completion (quota/lua/settle.lua).
+        return f"{self._p}:rv:{{{identity_id}}}"
+
+    def reservations_expiry(self, identity_id: str) -> str:
+        # Sorted set: request id -> when its reservation is given back unsettled (ms).
+        return f"{self._p}:rx:{{{identity_id}}}"
+
     def leases(self, identity_id: str) -> str:
         return f"{self._p}:cc:{{{identity_id}}}"  # sorted set: request id -> lease expiry (ms)
 
@@ -75,6 +84,12 @@ class Keys:
         # one minute. In the {idx} slot, beside the external-id index the creation writes.
         digest = hashlib.sha256(creator.encode("utf-8")).hexdigest()[:32]
         return f"{self._p}:{{idx}}:new:{digest}:{minute}"
+
+    def failed_signins(self, client: str) -> str:
+        # Hash with a TTL: failed admin sign-ins from one client address in the current window
+        # (see quota.signins). Keyed by a digest: an address may hold ':' and brackets.
+        digest = hashlib.sha256(client.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"{self._p}:fa:{digest}"
 
     def ui_session(self, digest: str) -> str:
         # String with a TTL: a dashboard session is signed in (keyed by a digest of its id).

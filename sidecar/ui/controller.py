@@ -18,7 +18,8 @@ from sidecar.identity import model
 from sidecar.quota.decision import PolicyUsage
 from sidecar.quota.policy import choose
 from sidecar.quota.service import Quota
-from sidecar.tokens import bearer, token_matches
+from sidecar.quota.signins import TooManyFailedSignIns
+from sidecar.tokens import bearer
 from sidecar.ui import detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, query, redirect
@@ -61,6 +62,10 @@ def _here(request: Request[Any, Any, Any]) -> str:
     path = raw.split(b"?", 1)[0].decode("latin-1")
     qs: bytes = request.scope.get("query_string", b"")
     return path + ("?" + qs.decode("latin-1") if qs else "")
+
+
+def _peer(request: Request[Any, Any, Any]) -> str | None:
+    return request.client.host if request.client is not None else None
 
 
 def _back_to(value: str) -> str:
@@ -125,7 +130,9 @@ def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, BadForm):
         return message_page("Invalid form", str(exc), 400)
     if isinstance(exc, SidecarError):
-        return message_page(exc.type.replace("_", " ").capitalize(), exc.message, exc.status)
+        page = message_page(exc.type.replace("_", " ").capitalize(), exc.message, exc.status)
+        page.headers.update(exc.headers)  # retry-after, for one
+        return page
     if isinstance(exc, ValidationException):
         return message_page("Invalid request", str(exc.detail), 400)
     if isinstance(exc, HTTPException):
@@ -149,7 +156,9 @@ class DashboardController(Controller):
 
     async def _auth(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth | None:
         header = request.headers.get("authorization")
-        if header is not None and token_matches(bearer(header), sessions.admin_token):
+        if header is not None and await sessions.token_valid(
+            bearer(header), _peer(request), request.headers
+        ):
             return Auth(session=None, csrf=None)
         session = await sessions.check(request.cookies.get(COOKIE))
         return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
@@ -192,7 +201,15 @@ class DashboardController(Controller):
         if not same_origin(request.headers):
             raise Forbidden()
         back_to = _back_to(first(fields, "next"))
-        if not token_matches(first(fields, "token"), sessions.admin_token):
+        try:
+            valid = await sessions.token_valid(
+                first(fields, "token"), _peer(request), request.headers
+            )
+        except TooManyFailedSignIns as exc:
+            page = pages.login(error=exc.message, next_path=back_to, status=exc.status)
+            page.headers.update(exc.headers)
+            return page
+        if not valid:
             return pages.login(error="That is not the admin token.", next_path=back_to, status=401)
         value = await sessions.open()
         return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])

@@ -32,8 +32,8 @@ BY_SOURCE = {
     "api_key": "sk",
     "anonymous": "sa",
 }
-# Every counter, in the order the Lua prelude (lua_prelude) lists them.
-COUNTERS = (
+# What a request uses (or that it was refused), whoever it is for.
+USAGE = (
     REQUESTS,
     ERRORS,
     INPUT,
@@ -44,28 +44,15 @@ COUNTERS = (
     COST,
     RATE_LIMITED,
     UNPRICED,
-    *BY_SOURCE.values(),
 )
+# Every counter, in the order the Lua prelude (lua_prelude) lists them.
+COUNTERS = (*USAGE, *BY_SOURCE.values())
 
 # A key owner's own copy of what requests carrying its keys for others (end users it may
 # assert) counted, per day only (`/v2/usage?group_by=api_key_owner`): the counters above,
 # prefixed. Not in its metrics, series or rankings, which are its own requests'.
 VIA = "k"
-VIA_COUNTERS = tuple(
-    VIA + c
-    for c in (
-        REQUESTS,
-        ERRORS,
-        INPUT,
-        CACHED_INPUT,
-        CACHE_WRITE,
-        OUTPUT,
-        REASONING,
-        COST,
-        RATE_LIMITED,
-        UNPRICED,
-    )
-)
+VIA_COUNTERS = tuple(VIA + c for c in USAGE)
 _VIA = frozenset(VIA_COUNTERS)
 
 # Per identity and UTC day, usage by model (Keys.usage_models: one hash per day, kept

@@ -10,11 +10,9 @@ import pytest
 
 from sidecar.api.usage import groups, rows
 from sidecar.usage import buckets
-from tests.api.test_usage_export import chat, day, export, nanos
-from tests.conftest import FakeClock
-from tests.proxy.conftest import Env, MakeEnv, make_env
-
-__all__ = ["make_env"]
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
+from tests.support.export import chat, day, export, nanos
 
 COUNTS = (
     "requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
@@ -207,3 +205,32 @@ async def test_bad_group_by_is_a_400_naming_it(make_env: MakeEnv, group_by: str,
 def test_model_rows_sum_the_counters_the_store_keeps_per_model() -> None:
     assert rows.COUNTERS[:-1] == buckets.MODEL_COUNTERS
     assert rows.COUNTERS[-1] == buckets.RATE_LIMITED
+
+
+async def test_csv_model_names_and_metadata_values_are_never_formulas(
+    make_env: MakeEnv, clock: FakeClock
+) -> None:
+    env = await make_env()
+    r = await env.api.post(
+        "/v2/identities", json={"external_id": "mallory", "metadata": {"plan": "+1+1"}}
+    )
+    assert r.status_code == 201, r.text
+    await chat(env, "mallory", model='=HYPERLINK("http://evil.example")')
+    await chat(env, "mallory", model="@SUM(A1)")
+    await env.settle()
+
+    async def table(group_by: str) -> list[dict[str, str]]:
+        r = await env.api.get("/v2/usage", params={"group_by": group_by, "format": "csv"})
+        assert r.status_code == 200, r.text
+        return list(csv.DictReader(io.StringIO(r.text)))
+
+    models = sorted(row["model"] for row in await table("model"))
+    assert models == ['\'=HYPERLINK("http://evil.example")', "'@SUM(A1)"]
+    pairs = await table("identity,model")
+    assert sorted(row["model"] for row in pairs) == models
+    assert all(row["requests"] == "1" for row in pairs)
+    (cohort,) = await table("metadata.plan")
+    assert (cohort["value"], cohort["requests"]) == ("'+1+1", "2")
+    # JSON says what the clients sent.
+    data = (await export(env, group_by="model"))["data"]
+    assert sorted(row["model"] for row in data) == ['=HYPERLINK("http://evil.example")', "@SUM(A1)"]

@@ -9,12 +9,15 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.identity.model import Profile
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import MESSAGES, MakeSide, create, gpt_4o_nanos, tokens
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, create, gpt_4o_nanos
+from tests.support.traffic import MESSAGES, tokens
 
 
 async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
@@ -25,6 +28,21 @@ async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
     assert side.app.services.records.in_order is False
     ready = await side.api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def connections_received(port: int) -> int:
+    with redis.Redis(port=port) as node:
+        return int(node.info("stats")["total_connections_received"])
+
+
+async def test_start_up_opens_connections_to_every_master(
+    fresh_cluster: LocalCluster, make_side: MakeSide
+) -> None:
+    before = {port: connections_received(port) for port in fresh_cluster.master_ports()}
+    assert len(before) == 3
+    await make_side(fresh_cluster.url)
+    for port, count in before.items():
+        assert connections_received(port) - count >= RedisSettings().warm_connections, port
 
 
 async def test_identity_api(

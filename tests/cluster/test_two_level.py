@@ -13,7 +13,8 @@ import httpx
 
 from sidecar.identity.resolve import Resolved, Source
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import MESSAGES, MakeSide
+from tests.support.cluster import MakeSide
+from tests.support.traffic import MESSAGES
 
 KEY = "sk-cluster-tenant-key"
 OWNER = "tenant-acme"

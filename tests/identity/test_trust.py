@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
 
 KEY = "sk-tenant-key-000001"
 OTHER_KEY = "sk-unlisted-key"

@@ -11,9 +11,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, FakeClock
-from tests.proxy.conftest import Env
-from tests.proxy.test_inline import MESSAGES, client, tokens
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.env import Env
+from tests.support.traffic import MESSAGES, client, tokens
 
 COUNTS = (
     "requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
 
 KEY = "sk-acme-0123456789"
 OWNER = "tenant-acme"

@@ -11,10 +11,11 @@ import openai
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.conftest import ADMIN_TOKEN, FakeClock
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES, tokens
-from tests.ui.conftest import ARTIFACTS, INSTALL_TIMEOUT_S
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES, tokens
+from tests.support.ui import ARTIFACTS, INSTALL_TIMEOUT_S
 
 # Nothing leaves the machine: no GPU, no updates, no sync, no QUIC probing.
 ARGS = [
@@ -58,6 +59,7 @@ async def row_cell(page: Page, external_id: str, cell: str) -> str:
     return (await row.locator(f"td.{cell}").inner_text()).strip()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + 60)  # the first use may install chromium
 async def test_sign_in_create_send_traffic_and_see_it(
     chromium: str, browser: Browser, make_env: MakeEnv, tmp_path: Path, clock: FakeClock

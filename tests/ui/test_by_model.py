@@ -13,7 +13,7 @@ import pytest
 from sidecar import catalog
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
 
 TODAY = "2026-11-18"  # the fake clock's day
 

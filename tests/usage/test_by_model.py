@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 from sidecar.usage import buckets, by_model
 from sidecar.usage.counters import UsageCounters
 from sidecar.usage.spool import Entry
-from tests.conftest import FakeClock
-from tests.usage.test_recorder import KEYS, catalog, identities, recorder
+from tests.support.clock import FakeClock
+from tests.support.usage import KEYS, catalog, identities, recorder
 
 WIDTH = len(buckets.MODEL_COUNTERS)
 

@@ -14,6 +14,17 @@ from sidecar.api.usage.groups import Export
 
 _encode = msgspec.json.Encoder().encode
 
+# What a spreadsheet may read as the start of a formula (OWASP, CSV injection). A text cell
+# starting with one of them gets a `'` in front, which spreadsheets read as "text" and do not
+# show. Numeric columns stay as they are: they hold digits (a cost is never negative). Model
+# names and metadata values come from clients as much as ids and names do.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_COLUMNS = frozenset({"_id", "external_id", "display_name", "tag", "model", "value"})
+
+
+def spreadsheet_text(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
 
 async def as_json(head: rows.UsageExport, export: Export) -> AsyncIterator[bytes]:
     start = _encode(head)
@@ -31,11 +42,21 @@ def _lines(table: list[Any]) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     for row in table:
-        writer.writerow("" if v is None else v for v in row)
+        writer.writerow(row)
     return out.getvalue().encode()
 
 
 async def as_csv(export: Export) -> AsyncIterator[bytes]:
-    yield _lines([rows.header(export.row_type)])
+    header = rows.header(export.row_type)
+    text = [name in _TEXT_COLUMNS for name in header]
+    yield _lines([header])
     async for page in export.pages():
-        yield _lines([msgspec.structs.astuple(row) for row in page])
+        yield _lines(
+            [
+                [
+                    "" if v is None else spreadsheet_text(v) if is_text else v
+                    for v, is_text in zip(msgspec.structs.astuple(row), text, strict=True)
+                ]
+                for row in page
+            ]
+        )
