@@ -20,7 +20,7 @@ from sidecar.api.budgets import BudgetController
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
-from sidecar.api.usage import UsageController
+from sidecar.api.usage.controller import UsageController
 from sidecar.dispatch import Sidecar
 from sidecar.errors import StoreUnavailable
 from sidecar.proxy.upstream import Upstream
@@ -52,9 +52,9 @@ class Health(msgspec.Struct):
     policies: int = 0
     policy_reloads: int = 0
     policy_reload_errors: int = 0  # reloads refused: the last good policies stayed
-    usage_waiting: int = 0  # identity-hours in memory, not yet written
+    usage_waiting: int = 0  # identity-hour-models in memory, not yet written
     spool_bytes: int = 0  # usage on disk waiting for Redis (this process's)
-    usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
+    usage_dropped: int = 0  # identity-hour-models given up since start (memory or spool full)
     # Its restarts, when the store is the embedded one (absent with any other).
     embedded_store: StoreHealth | msgspec.UnsetType = msgspec.UNSET
 

@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
 from sidecar.api.deps import BudgetsDep, CatalogDep, UsageCountersDep
+from sidecar.api.usage import days, rows
 from sidecar.budgets import model as budget_model
 from sidecar.budgets.model import BudgetView
 from sidecar.budgets.service import Budgets
@@ -23,7 +24,8 @@ from sidecar.identity.model import (
     InvalidField,
     Metrics,
 )
-from sidecar.usage.counters import Series
+from sidecar.usage import by_model
+from sidecar.usage.counters import Series, UsageCounters
 
 PREFIX = "/v2/identities"
 MAX_REF = 255
@@ -36,6 +38,14 @@ class IdentityMetrics(msgspec.Struct):
     totals: Metrics
     series: Series
     object: Literal["identity.metrics"] = "identity.metrics"
+
+
+class IdentityModelMetrics(msgspec.Struct, kw_only=True):
+    identity: Identity
+    from_: str = msgspec.field(name="from")
+    to: str
+    data: list[rows.OneModelUsage]  # the most expensive first
+    object: Literal["identity.metrics_by_model"] = "identity.metrics_by_model"
 
 
 class IdentityList(msgspec.Struct):
@@ -91,6 +101,21 @@ async def _find(catalog: CatalogDep, ref: str, include_metrics: bool = False) ->
     if identity is None:
         raise NotFound(f"no identity with _id or external_id {ref!r}", param="id")
     return identity
+
+
+async def _by_model(
+    identity: Identity, counters: UsageCounters, first: int, last: int
+) -> IdentityModelMetrics:
+    (models,) = await counters.models([identity.id], first, last)
+    return IdentityModelMetrics(
+        identity=identity,
+        from_=days.iso(first),
+        to=days.iso(last),
+        data=[
+            rows.OneModelUsage(model=model, **rows.counts(models[model]))
+            for model in by_model.by_cost(models)
+        ],
+    )
 
 
 class IdentityController(Controller):
@@ -159,11 +184,35 @@ class IdentityController(Controller):
         include_metrics: FromQuery[bool] = False,
         include_budget: FromQuery[bool] = False,
         granularity: FromQuery[Literal["day", "hour"]] = "day",
-    ) -> Identity | IdentityMetrics | IdentityBudgets:
+        group_by: Annotated[
+            Literal["model"] | None,
+            QueryParameter(description="model: /metrics sums each model's usage over the range"),
+        ] = None,
+        from_: Annotated[
+            str | None,
+            QueryParameter(name="from", max_length=10, description="first UTC day, YYYY-MM-DD"),
+        ] = None,
+        to: Annotated[
+            str | None, QueryParameter(max_length=10, description="last UTC day, YYYY-MM-DD")
+        ] = None,
+    ) -> Identity | IdentityMetrics | IdentityBudgets | IdentityModelMetrics:
         """`/v2/identities/{id}`: the identity; `/v2/identities/{id}/metrics`: its usage over
-        time (`granularity=day`: the 30-day window; `hour`: the retained hours)."""
+        time (`granularity=day`: the 30-day window; `hour`: the retained hours), or with
+        `group_by=model` by model over UTC days `from`..`to` (default: the last 30)."""
         path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
-        if path.count(b"/") == 4 and path.endswith(b"/metrics"):
+        on_metrics = path.count(b"/") == 4 and path.endswith(b"/metrics")
+        if group_by is None or not on_metrics:
+            for value, param in ((group_by, "group_by"), (from_, "from"), (to, "to")):
+                if value is not None:
+                    raise InvalidRequest(
+                        f"{param} is for /v2/identities/{{id}}/metrics?group_by=model",
+                        param=param,
+                    )
+        if on_metrics and group_by == "model":
+            first, last = days.day_range(from_, to, catalog.clock())
+            identity = await _find(catalog, identity_ref(request, "metrics"))
+            return await _by_model(identity, usage_counters, first, last)
+        if on_metrics:
             identity = await _find(catalog, identity_ref(request, "metrics"), include_metrics=True)
             identity_totals = identity.metrics
             assert isinstance(identity_totals, Metrics)

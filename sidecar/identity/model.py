@@ -200,3 +200,22 @@ def profile(fields: _Fields) -> Profile:
 
 def has_control(value: str) -> bool:
     return _CONTROL.search(value) is not None
+
+
+def metadata_text(value: object) -> str:
+    """A metadata value as text, to group or filter by: a string as it is, anything else as
+    JSON (`true`, `3`, `null`)."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+class MetadataFilter(msgspec.Struct, frozen=True):
+    """Identities whose metadata has `key` (with `value`, as metadata_text reads it; None:
+    any value)."""
+
+    key: str
+    value: str | None = None
+
+    def matches(self, identity: Identity) -> bool:
+        if self.key not in identity.metadata:
+            return False
+        return self.value is None or metadata_text(identity.metadata[self.key]) == self.value

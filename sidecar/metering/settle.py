@@ -112,8 +112,9 @@ class Settlement:
         if meter.refresh:
             self.background.spawn(self._refresh(resolved))
         identity = meter.identity
+        name = buckets.model_name(model)
         if isinstance(identity, asyncio.Task):
-            self.background.spawn(self._when_known(identity, resolved, counters))
+            self.background.spawn(self._when_known(identity, resolved, counters, name))
             self._via_owner(resolved, counters, None, {})
             return
         decision = meter.decision
@@ -137,6 +138,7 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            model=name,
         )
         self._via_owner(resolved, counters, owner_id, {})
 
@@ -312,6 +314,7 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
+            model=buckets.model_name(usage.model or model),
         )
         if subjects and recorded.counted:  # a retried report is settled once
             try:
@@ -368,7 +371,11 @@ class Settlement:
             log.warning("profile of %s not written now: %s", resolved.external_id, exc)
 
     async def _when_known(
-        self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]
+        self,
+        identify: asyncio.Task[str],
+        resolved: Resolved,
+        counters: dict[str, int],
+        model: str,
     ) -> None:
         identity_id: str | None
         try:
@@ -383,4 +390,5 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            model=model,
         )

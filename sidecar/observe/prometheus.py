@@ -164,7 +164,7 @@ class Readings:
         )
         yield gauge(
             "sidecar_usage_waiting_entries",
-            "Usage entries (identity-hours) in memory, not yet written",
+            "Usage entries (identity, hour and model) in memory, not yet written",
             recorder.waiting,
         )
         yield gauge(

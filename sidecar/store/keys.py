@@ -37,6 +37,12 @@ class Keys:
         # 30-day sum is one HMGET. The recorder trims days past the retention.
         return f"{self._p}:u:{{{identity_id}}}:d"
 
+    def usage_models(self, identity_id: str) -> str:
+        """Prefix of the by-model day hashes: append the day (days since the epoch, UTC)."""
+        # Hash per UTC day: each model's slot and its counters (usage/buckets.py). Model
+        # names stay in fields, never in key names.
+        return f"{self._p}:u:{{{identity_id}}}:m:"
+
     def limit(self, identity_id: str, part: str) -> str:
         """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
         return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL

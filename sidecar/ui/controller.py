@@ -25,6 +25,7 @@ from sidecar.ui import budget_pages, detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, query, redirect
 from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
+from sidecar.usage import buckets
 from sidecar.usage.counters import UsageCounters
 
 log = logging.getLogger("sidecar.ui")
@@ -101,6 +102,20 @@ def _ref(request: Request[Any, Any, Any]) -> str | None:
     if not ref or len(ref) > model.MAX_ID:
         raise NotFound(f"no identity {ref[:64]!r}")
     return ref
+
+
+def _metadata_filter(key: str, value: str) -> model.MetadataFilter | None:
+    """The list's metadata filter: `meta_key` alone, identities that have the key; with
+    `meta_value`, those whose value reads so (a string as it is, else as JSON: `true`)."""
+    if not key:
+        if value:
+            raise InvalidRequest("meta_value needs a meta_key")
+        return None
+    if len(key) > model.MAX_METADATA_KEY or model.has_control(key):
+        raise InvalidRequest(f"meta_key: at most {model.MAX_METADATA_KEY} printable characters")
+    if len(value) > model.MAX_METADATA_VALUE or model.has_control(value):
+        raise InvalidRequest(f"meta_value: at most {model.MAX_METADATA_VALUE} printable characters")
+    return model.MetadataFilter(key, value or None)
 
 
 def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -224,6 +239,7 @@ class DashboardController(Controller):
         auth = await signed_in(request, sessions)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
+        meta_key, meta_value = params.get("meta_key", "").strip(), params.get("meta_value", "")
         sort = params.get("sort") or "newest"
         after, before = params.get("after") or None, params.get("before") or None
         limit_text = params.get("limit") or str(PAGE_SIZE)
@@ -236,6 +252,7 @@ class DashboardController(Controller):
         for text in (search, tag):
             if len(text) > 255 or model.has_control(text):
                 raise InvalidRequest("search and tag: at most 255 printable characters")
+        metadata = _metadata_filter(meta_key, meta_value)
         limit = int(limit_text)
         found = await catalog.page(
             limit=limit,
@@ -245,6 +262,7 @@ class DashboardController(Controller):
             tags=[tag] if tag else (),
             include_metrics=True,
             sort=SORTS[sort],
+            metadata=metadata,
         )
         ids = [identity.id for identity in found.data]
         sources = await usage_counters.last_sources(ids)
@@ -256,6 +274,8 @@ class DashboardController(Controller):
         base: dict[str, str | None] = {
             "q": search,
             "tag": tag,
+            "meta_key": meta_key,
+            "meta_value": meta_value,
             "sort": None if sort == "newest" else sort,
             "limit": None if limit == PAGE_SIZE else str(limit),
         }
@@ -266,6 +286,8 @@ class DashboardController(Controller):
             rows=rows,
             search=search,
             tag=tag,
+            meta_key=meta_key,
+            meta_value=meta_value,
             sort=sort,
             previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
             next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
@@ -291,6 +313,8 @@ class DashboardController(Controller):
         if found is None:
             raise NotFound(f"no identity with external id {ref!r}")
         usage_series = await usage_counters.series(found.id, "day")
+        first, last = buckets.window(catalog.clock())
+        model_days = await usage_counters.model_days(found.id, first, last)
         policy = choose(quota.live.policies, found.external_id, found.tags, found.metadata)
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
@@ -301,6 +325,7 @@ class DashboardController(Controller):
             usage_series,
             policy,
             usage,
+            model_days,
             budgets=budget_pages.rows(applying),
             new_budget=budget_pages.new_path("identity", found.external_id),
             csrf=auth.csrf,

@@ -39,6 +39,8 @@ class Listing(msgspec.Struct, kw_only=True):
     rows: list[Row]
     search: str
     tag: str
+    meta_key: str
+    meta_value: str
     sort: str
     previous: str | None  # hrefs of the neighbouring pages
     next: str | None

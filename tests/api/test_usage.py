@@ -2,34 +2,19 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any
 
 import httpx
 import pytest
 
-from sidecar.api import usage
+from sidecar.api.usage import groups
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
+from tests.support.export import chat, day, export, nanos
 
 COUNTS = (
     "requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
     "output_tokens", "reasoning_tokens", "unpriced_requests", "rate_limited_requests",
 )  # fmt: skip
-
-
-def day(clock: FakeClock, offset: int = 0) -> str:
-    return (datetime.fromtimestamp(clock.now, UTC) + timedelta(days=offset)).date().isoformat()
-
-
-async def chat(env: Env, who: str, *, model: str = "gpt-4o", **headers: str) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(base_url=env.url) as client:
-        r = await client.post(
-            "/v1/chat/completions", json=body, headers={"X-ORQ-IDENTITY-ID": who, **headers}
-        )
-    assert r.status_code == int(headers.get("x-mock-status", "200")), r.text
 
 
 async def traffic(env: Env, clock: FakeClock) -> None:
@@ -46,19 +31,6 @@ async def traffic(env: Env, clock: FakeClock) -> None:
     await chat(env, "bob", model="o3-mini", **{"x-mock-output-tokens": "77"})
     await chat(env, "cid", model="acme-unpriced", **{"x-mock-input-tokens": "9"})
     await env.settle()
-
-
-async def export(env: Env, **params: str) -> Any:
-    r = await env.api.get("/v2/usage", params=params)
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    return r.json()
-
-
-def nanos(cost_usd: str) -> int:
-    value = Decimal(cost_usd) * 10**9
-    assert value == value.to_integral_value() and len(cost_usd.split(".")[1]) == 9
-    return int(value)
 
 
 async def test_identity_rows_equal_each_identitys_metrics(
@@ -211,7 +183,7 @@ async def test_the_admin_token_is_required(make_env: MakeEnv) -> None:
 async def test_identities_are_read_page_by_page(
     make_env: MakeEnv, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(usage, "PAGE", 2)
+    monkeypatch.setattr(groups, "PAGE", 2)
     env = await make_env()
     names = [f"u{n}" for n in range(7)]
     for name in names:

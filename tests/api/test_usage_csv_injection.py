@@ -11,7 +11,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from sidecar.api.usage import spreadsheet_text
+from sidecar.api.usage.stream import spreadsheet_text
 from tests.support.env import Env, MakeEnv
 
 # external id -> (display name, tags)

@@ -167,6 +167,15 @@ async def test_inline_attribution_with_the_openai_client(
             assert (metrics["total_requests"], metrics["error_rate"]) == (want["requests"], 0.0)
     listed = (await side.api.get("/v2/identities", params={"filter_by.tags": "cluster"})).json()
     assert sorted(i["external_id"] for i in listed["data"]) == ["team-0", "team-1", "team-2"]
+    # By model: written in the identity's slot with its counters, summed there by one script.
+    r = await side.api.get("/v2/usage", params={"group_by": "model"})
+    assert [(m["model"], m["identities"], m["requests"]) for m in r.json()["data"]] == [
+        ("gpt-4o", 4, 11)
+    ]
+    r = await side.api.get("/v2/identities/streamer/metrics", params={"group_by": "model"})
+    assert [
+        (m["model"], m["requests"], m["errors"], m["input_tokens"]) for m in r.json()["data"]
+    ] == [("gpt-4o", 2, 1, 300)]
 
 
 async def test_50_concurrent_upserts_of_one_new_external_id_leave_one_identity(
@@ -298,3 +307,9 @@ async def test_daily_and_hourly_series(
     assert len(hours) == 72
     assert hours[-1]["start"] == "2026-11-19T11:00:00Z" and hours[-1]["requests"] == 1
     assert hours[-25]["requests"] == 2 and sum(p["requests"] for p in hours) == 3
+
+    # Erasure takes every bucket, the two days by model included, from the identity's slot.
+    charted = (await side.api.get("/v2/identities/charted")).json()["_id"]
+    assert len([k for k in fresh_cluster.keys("sidecar:*") if charted in k and ":m:" in k]) == 2
+    assert (await side.api.delete("/v2/identities/charted")).status_code == 204
+    assert not [k for k in fresh_cluster.keys("sidecar:*") if charted in k]

@@ -143,6 +143,10 @@ async def test_sign_in_create_send_traffic_and_see_it(
     assert await page.inner_text("#metric-requests b") == "3"
     assert await day_value(page, "chart-tokens") == 6600  # 1000 + 2000 + 3000 in, 600 out
     assert await day_value(page, "chart-cost") > 0
+    assert await day_value(page, "chart-models") == await day_value(page, "chart-cost")
+    model_rows = page.locator("#models tr.model")
+    assert await model_rows.count() == 1
+    assert await model_rows.first.get_attribute("data-model") == "gpt-4o-mini"
     used = await page.inner_text('tr[data-limit="100/minute"] td.used')
     assert used == "3"
     await shot(page, "04-identity-after-traffic")
@@ -156,7 +160,7 @@ async def test_sign_in_create_send_traffic_and_see_it(
     assert await names.all_inner_texts() == ["Big Spender", "End To End"]  # newest first
     await page.select_option("select[name=sort]", "requests")
     await page.click("form.toolbar button[type=submit]")
-    assert page.url.endswith("/ui?q=&tag=&sort=requests")
+    assert page.url.endswith("/ui?q=&tag=&meta_key=&meta_value=&sort=requests")
     assert await names.all_inner_texts() == ["End To End", "Big Spender"]
     await page.select_option("select[name=sort]", "cost")
     await page.click("form.toolbar button[type=submit]")
