@@ -16,10 +16,11 @@ from litestar.response import Response
 
 from sidecar import __version__
 from sidecar.api.auth import AdminGuard, HookGuard
+from sidecar.api.budgets import BudgetController
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
-from sidecar.api.usage import UsageController
+from sidecar.api.usage.controller import UsageController
 from sidecar.dispatch import Sidecar
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.indexer import IndexStatus
@@ -29,6 +30,7 @@ from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.embedded import EmbeddedRedis, StoreHealth
 from sidecar.store.errors import call
+from sidecar.ui.budgets import BudgetPages
 from sidecar.ui.controller import DashboardController
 from sidecar.ui.templating import template_config
 
@@ -51,9 +53,9 @@ class Health(msgspec.Struct):
     policies: int = 0
     policy_reloads: int = 0
     policy_reload_errors: int = 0  # reloads refused: the last good policies stayed
-    usage_waiting: int = 0  # identity-hours in memory, not yet written
+    usage_waiting: int = 0  # identity-hour-models in memory, not yet written
     spool_bytes: int = 0  # usage on disk waiting for Redis (this process's)
-    usage_dropped: int = 0  # identity-hours given up since start (memory or spool full)
+    usage_dropped: int = 0  # identity-hour-models given up since start (memory or spool full)
     # Its restarts, when the store is the embedded one (absent with any other).
     embedded_store: StoreHealth | msgspec.UnsetType = msgspec.UNSET
     # The search index as this process last checked it (once a minute); absent before that.
@@ -131,17 +133,20 @@ def create_app(
         "sessions": _provide(services.sessions),
         "settlement": _provide(services.settlement),
         "authorizer": _provide(services.authorizer),
+        "budgets": _provide(services.budgets),
     }
     admin = Router(
-        "/", route_handlers=[IdentityController, UsageController], guards=[AdminGuard(admin_token)]
+        "/",
+        route_handlers=[IdentityController, UsageController, BudgetController],
+        guards=[AdminGuard(admin_token, services.signins)],
     )
     hooks = Router(
         "/",
         route_handlers=[HookController],
-        guards=[HookGuard(settings.admin.hook_token or admin_token)],
+        guards=[HookGuard(settings.admin.hook_token or admin_token, services.signins)],
     )
     api = Litestar(
-        route_handlers=[admin, hooks, DashboardController, healthz, readyz],
+        route_handlers=[admin, hooks, DashboardController, BudgetPages, healthz, readyz],
         dependencies=dependencies,
         exception_handlers={Exception: handle_exception},
         lifespan=[lifespan],

@@ -11,7 +11,7 @@ import msgspec
 
 from sidecar import money
 from sidecar.identity.listing import Listing, bound_after
-from sidecar.identity.model import Identity, Metrics, Profile
+from sidecar.identity.model import Identity, MetadataFilter, Metrics, Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
@@ -24,6 +24,7 @@ Clock = Callable[[], float]
 
 SORTS = ("created", "cost", "requests", "error_rate")
 _RANK_CHUNK = 500  # ranked ids looked at per round trip when filters drop some
+_META_CHUNK = 500  # ids whose records a metadata filter reads per round trip
 
 
 class Page(msgspec.Struct):
@@ -125,14 +126,21 @@ class Catalog:
         tags: Sequence[str] = (),
         include_metrics: bool = False,
         sort: str = "created",
+        metadata: MetadataFilter | None = None,
     ) -> Page:
-        """A page of the list: newest first, or by a 30-day ranking (`sort`, see SORTS)."""
+        """A page of the list: newest first, or by a 30-day ranking (`sort`, see SORTS).
+        `metadata`: only identities it matches (a scan: their records are read in chunks
+        until the page is full)."""
         cursor = starting_after or ending_before
         if cursor is not None:
             param = "starting_after" if starting_after else "ending_before"
             await self.listing.check_cursor(cursor, param)
         needle = (search or "").lower()
-        if sort == "created":
+        if sort == "created" and metadata is not None:
+            ids, has_more = await self._filtered(
+                limit, cursor, ending_before is None, needle, list(tags), metadata
+            )
+        elif sort == "created":
             ids, has_more = await self.listing.page(
                 limit=limit,
                 starting_after=starting_after,
@@ -142,12 +150,47 @@ class Catalog:
             )
         else:
             ids, has_more = await self._ranked(
-                sort, limit, cursor, ending_before is None, needle, list(tags)
+                sort, limit, cursor, ending_before is None, needle, list(tags), metadata
             )
         return Page(data=await self.identities(ids, include_metrics), has_more=has_more)
 
+    async def _kept(self, ids: list[str], metadata: MetadataFilter | None) -> list[str]:
+        """The ids, in order, whose records `metadata` matches (all of them without one)."""
+        if metadata is None or not ids:
+            return ids
+        return [i.id for i in await self.records.many(ids) if metadata.matches(i)]
+
+    async def _filtered(
+        self,
+        limit: int,
+        cursor: str | None,
+        newest_first: bool,
+        needle: str,
+        tags: list[str],
+        metadata: MetadataFilter,
+    ) -> tuple[list[str], bool]:
+        """Ids of one page in creation order that the metadata filter keeps."""
+        bound = bound_after(cursor, newest_first) if cursor else ("+" if newest_first else "-")
+        want = limit + 1
+        found: list[str] = []
+        while len(found) < want:
+            ids = await self.listing.walk(bound, newest_first, needle, tags, _META_CHUNK)
+            found += (await self._kept(ids, metadata))[: want - len(found)]
+            if len(ids) < _META_CHUNK:
+                break
+            bound = bound_after(ids[-1], newest_first)
+        page = found[:limit]
+        return (page if newest_first else page[::-1]), len(found) > limit
+
     async def _ranked(
-        self, sort: str, limit: int, cursor: str | None, forward: bool, needle: str, tags: list[str]
+        self,
+        sort: str,
+        limit: int,
+        cursor: str | None,
+        forward: bool,
+        needle: str,
+        tags: list[str],
+        metadata: MetadataFilter | None = None,
     ) -> tuple[list[str], bool]:
         """Ids of one page of the ranked listing: the ranking (highest first), then every
         identity it leaves out, newest first. A cursor is an `_id`; its place in the ranking
@@ -159,22 +202,22 @@ class Catalog:
         if forward:
             if cursor is None or rank is not None:
                 start = 0 if rank is None else rank + 1
-                if await self._walk_ranking(key, start, None, needle, tags, want, found):
+                if await self._walk_ranking(key, start, None, needle, tags, want, found, metadata):
                     return found[:limit], True
                 bound = "+"
             else:
                 bound = bound_after(cursor, True)
-            await self._walk_rest(key, bound, True, needle, tags, want, found)
+            await self._walk_rest(key, bound, True, needle, tags, want, found, metadata)
             return found[:limit], len(found) > limit
         if rank is None:
             assert cursor is not None
             bound = bound_after(cursor, False)
-            if await self._walk_rest(key, bound, False, needle, tags, want, found):
+            if await self._walk_rest(key, bound, False, needle, tags, want, found, metadata):
                 return found[:limit][::-1], True
             end = await self.rankings.size(key)
         else:
             end = rank
-        await self._walk_ranking(key, None, end, needle, tags, want, found)
+        await self._walk_ranking(key, None, end, needle, tags, want, found, metadata)
         return found[:limit][::-1], len(found) > limit
 
     async def _walk_ranking(
@@ -186,10 +229,11 @@ class Catalog:
         tags: list[str],
         want: int,
         found: list[str],
+        metadata: MetadataFilter | None = None,
     ) -> bool:
         """Add to `found` the ranked ids that match, from `start` on (or backwards from `end`,
         exclusive) until it holds `want`; True when it does."""
-        step = want if not (needle or tags) else max(want, _RANK_CHUNK)
+        step = want if not (needle or tags or metadata) else max(want, _RANK_CHUNK)
         while len(found) < want:
             if end is None:
                 assert start is not None
@@ -201,7 +245,8 @@ class Catalog:
                 first = max(0, end - step)
                 ids = (await self.rankings.span(key, first, end - 1))[::-1]
                 end = first
-            found += (await self.listing.listed(ids, needle, tags))[: want - len(found)]
+            listed = await self._kept(await self.listing.listed(ids, needle, tags), metadata)
+            found += listed[: want - len(found)]
             if end is None and len(ids) < step:
                 break
         return len(found) >= want
@@ -215,15 +260,17 @@ class Catalog:
         tags: list[str],
         want: int,
         found: list[str],
+        metadata: MetadataFilter | None = None,
     ) -> bool:
         """Add to `found` the identities the ranking leaves out, from `bound` in creation
         order, until it holds `want`; True when it does."""
         while len(found) < want:
-            n = want - len(found)
+            n = want - len(found) if metadata is None else _META_CHUNK
             ids = await self.listing.walk(bound, newest_first, needle, tags, n)
             if not ids:
                 break
-            found += await self.rankings.unranked(key, ids)
+            unranked = await self._kept(await self.rankings.unranked(key, ids), metadata)
+            found += unranked[: want - len(found)]
             if len(ids) < n:
                 break
             bound = bound_after(ids[-1], newest_first)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 access = logging.getLogger("sidecar.access")
 
 # Paths the sidecar answers itself; everything else is forwarded upstream.
-OWNED_PREFIXES = ("/v2/identities", "/v2/usage", "/hooks/", "/schema", "/ui")
+OWNED_PREFIXES = ("/v2/identities", "/v2/usage", "/v2/budgets", "/hooks/", "/schema", "/ui")
 OWNED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 AUTHORIZE = "/hooks/authorize"
 AUTHORIZE_PREFIX = AUTHORIZE + "/"  # Envoy's ext_authz appends the original path

@@ -32,6 +32,7 @@ TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     502: "api_error",
     503: "service_unavailable_error",
@@ -127,6 +128,13 @@ class TooManyRequests(SidecarError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
+
+
+class IdentityCreationLimited(TooManyRequests):
+    """A key owner (or a client address without a listed key) made `[identity]
+    max_new_per_minute` identities in the last minute."""
+
+    code = "identity_creation_limited"
 
 
 class BadGateway(SidecarError):

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 from ulid import ULID
 
+from sidecar import __version__
+from sidecar.budgets.alerts import AlertScanner
+from sidecar.budgets.notify import AlertSender
+from sidecar.budgets.outbox import Outbox
+from sidecar.budgets.service import Budgets
+from sidecar.budgets.store import BudgetStore
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
@@ -24,6 +30,7 @@ from sidecar.metering.authorize import Authorizer
 from sidecar.metering.settle import Settlement
 from sidecar.observe.counters import Counters
 from sidecar.observe.prometheus import Exposition, Readings
+from sidecar.observe.tracing import Tracer
 from sidecar.proxy.authorize import RawAuthorize
 from sidecar.proxy.inline import InlineProxy
 from sidecar.proxy.upstream import Upstream
@@ -31,8 +38,9 @@ from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
 from sidecar.quota.service import Quota
+from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
-from sidecar.store.connect import RedisClient
+from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
 from sidecar.tasks import Background
@@ -67,28 +75,50 @@ class Services:
     usage_counters: UsageCounters
     recorder: Recorder
     limiter: Limiter
+    budgets: Budgets
+    alert_scanner: AlertScanner
+    alert_sender: AlertSender
     quota: Quota
     settlement: Settlement
     authorizer: Authorizer
+    signins: FailedSignIns
     sessions: Sessions
     upstream: Upstream
     background: Background
     proxy: InlineProxy
     raw_authorize: RawAuthorize
     exposition: Exposition | None
+    tracer: Tracer | None  # None: [telemetry] enabled = false
     scripts: tuple[Script, ...]
     loops: list[asyncio.Task[None]]  # run from open() to close()
 
     async def open(self) -> None:
-        """Open the I/O: the upstream client, the store's scripts, the background loops."""
+        """Open the I/O: the upstream client, the store's connections and scripts, the
+        background loops. It runs before the server listens, so the first requests find the
+        connections open and the scripts loaded."""
         await self.upstream.open()
+        if self.tracer is not None:
+            await self.tracer.open()
         try:
-            for script in self.scripts:
-                await script.load(self.redis)
+            opened = await warm(self.redis, self.settings.redis.warm_connections)
+            await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
         except StoreUnavailable as exc:
-            log.warning("store not reachable at start-up (%s); scripts load on first use", exc)
+            log.warning(
+                "store not reachable at start-up (%s); connections open and scripts load on "
+                "first use",
+                exc,
+            )
+        else:
+            log.debug("store: %d connections open, %d scripts loaded", opened, len(self.scripts))
+        with contextlib.suppress(StoreUnavailable):  # else the watch loads them when it can
+            await self.budgets.refresh()
         self.loops.append(asyncio.create_task(self.live.watch()))
         self.loops.append(asyncio.create_task(self.search_index.keep()))
+        self.loops.append(asyncio.create_task(self.budgets.watch()))
+        if self.settings.notifiers:
+            await self.alert_sender.open()
+            self.loops.append(asyncio.create_task(self.alert_scanner.run()))
+            self.loops.append(asyncio.create_task(self.alert_sender.run()))
         self.recorder.start()  # replays what earlier processes left in the spool
 
     async def close(self) -> None:
@@ -99,8 +129,11 @@ class Services:
         # process with this data dir.
         await self.recorder.close(grace_s=SHUTDOWN_USAGE_S)
         await self.upstream.close()
+        if self.tracer is not None:  # the spans of the requests just settled go out
+            await self.tracer.close()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.loops, return_exceptions=True)
+        await self.alert_sender.close()  # gives its lease back: another process sends at once
 
 
 def build(
@@ -114,12 +147,19 @@ def build(
     keys = Keys(settings.redis.key_prefix)
     counters = Counters() if settings.server.metrics else None
     live = LiveConfig(settings)
-    profiles = PolicyProfiles(live, clock)
+    budget_store = BudgetStore(redis, keys, clock)
+    outbox = Outbox(redis, keys, clock)
+    budgets = Budgets(budget_store, outbox, clock)
+    alert_sender = AlertSender(outbox, settings.notifiers, clock)
+    alert_scanner = AlertScanner(
+        budgets, budget_store, outbox, alert_sender, settings.notifiers, clock
+    )
+    profiles = PolicyProfiles(live, clock, budgets)
 
-    records = IdentityRecords(redis, keys, clock)
+    records = IdentityRecords(redis, keys, clock, settings.identity.max_new_per_minute)
     listing = Listing(redis, keys)
     search_index = IndexBuilder(redis, keys)
-    identifier = Identifier(records, profiles, clock)
+    identifier = Identifier(records, profiles, clock, counters)
 
     usage_counters = UsageCounters(redis, keys, clock)
     rankings = Rankings(redis, keys, clock)
@@ -142,17 +182,39 @@ def build(
         clock=clock,
         counters=counters,
     )
-    quota = Quota(live, limiter, records, identifier, profiles)
-    attribution = Attribution(settings.identity, live, Pricer(settings.pricing.models), clock)
+    quota = Quota(live, limiter, records, identifier, profiles, budgets)
+    attribution = Attribution(
+        settings.identity,
+        live,
+        Pricer(settings.pricing.models),
+        clock,
+        settings.limits.default_output_reserve,
+    )
     background = Background()
-    settlement = Settlement(attribution, identifier, quota, recorder, background, counters)
+    tracer = _tracer(settings)
+    settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
     authorizer = Authorizer(attribution, identifier, quota, settlement)
-    proxy = InlineProxy(settings, upstream, attribution, identifier, quota, settlement, counters)
+    proxy = InlineProxy(
+        settings, upstream, attribution, identifier, quota, settlement, counters, tracer
+    )
+    signins = FailedSignIns(
+        redis,
+        keys,
+        per_minute=settings.admin.failed_auth_per_minute,
+        networks=attribution.networks,
+        clock=clock,
+        timeout_s=settings.redis.timeout_ms / 1000,
+    )
     raw_authorize = RawAuthorize(
-        authorizer, settings.admin.hook_token or admin_token, settings.server.body_timeout_s
+        authorizer,
+        settings.admin.hook_token or admin_token,
+        signins,
+        settings.server.body_timeout_s,
     )
     exposition = (
-        Exposition(counters, Readings(limiter, recorder, live)) if counters is not None else None
+        Exposition(counters, Readings(limiter, recorder, live, tracer))
+        if counters is not None
+        else None
     )
     scripts = (
         *records.scripts,
@@ -160,7 +222,10 @@ def build(
         *search_index.scripts,
         *usage_counters.scripts,
         writer.script,
-        limiter.script,
+        *limiter.scripts,
+        signins.script,
+        *budget_store.scripts,
+        *outbox.scripts,
     )
     return Services(
         settings=settings,
@@ -175,15 +240,40 @@ def build(
         usage_counters=usage_counters,
         recorder=recorder,
         limiter=limiter,
+        budgets=budgets,
+        alert_scanner=alert_scanner,
+        alert_sender=alert_sender,
         quota=quota,
         settlement=settlement,
         authorizer=authorizer,
-        sessions=Sessions(redis, keys, admin_token),
+        signins=signins,
+        sessions=Sessions(redis, keys, admin_token, signins),
         upstream=upstream,
         background=background,
         proxy=proxy,
         raw_authorize=raw_authorize,
         exposition=exposition,
+        tracer=tracer,
         scripts=scripts,
         loops=[],
     )
+
+
+def _tracer(settings: Settings) -> Tracer | None:
+    telemetry = settings.telemetry
+    if not telemetry.enabled:
+        return None
+    # The `otel` extra, imported only when asked for (the settings checked it is installed).
+    from sidecar.observe.otel import OtelTracer
+    from sidecar.observe.otel_export import Config
+
+    exporter = Config(
+        endpoint=telemetry.endpoint,
+        headers=telemetry.headers,
+        service_name=telemetry.service_name,
+        service_version=__version__,
+        timeout_s=telemetry.timeout_s,
+        log_format=settings.server.log_format,
+        log_level=settings.server.log_level,
+    )
+    return OtelTracer(exporter, telemetry.sample_ratio)

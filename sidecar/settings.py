@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from sidecar._msgspec import describe
+from sidecar.observe import tracing
 from sidecar.usage.pricing import ModelPrice
 
 DEFAULT_CONFIG = "config.toml"
@@ -47,6 +48,9 @@ class RedisSettings(_Section):
     key_prefix: str = "sidecar"
     timeout_ms: int = 50
     on_error: Literal["allow", "deny"] = "allow"
+    # Opened at start-up, before the server listens (per master of a cluster), so that a first
+    # burst of up to this many concurrent requests opens none under load.
+    warm_connections: int = 64
 
 
 class AdminSettings(_Section):
@@ -84,12 +88,35 @@ class ApiKeyOwner(_Section):
     may_assert: list[str] = msgspec.field(default_factory=list)  # globs of external ids
 
 
+class NotifierSettings(_Section):
+    """Where budget alerts go (docs/budgets.md#notifiers)."""
+
+    name: str
+    url: str
+    secret: str | None = None  # signs each body: x-sidecar-signature, hex HMAC-SHA256
+    format: Literal["json", "slack"] = "json"
+
+
 class PoliciesSettings(_Section):
     paths: list[str] = msgspec.field(default_factory=list)
 
 
+class LimitsSettings(_Section):
+    # Output tokens reserved for a request that names no cap of its own (see usage/estimate.py).
+    default_output_reserve: int = 1024
+
+
 class PricingSettings(_Section):
     models: dict[str, ModelPrice] = msgspec.field(default_factory=dict)
+
+
+class TelemetrySettings(_Section):
+    enabled: bool = False  # needs the `otel` extra
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP/HTTP (protobuf) traces URL
+    service_name: str = "llm-sidecar"
+    headers: dict[str, str] = msgspec.field(default_factory=dict)  # sent with every export
+    sample_ratio: float = 1.0  # of traces the sidecar starts; a caller's sampled flag wins
+    timeout_s: float = 10.0  # one export, retries included
 
 
 class Settings(_Section):
@@ -100,8 +127,11 @@ class Settings(_Section):
     metering: MeteringSettings = msgspec.field(default_factory=MeteringSettings)
     identity: IdentitySettings = msgspec.field(default_factory=IdentitySettings)
     api_keys: list[ApiKeyOwner] = msgspec.field(default_factory=list)
+    notifiers: list[NotifierSettings] = msgspec.field(default_factory=list)
     policies: PoliciesSettings = msgspec.field(default_factory=PoliciesSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     pricing: PricingSettings = msgspec.field(default_factory=PricingSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     # Where the config came from; relative paths in it resolve against this folder.
     base_dir: str = "."
     source: str = "<defaults>"
@@ -125,7 +155,9 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     "metering": MeteringSettings,
     "identity": IdentitySettings,
     "policies": PoliciesSettings,
+    "limits": LimitsSettings,
     "pricing": PricingSettings,
+    "telemetry": TelemetrySettings,
 }
 
 _ENV: dict[str, tuple[str, str, type]] = {
@@ -137,9 +169,14 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "SIDECAR_DATA_DIR": ("server", "data_dir", str),
     # Comma-separated CIDRs: how a container image says whose identity claims it accepts.
     "SIDECAR_TRUSTED_NETWORKS": ("identity", "trusted_networks", list),
+    "SIDECAR_TRUST": ("identity", "trust", str),
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Arrays of tables, each item checked as the struct: [[api_keys]], [[notifiers]].
+_TABLES: dict[str, type[msgspec.Struct]] = {"api_keys": ApiKeyOwner, "notifiers": NotifierSettings}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header name (RFC 9110 5.6.2)
 
 
 def resolve_path(base_dir: str, path: str) -> Path:
@@ -186,6 +223,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("redis.key_prefix: 1-64 of letters, digits, '_', '-', '.'")
     if not 1 <= s.redis.timeout_ms <= 60_000:
         problems.append("redis.timeout_ms: must be 1-60000")
+    if not 0 <= s.redis.warm_connections <= 512:
+        problems.append("redis.warm_connections: must be 0-512")
     for name, token in (("admin.token", s.admin.token), ("admin.hook_token", s.admin.hook_token)):
         if token is not None and len(token) < 16:
             problems.append(f"{name}: must be at least 16 characters")
@@ -204,6 +243,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("admin.failed_auth_per_minute: must be 1-1000000")
     if not 1 <= s.identity.max_new_per_minute <= 100_000_000:
         problems.append("identity.max_new_per_minute: must be 1-100000000")
+    if not 0 <= s.limits.default_output_reserve <= 10_000_000:
+        problems.append("limits.default_output_reserve: must be 0-10000000")
     for i, cidr in enumerate(s.identity.trusted_networks):
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -221,11 +262,46 @@ def _check_values(s: Settings) -> list[str]:
         for j, glob in enumerate(key.may_assert):
             if not glob.strip() or len(glob) > 255:
                 problems.append(f"api_keys[{i}].may_assert[{j}]: must be 1-255 characters")
+    names: set[str] = set()
+    for i, notifier in enumerate(s.notifiers):
+        if not _NAME.fullmatch(notifier.name):
+            problems.append(f"notifiers[{i}].name: 1-64 of letters, digits, '_', '-', '.'")
+        elif notifier.name in names:
+            problems.append(f"notifiers[{i}].name: {notifier.name!r} is listed twice")
+        names.add(notifier.name)
+        if not re.fullmatch(r"https?://[^/\s]+\S*", notifier.url) or len(notifier.url) > 2048:
+            problems.append(f"notifiers[{i}].url: must be an http:// or https:// URL")
+        if notifier.secret is not None and len(notifier.secret) < 16:
+            problems.append(f"notifiers[{i}].secret: must be at least 16 characters")
+    problems += _check_telemetry(s.telemetry)
     for model, price in s.pricing.models.items():
         for field in msgspec.structs.fields(price):
             value = getattr(price, field.name)
             if value is not None and value < 0:
                 problems.append(f"pricing.models.{model}.{field.name}: must not be negative")
+    return problems
+
+
+def _check_telemetry(t: TelemetrySettings) -> list[str]:
+    problems = []
+    if not re.match(r"https?://[^/]+", t.endpoint):
+        problems.append("telemetry.endpoint: must be an http:// or https:// URL")
+    if not t.service_name.strip() or len(t.service_name) > 255:
+        problems.append("telemetry.service_name: must be 1-255 characters")
+    for name, value in t.headers.items():
+        if not _TOKEN.fullmatch(name):
+            problems.append(f"telemetry.headers: {name!r} is not an HTTP header name")
+        elif not (value.isascii() and value.isprintable()):
+            problems.append(f"telemetry.headers.{name}: must be printable ASCII on one line")
+    if not 0 <= t.sample_ratio <= 1:
+        problems.append("telemetry.sample_ratio: must be between 0 and 1")
+    if not 0.1 <= t.timeout_s <= 300:
+        problems.append("telemetry.timeout_s: must be between 0.1 and 300")
+    if t.enabled and (missing := tracing.missing_extra()) is not None:
+        problems.append(
+            "telemetry.enabled: needs the `otel` extra, which is not installed (pip install "
+            f"'llm-identity-sidecar[otel]'): no module {missing}"
+        )
     return problems
 
 
@@ -249,17 +325,18 @@ def parse(raw: Mapping[str, Any], *, base_dir: str = ".") -> Settings:
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for key, value in raw.items():
-        if key == "api_keys":
+        if key in _TABLES:
+            struct = _TABLES[key]
             if not isinstance(value, list):
-                problems.append("api_keys: expected an array of tables ([[api_keys]])")
+                problems.append(f"{key}: expected an array of tables ([[{key}]])")
                 continue
             items = []
             for i, item in enumerate(value):
-                problems += _unknown_keys(f"api_keys[{i}]", item, ApiKeyOwner)
+                problems += _unknown_keys(f"{key}[{i}]", item, struct)
                 try:
-                    items.append(msgspec.convert(item, ApiKeyOwner))
+                    items.append(msgspec.convert(item, struct))
                 except msgspec.ValidationError as exc:
-                    problems.append(_where(f"api_keys[{i}]", exc))
+                    problems.append(_where(f"{key}[{i}]", exc))
             sections[key] = items
         elif key in _SECTIONS:
             problems += _unknown_keys(key, value, _SECTIONS[key])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,12 @@ on_error = "maybe"
 """,
     )
     assert problems(path) == [f"{path}: redis.on_error: invalid enum value 'maybe'"]
-    path = write(tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\n')
+    path = write(
+        tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\nwarm_connections = 513\n'
+    )
     found = problems(path)
     assert f"{path}: server.port: must be 0-65535" in found
+    assert f"{path}: redis.warm_connections: must be 0-512" in found
     assert any(p.startswith(f"{path}: redis.url: scheme must be one of") for p in found)
 
 
@@ -142,3 +146,87 @@ def test_api_key_digest_must_be_sha256() -> None:
     with pytest.raises(ConfigError) as info:
         parse({"api_keys": [{"sha256": "secret-key", "owner": "u"}]})
     assert info.value.problems == ["api_keys[0].sha256: must be 64 lowercase hex digits"]
+
+
+def test_notifiers_are_read_and_checked(tmp_path: Path) -> None:
+    good = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "https://hooks.example.com/b"\n'
+        'secret = "0123456789abcdef"\n\n'
+        '[[notifiers]]\nname = "slack"\nurl = "http://127.0.0.1:9/x"\nformat = "slack"\n',
+    )
+    ops, slack = load(good, env={}).notifiers
+    assert (ops.name, ops.format, ops.secret) == ("ops", "json", "0123456789abcdef")
+    assert (slack.format, slack.secret) == ("slack", None)
+    bad = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "ftp://x"\nsecret = "short"\n\n'
+        '[[notifiers]]\nname = "ops"\nurl = "https://x"\nformat = "teams"\n\n'
+        '[[notifiers]]\nname = "a b"\nurl = "https://x"\ncolour = 1\n\n'
+        '[[notifiers]]\nurl = "https://x"\n',
+    )
+    found = problems(bad)
+    assert all(p.startswith(f"{bad}: notifiers[") for p in found), found
+    assert {p.split(": ", 2)[1] for p in found} == {
+        "notifiers[1].format",
+        "notifiers[2].colour",
+        "notifiers[3].name",
+    }  # types and unknown keys first; the values are checked once those are right
+    fixed = write(
+        tmp_path,
+        '[[notifiers]]\nname = "ops"\nurl = "ftp://x"\nsecret = "short"\n\n'
+        '[[notifiers]]\nname = "ops"\nurl = "https://x"\n\n'
+        '[[notifiers]]\nname = "a b"\nurl = "https://x"\n',
+    )
+    assert [p.split(": ", 2)[1] for p in problems(fixed)] == [
+        "notifiers[0].url",
+        "notifiers[0].secret",
+        "notifiers[1].name",
+        "notifiers[2].name",
+    ]
+    scalar = write(tmp_path, "notifiers = 1\n")
+    assert problems(scalar) == [f"{scalar}: notifiers: expected an array of tables ([[notifiers]])"]
+
+
+def test_telemetry_settings(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[telemetry]\nenabled = true\nendpoint = "https://otel.example.com/v1/traces"\n'
+        'headers = { authorization = "Bearer abc", "x-scope-orgid" = "t1" }\nsample_ratio = 0.25\n',
+    )
+    telemetry = load(path, env={}).telemetry
+    assert telemetry.enabled and telemetry.sample_ratio == 0.25
+    assert telemetry.headers == {"authorization": "Bearer abc", "x-scope-orgid": "t1"}
+    assert telemetry.service_name == "llm-sidecar"
+    assert load(write(tmp_path, ""), env={}).telemetry.enabled is False
+    text = (
+        '[telemetry]\nendpoint = "collector:4318"\nservice_name = " "\nsample_ratio = 1.5\n'
+        'timeout_s = 0\nheaders = { "bad name" = "x", ok = "two\\nlines" }\n'
+    )
+    bad = write(tmp_path, text + "port = 1\n")
+    assert problems(bad) == [f"{bad}: telemetry.port: unknown key"]
+    bad = write(tmp_path, text)
+    assert problems(bad) == [
+        f"{bad}: telemetry.endpoint: must be an http:// or https:// URL",
+        f"{bad}: telemetry.service_name: must be 1-255 characters",
+        f"{bad}: telemetry.headers: 'bad name' is not an HTTP header name",
+        f"{bad}: telemetry.headers.ok: must be printable ASCII on one line",
+        f"{bad}: telemetry.sample_ratio: must be between 0 and 1",
+        f"{bad}: telemetry.timeout_s: must be between 0.1 and 300",
+    ]
+
+
+@pytest.mark.parametrize(
+    "module", ["opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"]
+)
+def test_telemetry_without_the_otel_extra_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import fails
+    with pytest.raises(ConfigError) as info:
+        parse({"telemetry": {"enabled": True}})
+    assert info.value.problems == [
+        "telemetry.enabled: needs the `otel` extra, which is not installed (pip install "
+        f"'llm-identity-sidecar[otel]'): no module {module}"
+    ]
+    assert parse({"telemetry": {"enabled": False}}).telemetry.enabled is False

@@ -52,7 +52,12 @@ class Proc:
     """A child in its own session (so its whole process group can be stopped), output to a file."""
 
     def __init__(
-        self, name: str, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -65,7 +70,7 @@ class Proc:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else clean_env(),
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,
             )
         except BaseException:
@@ -223,8 +228,16 @@ class Launcher:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
-        proc = Proc(name, args, self.workdir / f"{name}.log", env)
+    def start(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+    ) -> Proc:
+        """`cwd` is where it runs, and so which checkout's `sidecar` package a
+        `python -c` child imports."""
+        proc = Proc(name, args, self.workdir / f"{name}.log", env, cwd)
         self.stack.callback(proc.stop)
         self.procs[name] = proc
         return proc
@@ -285,6 +298,15 @@ class Launcher:
                 found.append(hop)
         return found
 
+    def otlp(self, name: str = "otlp") -> int:
+        """An OTLP/HTTP traces receiver (sidecar.testing.otlp) counting what it is sent; its
+        port (`GET /stats` answers the counts)."""
+        port = free_port()
+        args = [sys.executable, "-m", "sidecar.testing.otlp", "--port", str(port)]
+        proc = self.start(name, args)
+        wait_for("OTLP receiver", proc, lambda: port_open(port))
+        return port
+
     def redis(self, name: str = "redis", *extra: str) -> RedisServer:
         server = RedisServer(self.folder(name), *extra)
         self.stack.callback(server.kill)
@@ -306,9 +328,11 @@ class Launcher:
         upstream: Target | None = None,
         probe: Scenario | None = None,
         env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> Target:
-        """`sidecar serve --config CONFIG`, ready (Redis reachable) and, with a probe, proxying
-        a metered request; on failure it is stopped again and StartError says why."""
+        """`sidecar serve --config CONFIG` (the code of the checkout at `cwd`), ready (Redis
+        reachable) and, with a probe, proxying a metered request; on failure it is stopped
+        again and StartError says why."""
         port = free_port()
         settings = {
             "SIDECAR_HOST": "127.0.0.1",
@@ -320,7 +344,7 @@ class Launcher:
         if upstream is not None:
             settings["SIDECAR_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream.port}"
         args = [sys.executable, "-c", SIDECAR_MAIN, "serve", "--config", str(config)]
-        proc = self.start(name, args, clean_env() | settings | dict(env or {}))
+        proc = self.start(name, args, clean_env() | settings | dict(env or {}), cwd)
         try:
             wait_for(name, proc, lambda: http_ok(port, "/readyz"))
             return self.checked(Target(name, port, proc.pid), "the sidecar", probe)

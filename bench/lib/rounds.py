@@ -28,6 +28,8 @@ class Rig:
     probe: Scenario
     wrk_env: dict[str, str]
     redis_pids: dict[str, list[int]] = field(default_factory=dict)
+    # Processes of a target measured apart as well (target name -> group name -> pids).
+    extra_pids: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def reference_names(self) -> list[str]:
@@ -38,6 +40,7 @@ class Rig:
         single = {"upstream": [self.upstream.pid]}
         if target.name in self.redis_pids:
             single["redis"] = self.redis_pids[target.name]
+        single |= self.extra_pids.get(target.name, {})
         return CpuMeter({"proxy": target.pid}, single)
 
 

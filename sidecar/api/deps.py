@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from litestar.di import NamedDependency
 
+from sidecar.budgets.service import Budgets
 from sidecar.catalog import Catalog
 from sidecar.metering.authorize import Authorizer
 from sidecar.metering.settle import Settlement
 from sidecar.quota.limiter import Limiter
 from sidecar.usage.counters import UsageCounters
 
+BudgetsDep = NamedDependency[Budgets]
 CatalogDep = NamedDependency[Catalog]
 AuthorizerDep = NamedDependency[Authorizer]
 SettlementDep = NamedDependency[Settlement]

@@ -41,7 +41,9 @@ def _validation(exc: ValidationException) -> Response[ErrorResponse]:
     if unknown:
         key, message = unknown.group(1), f"unknown field {unknown.group(1)!r}"
     elif missing := _MISSING.fullmatch(message):
-        key, message = missing.group(1), f"{missing.group(1)} is required"
+        # A nested object's field is named by its path: "scope.target".
+        field = missing.group(1) if key in (None, "data") else f"{key}.{missing.group(1)}"
+        key, message = field, f"{field} is required"
     elif key == "data":
         key, message = None, f"request body: {message[0].lower()}{message[1:]}"
     elif key:

@@ -20,6 +20,7 @@ from sidecar.usage.extract import usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
 REPORT_TIMEOUT_S = 1.0
+TRACE_CONTEXT = ("traceparent", "tracestate")  # W3C trace context headers
 
 
 class UsageReport(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -67,7 +68,8 @@ class HookController(Controller):
     async def usage(
         self, request: Request[Any, Any, Any], settlement: SettlementDep, limiter: LimiterDep
     ) -> Accepted:
-        """Count a finished request; a report retried with the same request_id counts once."""
+        """Count a finished request; a report retried with the same request_id counts once.
+        With telemetry on, the request's span continues the report's `traceparent`."""
         try:
             report = msgspec.json.decode(await request.body(), type=UsageReport)
         except msgspec.ValidationError as exc:
@@ -94,11 +96,13 @@ class HookController(Controller):
             kind=kind,
             model=report.model,
             usage=usage,
-            failed=report.status >= 400,
+            status=report.status,
             # A report comes after the response: it may wait longer than a limit check,
             # but not for the store's full socket timeout.
             within_s=max(limiter.timeout, REPORT_TIMEOUT_S),
             sourced=report.source is not None,
+            # The span of the request continues the trace the report is part of.
+            carrier={k: v for k in TRACE_CONTEXT if (v := request.headers.get(k)) is not None},
         )
         return Accepted(report.request_id, result.counted, result.duplicate, result.spooled)
 

@@ -10,7 +10,11 @@ from litestar.params import FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
-from sidecar.api.deps import CatalogDep, UsageCountersDep
+from sidecar.api.deps import BudgetsDep, CatalogDep, UsageCountersDep
+from sidecar.api.usage import days, rows
+from sidecar.budgets import model as budget_model
+from sidecar.budgets.model import BudgetView
+from sidecar.budgets.service import Budgets
 from sidecar.errors import ErrorResponse, InvalidRequest, NotFound
 from sidecar.identity import model
 from sidecar.identity.model import (
@@ -20,7 +24,8 @@ from sidecar.identity.model import (
     InvalidField,
     Metrics,
 )
-from sidecar.usage.counters import Series
+from sidecar.usage import by_model
+from sidecar.usage.counters import Series, UsageCounters
 
 PREFIX = "/v2/identities"
 MAX_REF = 255
@@ -35,10 +40,35 @@ class IdentityMetrics(msgspec.Struct):
     object: Literal["identity.metrics"] = "identity.metrics"
 
 
+class IdentityModelMetrics(msgspec.Struct, kw_only=True):
+    identity: Identity
+    from_: str = msgspec.field(name="from")
+    to: str
+    data: list[rows.OneModelUsage]  # the most expensive first
+    object: Literal["identity.metrics_by_model"] = "identity.metrics_by_model"
+
+
 class IdentityList(msgspec.Struct):
-    data: list[Identity]
+    data: list[Identity]  # IdentityBudgets with include_budget
     has_more: bool
     object: Literal["list"] = "list"
+
+
+class IdentityBudgets(Identity, kw_only=True):
+    """An identity with the budgets in force that apply to it, each with its consumption."""
+
+    budgets: list[BudgetView] = msgspec.field(default_factory=list)
+
+
+async def with_budgets(budgets: Budgets, identities: list[Identity]) -> list[Identity]:
+    found = await budgets.for_identities([(i.external_id, i.tags) for i in identities])
+    return [
+        IdentityBudgets(
+            **msgspec.structs.asdict(identity),
+            budgets=[budget_model.view(b, used) for b, used in applying],
+        )
+        for identity, applying in zip(identities, found, strict=True)
+    ]
 
 
 def _profile(fields: IdentityCreate | IdentityPatch) -> model.Profile:
@@ -73,6 +103,21 @@ async def _find(catalog: CatalogDep, ref: str, include_metrics: bool = False) ->
     return identity
 
 
+async def _by_model(
+    identity: Identity, counters: UsageCounters, first: int, last: int
+) -> IdentityModelMetrics:
+    (models,) = await counters.models([identity.id], first, last)
+    return IdentityModelMetrics(
+        identity=identity,
+        from_=days.iso(first),
+        to=days.iso(last),
+        data=[
+            rows.OneModelUsage(model=model, **rows.counts(models[model]))
+            for model in by_model.by_cost(models)
+        ],
+    )
+
+
 class IdentityController(Controller):
     path = PREFIX
     tags = ["identities"]
@@ -89,12 +134,16 @@ class IdentityController(Controller):
     async def list(
         self,
         catalog: CatalogDep,
+        budgets: BudgetsDep,
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 10,
         starting_after: Annotated[str | None, QueryParameter(max_length=64)] = None,
         ending_before: Annotated[str | None, QueryParameter(max_length=64)] = None,
         search: Annotated[str | None, QueryParameter(max_length=255)] = None,
         tags: Annotated[list[str] | None, QueryParameter(name="filter_by.tags")] = None,
         include_metrics: FromQuery[bool] = False,
+        include_budget: Annotated[
+            bool, QueryParameter(description="adds `budgets`: those that apply, with consumption")
+        ] = False,
         sort: Annotated[
             Literal["created", "cost", "requests", "error_rate"],
             QueryParameter(
@@ -122,7 +171,8 @@ class IdentityController(Controller):
             include_metrics=include_metrics,
             sort=sort,
         )
-        return IdentityList(data=page.data, has_more=page.has_more)
+        data = await with_budgets(budgets, page.data) if include_budget else page.data
+        return IdentityList(data=data, has_more=page.has_more)
 
     @get("/{ref:path}", operation_id="getIdentity", responses=INVALID)
     async def get(
@@ -130,20 +180,47 @@ class IdentityController(Controller):
         request: Request[Any, Any, Any],
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
+        budgets: BudgetsDep,
         include_metrics: FromQuery[bool] = False,
+        include_budget: FromQuery[bool] = False,
         granularity: FromQuery[Literal["day", "hour"]] = "day",
-    ) -> Identity | IdentityMetrics:
+        group_by: Annotated[
+            Literal["model"] | None,
+            QueryParameter(description="model: /metrics sums each model's usage over the range"),
+        ] = None,
+        from_: Annotated[
+            str | None,
+            QueryParameter(name="from", max_length=10, description="first UTC day, YYYY-MM-DD"),
+        ] = None,
+        to: Annotated[
+            str | None, QueryParameter(max_length=10, description="last UTC day, YYYY-MM-DD")
+        ] = None,
+    ) -> Identity | IdentityMetrics | IdentityBudgets | IdentityModelMetrics:
         """`/v2/identities/{id}`: the identity; `/v2/identities/{id}/metrics`: its usage over
-        time (`granularity=day`: the 30-day window; `hour`: the retained hours)."""
+        time (`granularity=day`: the 30-day window; `hour`: the retained hours), or with
+        `group_by=model` by model over UTC days `from`..`to` (default: the last 30)."""
         path: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
-        if path.count(b"/") == 4 and path.endswith(b"/metrics"):
+        on_metrics = path.count(b"/") == 4 and path.endswith(b"/metrics")
+        if group_by is None or not on_metrics:
+            for value, param in ((group_by, "group_by"), (from_, "from"), (to, "to")):
+                if value is not None:
+                    raise InvalidRequest(
+                        f"{param} is for /v2/identities/{{id}}/metrics?group_by=model",
+                        param=param,
+                    )
+        if on_metrics and group_by == "model":
+            first, last = days.day_range(from_, to, catalog.clock())
+            identity = await _find(catalog, identity_ref(request, "metrics"))
+            return await _by_model(identity, usage_counters, first, last)
+        if on_metrics:
             identity = await _find(catalog, identity_ref(request, "metrics"), include_metrics=True)
             identity_totals = identity.metrics
             assert isinstance(identity_totals, Metrics)
             usage = await usage_counters.series(identity.id, granularity)
             identity.metrics = UNSET
             return IdentityMetrics(identity=identity, totals=identity_totals, series=usage)
-        return await _find(catalog, identity_ref(request), include_metrics)
+        identity = await _find(catalog, identity_ref(request), include_metrics)
+        return (await with_budgets(budgets, [identity]))[0] if include_budget else identity
 
     @patch("/{ref:path}", operation_id="updateIdentity", responses=INVALID)
     async def update(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sidecar.cli import config, identities, mock_upstream, serve
+from sidecar.cli import budgets, config, identities, mock_upstream, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_commands(commands)
     mock_upstream.add_commands(commands)
     identities.add_commands(commands)
+    budgets.add_commands(commands)
     return parser
 
 

@@ -44,17 +44,23 @@ class Api:
         self.http.close()
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self._call("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self._call("POST", path, json=body)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         import httpx
 
         try:
-            response = self.http.get(path, params=params)
+            response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the sidecar at {self.url}: {exc}") from None
         try:
             body = response.json()
         except ValueError:
             body = None
-        if response.status_code == 200:
+        if response.status_code in (200, 201):
             if body is None:
                 raise CliError(f"{self.url}{path}: the answer is not JSON; is this a sidecar?")
             return body

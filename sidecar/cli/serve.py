@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -24,7 +25,13 @@ def _logging(settings: Settings, *secret: str | None) -> None:
     logs.configure(
         settings.server.log_format,
         settings.server.log_level,
-        secrets=[settings.admin.token, settings.admin.hook_token, *secret],
+        secrets=[
+            settings.admin.token,
+            settings.admin.hook_token,
+            # A collector's credentials; short values (a tenant name) would blank out too much.
+            *(v for v in settings.telemetry.headers.values() if len(v) >= 8),
+            *secret,
+        ],
     )
 
 
@@ -42,6 +49,35 @@ def app_from_env() -> object:
     return create_app(settings, admin_token=token, embedded=store)
 
 
+def protected_mode(settings: Settings) -> str | None:
+    """Why `serve` must not start (protected mode), or None: any caller could claim any
+    identity, on an address others can reach."""
+    identity = settings.identity
+    if identity.trust is not None or identity.trusted_networks or _loopback(settings.server.host):
+        return None
+    return (
+        f"refusing to listen on {settings.server.host}: with the default [identity] trust, "
+        "any caller that reaches this address can claim any identity, and so walk around "
+        "every limit. Choose one:\n"
+        '  1. [identity] trust = "keys" and [[api_keys]] with may_assert (SIDECAR_TRUST=keys):'
+        " only listed keys claim, and only the ids they may assert;\n"
+        '  2. [identity] trusted_networks = ["10.0.0.0/8", ...] (SIDECAR_TRUSTED_NETWORKS): '
+        "only your gateway's network claims;\n"
+        '  3. [identity] trust = "any" written out (SIDECAR_TRUST=any), if nothing untrusted '
+        "can reach this address.\n"
+        "See docs/trust.md."
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _stopped(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -51,6 +87,16 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = load_checked(args.config)
     _logging(settings)
+    refused = protected_mode(settings)
+    if refused is not None:
+        print(f"sidecar serve: {refused}", file=sys.stderr)
+        return 2
+    if settings.identity.trust == "any" and not settings.identity.trusted_networks:
+        log.warning(
+            'identity trust = "any": every caller that reaches %s may claim any identity '
+            "(docs/trust.md)",
+            settings.server.host,
+        )
     if args.config:
         os.environ["SIDECAR_CONFIG"] = str(Path(args.config).resolve())
     # uvicorn handles SIGTERM (draining), then raises it again once it has shut down, for a
@@ -90,6 +136,7 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
     import uvicorn
 
     from sidecar.app import create_app
+    from sidecar.connections import ConnectionGuard
 
     app: Any = "sidecar.cli.serve:app_from_env"
     if settings.server.workers == 1:
@@ -102,9 +149,15 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a header deadline and a connection cap (uvicorn's limit_concurrency
+        # would answer 503 to requests instead; see sidecar.connections).
+        http=ConnectionGuard(
+            settings.server.header_timeout_s, settings.server.max_connections
+        ).protocol,
         access_log=False,  # the sidecar writes its own, when [server] access_log is true
-        proxy_headers=False,  # the sidecar reads no X-Forwarded-*; the middleware costs per request
+        # Not uvicorn's X-Forwarded-For rewrite: it would trust any local peer's header. The
+        # sidecar reads it itself, and only from `trusted_networks` (identity/caller.py).
+        proxy_headers=False,
         log_config=None,  # uvicorn's loggers propagate to the sidecar's handler (sidecar.logs)
         log_level="error" if settings.server.log_level == "error" else "warning",
         timeout_keep_alive=int(settings.server.keepalive_s),

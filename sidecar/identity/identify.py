@@ -16,6 +16,7 @@ import msgspec
 from sidecar.identity.model import Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved, Source
+from sidecar.observe.counters import Counters
 
 Clock = Callable[[], float]
 
@@ -37,11 +38,16 @@ def _digest(profile: Profile) -> bytes:
 
 class Identifier:
     def __init__(
-        self, records: IdentityRecords, profiles: ProfileSink, clock: Clock = time.time
+        self,
+        records: IdentityRecords,
+        profiles: ProfileSink,
+        clock: Clock = time.time,
+        counters: Counters | None = None,
     ) -> None:
         self.records = records
         self.profiles = profiles
         self.clock = clock
+        self.counters = counters
         # external id -> (the profile this process last wrote, when to write it again anyway)
         self._written: dict[str, tuple[bytes, float]] = {}
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str]] = {}
@@ -102,16 +108,25 @@ class Identifier:
         self.records.forget(external_id)
         self._written.pop(external_id, None)
 
+    def _created(self, created: bool) -> None:
+        if created and self.counters is not None:
+            self.counters.identities_created += 1
+
     def _settled(self, key: tuple[str, bytes], write: asyncio.Future[str]) -> None:
         self._inflight.pop(key, None)
         if not write.cancelled():
             write.exception()  # retrieved here: every waiter may have given up
 
     async def _write(self, resolved: Resolved, digest: bytes) -> str:
+        creator = resolved.creator or None
         if resolved.profile is None:
-            identity, _ = await self.records.upsert(resolved.external_id, Profile())
+            identity, created = await self.records.upsert(resolved.external_id, Profile(), creator)
+            self._created(created)
             return identity.id
-        identity, _ = await self.records.upsert(resolved.external_id, resolved.profile)
+        identity, created = await self.records.upsert(
+            resolved.external_id, resolved.profile, creator
+        )
+        self._created(created)
         self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
         self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
         if len(self._written) > _WRITTEN_SIZE:

@@ -19,7 +19,10 @@ MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 ANONYMOUS = "anonymous"
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the bidirectional marks, embeddings, overrides and isolates: text that
+# would change how a log line, a terminal or a page shows what follows it (an id shown
+# reversed, a forged line).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _URL = re.compile(r"https?://[^\s/]+\S*", re.IGNORECASE)
 
@@ -100,13 +103,25 @@ def _text(param: str, value: str, limit: int) -> str:
     value = value.strip()
     if len(value) > limit:
         raise InvalidField(param, f"{param} must be at most {limit} characters")
-    if _CONTROL.search(value):
-        raise InvalidField(param, f"{param} must not contain control characters")
+    found = _CONTROL.search(value)
+    if found:
+        raise InvalidField(
+            param,
+            f"{param} must not contain control or bidirectional formatting characters "
+            f"(found U+{ord(found.group()):04X})",
+        )
     return value
 
 
 def external_id(value: str, param: str = "external_id") -> str:
     value = _text(param, value, MAX_ID)
+    if not value:
+        raise InvalidField(param, f"{param} must not be empty")
+    return value
+
+
+def tag(value: str, param: str = "tag") -> str:
+    value = _text(param, value, MAX_TAG)
     if not value:
         raise InvalidField(param, f"{param} must not be empty")
     return value
@@ -185,3 +200,22 @@ def profile(fields: _Fields) -> Profile:
 
 def has_control(value: str) -> bool:
     return _CONTROL.search(value) is not None
+
+
+def metadata_text(value: object) -> str:
+    """A metadata value as text, to group or filter by: a string as it is, anything else as
+    JSON (`true`, `3`, `null`)."""
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+class MetadataFilter(msgspec.Struct, frozen=True):
+    """Identities whose metadata has `key` (with `value`, as metadata_text reads it; None:
+    any value)."""
+
+    key: str
+    value: str | None = None
+
+    def matches(self, identity: Identity) -> bool:
+        if self.key not in identity.metadata:
+            return False
+        return self.value is None or metadata_text(identity.metadata[self.key]) == self.value

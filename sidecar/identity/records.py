@@ -13,7 +13,7 @@ from msgspec import UNSET
 from redis.asyncio.cluster import RedisCluster
 from ulid import ULID
 
-from sidecar.errors import Conflict, StoreUnavailable
+from sidecar.errors import Conflict, IdentityCreationLimited, StoreUnavailable
 from sidecar.identity import ngram
 from sidecar.identity.model import Identity, Profile, rfc3339
 from sidecar.store.connect import RedisClient
@@ -61,10 +61,18 @@ class IdentityRecords:
     """Create, read, update and delete identities; the external-id index and the order set
     (see Keys) are kept with them."""
 
-    def __init__(self, client: RedisClient, keys: Keys, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        clock: Clock = time.time,
+        max_new_per_minute: int | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.clock = clock
+        # Identities one creator (see Resolved.creator) may make per minute, sliding.
+        self.max_new_per_minute = max_new_per_minute
         # A single server runs a pipeline's commands in order; a cluster's nodes do not.
         self.in_order = not isinstance(client, RedisCluster)
         # An external id keeps its _id until the identity is deleted, so the mapping can be
@@ -82,8 +90,8 @@ class IdentityRecords:
         return [self._merge, self._claim, self._reindex, self._unindex]
 
     @property
-    def _claim_keys(self) -> list[str]:
-        """claim.lua's and unindex.lua's keys: both indexes, then the search index's."""
+    def _index_keys(self) -> list[str]:
+        """claim.lua's and unindex.lua's first keys: both indexes, then the search index's."""
         return [self.keys.external_ids, self.keys.order, *self.keys.search_index]
 
     # -- the process's memory of external ids -----------------------------------------------
@@ -175,8 +183,12 @@ class IdentityRecords:
             raise Conflict(f"identity {external_id!r} already exists", param="external_id")
         return identity
 
-    async def upsert(self, external_id: str, profile: Profile) -> tuple[Identity, bool]:
-        """Create the identity, or overwrite the given fields; True when it was created."""
+    async def upsert(
+        self, external_id: str, profile: Profile, creator: str | None = None
+    ) -> tuple[Identity, bool]:
+        """Create the identity, or overwrite the given fields; True when it was created. A new
+        identity made for `creator` counts against its creation cap: IdentityCreationLimited
+        (a 429) beyond it."""
         cached = self._ids.get(external_id)
         if cached is not None:
             updated = await self._update(cached, external_id, profile)
@@ -189,10 +201,13 @@ class IdentityRecords:
                 # One round trip: write a candidate record and claim the external id for it.
                 # A new identity is then done; a known one discards the candidate below.
                 def write_and_claim(pipe: Any, candidate: str = candidate) -> None:
-                    self.queue_create(pipe, candidate, external_id, profile)
+                    self.queue_create(pipe, candidate, external_id, profile, creator)
 
                 replies = await pipeline(self.client, write_and_claim, self.create_scripts)
                 (_, _, record), owner = replies
+                if not owner:
+                    await call(self.client.delete(self.keys.identity(candidate)))
+                    raise self._limited(creator)
                 if owner.decode() == candidate:
                     self._remember(external_id, candidate)
                     return _identity(candidate, record), True
@@ -210,7 +225,7 @@ class IdentityRecords:
                 discard = candidate
                 if owner is None:
                     identity, created = await self._claim_for(
-                        external_id, _identity(candidate, record)
+                        external_id, _identity(candidate, record), creator
                     )
                     if created:
                         return identity, True
@@ -227,13 +242,21 @@ class IdentityRecords:
         """The scripts `queue_create` queues (load them before the pipeline runs)."""
         return [self._merge, self._claim]
 
-    def queue_create(self, pipe: Any, candidate: str, external_id: str, profile: Profile) -> None:
+    def queue_create(
+        self,
+        pipe: Any,
+        candidate: str,
+        external_id: str,
+        profile: Profile,
+        creator: str | None = None,
+    ) -> None:
         """Add to a pipeline the writes of a new identity on a single server: its record under
         the `candidate` _id, then the claim of its external id (whose reply is the _id that
-        owns it). Two replies: merge.lua's and claim.lua's."""
+        owns it, or '' when `creator` is over its cap). Two replies: merge.lua's and
+        claim.lua's."""
         self.queue_record(pipe, candidate, external_id, profile)
         member = order_member(_fresh(candidate, external_id, profile))
-        self._claim.queue(pipe, self._claim_keys, [xid_digest(external_id), candidate, member])
+        self._claim.queue(pipe, *self._claim_call(external_id, candidate, member, creator))
 
     def queue_record(self, pipe: Any, candidate: str, external_id: str, profile: Profile) -> None:
         """Add the record's write alone (merge.lua, creating) to a pipeline."""
@@ -249,7 +272,7 @@ class IdentityRecords:
         """Out of the indexes, then the record: a usage write that comes later finds no record
         and counts nothing (see usage/lua/record.lua)."""
         await self._unindex(
-            self.client, self._claim_keys, [xid_digest(identity.external_id), identity.id]
+            self.client, self._index_keys, [xid_digest(identity.external_id), identity.id]
         )
         self._ids.pop(identity.external_id, None)
         await call(self.client.delete(self.keys.identity(identity.id)))
@@ -258,13 +281,39 @@ class IdentityRecords:
         candidate = str(ULID.from_timestamp(self.clock()))
         return candidate, [self._now_ms(), "1", external_id, *_field_args(profile)]
 
-    async def _claim_for(self, external_id: str, identity: Identity) -> tuple[Identity, bool]:
+    def _claim_call(
+        self, external_id: str, candidate: str, member: str, creator: str | None
+    ) -> tuple[list[str], list[Any]]:
+        """claim.lua's keys and arguments; with the creator's cap when it has one."""
+        keys = self._index_keys
+        args: list[Any] = [xid_digest(external_id), candidate, member]
+        if creator and self.max_new_per_minute is not None:
+            now_ms = int(self.clock() * 1000)
+            minute = now_ms // 60_000
+            keys += [self.keys.created(creator, minute), self.keys.created(creator, minute - 1)]
+            args += [self.max_new_per_minute, now_ms % 60_000]
+        return keys, args
+
+    def _limited(self, creator: str | None) -> IdentityCreationLimited:
+        wait = 60 - int(self.clock()) % 60
+        who = "key owner" if creator and creator.startswith("key:") else "client address"
+        return IdentityCreationLimited(
+            f"this {who} created {self.max_new_per_minute} identities in the last minute "
+            "([identity] max_new_per_minute); use an existing identity or retry later",
+            headers={"retry-after": str(max(1, wait))},
+        )
+
+    async def _claim_for(
+        self, external_id: str, identity: Identity, creator: str | None = None
+    ) -> tuple[Identity, bool]:
         """Claim the external id for a freshly written record, or discard it for the owner's."""
         owner = await self._claim(
             self.client,
-            self._claim_keys,
-            [xid_digest(external_id), identity.id, order_member(identity)],
+            *self._claim_call(external_id, identity.id, order_member(identity), creator),
         )
+        if not owner:
+            await call(self.client.delete(self.keys.identity(identity.id)))
+            raise self._limited(creator)
         if owner.decode() == identity.id:
             self._remember(external_id, identity.id)
             return identity, True
@@ -303,7 +352,7 @@ class IdentityRecords:
 
     async def _drop_stale(self, external_id: str, identity_id: str) -> None:
         """The index names a record that is gone (evicted, or lost to a crash): forget it."""
-        await self._unindex(self.client, self._claim_keys, [xid_digest(external_id), identity_id])
+        await self._unindex(self.client, self._index_keys, [xid_digest(external_id), identity_id])
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -33,9 +33,12 @@ __all__ = ["ConfigError", "Settings", "SidecarCallback", "SidecarRefusal", "hand
 
 log = logging.getLogger("sidecar.integrations.litellm")
 
-# Our entry in LiteLLM's request metadata: request_id, identity, source, path, and the
-# sidecar's x-ratelimit-* headers for the client's response.
+# Our entry in LiteLLM's request metadata: request_id, identity, source, path, the sidecar's
+# x-ratelimit-* headers for the client's response, and the client's trace context.
 METADATA_KEY = "sidecar"
+# The client's W3C trace context, sent with the usage report: the sidecar's span of the request
+# (with its [telemetry] on) continues the client's trace.
+_TRACE_CONTEXT = ("traceparent", "tracestate")
 
 # Top-level request keys LiteLLM's proxy adds for itself (besides `litellm_*` and `_*`); they are
 # not the client's, and `api_key` may hold a provider credential.
@@ -251,6 +254,9 @@ class SidecarCallback(CustomLogger):
                 return self._unavailable(data, "malformed /hooks/authorize answer")
             grant["path"] = request_path(data)
             grant["headers"] = _passed_back(answer.headers)
+            trace = {k: headers[k] for k in _TRACE_CONTEXT if k in headers}
+            if trace:
+                grant["trace"] = trace
             request_metadata(data)[METADATA_KEY] = grant
             return data
         error = _error(answer)
@@ -292,7 +298,7 @@ class SidecarCallback(CustomLogger):
             report = _report(entry, 200, _model(kwargs.get("model"), response_obj))
             report["usage"] = usage_of(response_obj)
             report["cost_usd"] = cost_of(kwargs.get("response_cost"))
-            self._send_later(report)
+            self._send_later(report, entry.get("trace"))
         except Exception:
             log.exception("usage report not sent")
 
@@ -311,7 +317,9 @@ class SidecarCallback(CustomLogger):
             if entry is None:  # refused before the sidecar granted it (by the sidecar, say)
                 return None
             model = _model(request_data.get("model"), None)
-            self._send_later(_report(entry, status_of(original_exception), model))
+            self._send_later(
+                _report(entry, status_of(original_exception), model), entry.get("trace")
+            )
         except Exception:
             log.exception("usage report not sent")
         return None
@@ -329,15 +337,19 @@ class SidecarCallback(CustomLogger):
         headers = entry.get("headers") if entry is not None else None
         return dict(headers) if isinstance(headers, Mapping) and headers else None
 
-    def _send_later(self, report: dict[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._send(report))
+    def _send_later(self, report: dict[str, Any], trace: Any = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(report, trace))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    async def _send(self, report: dict[str, Any]) -> None:
+    async def _send(self, report: dict[str, Any], trace: Any = None) -> None:
         settings = self.settings
         body = _encode({k: v for k, v in report.items() if v is not None})
         headers = {"content-type": "application/json", "x-sidecar-token": settings.token}
+        if isinstance(trace, Mapping):
+            headers |= {
+                k: v for k, v in trace.items() if k in _TRACE_CONTEXT and isinstance(v, str)
+            }
         delay = settings.report_backoff_s
         problem = "not attempted"
         for attempt in range(1, settings.report_attempts + 1):

@@ -16,8 +16,10 @@ from sidecar.identity.resolve import (
     Trust,
     resolve,
 )
+from sidecar.quota.decision import Reserve
 from sidecar.quota.live import LiveConfig
 from sidecar.settings import IdentitySettings
+from sidecar.usage import estimate
 from sidecar.usage.extract import cost_from_header
 from sidecar.usage.model import Kind, Usage
 from sidecar.usage.pricing import Cost, Pricer
@@ -34,7 +36,9 @@ class Attribution:
         live: LiveConfig,
         pricer: Pricer,
         clock: Clock = time.time,
+        default_output_reserve: int = 1024,
     ) -> None:
+        self.default_output_reserve = default_output_reserve
         self.header = config.header
         self.required = config.required
         self.user_fields = config.user_fields
@@ -82,6 +86,20 @@ class Attribution:
                 f"{self.header} header or a known API key",
                 code="identity_required",
             ) from None
+
+    def reserve(self, kind: Kind | None, body: dict[str, Any], body_bytes: int) -> Reserve:
+        """What the request may use at most (usage/estimate.py), priced at its model's rates."""
+        input_tokens, output_tokens = estimate.tokens(
+            kind, body, body_bytes, self.default_output_reserve
+        )
+        model = body.get("model")
+        cost = self.cost(
+            kind,
+            model if isinstance(model, str) else None,
+            Usage(input_tokens=input_tokens, output_tokens=output_tokens),
+            None,
+        )
+        return Reserve(input_tokens + output_tokens, cost.nanos if cost is not None else 0)
 
     def cost(
         self, kind: Kind | None, model: str | None, usage: Usage | None, header_cost: str | None

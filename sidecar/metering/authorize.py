@@ -17,7 +17,8 @@ from sidecar.identity.resolve import encode_header_id
 from sidecar.jsonbody import parse_optional
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Settlement
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision
+from sidecar.quota.limiter import Admission
 from sidecar.quota.service import Quota, RateLimitError, refusal
 
 log = logging.getLogger("sidecar.hooks")
@@ -79,7 +80,10 @@ class Authorizer:
         known = self.identifier.known(resolved)
         identity_id: str | None
         if self.quota.active:
-            identity_id, decision = await self.quota.admit(resolved, request_id, known)
+            reserve = None
+            if self.quota.reserving:  # settled by the usage report with this request_id
+                reserve = self.attribution.reserve(None, body or {}, len(raw))
+            identity_id, decision = await self.quota.admit(resolved, request_id, known, reserve)
         else:
             decision = Decision(admitted=True)
             try:
@@ -90,8 +94,7 @@ class Authorizer:
         if deadline is not None and time.time() >= deadline:
             # Decided, but after the caller stopped waiting: its concurrency slot is given back
             # (the request count the check took stays).
-            if decision.lease is not None and identity_id is not None:
-                await self.quota.limiter.release(identity_id, decision.lease)
+            await self.quota.limiter.release(decision.leases)
             raise _too_late(deadline)
         out = dict(decision.headers)
         if not decision.admitted:
@@ -99,9 +102,23 @@ class Authorizer:
                 raise StoreUnavailable(
                     "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                 )
-            self.settlement.refused(identity_id, resolved)
+            self.settlement.refused(identity_id, resolved, decision)
             out["retry-after"] = str(decision.retry_after)
             return Decided(429, refusal(decision, resolved.external_id), out)
+        owner = self.quota.owner_of(resolved)
+        others = [
+            (s.identity_id, s.policy.name)
+            for s in decision.subjects
+            if s.identity_id != identity_id
+        ]
+        if owner is not None or others:
+            # Its usage report counts for the key's owner and the budgets too: keep whom it
+            # counted against.
+            admission = Admission(owner.external_id if owner is not None else "", others)
+            try:
+                await self.quota.limiter.remember(request_id, admission)
+            except StoreUnavailable as exc:
+                log.warning("subjects of %s not kept for its report: %s", request_id, exc)
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
         out[self.attribution.header] = encode_header_id(resolved.external_id)
         out["x-sidecar-request-id"] = request_id

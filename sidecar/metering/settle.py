@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import msgspec
 
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
+from sidecar.metering import spans
 from sidecar.metering.attribution import Attribution
 from sidecar.observe.counters import Counters
-from sidecar.quota.limiter import Decision
+from sidecar.observe.tracing import Span, Tracer
+from sidecar.quota.decision import Decision, Subject
+from sidecar.quota.policy import Policy
 from sidecar.quota.service import Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
@@ -36,6 +43,9 @@ class Meter:
     decision: Decision | None = None  # the limit check's, when policies apply
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
     refresh: bool = False  # the body profile is written once the response is out
+    request_id: str = ""  # the admission's (its leases' and reservations' name)
+    settled: bool = False  # its token and cost limits are charged (Settlement.settle)
+    span: Span | None = None  # with [telemetry] enabled
 
 
 class Settlement:
@@ -47,6 +57,7 @@ class Settlement:
         recorder: Recorder,
         background: Background,
         counters: Counters | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.attribution = attribution
         self.identifier = identifier
@@ -54,6 +65,7 @@ class Settlement:
         self.recorder = recorder
         self.background = background
         self.counters = counters
+        self.tracer = tracer
 
     def _counters(
         self,
@@ -72,40 +84,148 @@ class Settlement:
         return counters, cost.nanos if cost is not None else 0
 
     def answered(
-        self, meter: Meter, failed: bool, usage: Usage | None, header_cost: str | None
+        self,
+        meter: Meter,
+        failed: bool,
+        usage: Usage | None,
+        header_cost: str | None,
+        *,
+        status: int | None = None,
+        error: str | None = None,
     ) -> None:
-        """An inline request is over (answered, failed or abandoned): count it."""
+        """An inline request is over (answered, failed or abandoned): count it. `status` is
+        what the client was answered (None: nothing), `error` why it failed, for its span."""
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         counters, nanos = self._counters(resolved, meter.kind, model, usage, header_cost, failed)
+        if self.counters is not None:
+            self.counters.metered_request(resolved.source.value)
+        if meter.span is not None:
+            self._trace(
+                meter,
+                status,
+                usage,
+                nanos if usage is not None or header_cost is not None else None,
+                meter.decision.policy if meter.decision is not None else None,
+                error or spans.failure(status),
+            )
         if meter.refresh:
             self.background.spawn(self._refresh(resolved))
         identity = meter.identity
+        name = buckets.model_name(model)
         if isinstance(identity, asyncio.Task):
-            self.background.spawn(self._when_known(identity, resolved, counters))
+            self.background.spawn(self._when_known(identity, resolved, counters, name))
+            self._via_owner(resolved, counters, None, {})
             return
-        charges = {}
         decision = meter.decision
+        owner_id: str | None = None
         if identity is not None and decision is not None:
             limiter = self.quota.limiter
-            if decision.lease is not None:
-                self.background.spawn(limiter.release(identity, decision.lease))
-            tokens = usage.total_tokens if usage is not None else 0
-            charges = limiter.charges(identity, decision.policy, tokens, nanos, limiter.clock())
+            if decision.leases:
+                self.background.spawn(limiter.release(decision.leases))
+            if decision.admitted and decision.charged and not meter.settled:
+                # Not settled before the response ended (it failed, or the client left): what
+                # upstream produced replaces the reservation now.
+                tokens = usage.total_tokens if usage is not None else 0
+                self.background.spawn(self._settle_later(meter, tokens, nanos))
+            owner_id = next(
+                (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
+                None,
+            )
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            model=name,
+        )
+        self._via_owner(resolved, counters, owner_id, {})
+
+    async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
+        """Before an inline response ends: when a token or cost limit applies, what the request
+        used replaces what it reserved, in the store, so the client's next request (on any
+        sidecar) sees it. Cheap requests (no such limit) do nothing here."""
+        decision = meter.decision
+        if decision is None or not decision.admitted or not decision.charged or meter.settled:
+            return
+        model = usage.model if usage is not None and usage.model else meter.model
+        cost = self.attribution.cost(meter.kind, model, usage, header_cost)
+        tokens = usage.total_tokens if usage is not None else 0
+        limiter = self.quota.limiter
+        meter.settled = True
+        try:
+            async with limiter.deadline():
+                await limiter.settle(
+                    decision.subjects, meter.request_id, tokens, cost.nanos if cost else 0
+                )
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            self.background.spawn(self._settle_later(meter, tokens, cost.nanos if cost else 0))
+
+    async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
+        decision = meter.decision
+        assert decision is not None
+        meter.settled = True
+        for attempt in range(5):
+            try:
+                await self.quota.limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+                return
+            except StoreUnavailable as exc:
+                if attempt == 4:
+                    # Its reservation is given back when it expires; the actual is not charged.
+                    log.error("limits of %s not charged: %s", meter.request_id, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
+
+    def _via_owner(
+        self,
+        resolved: Resolved,
+        counters: dict[str, int],
+        owner_id: str | None,
+        charges: dict[str, tuple[int, int]],
+    ) -> None:
+        """A request that carried a listed key for someone else counts for the key's owner
+        too: in its VIA counters, and in its limits (`charges`, when two levels applied)."""
+        owner = resolved.owner
+        if owner is None or owner == resolved.external_id:
+            return
+        self.recorder.add(
+            owner_id,
+            buckets.via(counters),
+            source="",
+            external_id=owner,
             charges=charges,
         )
 
-    def refused(self, identity_id: str | None, resolved: Resolved) -> None:
-        """A request the limits refused: counted as rate limited only."""
+    def refused(
+        self,
+        identity_id: str | None,
+        resolved: Resolved,
+        decision: Decision,
+        meter: Meter | None = None,
+    ) -> None:
+        """A request the limits refused: counted as rate limited only. `meter`: an inline
+        request's, with its span."""
+        if meter is not None and meter.span is not None:
+            # The sidecar doing its job: as for any 4xx a server answers, the span's status
+            # stays unset. The policy is the one that refused (the key owner's, maybe).
+            by = decision.refused_by
+            self._trace(
+                meter,
+                429,
+                None,
+                None,
+                by.policy if by is not None else decision.policy,
+                None,
+                decision.dimension.value if decision.dimension is not None else None,
+                by.external_id if by is not None else None,
+            )
         counters = increments(
             source=resolved.source.value, failed=False, usage=None, cost=None, rate_limited=True
         )
+        if self.counters is not None:
+            self.counters.metered_request(resolved.source.value)
         self.recorder.add(
             identity_id,
             counters,
@@ -113,6 +233,45 @@ class Settlement:
             external_id=resolved.external_id,
             profile=resolved.profile,
         )
+        self._via_owner(resolved, counters, None, {})
+
+    def unanswered(self, meter: Meter, status: int, error: str | None) -> None:
+        """An inline request the sidecar answered with an error of its own before forwarding
+        it (nothing is counted): its span ends."""
+        if meter.span is not None:
+            self._trace(meter, status, None, None, None, error or str(status))
+
+    def _trace(
+        self,
+        meter: Meter,
+        status: int | None,
+        usage: Usage | None,
+        cost_nanos: int | None,
+        policy: Policy | None,
+        error: str | None,
+        refused_in: str | None = None,
+        refused_for: str | None = None,
+    ) -> None:
+        """End the request's span, with its attributes built once, here. `refused_in` is the
+        dimension that refused it, `refused_for` whose limit that was."""
+        span = meter.span
+        if span is None or not span.recording:  # not sampled: nothing to build
+            return
+        attributes = spans.attributes(
+            meter.resolved,
+            meter.kind,
+            meter.model,
+            usage,
+            cost_nanos=cost_nanos,
+            policy=policy.name if policy is not None else None,
+            status=status,
+            request_id=meter.request_id or None,
+        )
+        if refused_in is not None:
+            attributes["sidecar.limit.dimension"] = refused_in
+        if refused_for is not None:
+            attributes["sidecar.limit.identity"] = refused_for
+        span.finish(attributes, time.time_ns(), error)
 
     async def reported(
         self,
@@ -122,42 +281,87 @@ class Settlement:
         kind: Kind,
         model: str | None,
         usage: Usage,
-        failed: bool,
+        status: int,
         within_s: float,
         sourced: bool = True,
+        carrier: Mapping[str, str] | None = None,
     ) -> Recorded:
-        """A hook-mode usage report: counted now, once per request id. `sourced` false: the
-        report named no source, so no source counter is bumped."""
+        """A hook-mode usage report: counted now, once per request id. `status` is the one
+        upstream answered; `sourced` false: the report named no source, so no source counter
+        is bumped. `carrier`: the report's headers, whose trace context its span continues."""
+        received_ns = time.time_ns()
+        failed = status >= 400
         counters, nanos = self._counters(resolved, kind, model, usage, None, failed)
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
-        charges = {}
         identity_id: str | None = None
+        owner: str | None = None
+        subjects: list[Subject] = []
         try:
             async with asyncio.timeout(within_s):
                 identity_id = await self.identifier.identify(resolved)
-                if quota.active:
-                    # The slot authorize took, if any, is free again (a retry finds it gone).
-                    await quota.limiter.release(identity_id, request_id)
-                    policy = await quota.policy_for(identity_id, resolved)
-                    charges = quota.limiter.charges(
-                        identity_id, policy, usage.total_tokens, nanos, quota.limiter.clock()
-                    )
+                subjects, owner = await self._admitted(resolved, identity_id, request_id)
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
-            # when its lease expires, and the limits are not charged for it.
+            # when its lease expires, and its reservation is given back unsettled.
             log.warning("usage report %s kept for later: %s", request_id, exc)
-        return await self.recorder.record(
+        recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
             request_id=request_id,
-            charges=charges,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
+            model=buckets.model_name(usage.model or model),
         )
+        if subjects and recorded.counted:  # a retried report is settled once
+            try:
+                async with asyncio.timeout(within_s):
+                    # The slots authorize took, if any, are free again.
+                    await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
+                    await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
+            except (StoreUnavailable, TimeoutError) as exc:
+                log.warning("limits of report %s not charged: %s", request_id, exc)
+        if owner is not None and (recorded.counted or recorded.spooled):
+            # A retried report counts once, for the owner too.
+            owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)
+            with_owner = msgspec.structs.replace(resolved, owner=owner)
+            self._via_owner(with_owner, counters, owner_id, {})
+        if self.counters is not None and not recorded.duplicate:
+            self.counters.metered_request(resolved.source.value)
+        if self.tracer is not None and not recorded.duplicate:  # one span per request
+            start_ns = spans.authorized_ns(request_id, received_ns)
+            span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)
+            meter = Meter(resolved, kind, identity_id, model, request_id=request_id, span=span)
+            policy = next((s.policy for s in subjects if s.identity_id == identity_id), None)
+            self._trace(meter, status, usage, nanos, policy, spans.failure(status))
+        return recorded
+
+    async def _admitted(
+        self, resolved: Resolved, identity_id: str, request_id: str
+    ) -> tuple[list[Subject], str | None]:
+        """Whom a reported request counts against: its identity under its policy now, and the
+        key owner its authorization counted it against (see Limiter.remember); and that
+        owner's external id, when it carried a key for someone else."""
+        quota = self.quota
+        policy = await quota.policy_for(identity_id, resolved) if quota.active else None
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        admission = await quota.limiter.recall(request_id)
+        if admission is None:
+            return out, None
+        by_name = {p.name: p for p in quota.live.policies}
+        for subject_id, name in admission.subjects:
+            if name.startswith("budget:"):
+                budget = quota.budgets.subject(subject_id)
+                if budget is not None:  # else: deleted since
+                    out.append(budget)
+                continue
+            owner_policy = by_name.get(name)
+            if owner_policy is not None:  # else: the policies changed since
+                out.append(Subject(subject_id, admission.owner, owner_policy))
+        return out, admission.owner or None
 
     async def _refresh(self, resolved: Resolved) -> None:
         """Write a known identity's body profile, after its request was answered."""
@@ -167,7 +371,11 @@ class Settlement:
             log.warning("profile of %s not written now: %s", resolved.external_id, exc)
 
     async def _when_known(
-        self, identify: asyncio.Task[str], resolved: Resolved, counters: dict[str, int]
+        self,
+        identify: asyncio.Task[str],
+        resolved: Resolved,
+        counters: dict[str, int],
+        model: str,
     ) -> None:
         identity_id: str | None
         try:
@@ -182,4 +390,5 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            model=model,
         )

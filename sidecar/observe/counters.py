@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from sidecar.quota.policy import Policy
 
 ROUTES = ("proxy", "hooks_authorize", "hooks_usage", "api", "ui", "ops")
+# Where a metered request's identity came from (identity.resolve.Source's values).
+SOURCES = ("body", "user_field", "header", "api_key", "anonymous")
 UPSTREAM_ERROR = "upstream_error"  # the proxy's 502 and 504
 NO_RESPONSE = "no_response"  # the client left, or the connection broke, before a status
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -25,6 +27,9 @@ REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 # One batch of usage writes (a pipeline of up to 512 script calls), or a spool replay.
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+# Runtime budgets' policies are named "budget:<_id>" (quota.policy.BUDGET_PREFIX): counted under
+# one label, so that the series do not grow with the number of budgets.
+BUDGETS = "budget"
 MAX_MODELS = 100  # distinct model labels on the unpriced counter; the rest count as OTHER
 OTHER = "other"
 _MAX_LABEL = 128  # characters of a model name kept in its label
@@ -50,6 +55,8 @@ class Counters:
         # (policy, dimension, "admitted" | "refused") -> checks
         self.decisions: dict[tuple[str, str, str], int] = {}
         self.unpriced_models: dict[str, int] = {}
+        self.metered: dict[str, int] = {}  # identity source -> metered requests
+        self.identities_created = 0  # by traffic: ids seen for the first time
         self.upstream = Histogram(UPSTREAM_BUCKETS)
         self.limit_check = Histogram(REDIS_BUCKETS)
         self.usage_write = Histogram(WRITE_BUCKETS)
@@ -75,15 +82,19 @@ class Counters:
             dimensions = dict.fromkeys(limit.dimension.value for limit in policy.limits)
             if policy.concurrency:
                 dimensions["concurrency"] = None
-            keys = tuple((policy.name, d, "admitted") for d in dimensions)
+            name = _label(policy.name)
+            keys = tuple((name, d, "admitted") for d in dimensions)
             cached = self._admit_keys[id(policy)] = (policy, keys)
         decisions = self.decisions
         for key in cached[1]:
             decisions[key] = decisions.get(key, 0) + 1
 
     def refused(self, policy: str, dimension: str) -> None:
-        key = (policy, dimension, "refused")
+        key = (_label(policy), dimension, "refused")
         self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def metered_request(self, source: str) -> None:
+        self.metered[source] = self.metered.get(source, 0) + 1
 
     def unpriced(self, model: str | None) -> None:
         name = (model or "unknown")[:_MAX_LABEL]
@@ -91,3 +102,7 @@ class Counters:
         if name not in models and len(models) >= MAX_MODELS:
             name = OTHER
         models[name] = models.get(name, 0) + 1
+
+
+def _label(policy: str) -> str:
+    return BUDGETS if policy.startswith(BUDGETS + ":") else policy

@@ -17,9 +17,18 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.registry import CollectorRegistry
 
 from sidecar import __version__
-from sidecar.observe.counters import MAX_MODELS, OTHER, ROUTES, UPSTREAM_ERROR, Counters, Histogram
+from sidecar.observe.counters import (
+    MAX_MODELS,
+    OTHER,
+    ROUTES,
+    SOURCES,
+    UPSTREAM_ERROR,
+    Counters,
+    Histogram,
+)
 
 if TYPE_CHECKING:
+    from sidecar.observe.tracing import Tracer
     from sidecar.quota.limiter import Limiter
     from sidecar.quota.live import LiveConfig
     from sidecar.usage.recorder import Recorder
@@ -89,6 +98,20 @@ class CounterFamilies:
             unpriced.add_metric([model], n)
         yield unpriced
 
+        metered = CounterMetricFamily(
+            "sidecar_metered_requests",
+            "Metered requests (answered, refused or reported) by where their identity came from",
+            labels=["source"],
+        )
+        for source in SOURCES:
+            metered.add_metric([source], counters.metered.get(source, 0))
+        yield metered
+        yield CounterMetricFamily(
+            "sidecar_identities_created",
+            "Identities created by traffic (an external id seen for the first time)",
+            value=counters.identities_created,
+        )
+
         yield _histogram(
             "sidecar_upstream_latency_seconds",
             "Time from sending a request upstream to its response headers",
@@ -109,10 +132,13 @@ class CounterFamilies:
 class Readings:
     """What other parts count themselves, read when scraped."""
 
-    def __init__(self, limiter: Limiter, recorder: Recorder, live: LiveConfig) -> None:
+    def __init__(
+        self, limiter: Limiter, recorder: Recorder, live: LiveConfig, tracer: Tracer | None = None
+    ) -> None:
         self.limiter = limiter
         self.recorder = recorder
         self.live = live
+        self.tracer = tracer
 
     def collect(self) -> Iterator[Metric]:
         recorder = self.recorder
@@ -138,7 +164,7 @@ class Readings:
         )
         yield gauge(
             "sidecar_usage_waiting_entries",
-            "Usage entries (identity-hours) in memory, not yet written",
+            "Usage entries (identity, hour and model) in memory, not yet written",
             recorder.waiting,
         )
         yield gauge(
@@ -166,6 +192,13 @@ class Readings:
             "Usage entries given up (memory or spool full)",
             recorder.dropped,
         )
+        if self.tracer is not None:
+            yield counter(
+                "sidecar_spans_dropped",
+                "Spans given up before export: the exporter process was not running or not "
+                "keeping up ([telemetry] enabled only)",
+                self.tracer.dropped,
+            )
         yield gauge("sidecar_policies", "Policies in force", len(live.policies))
         reloads = CounterMetricFamily(
             "sidecar_policy_reloads",

@@ -11,7 +11,7 @@ import msgspec
 from sidecar.asgi import ClientGone, lowered, read_body, send_error, send_json
 from sidecar.errors import SidecarError, Unauthorized
 from sidecar.metering.authorize import Authorizer
-from sidecar.tokens import token_matches
+from sidecar.quota.signins import FailedSignIns
 
 if TYPE_CHECKING:
     from litestar.types import HTTPScope, Receive, Send
@@ -22,19 +22,33 @@ _encode = msgspec.json.Encoder().encode
 
 
 class RawAuthorize:
-    def __init__(self, authorizer: Authorizer, hook_token: str, body_timeout_s: float) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        hook_token: str,
+        signins: FailedSignIns,
+        body_timeout_s: float,
+    ) -> None:
         self.authorizer = authorizer
         self.expected = hook_token
+        self.signins = signins
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         headers = lowered(scope)
+        client = scope.get("client")
+        peer = client[0] if client else None
         try:
-            if not token_matches(headers.get("x-sidecar-token"), self.expected):
+            if not await self.signins.verify(
+                headers.get("x-sidecar-token"),
+                self.expected,
+                peer=peer,
+                forwarded_for=headers.get("x-forwarded-for"),
+                where="hooks",
+            ):
                 raise Unauthorized("missing or invalid x-sidecar-token")
             raw = await read_body(scope, receive, MAX_HOOK_BODY, self.body_timeout_s)
-            client = scope.get("client")
-            decided = await self.authorizer.decide(raw, headers, client[0] if client else None)
+            decided = await self.authorizer.decide(raw, headers, peer)
         except ClientGone:
             return
         except SidecarError as exc:

@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -32,11 +33,14 @@ from sidecar.identity.resolve import (
     encode_header_id,
 )
 from sidecar.jsonbody import parse_object
+from sidecar.metering import spans
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Meter, Settlement
 from sidecar.observe.counters import Counters
+from sidecar.observe.tracing import Tracer
+from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
-from sidecar.quota.limiter import Decision
+from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
@@ -63,9 +67,8 @@ _REQUEST_SKIP = frozenset(
         b"expect",
     }
 )
-_RESPONSE_SKIP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "trailer", "transfer-encoding", "upgrade"}
-)
+# Replaced by the sidecar's own when it traces the request (its span is the parent upstream).
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _encode = msgspec.json.Encoder().encode
@@ -82,6 +85,7 @@ class InlineProxy:
         quota: Quota,
         settlement: Settlement,
         counters: Counters | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.upstream = upstream
         self.attribution = attribution
@@ -89,6 +93,7 @@ class InlineProxy:
         self.quota = quota
         self.settlement = settlement
         self.counters = counters
+        self.tracer = tracer
         self.limit = settings.server.max_body_bytes
         self.body_timeout = settings.server.body_timeout_s
         self.extra_paths = tuple(settings.metering.extra_paths)
@@ -105,6 +110,7 @@ class InlineProxy:
         return any(fnmatch.fnmatchcase(path, glob) for glob in self.extra_paths), None
 
     async def __call__(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
+        started_ns = time.time_ns() if self.tracer is not None else 0
         if not self.upstream.url:
             error = BadGateway("no upstream configured: set [upstream] url", code="no_upstream")
             await send_error(send, error)
@@ -128,15 +134,15 @@ class InlineProxy:
             await self._forward(scope, send, body, self._headers(scope, None), None)
             return
         try:
-            meter, body = await self._admit(scope, send, body, kind)
+            meter, body = await self._admit(scope, send, body, kind, started_ns)
         except SidecarError as exc:
             await send_error(send, exc)
             return
         if meter is not None:
-            await self._forward(scope, send, body, self._headers(scope, meter.resolved), meter)
+            await self._forward(scope, send, body, self._headers(scope, meter), meter)
 
     async def _admit(
-        self, scope: HTTPScope, send: Send, body: bytes, kind: Kind | None
+        self, scope: HTTPScope, send: Send, body: bytes, kind: Kind | None, started_ns: int
     ) -> tuple[Meter | None, bytes]:
         """Resolve and check a metered request; None when it was refused (answered here)."""
         headers = lowered(scope)
@@ -146,42 +152,66 @@ class InlineProxy:
         strip = kind is not None and prepare_request(kind, payload)
         if strip or resolved.source is Source.BODY:
             body = _encode(payload)  # without the identity object, with stream_options
+        requested = payload.get("model")
+        model = requested if isinstance(requested, str) else None
+        meter = Meter(resolved, kind, None, model, strip=strip)
+        if self.tracer is not None:
+            name = spans.name(kind, model)
+            meter.span = self.tracer.start(name, headers, started_ns, server=True)
         # A known identity whose body profile is due to be written again is counted under the
         # _id at hand, and the write waits until the response is out (Meter.refresh).
         known, refresh = self.identifier.cached(resolved)
         decision: Decision | None = None
-        identity: str | asyncio.Task[str] | None
-        if self.quota.active:
-            request_id = str(ULID())  # also the concurrency lease's name
-            logs.bind(resolved.external_id, request_id)
-            # Limits are kept under the identity's _id: it must be known before admission.
-            identity, decision = await self.quota.admit(resolved, request_id, known)
-            if not decision.admitted:
-                await self._refuse(send, resolved, identity, decision)
-                return None, body
-        else:
-            logs.bind(resolved.external_id)
-            # A write, when one is needed, runs while the upstream works.
-            identity = known or asyncio.create_task(self.identifier.identify(resolved))
-        requested = payload.get("model")
-        model = requested if isinstance(requested, str) else None
-        meter = Meter(resolved, kind, identity, model, decision, strip)
+        try:
+            if self.quota.active:
+                # Also the concurrency lease's and reservation's name.
+                request_id = meter.request_id = str(ULID())
+                logs.bind(resolved.external_id, request_id)
+                reserve = None
+                if self.quota.reserving:
+                    reserve = self.attribution.reserve(kind, payload, len(body))
+                # Limits are kept under the identity's _id: it must be known before admission.
+                meter.identity, decision = await self.quota.admit(
+                    resolved, request_id, known, reserve
+                )
+                if decision.store_failed and not decision.admitted:  # on_error = "deny"
+                    raise StoreUnavailable(
+                        "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
+                    )
+                meter.decision = decision
+            else:
+                logs.bind(resolved.external_id)
+                meter.identity = known or await self._identify_first(resolved)
+        except SidecarError as exc:  # the span ends with the error the client gets
+            self.settlement.unanswered(meter, exc.status, exc.code)
+            raise
+        if decision is not None and not decision.admitted:
+            await self._refuse(send, meter, decision)
+            return None, body
         meter.refresh = refresh and known is not None
         return meter, body
 
-    async def _refuse(
-        self, send: Send, resolved: Resolved, identity_id: str | None, decision: Decision
-    ) -> None:
-        if decision.store_failed:  # on_error = "deny"
-            raise StoreUnavailable(
-                "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
-            )
+    async def _identify_first(self, resolved: Resolved) -> str | asyncio.Task[str]:
+        """An identity this process does not know yet is found, or created, before the request
+        goes out, so that the creation cap can refuse it (IdentityCreationLimited). When the
+        store does not answer in time, the write goes on while the upstream works."""
+        write = asyncio.ensure_future(self.identifier.identify(resolved))
+        try:
+            async with self.quota.limiter.deadline():
+                return await asyncio.shield(write)
+        except (StoreUnavailable, TimeoutError):
+            return write
+
+    async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
         headers = [(b"retry-after", b"%d" % decision.retry_after)]
         headers += [(k.encode(), v.encode()) for k, v in decision.headers]
-        await send_json(send, 429, _encode(refusal(decision, resolved.external_id)), headers)
-        self.settlement.refused(identity_id, resolved)
+        await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
+        identity_id = meter.identity if isinstance(meter.identity, str) else None
+        self.settlement.refused(identity_id, meter.resolved, decision, meter)
 
-    def _headers(self, scope: HTTPScope, resolved: Resolved | None) -> list[tuple[str, str]]:
+    def _headers(self, scope: HTTPScope, meter: Meter | None) -> list[tuple[str, str]]:
+        resolved = meter.resolved if meter is not None else None
+        span = meter.span if meter is not None else None
         out = []
         for name, value in scope["headers"]:
             lower = name.lower()
@@ -189,10 +219,14 @@ class InlineProxy:
                 continue
             if resolved is not None and lower == b"accept-encoding":
                 continue  # usage is read from the response: ask for it uncompressed
+            if span is not None and lower in _TRACE_CONTEXT:
+                continue
             out.append((name.decode("latin-1"), value.decode("latin-1")))
         if resolved is not None:
             out.append((self.header, encode_header_id(resolved.external_id)))
             out.append(("accept-encoding", "identity"))
+        if span is not None:
+            out += span.propagation()
         return out
 
     async def _forward(
@@ -212,6 +246,7 @@ class InlineProxy:
         usage: Usage | None = None
         header_cost: str | None = None
         complete = False
+        failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
         started = time.perf_counter()
         try:
             async with self.upstream.session.request(
@@ -226,38 +261,62 @@ class InlineProxy:
                 if self.counters is not None:
                     self.counters.upstream.observe(time.perf_counter() - started)
                 header_cost = upstream.headers.get("x-litellm-response-cost")
-                out_headers = [
-                    (k.lower().encode("latin-1"), v.encode("latin-1"))
-                    for k, v in upstream.headers.items()
-                    if k.lower() not in _RESPONSE_SKIP
-                ]
-                if meter is not None and meter.decision is not None:
-                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 kind = meter.kind if meter else None
                 sse = "text/event-stream" in upstream.headers.get("content-type", "")
-                if meter and sse and kind is not None:
-                    usage = await _relay_stream(upstream, send, out_headers, kind, meter.strip)
-                elif meter and kind is not None:
-                    usage = await _relay_json(upstream, send, out_headers, kind)
+                try:
+                    out_headers = relayed(upstream.raw_headers)
+                except Unrelayable as exc:
+                    log.warning("upstream answer not relayed: %s", exc)
+                    message = f"the upstream's answer cannot be relayed: {exc}"
+                    failure = BadGateway(message, code="bad_upstream_response")
+                    await send_error(send, failure)
+                    usage = await _unrelayed_usage(upstream, kind, sse)
+                    return
+                if meter is not None and meter.decision is not None:
+                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
+                if meter and kind is not None:
+
+                    async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                        await self.settlement.settle(meter, usage, header_cost)
+
+                    relay = _relay_stream if sse else _relay_json
+                    usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
                 else:
                     await _relay(upstream, send, out_headers)
                 complete = True
         except TimeoutError:
             if status is None:
-                await send_error(send, GatewayTimeout("the upstream did not answer in time"))
+                failure = GatewayTimeout("the upstream did not answer in time")
+                await send_error(send, failure)
+        except aiohttp.ClientResponseError:
+            if status is None:  # what it sent is not an HTTP answer (its head, typically)
+                message = "the upstream's answer is not valid HTTP"
+                failure = BadGateway(message, code="bad_upstream_response")
+                await send_error(send, failure)
         except (aiohttp.ClientError, OSError) as exc:
             if status is None:
                 message = f"the upstream cannot be reached: {type(exc).__name__}"
-                await send_error(send, BadGateway(message, code="upstream_unreachable"))
+                failure = BadGateway(message, code="upstream_unreachable")
+                await send_error(send, failure)
         finally:
             if meter is not None:
                 failed = status is None or status >= 400 or not complete
+                # For its span: what the client got, and why it failed when not by the status.
+                reason = failure.code if failure is not None else None
+                if not complete and status is not None and failure is None:
+                    reason = "response_incomplete"  # the upstream or the client left midway
+                sent = failure.status if failure is not None else status
                 try:
-                    self.settlement.answered(meter, failed, usage, header_cost)
+                    self.settlement.answered(
+                        meter, failed, usage, header_cost, status=sent, error=reason
+                    )
                 except Exception:
                     log.exception("usage of %s not recorded", meter.resolved.external_id)
         # When headers went out but the body did not finish, returning now makes the server
         # drop the connection, so the client sees the failure.
+
+
+Settle = Callable[[Usage | None], Awaitable[None]]
 
 
 async def _relay_stream(
@@ -266,7 +325,9 @@ async def _relay_stream(
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
     strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """An SSE answer, chunk by chunk; its usage is settled before the last bytes go out."""
     headers = [(k, v) for k, v in headers if k != b"content-length"]
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     stream = StreamUsage(kind, strip_usage_chunk=strip)
@@ -276,8 +337,11 @@ async def _relay_stream(
         out = stream.feed(chunk)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
-    await send({"type": "http.response.body", "body": stream.flush(), "more_body": False})
-    return stream.finish()
+    last = stream.flush()
+    usage = stream.finish()
+    await settle(usage)
+    await send({"type": "http.response.body", "body": last, "more_body": False})
+    return usage
 
 
 async def _relay_json(
@@ -285,28 +349,54 @@ async def _relay_json(
     send: Send,
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
+    strip: bool,
+    settle: Settle,
 ) -> Usage | None:
+    """A JSON answer; its usage is settled before the client has all of it."""
     start: Any = {"type": "http.response.start", "status": upstream.status, "headers": headers}
     if upstream.content_length is not None and upstream.content_length <= _WHOLE:
         body = await upstream.read()
+        usage = extract_json(kind, body) if upstream.status < 400 else None
+        await settle(usage)
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
-    else:
-        await send(start)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in upstream.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            size += len(chunk)
-            if size <= _JSON_CAP:
-                chunks.append(chunk)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if size > _JSON_CAP:
-            return None
-        body = b"".join(chunks)
-    if upstream.status >= 400:
+        return usage
+    await send(start)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        size += len(chunk)
+        if size <= _JSON_CAP:
+            chunks.append(chunk)
+    usage = None
+    if size <= _JSON_CAP and upstream.status < 400:
+        usage = extract_json(kind, b"".join(chunks))
+    await settle(usage)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return usage
+
+
+async def _unrelayed_usage(
+    upstream: aiohttp.ClientResponse, kind: Kind | None, sse: bool
+) -> Usage | None:
+    """What an answer the client was not given used: the upstream did the work (and bills it),
+    so it counts as a client that left would."""
+    if kind is None:
         return None
-    return extract_json(kind, body)
+    if sse:
+        stream = StreamUsage(kind)
+        async for chunk in upstream.content.iter_any():
+            stream.feed(chunk)
+        stream.flush()
+        return stream.finish()
+    body = bytearray()
+    async for chunk in upstream.content.iter_any():
+        if len(body) <= _JSON_CAP:
+            body += chunk
+    if upstream.status >= 400 or len(body) > _JSON_CAP:
+        return None
+    return extract_json(kind, bytes(body))
 
 
 async def _relay(

@@ -1,101 +1,36 @@
+"""The limit check: every limit of every subject of a request, checked and counted at once."""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 
-from sidecar import money
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
 from sidecar.quota import windows
+from sidecar.quota.breaker import Breaker
+from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
+from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
+from sidecar.store.deadline import StoreDeadline
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Coalescer, Script, pipeline
 
+__all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyUsage", "Subject"]
+
 log = logging.getLogger("sidecar.quota")
 
 Clock = Callable[[], float]
-
-# How admit.lua is told each limit's dimension; the script's prelude gets them from here.
-_KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
-_PRELUDE = "".join(f"local {d.name} = '{code}'\n" for d, code in _KIND.items())
-_HEADER = {Dimension.REQUESTS: "requests", Dimension.TOKENS: "tokens", Dimension.COST: "cost"}
-
-
-class Decision(msgspec.Struct, kw_only=True):
-    admitted: bool
-    policy: Policy | None = None
-    binding: Limit | None = None  # the limit that refused (None for concurrency)
-    dimension: Dimension | None = None  # what refused
-    retry_after: int = 0  # whole seconds, >= 1 when refused
-    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
-    lease: str | None = None  # a concurrency slot to give back when the request ends
-    store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
-
-
-class LimitUsage(msgspec.Struct, kw_only=True):
-    limit: Limit
-    used: float  # requests, tokens or nano-dollars the window holds now
-    remaining: float
-    reset_ms: int  # until the count is back to zero
-
-
-class PolicyUsage(msgspec.Struct, kw_only=True):
-    limits: list[LimitUsage]
-    in_flight: int | None = None  # concurrency leases held, when the policy limits them
-
-
-class Breaker:
-    """Stops a Redis outage from costing every request the full timeout: after `threshold`
-    failures in a row, spread over at least `span_s`, the limiter does not ask Redis for
-    `open_s`, then lets one call try. The span keeps one burst of timeouts (a busy event loop
-    answering late, all at once) from looking like an outage."""
-
-    def __init__(
-        self,
-        threshold: int = 5,
-        open_s: float = 2.0,
-        span_s: float = 0.2,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        self.threshold = threshold
-        self.open_s = open_s
-        self.span_s = span_s
-        self.clock = clock
-        self.failures = 0
-        self.first_failure = 0.0
-        self.opened_at: float | None = None
-
-    def allow(self) -> bool:
-        if self.opened_at is None:
-            return True
-        if self.clock() - self.opened_at >= self.open_s:
-            self.opened_at = self.clock()  # one probe per period while half-open
-            return True
-        return False
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self) -> None:
-        now = self.clock()
-        if self.failures == 0:
-            self.first_failure = now
-        self.failures += 1
-        if self.failures >= self.threshold and now - self.first_failure >= self.span_s:
-            self.opened_at = now
-
-    @property
-    def open(self) -> bool:
-        return self.opened_at is not None
 
 
 class Limiter:
@@ -119,83 +54,225 @@ class Limiter:
         self.breaker = Breaker()
         self.errors = 0  # limit checks Redis did not answer
         self.metrics = counters
-        self._admit = Script("sidecar.quota.lua", "admit", prelude=_PRELUDE)
+        # One script touches one cluster slot: an identity's keys share its slot, so on a
+        # cluster each subject is admitted by a call of its own (see `_admit_in_turn`).
+        self.one_slot = isinstance(client, RedisCluster)
+        self._admit = Script("sidecar.quota.lua", "admit", prelude=PRELUDE)
+        self._release = Script("sidecar.quota.lua", "release")
+        self._settle = Script("sidecar.quota.lua", "settle")
         self._calls = Coalescer(client, self._admit)
+        self._settles = Coalescer(client, self._settle)  # under load, many share a round trip
+        self._pinging: asyncio.Future[None] | None = None
+
+    def deadline(self) -> StoreDeadline:
+        """`timeout_ms`, counted while the store is not answering (see store.deadline)."""
+        return StoreDeadline(self.timeout, self._probe)
+
+    def _probe(self) -> None:
+        """A PING, unless one is in flight: its answer is the store's sign of life."""
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.ensure_future(self._ping())
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # no sign of life: the deadline fails
+            await call(self.client.ping())
 
     @property
     def script(self) -> Script:
         return self._admit
+
+    @property
+    def scripts(self) -> list[Script]:
+        return [self._admit, self._release, self._settle]
 
     def _buckets(self, identity_id: str, limit: Limit, now_ms: int) -> tuple[str, str, int, int]:
         current, previous, elapsed, left = windows.bucket(limit, now_ms)
         base = self.keys.limit(identity_id, limit.key_part)
         return base + current, base + (previous or current), elapsed, left
 
-    async def admit(self, identity_id: str, policy: Policy | None, request_id: str) -> Decision:
-        if policy is None or not policy.limited:
-            return Decision(admitted=True, policy=policy)
+    def _pack(
+        self,
+        subjects: Sequence[Subject],
+        now_ms: int,
+        request_id: str,
+        reserve: Reserve | None = None,
+    ) -> Packed:
+        out = Packed()
+        out.subjects = list(subjects)
+        groups: list[str] = []
+        for subject in subjects:
+            mine: list[str] = []
+            for limit in subject.policy.limits:
+                current, previous, elapsed, left = self._buckets(subject.identity_id, limit, now_ms)
+                out.keys += [current, previous]
+                window = 0 if limit.calendar else limit.window_s * 1000
+                lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                amount = reserved(limit, reserve)
+                out.packed.append(
+                    f"{KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
+                    f"{amount} "
+                )
+                out.spans.append((elapsed, left))
+                out.limits.append((subject, limit))
+                out.reserves.append(amount)
+                if amount:
+                    mine.append(str(len(out.limits)))
+            if mine:
+                out.reserving.append(subject)
+                groups.append(",".join(mine))
+        for subject in subjects:
+            if subject.policy.concurrency:
+                key = self.keys.leases(subject.identity_id)
+                out.leases.append((subject, key))
+                out.caps.append(str(subject.policy.concurrency))
+        out.keys += [key for _, key in out.leases]
+        for subject in out.reserving:
+            out.keys += [
+                self.keys.reservations(subject.identity_id),
+                self.keys.reservations_expiry(subject.identity_id),
+            ]
+        out.args = [
+            "".join(out.packed),
+            now_ms,
+            " ".join(out.caps),
+            request_id,
+            self.lease_ms,
+            " ".join(groups),
+            self.lease_ms,
+        ]
+        return out
+
+    async def admit(
+        self,
+        subjects: Sequence[Subject],
+        request_id: str,
+        policy: Policy | None = None,
+        reserve: Reserve | None = None,
+    ) -> Decision:
+        """Admit a request against every limit of every subject, or refuse it having counted
+        nothing; `policy` is the identity's own. `reserve`: what the request may use at most,
+        reserved against every token and cost limit (see `settle`). On a single server that is
+        one script call."""
+        limited = [s for s in subjects if s.policy.limited]
+        if not limited:
+            return Decision(admitted=True, policy=policy, subjects=tuple(subjects))
         if not self.breaker.allow():
             return self.unavailable(policy)
         now_ms = int(self.clock() * 1000)
-        keys: list[str] = []
-        packed = []
-        spans = []
-        for limit in policy.limits:
-            current, previous, elapsed, left = self._buckets(identity_id, limit, now_ms)
-            keys += [current, previous]
-            window = 0 if limit.calendar else limit.window_s * 1000
-            lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
-            packed.append(f"{_KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} ")
-            spans.append((elapsed, left))
-        if policy.concurrency:
-            keys.append(self.keys.leases(identity_id))
-        args = ["".join(packed), now_ms, policy.concurrency or 0, request_id, self.lease_ms]
         metrics = self.metrics
         started = time.perf_counter()
         try:
-            # asyncio.timeout, not wait_for: no task per check on the request path.
-            async with asyncio.timeout(self.timeout):
-                reply = await self._calls(keys, args)
+            # A deadline, not wait_for: no task per check on the request path.
+            async with self.deadline():
+                if self.one_slot and len(limited) > 1:
+                    admitted, packs, replies = await self._admit_in_turn(
+                        limited, now_ms, request_id, reserve
+                    )
+                else:
+                    pack = self._pack(limited, now_ms, request_id, reserve)
+                    reply = await self._calls(pack.keys, pack.args)
+                    admitted, packs, replies = bool(reply[0]), [pack], [reply]
         except (StoreUnavailable, TimeoutError) as exc:
             self.failed(exc)
             return self.unavailable(policy)
         if metrics is not None:
             metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
-        admitted, leases = bool(reply[0]), int(reply[1])
-        counts = [(int(reply[2 + 2 * i]), int(reply[3 + 2 * i])) for i in range(len(spans))]
-        headers = self._headers(policy, counts, spans)
+        return self._decide(subjects, policy, admitted, packs, replies, request_id)
+
+    async def _admit_in_turn(
+        self, subjects: list[Subject], now_ms: int, request_id: str, reserve: Reserve | None
+    ) -> tuple[bool, list[Packed], list[Any]]:
+        """On a cluster: each subject in a fixed order (by `_id`), each call atomic on its own
+        slot; when one refuses, what the earlier ones took is given back. No subject is ever
+        over-admitted; a request refused later may, for that moment, hold a slot another
+        request then misses (it is given back at once)."""
+        packs: list[Packed] = []
+        replies: list[Any] = []
+        for subject in sorted(subjects, key=lambda s: s.identity_id):
+            pack = self._pack([subject], now_ms, request_id, reserve)
+            reply = await self._calls(pack.keys, pack.args)
+            packs.append(pack)
+            replies.append(reply)
+            if not reply[0]:
+                taken = packs[:-1]
+                if taken:
+                    await self._give_back(taken, request_id)
+                return False, packs, replies
+        return True, packs, replies
+
+    async def _give_back(self, packs: list[Packed], request_id: str) -> None:
+        now_ms = int(self.clock() * 1000)
+
+        def queue(pipe: Any) -> None:
+            for pack in packs:
+                buckets = pack.request_buckets()
+                lease_sets = [key for _, key in pack.leases]
+                self._release.queue(pipe, buckets + lease_sets, [len(buckets), request_id])
+                for subject in pack.reserving:  # its reservation, settled at nothing
+                    self._settle.queue(pipe, *self._settle_call(subject, request_id, 0, 0, now_ms))
+
+        await pipeline(self.client, queue, [self._release, self._settle])
+
+    def _decide(
+        self,
+        subjects: Sequence[Subject],
+        policy: Policy | None,
+        admitted: bool,
+        packs: list[Packed],
+        replies: list[Any],
+        request_id: str,
+    ) -> Decision:
+        metrics = self.metrics
+        rows: list[tuple[Subject, Limit, int, int, int, int]] = []  # + prev, cur, elapsed, left
+        refusing: list[tuple[Subject, Limit | None, int]] = []  # who, what, wait ms
+        for pack, reply in zip(packs, replies, strict=False):
+            in_use, counts = reply[1], reply[2]
+            for i, ((subject, limit), (elapsed, left)) in enumerate(
+                zip(pack.limits, pack.spans, strict=True)
+            ):
+                previous, current = int(counts[2 * i]), int(counts[2 * i + 1])
+                rows.append((subject, limit, previous, current, elapsed, left))
+                need = pack.reserves[i]
+                if not reply[0] and not windows.admits(limit, previous, current, elapsed, need):
+                    wait = windows.wait_ms(limit, previous, current, elapsed, left, need)
+                    refusing.append((subject, limit, wait))
+            if not reply[0]:
+                for (subject, _), cap, held in zip(pack.leases, pack.caps, in_use, strict=True):
+                    if int(held) >= int(cap):
+                        refusing.append((subject, None, 1000))
+        headers = rate_headers(rows)
         if admitted:
             if metrics is not None:
-                metrics.admitted(policy)
-            lease = request_id if policy.concurrency else None
-            return Decision(admitted=True, policy=policy, headers=headers, lease=lease)
-        waits = [
-            (windows.wait_ms(limit, p, c, e, left), limit)
-            for limit, (p, c), (e, left) in zip(policy.limits, counts, spans, strict=True)
-            if not windows.admits(limit, p, c, e)
-        ]
-        if waits:
-            wait, binding = max(waits, key=lambda w: w[0])
-            if metrics is not None:
-                metrics.refused(policy.name, binding.dimension.value)
-            return Decision(
-                admitted=False,
-                policy=policy,
-                binding=binding,
-                dimension=binding.dimension,
-                headers=headers,
-                retry_after=max(1, math.ceil(wait / 1000)),
+                for subject in subjects:
+                    if subject.policy.limited:
+                        metrics.admitted(subject.policy)
+            leases = tuple(
+                (subject.identity_id, request_id) for pack in packs for subject, _ in pack.leases
             )
-        del leases  # refused by concurrency: a slot frees when a request ends
+            return Decision(
+                admitted=True,
+                policy=policy,
+                subjects=tuple(subjects),
+                headers=headers,
+                leases=leases,
+            )
+        if not refusing:  # the script saw a limit at its edge that the float math here does not
+            refusing.append((packs[-1].subjects[0], None, 1000))
+        # The limit that frees last binds; a concurrency refusal frees when a request ends.
+        by, binding, wait = max(refusing, key=lambda r: r[2])
+        dimension = binding.dimension if binding is not None else Dimension.CONCURRENCY
         if metrics is not None:
-            metrics.refused(policy.name, Dimension.CONCURRENCY.value)
+            metrics.refused(by.policy.name, dimension.value)
         return Decision(
             admitted=False,
             policy=policy,
-            dimension=Dimension.CONCURRENCY,
+            subjects=tuple(subjects),
+            refused_by=by,
+            binding=binding,
+            dimension=dimension,
             headers=headers,
-            retry_after=1,
+            retry_after=max(1, math.ceil(wait / 1000)),
         )
 
     def failed(self, exc: BaseException) -> None:
@@ -209,51 +286,43 @@ class Limiter:
             admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
         )
 
-    def _headers(
-        self, policy: Policy, counts: list[tuple[int, int]], spans: list[tuple[int, int]]
-    ) -> list[tuple[str, str]]:
-        """OpenAI's x-ratelimit-* headers; per dimension, the limit with the least left."""
-        tightest: dict[Dimension, tuple[float, Limit, int]] = {}
-        for limit, (previous, current), (elapsed, left) in zip(
-            policy.limits, counts, spans, strict=True
-        ):
-            remaining = max(0.0, limit.amount - windows.used(limit, previous, current, elapsed))
-            reset = windows.reset_ms(limit, previous, current, left)
-            best = tightest.get(limit.dimension)
-            if best is None or remaining / limit.amount < best[0] / best[1].amount:
-                tightest[limit.dimension] = (remaining, limit, reset)
-        headers = []
-        for dimension, (remaining, limit, reset) in tightest.items():
-            name = _HEADER[dimension]
-            if dimension is Dimension.COST:
-                shown_limit = money.plain(limit.amount)
-                shown_left = money.plain(int(remaining))
-            else:
-                shown_limit, shown_left = str(limit.amount), str(math.floor(remaining))
-            headers += [
-                (f"x-ratelimit-limit-{name}", shown_limit),
-                (f"x-ratelimit-remaining-{name}", shown_left),
-                (f"x-ratelimit-reset-{name}", windows.duration(reset)),
-            ]
-        return headers
-
-    def charges(
-        self, identity_id: str, policy: Policy | None, tokens: int, cost_nanos: int, at: float
-    ) -> dict[str, tuple[int, int]]:
-        """Bucket key -> (amount, lifetime s): what a finished request adds to the token and
-        cost windows of its policy."""
-        out: dict[str, tuple[int, int]] = {}
-        if policy is None:
-            return out
-        now_ms = int(at * 1000)
-        for limit in policy.limits:
-            amount = {Dimension.TOKENS: tokens, Dimension.COST: cost_nanos}.get(limit.dimension)
-            if not amount:
+    def _settle_call(
+        self, subject: Subject, request_id: str, tokens: int, nanos: int, now_ms: int
+    ) -> tuple[list[str], list[Any]]:
+        keys = [
+            self.keys.reservations(subject.identity_id),
+            self.keys.reservations_expiry(subject.identity_id),
+        ]
+        parts = []
+        for limit in subject.policy.limits:
+            amount = {Dimension.TOKENS: tokens, Dimension.COST: nanos}.get(limit.dimension)
+            if amount is None:
                 continue
-            current, _, _, left = self._buckets(identity_id, limit, now_ms)
+            current, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
             lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
-            out[current] = (amount, lifetime)
-        return out
+            keys.append(current)
+            parts.append(
+                f"{amount} {lifetime} {self.keys.limit(subject.identity_id, limit.key_part)} "
+            )
+        return keys, [request_id, "".join(parts)]
+
+    async def settle(
+        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+    ) -> None:
+        """What an answered request used replaces what it reserved, in every token and cost
+        limit of its subjects (the actual is charged where nothing was reserved, or the
+        reservation expired): durable before the client has the whole response. Each
+        subject's call is atomic in its own slot; concurrent settlements share round trips (a
+        Coalescer, as admissions do). Raises StoreUnavailable."""
+        paying = [s for s in subjects if charged(s.policy)]
+        if not paying:
+            return
+        now_ms = int(self.clock() * 1000)
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        if len(calls) == 1:
+            await self._settles(*calls[0])
+        else:
+            await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window
@@ -266,15 +335,17 @@ class Limiter:
             keys += [current, previous]
             spans.append((elapsed, left))
 
-        # One slot (the identity's hash tag), so one MGET, on a cluster too.
+        # GETs, not an MGET: a cluster pipeline refuses multi-key commands (one node, one
+        # round trip either way: the identity's keys share its slot).
         def queue(pipe: Any) -> None:
-            if keys:
-                pipe.mget(keys)
+            for key in keys:
+                pipe.get(key)
             if policy.concurrency:
                 pipe.zcount(self.keys.leases(identity_id), f"({now_ms}", "+inf")
 
         replies = await pipeline(self.client, queue) if keys or policy.concurrency else []
-        values = [int(v or 0) for v in replies.pop(0)] if keys else []
+        values = [int(v or 0) for v in replies[: len(keys)]]
+        replies = replies[len(keys) :]
         limits = []
         for i, (limit, (elapsed, left)) in enumerate(zip(policy.limits, spans, strict=True)):
             in_bucket, in_previous = values[2 * i], values[2 * i + 1]
@@ -290,10 +361,35 @@ class Limiter:
         in_flight = int(replies[0]) if policy.concurrency else None
         return PolicyUsage(limits=limits, in_flight=in_flight)
 
-    async def release(self, identity_id: str, lease: str) -> None:
+    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
+        """Give concurrency slots back: (identity _id, lease) pairs."""
+        if not leases:
+            return
         try:
             async with asyncio.timeout(self.timeout * 4):
-                await call(self.client.zrem(self.keys.leases(identity_id), lease))
+
+                def queue(pipe: Any) -> None:
+                    for identity_id, lease in leases:
+                        pipe.zrem(self.keys.leases(identity_id), lease)
+
+                await pipeline(self.client, queue)
         except (StoreUnavailable, TimeoutError) as exc:
             # The lease expires by itself; until then it holds a slot.
             log.warning("concurrency slot not released (%s); it expires", type(exc).__name__)
+
+    # -- hook mode: what /hooks/authorize decided, for /hooks/usage to settle ----------------
+
+    async def remember(self, request_id: str, admission: Admission) -> None:
+        """Keep whom an authorized request counts for beyond its identity (its key's owner),
+        for its usage report: `lease_s` long, as its concurrency slots. Raises
+        StoreUnavailable."""
+        key = self.keys.admission(request_id)
+        await call(self.client.set(key, _admission(admission), px=self.lease_ms))
+
+    async def recall(self, request_id: str) -> Admission | None:
+        """What `remember` kept for a request, if anything."""
+        raw = await call(self.client.get(self.keys.admission(request_id)))
+        return msgspec.json.decode(raw, type=Admission) if raw else None
+
+
+_admission = msgspec.json.Encoder().encode

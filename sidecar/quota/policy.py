@@ -25,12 +25,14 @@ class Limit(msgspec.Struct, frozen=True):
 
     Windows up to an hour slide (a weighted pair of fixed buckets); `day` and `month` are
     calendar windows in UTC, because budgets are read against invoices and calendars: a
-    finance team's "$50 a day" resets at midnight UTC, and "$500 a month" on the 1st."""
+    finance team's "$50 a day" resets at midnight UTC, and "$500 a month" on the 1st. Runtime
+    budgets also count by `week` (from Monday), `year`, and `once` (a credit that never
+    resets): see quota.windows.CALENDARS."""
 
     dimension: Dimension
     amount: int  # requests, tokens, or nano-dollars for cost
     window_s: int  # seconds, for sliding windows; the calendar unit's nominal length otherwise
-    calendar: str | None  # "day" | "month" for calendar windows
+    calendar: str | None  # a calendar window's name (windows.CALENDARS), else None
     text: str  # as written in the policy ("600/minute", "0.50/day")
 
     @property
@@ -127,10 +129,15 @@ def parse_limit(dimension: Dimension, text: str) -> Limit:
     return Limit(dimension, amount, item.get_expiry(), calendar, text.strip())
 
 
+BUDGET_PREFIX = "budget:"  # the names of runtime budgets' policies (sidecar.budgets)
+
+
 def build(raw: RawPolicy, source: str) -> Policy:
     """A checked policy; LimitError names the key at fault."""
     if not raw.name.strip() or len(raw.name) > 64 or not raw.name.isprintable():
         raise LimitError("name: 1-64 printable characters")
+    if raw.name.strip().startswith(BUDGET_PREFIX):
+        raise LimitError(f"name: {BUDGET_PREFIX!r} starts the names of runtime budgets")
     parsed: list[Limit] = []
     for dimension, texts in (
         (Dimension.REQUESTS, raw.requests),

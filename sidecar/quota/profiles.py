@@ -1,5 +1,6 @@
-"""What the policies match on (tags, metadata), per identity, remembered for a few seconds so
-that choosing a policy costs no store read."""
+"""What the policies match on (tags, metadata) and the tags budgets are scoped to, per
+identity, remembered for a few seconds so that choosing a policy and the budgets costs no store
+read."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.quota.decision import BudgetSubjects
 from sidecar.quota.live import LiveConfig
 
 Clock = Callable[[], float]
@@ -16,10 +18,14 @@ _PROFILES = 65_536
 
 
 class PolicyProfiles:
-    def __init__(self, live: LiveConfig, clock: Clock = time.time) -> None:
+    def __init__(
+        self, live: LiveConfig, clock: Clock = time.time, budgets: BudgetSubjects | None = None
+    ) -> None:
         self.live = live
         self.clock = clock
+        self.budgets = budgets
         self._generation = live.generation
+        self._budget_tags = budgets.tags if budgets is not None else frozenset()
         self._profiles: dict[str, tuple[list[str], dict[str, Any], float]] = {}
 
     def __len__(self) -> int:
@@ -29,7 +35,8 @@ class PolicyProfiles:
         # Only what some policy matches on is kept: a profile's other tags and metadata (up to
         # tens of KB) would make the cache's memory depend on what clients send.
         self._fresh()
-        tags = [t for t in tags if t in self.live.match_tags]
+        wanted = self.live.match_tags | self._budget_tags
+        tags = [t for t in tags if t in wanted]
         metadata = {k: v for k, v in metadata.items() if k in self.live.match_keys}
         self._profiles[external_id] = (tags, metadata, self.clock() + PROFILE_TTL_S)
         if len(self._profiles) > _PROFILES:
@@ -43,7 +50,13 @@ class PolicyProfiles:
         return cached[0], cached[1]
 
     def _fresh(self) -> None:
-        """Profiles kept for the old policies' matches go when the policies are reloaded."""
+        """Profiles kept for the old policies' matches go when the policies are reloaded, and
+        when the tags budgets are scoped to change."""
         if self._generation != self.live.generation:
             self._profiles.clear()
             self._generation = self.live.generation
+        budget_tags = self.budgets.tags if self.budgets is not None else frozenset()
+        if budget_tags is not self._budget_tags:  # the budgets were reloaded
+            if budget_tags != self._budget_tags:
+                self._profiles.clear()
+            self._budget_tags = budget_tags

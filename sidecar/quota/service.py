@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -11,10 +10,11 @@ import msgspec
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.records import IdentityRecords
-from sidecar.identity.resolve import Resolved
-from sidecar.quota.limiter import Decision, Limiter
+from sidecar.identity.resolve import Resolved, Source
+from sidecar.quota.decision import BudgetSubjects, Decision, Reserve, Subject
+from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
-from sidecar.quota.policy import Dimension, Policy, choose
+from sidecar.quota.policy import Dimension, Match, Policy, choose
 from sidecar.quota.profiles import PolicyProfiles
 
 
@@ -23,6 +23,9 @@ class _Missing:
 
 
 MISSING = _Missing()
+# A key owner that is a subject only so that it comes before the budgets among a request's
+# subjects (whom a request counts for beyond its identity is read in that order): no limits.
+_UNLIMITED = Policy("", Match(), (), None, "")
 
 
 class RateLimitBody(msgspec.Struct):
@@ -31,9 +34,10 @@ class RateLimitBody(msgspec.Struct):
     code: str
     param: None
     identity: str
-    policy: str
+    policy: str | None  # None when a budget refused
     dimension: str
     limit: str
+    budget: str | msgspec.UnsetType = msgspec.UNSET  # the budget's _id, when one refused
 
 
 class RateLimitError(msgspec.Struct):
@@ -44,28 +48,39 @@ _PER = re.compile(r"\s*(?:/|\bper\b)\s*", re.IGNORECASE)
 
 
 def refusal(decision: Decision, external_id: str) -> RateLimitError:
-    """The 429 body, OpenAI-shaped, naming the identity, policy, dimension and limit."""
-    assert decision.policy is not None and decision.dimension is not None
+    """The 429 body, OpenAI-shaped, naming the subject that refused (the identity, the owner
+    of the key it came with, or a budget), its policy or budget, the dimension and the limit."""
+    assert decision.dimension is not None
+    budget: str | None = None
+    if decision.refused_by is not None:
+        external_id, policy = decision.refused_by.external_id, decision.refused_by.policy
+        budget = decision.refused_by.budget
+    else:
+        assert decision.policy is not None
+        policy = decision.policy
     dimension = decision.dimension
     if decision.binding is not None:
         text = decision.binding.text
         amount, per = _PER.split(text, maxsplit=1)
         what = f"${amount}" if dimension is Dimension.COST else f"{amount} {dimension.value}"
-        summary = f"{what} per {per.strip()}"
+        # A one-time budget's limit never resets: "50/one_time" is $50 in all.
+        per = "in total" if decision.binding.calendar == "once" else f"per {per.strip()}"
+        summary = f"{what} {per}"
     else:
-        text = str(decision.policy.concurrency)
+        text = str(policy.concurrency)
         summary = f"{text} concurrent requests"
+    whose = f"budget {budget}" if budget is not None else f"policy {policy.name}"
     return RateLimitError(
         RateLimitBody(
-            message=f"Rate limit exceeded: {summary} for identity {external_id} "
-            f"(policy {decision.policy.name})",
+            message=f"Rate limit exceeded: {summary} for identity {external_id} ({whose})",
             type="rate_limit_error",
             code=f"{dimension.value}_limit_exceeded",
             param=None,
             identity=external_id,
-            policy=decision.policy.name,
+            policy=None if budget is not None else policy.name,
             dimension=dimension.value,
             limit=text,
+            budget=msgspec.UNSET if budget is None else budget,
         )
     )
 
@@ -80,16 +95,34 @@ class Quota:
         records: IdentityRecords,
         identifier: Identifier,
         profiles: PolicyProfiles,
+        budgets: BudgetSubjects,
     ) -> None:
         self.live = live
         self.limiter = limiter
         self.records = records
         self.identifier = identifier
         self.profiles = profiles
+        self.budgets = budgets
+        self._reserving_for: object = None
+        self._reserving = False
 
     @property
     def active(self) -> bool:
-        return self.live.limited
+        return self.live.limited or self.budgets.active
+
+    @property
+    def reserving(self) -> bool:
+        """Whether some policy or budget limits tokens or cost: requests then reserve at
+        admission."""
+        policies = self.live.policies
+        if policies is not self._reserving_for:
+            self._reserving_for = policies
+            self._reserving = any(
+                limit.dimension in (Dimension.TOKENS, Dimension.COST)
+                for policy in policies
+                for limit in policy.limits
+            )
+        return self._reserving or self.budgets.charging
 
     def _known_policy(self, resolved: Resolved) -> Policy | _Missing | None:
         """The policy, when what it depends on is at hand (no store read), else MISSING."""
@@ -123,28 +156,108 @@ class Quota:
         assert not isinstance(policy, _Missing)
         return policy
 
+    def owner_of(self, resolved: Resolved) -> Resolved | None:
+        """The second subject of a request: the owner of the listed key it carries, when that is
+        not the identity itself."""
+        owner = resolved.owner
+        if owner is None or owner == resolved.external_id:
+            return None
+        # Listed in the config: its record is not counted against any creation cap.
+        return Resolved(owner, Source.API_KEY, owner=owner)
+
+    def _known_tags(self, resolved: Resolved) -> list[str] | _Missing:
+        """The identity's tags that some budget is scoped to, when at hand without a store
+        read (a body identity's own, else the profile cache), else MISSING."""
+        if not self.budgets.tags:
+            return []
+        given = resolved.profile
+        if given is not None and isinstance(given.tags, list):
+            return given.tags
+        cached = self.profiles.get(resolved.external_id)
+        return MISSING if cached is None else cached[0]
+
+    async def _tags(self, identity_id: str, resolved: Resolved) -> list[str]:
+        tags = self._known_tags(resolved)
+        if isinstance(tags, _Missing):
+            found = await self.records.many([identity_id])
+            self.profiles.remember(
+                resolved.external_id, *((found[0].tags, found[0].metadata) if found else ([], {}))
+            )
+            tags = self._known_tags(resolved)
+            assert not isinstance(tags, _Missing)
+        return tags
+
+    async def subjects(self, resolved: Resolved, identity_id: str) -> list[Subject]:
+        """Whom a request counts against: its identity (when a policy applies to it), its
+        key's owner (two levels), then each budget that applies. Raises StoreUnavailable."""
+        policy = await self.policy_for(identity_id, resolved)
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        tags = await self._tags(identity_id, resolved)
+        budgets = self.budgets.subjects(resolved.external_id, tags, resolved.owner)
+        owner = self.owner_of(resolved)
+        if owner is not None and (self.live.policies or budgets):
+            owner_id = self.identifier.known(owner) or await self.identifier.identify(owner)
+            owner_policy = await self.policy_for(owner_id, owner)
+            if owner_policy is not None and owner_policy.limited:
+                out.append(Subject(owner_id, owner.external_id, owner_policy))
+            elif budgets:
+                out.append(Subject(owner_id, owner.external_id, _UNLIMITED))
+        return out + budgets
+
+    def _known_subjects(self, resolved: Resolved, identity_id: str) -> list[Subject] | None:
+        """`subjects`, when everything it needs is at hand without a store read."""
+        policy = self._known_policy(resolved)
+        tags = self._known_tags(resolved)
+        if isinstance(policy, _Missing) or isinstance(tags, _Missing):
+            return None
+        out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        budgets = self.budgets.subjects(resolved.external_id, tags, resolved.owner)
+        owner = self.owner_of(resolved)
+        if owner is not None and (self.live.policies or budgets):
+            owner_id = self.identifier.known(owner)
+            owner_policy = self._known_policy(owner) if owner_id is not None else MISSING
+            if owner_id is None or isinstance(owner_policy, _Missing):
+                return None
+            if owner_policy is not None and owner_policy.limited:
+                out.append(Subject(owner_id, owner.external_id, owner_policy))
+            elif budgets:
+                out.append(Subject(owner_id, owner.external_id, _UNLIMITED))
+        return out + budgets
+
     async def admit(
-        self, resolved: Resolved, request_id: str, known: str | None
+        self,
+        resolved: Resolved,
+        request_id: str,
+        known: str | None,
+        reserve: Reserve | None = None,
     ) -> tuple[str | None, Decision]:
         """The identity's `_id` (None when the store could not say) and the decision; `known`
         is the `_id` the caller already has (see Identifier.cached).
 
-        Finding the identity (an upsert when it is new) and its profile, then the limit check,
-        each give up after `timeout_ms`; then `on_error` decides, as for the check itself."""
+        Finding the identity (an upsert when it is new), its key's owner and their profiles,
+        then the limit check, each give up after `timeout_ms`; then `on_error` decides, as for
+        the check itself."""
         limiter = self.limiter
         if known is not None:
-            policy = self._known_policy(resolved)
-            if not isinstance(policy, _Missing):  # the common case: one store call, the check
-                return known, await limiter.admit(known, policy, request_id)
+            subjects = self._known_subjects(resolved, known)
+            if subjects is not None:  # the common case: one store call, the check
+                own = _own(subjects, known)
+                return known, await limiter.admit(subjects, request_id, own, reserve)
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:
-            async with asyncio.timeout(limiter.timeout):
+            async with limiter.deadline():
                 identity_id = known or await self.identifier.identify(resolved)
-                policy = await self.policy_for(identity_id, resolved)
+                subjects = await self.subjects(resolved, identity_id)
         except (StoreUnavailable, TimeoutError) as exc:
             limiter.failed(exc)
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
-        return identity_id, await limiter.admit(identity_id, policy, request_id)
+        own = _own(subjects, identity_id)
+        return identity_id, await limiter.admit(subjects, request_id, own, reserve)
+
+
+def _own(subjects: list[Subject], identity_id: str) -> Policy | None:
+    """The identity's own policy among a request's subjects."""
+    return subjects[0].policy if subjects and subjects[0].identity_id == identity_id else None

@@ -12,6 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from sidecar.errors import StoreUnavailable
+from sidecar.store.deadline import STORE
 
 # What a Redis call raises when the server is down, hung, failing over or refusing.
 DRIVER_ERRORS = (RedisError, OSError)
@@ -23,10 +24,12 @@ def unavailable(exc: BaseException, what: str = "store") -> StoreUnavailable:
 
 @contextmanager
 def translated(what: str = "store") -> Iterator[None]:
+    """Redis errors as StoreUnavailable; a call that succeeds tells the store's liveness."""
     try:
         yield
     except DRIVER_ERRORS as exc:
         raise unavailable(exc, what) from exc
+    STORE.answered()
 
 
 async def call(awaitable: Awaitable[Any], what: str = "store") -> Any:

@@ -8,6 +8,11 @@ import hashlib
 # the hash tag, so one Lua script can touch all of them. The global indexes share the `{idx}`
 # tag, so the scripts that scan or update them run on one node. No key embeds a raw external id:
 # the external-id index is keyed by a digest.
+#
+# Runtime budgets: their records and indexes share the `{budgets}` tag (written by one script
+# each); a budget's limit buckets are keyed like an identity's, by its ULID (`limit`). Alerts,
+# their durable outbox and the delivery log share the `{alerts}` tag, so that firing an alert
+# and queueing its deliveries is one atomic step.
 
 
 def xid_digest(external_id: str) -> str:
@@ -71,9 +76,24 @@ class Keys:
         # 30-day sum is one HMGET. The recorder trims days past the retention.
         return f"{self._p}:u:{{{identity_id}}}:d"
 
+    def usage_models(self, identity_id: str) -> str:
+        """Prefix of the by-model day hashes: append the day (days since the epoch, UTC)."""
+        # Hash per UTC day: each model's slot and its counters (usage/buckets.py). Model
+        # names stay in fields, never in key names.
+        return f"{self._p}:u:{{{identity_id}}}:m:"
+
     def limit(self, identity_id: str, part: str) -> str:
         """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
         return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL
+
+    def reservations(self, identity_id: str) -> str:
+        # Hash: request id -> 'bucket amount ...' a token or cost limit reserved for it at
+        # admission, replaced by the actual at completion (quota/lua/settle.lua).
+        return f"{self._p}:rv:{{{identity_id}}}"
+
+    def reservations_expiry(self, identity_id: str) -> str:
+        # Sorted set: request id -> when its reservation is given back unsettled (ms).
+        return f"{self._p}:rx:{{{identity_id}}}"
 
     def leases(self, identity_id: str) -> str:
         return f"{self._p}:cc:{{{identity_id}}}"  # sorted set: request id -> lease expiry (ms)
@@ -97,6 +117,77 @@ class Keys:
         # Sorted set, kept a minute: _id -> 30-day score ending on `day` (the union of `top`).
         return f"{self._p}:{{idx}}:rank:{sort}:{day}"
 
+    def admission(self, request_id: str) -> str:
+        # String with a TTL (a concurrency lease's): whom a hook-mode admission counted against
+        # beyond the identity, read when its usage report comes.
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:adm:{digest}"
+
+    def created(self, creator: str, minute: int) -> str:
+        # String with a TTL: identities one creator (a key owner or a client address) made in
+        # one minute. In the {idx} slot, beside the external-id index the creation writes.
+        digest = hashlib.sha256(creator.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:{{idx}}:new:{digest}:{minute}"
+
+    def failed_signins(self, client: str) -> str:
+        # Hash with a TTL: failed admin sign-ins from one client address in the current window
+        # (see quota.signins). Keyed by a digest: an address may hold ':' and brackets.
+        digest = hashlib.sha256(client.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return f"{self._p}:fa:{digest}"
+
     def ui_session(self, digest: str) -> str:
         # String with a TTL: a dashboard session is signed in (keyed by a digest of its id).
         return f"{self._p}:ui:{digest}"
+
+    # -- runtime budgets -----------------------------------------------------------------------
+
+    @property
+    def budgets(self) -> str:
+        # Sorted set, every score 0: budget _ids, so in ULID (creation) order.
+        return f"{self._p}:{{budgets}}:all"
+
+    def budget(self, budget_id: str) -> str:
+        return f"{self._p}:{{budgets}}:b:{budget_id}"  # string: the budget as JSON
+
+    def budget_kind(self, kind: str) -> str:
+        return f"{self._p}:{{budgets}}:k:{kind}"  # sorted set as `budgets`, of one scope kind
+
+    def budget_scope(self, kind: str, target: str) -> str:
+        # Sorted set as `budgets`, of one scope (kind and target; the target by its digest).
+        return f"{self._p}:{{budgets}}:s:{kind}:{xid_digest(target)}"
+
+    @property
+    def budget_arms(self) -> str:
+        # Hash: _id -> how often its alerts were re-armed (a reset, a changed amount).
+        return f"{self._p}:{{budgets}}:arm"
+
+    @property
+    def budget_generation(self) -> str:
+        return f"{self._p}:{{budgets}}:gen"  # string counter: bumped by every change
+
+    def alert_fired(self, budget_id: str, threshold: int, period: str, arm: int) -> str:
+        # String with a TTL (the period's end, plus a day): this threshold of this budget fired
+        # in this period since its alerts were last re-armed. Set NX by whoever fires it.
+        return f"{self._p}:{{alerts}}:f:{budget_id}:{threshold}:{period}:{arm}"
+
+    @property
+    def alert_outbox(self) -> str:
+        return f"{self._p}:{{alerts}}:outbox"  # sorted set: delivery id -> when due (ms)
+
+    def alert_delivery(self, delivery_id: str) -> str:
+        # Hash: one alert's delivery to one notifier (body, state, attempts); expires 30 days
+        # after it is delivered or given up.
+        return f"{self._p}:{{alerts}}:d:{delivery_id}"
+
+    def alert_log(self, budget_id: str) -> str:
+        return f"{self._p}:{{alerts}}:log:{budget_id}"  # list: delivery ids, newest first
+
+    @property
+    def alert_sender(self) -> str:
+        # String with a TTL: the lease of the one process that sends deliveries (its token).
+        return f"{self._p}:{{alerts}}:sender"
+
+    @property
+    def alert_last(self) -> str:
+        # Hash: budget _id -> the external id of the last request checked against it.
+        return f"{self._p}:{{alerts}}:last"

@@ -26,6 +26,7 @@ class Segment(msgspec.Struct, frozen=True):
     css: str
     y: float
     height: float
+    label: str  # its series and value, as the chart's unit reads
 
 
 class Day(msgspec.Struct, frozen=True):
@@ -88,8 +89,10 @@ def bars(
     series: Sequence[Series],
     fmt: Callable[[float], str],
     chart_id: str,
+    legend: bool = True,
 ) -> Chart:
-    """A bar per day, the series stacked; `days` are ISO dates (YYYY-MM-DD), oldest first."""
+    """A bar per day, the series stacked; `days` are ISO dates (YYYY-MM-DD), oldest first.
+    `legend` false: the page keys the colours itself (e.g. a table beside the chart)."""
     count = len(days)
     totals = [sum(s.values[i] for s in series) for i in range(count)]
     top = nice_ceiling(max(totals, default=0.0))
@@ -105,16 +108,14 @@ def bars(
             if h <= 0:
                 continue
             y -= h
-            segments.append(Segment(s.css, y, max(h, 0.5)))
+            segments.append(Segment(s.css, y, max(h, 0.5), f"{s.name}: {fmt(s.values[i])}"))
         x = LEFT + slot * i + (slot - bar_w) / 2
         # A date under every 7th bar, today's included.
         out.append(Day(day, totals[i], fmt(totals[i]), x, segments, (count - 1 - i) % 7 == 0))
-    legend: list[Key] = []
-    if len(series) > 1:
+    keys: list[Key] = []
+    if legend and len(series) > 1:
         x = WIDTH - RIGHT
         for s in reversed(series):
             x -= 7 * len(s.name) + 18
-            legend.append(Key(s.name, s.css, x))
-    return Chart(
-        id=chart_id, title=title, unit=unit, bar_w=bar_w, grid=grid, days=out, legend=legend
-    )
+            keys.append(Key(s.name, s.css, x))
+    return Chart(id=chart_id, title=title, unit=unit, bar_w=bar_w, grid=grid, days=out, legend=keys)

@@ -12,22 +12,26 @@ from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Response
 
+from sidecar.budgets.service import Budgets
 from sidecar.catalog import Catalog
 from sidecar.errors import Conflict, InvalidRequest, NotFound, SidecarError
 from sidecar.identity import model
-from sidecar.quota.limiter import PolicyUsage
+from sidecar.quota.decision import PolicyUsage
 from sidecar.quota.policy import choose
 from sidecar.quota.service import Quota
-from sidecar.tokens import bearer, token_matches
-from sidecar.ui import detail, pages
+from sidecar.quota.signins import TooManyFailedSignIns
+from sidecar.tokens import bearer
+from sidecar.ui import budget_pages, detail, pages
 from sidecar.ui.forms import BadForm, NewIdentity, first, parse
 from sidecar.ui.render import identity_path, message_page, query, redirect
 from sidecar.ui.session import COOKIE, SESSION_TTL_S, Sessions, is_https, same_origin
+from sidecar.usage import buckets
 from sidecar.usage.counters import UsageCounters
 
 log = logging.getLogger("sidecar.ui")
 
 # The services the pages take, by parameter name (app.py provides them).
+BudgetsDep = NamedDependency[Budgets]
 CatalogDep = NamedDependency[Catalog]
 QuotaDep = NamedDependency[Quota]
 SessionsDep = NamedDependency[Sessions]
@@ -60,6 +64,10 @@ def _here(request: Request[Any, Any, Any]) -> str:
     path = raw.split(b"?", 1)[0].decode("latin-1")
     qs: bytes = request.scope.get("query_string", b"")
     return path + ("?" + qs.decode("latin-1") if qs else "")
+
+
+def _peer(request: Request[Any, Any, Any]) -> str | None:
+    return request.client.host if request.client is not None else None
 
 
 def _back_to(value: str) -> str:
@@ -96,6 +104,20 @@ def _ref(request: Request[Any, Any, Any]) -> str | None:
     return ref
 
 
+def _metadata_filter(key: str, value: str) -> model.MetadataFilter | None:
+    """The list's metadata filter: `meta_key` alone, identities that have the key; with
+    `meta_value`, those whose value reads so (a string as it is, else as JSON: `true`)."""
+    if not key:
+        if value:
+            raise InvalidRequest("meta_value needs a meta_key")
+        return None
+    if len(key) > model.MAX_METADATA_KEY or model.has_control(key):
+        raise InvalidRequest(f"meta_key: at most {model.MAX_METADATA_KEY} printable characters")
+    if len(value) > model.MAX_METADATA_VALUE or model.has_control(value):
+        raise InvalidRequest(f"meta_value: at most {model.MAX_METADATA_VALUE} printable characters")
+    return model.MetadataFilter(key, value or None)
+
+
 def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Errors as pages: a sign-in is a redirect, the rest a short page with the status."""
     if isinstance(exc, LoginRequired):
@@ -110,7 +132,9 @@ def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, BadForm):
         return message_page("Invalid form", str(exc), 400)
     if isinstance(exc, SidecarError):
-        return message_page(exc.type.replace("_", " ").capitalize(), exc.message, exc.status)
+        page = message_page(exc.type.replace("_", " ").capitalize(), exc.message, exc.status)
+        page.headers.update(exc.headers)  # retry-after, for one
+        return page
     if isinstance(exc, ValidationException):
         return message_page("Invalid request", str(exc.detail), 400)
     if isinstance(exc, HTTPException):
@@ -123,6 +147,37 @@ def ui_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return message_page("Internal error", "Something went wrong; see the sidecar's log.", 500)
 
 
+async def auth_of(request: Request[Any, Any, Any], sessions: Sessions) -> Auth | None:
+    header = request.headers.get("authorization")
+    if header is not None and await sessions.token_valid(
+        bearer(header), _peer(request), request.headers
+    ):
+        return Auth(session=None, csrf=None)
+    session = await sessions.check(request.cookies.get(COOKIE))
+    return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
+
+
+async def signed_in(request: Request[Any, Any, Any], sessions: Sessions) -> Auth:
+    """The page's viewer, signed in by the session cookie or the admin token, on this site."""
+    auth = await auth_of(request, sessions)
+    if not same_origin(request.headers):
+        raise Forbidden()
+    if auth is None:
+        raise LoginRequired(_here(request))
+    return auth
+
+
+async def form_of(
+    request: Request[Any, Any, Any], sessions: Sessions
+) -> tuple[Auth, dict[str, list[str]]]:
+    """A form post of a signed-in user: from this site, with the session's CSRF token."""
+    auth = await signed_in(request, sessions)
+    fields = parse(await request.body(), request.headers.get("content-type", ""))
+    if auth.session is not None and not sessions.csrf_matches(auth.session, first(fields, "csrf")):
+        raise Forbidden()
+    return auth, fields
+
+
 class DashboardController(Controller):
     """The dashboard's pages, server-rendered; see README "Dashboard"."""
 
@@ -132,39 +187,12 @@ class DashboardController(Controller):
 
     # -- signing in ---------------------------------------------------------------------
 
-    async def _auth(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth | None:
-        header = request.headers.get("authorization")
-        if header is not None and token_matches(bearer(header), sessions.admin_token):
-            return Auth(session=None, csrf=None)
-        session = await sessions.check(request.cookies.get(COOKIE))
-        return None if session is None else Auth(session=session, csrf=sessions.csrf(session))
-
-    async def _signed_in(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Auth:
-        auth = await self._auth(request, sessions)
-        if not same_origin(request.headers):
-            raise Forbidden()
-        if auth is None:
-            raise LoginRequired(_here(request))
-        return auth
-
-    async def _form(
-        self, request: Request[Any, Any, Any], sessions: SessionsDep
-    ) -> tuple[Auth, dict[str, list[str]]]:
-        """A form post of a signed-in user: from this site, with the session's CSRF token."""
-        auth = await self._signed_in(request, sessions)
-        fields = parse(await request.body(), request.headers.get("content-type", ""))
-        if auth.session is not None and not sessions.csrf_matches(
-            auth.session, first(fields, "csrf")
-        ):
-            raise Forbidden()
-        return auth, fields
-
     @get("/login", operation_id="uiLoginForm")
     async def login_form(
         self, request: Request[Any, Any, Any], sessions: SessionsDep
     ) -> Response[Any]:
         back_to = _back_to(request.query_params.get("next", "/ui"))
-        if await self._auth(request, sessions) is not None:
+        if await auth_of(request, sessions) is not None:
             return redirect(back_to)
         return pages.login(next_path=back_to)
 
@@ -177,14 +205,22 @@ class DashboardController(Controller):
         if not same_origin(request.headers):
             raise Forbidden()
         back_to = _back_to(first(fields, "next"))
-        if not token_matches(first(fields, "token"), sessions.admin_token):
+        try:
+            valid = await sessions.token_valid(
+                first(fields, "token"), _peer(request), request.headers
+            )
+        except TooManyFailedSignIns as exc:
+            page = pages.login(error=exc.message, next_path=back_to, status=exc.status)
+            page.headers.update(exc.headers)
+            return page
+        if not valid:
             return pages.login(error="That is not the admin token.", next_path=back_to, status=401)
         value = await sessions.open()
         return redirect(back_to, cookies=[_cookie(request, value, SESSION_TTL_S)])
 
     @post("/logout", operation_id="uiLogout")
     async def logout(self, request: Request[Any, Any, Any], sessions: SessionsDep) -> Response[Any]:
-        auth, _ = await self._form(request, sessions)
+        auth, _ = await form_of(request, sessions)
         if auth.session is not None:
             await sessions.close(auth.session)
         return redirect("/ui/login", cookies=[_cookie(request, "", 0)])
@@ -198,10 +234,12 @@ class DashboardController(Controller):
         sessions: SessionsDep,
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
+        budgets: BudgetsDep,
     ) -> Response[Any]:
-        auth = await self._signed_in(request, sessions)
+        auth = await signed_in(request, sessions)
         params = request.query_params
         search, tag = params.get("q", "").strip(), params.get("tag", "").strip()
+        meta_key, meta_value = params.get("meta_key", "").strip(), params.get("meta_value", "")
         sort = params.get("sort") or "newest"
         after, before = params.get("after") or None, params.get("before") or None
         limit_text = params.get("limit") or str(PAGE_SIZE)
@@ -214,6 +252,7 @@ class DashboardController(Controller):
         for text in (search, tag):
             if len(text) > 255 or model.has_control(text):
                 raise InvalidRequest("search and tag: at most 255 printable characters")
+        metadata = _metadata_filter(meta_key, meta_value)
         limit = int(limit_text)
         found = await catalog.page(
             limit=limit,
@@ -223,13 +262,20 @@ class DashboardController(Controller):
             tags=[tag] if tag else (),
             include_metrics=True,
             sort=SORTS[sort],
+            metadata=metadata,
         )
         ids = [identity.id for identity in found.data]
         sources = await usage_counters.last_sources(ids)
         rows = [pages.Row(i, s) for i, s in zip(found.data, sources, strict=True)]
+        if budgets.active:
+            applying = await budgets.for_identities([(i.external_id, i.tags) for i in found.data])
+            for row, pairs in zip(rows, applying, strict=True):
+                row.budget = budget_pages.used_share(pairs)
         base: dict[str, str | None] = {
             "q": search,
             "tag": tag,
+            "meta_key": meta_key,
+            "meta_value": meta_value,
             "sort": None if sort == "newest" else sort,
             "limit": None if limit == PAGE_SIZE else str(limit),
         }
@@ -240,9 +286,12 @@ class DashboardController(Controller):
             rows=rows,
             search=search,
             tag=tag,
+            meta_key=meta_key,
+            meta_value=meta_value,
             sort=sort,
             previous="/ui" + query(**base, before=ids[0]) if ids and has_previous else None,
             next="/ui" + query(**base, after=ids[-1]) if ids and has_next else None,
+            budgets=any(row.budget is not None for row in rows),
         )
         return pages.identities(listing, csrf=auth.csrf)
 
@@ -254,8 +303,9 @@ class DashboardController(Controller):
         catalog: CatalogDep,
         usage_counters: UsageCountersDep,
         quota: QuotaDep,
+        budgets: BudgetsDep,
     ) -> Response[Any]:
-        auth = await self._signed_in(request, sessions)
+        auth = await signed_in(request, sessions)
         ref = _ref(request)
         if ref is None:
             return self._new_form(NewIdentity(), auth, 200)
@@ -263,11 +313,23 @@ class DashboardController(Controller):
         if found is None:
             raise NotFound(f"no identity with external id {ref!r}")
         usage_series = await usage_counters.series(found.id, "day")
+        first, last = buckets.window(catalog.clock())
+        model_days = await usage_counters.model_days(found.id, first, last)
         policy = choose(quota.live.policies, found.external_id, found.tags, found.metadata)
         usage: PolicyUsage | None = None
         if policy is not None and (policy.limits or policy.concurrency):
             usage = await quota.limiter.usage(found.id, policy)
-        return detail.identity_page(found, usage_series, policy, usage, csrf=auth.csrf)
+        (applying,) = await budgets.for_identities([(found.external_id, found.tags)])
+        return detail.identity_page(
+            found,
+            usage_series,
+            policy,
+            usage,
+            model_days,
+            budgets=budget_pages.rows(applying),
+            new_budget=budget_pages.new_path("identity", found.external_id),
+            csrf=auth.csrf,
+        )
 
     @post("/identities/{ref:path}", operation_id="uiCreateIdentity")
     async def create(
@@ -275,7 +337,7 @@ class DashboardController(Controller):
     ) -> Response[Any]:
         if _ref(request) is not None:
             raise HTTPException(status_code=405, detail="only the New Identity form takes posts")
-        auth, fields = await self._form(request, sessions)
+        auth, fields = await form_of(request, sessions)
         form = NewIdentity.from_fields(fields)
         checked = form.validate()
         if checked is None:

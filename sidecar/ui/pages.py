@@ -28,6 +28,7 @@ def login(*, error: str | None = None, next_path: str = "/ui", status: int = 200
 class Row(msgspec.Struct):
     identity: Identity
     source: str | None  # the last request's source tag
+    budget: float | None = None  # the most any of its budgets has used (None: none applies)
 
     @property
     def metrics(self) -> Metrics:
@@ -38,9 +39,12 @@ class Listing(msgspec.Struct, kw_only=True):
     rows: list[Row]
     search: str
     tag: str
+    meta_key: str
+    meta_value: str
     sort: str
     previous: str | None  # hrefs of the neighbouring pages
     next: str | None
+    budgets: bool = False  # some budget applies to some row: the "budget used" column
 
 
 def identities(listing: Listing, *, csrf: str | None) -> Template:

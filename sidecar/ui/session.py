@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from sidecar.quota.signins import FailedSignIns
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
@@ -25,13 +26,29 @@ class Sessions:
     id is also kept in Redis (by its digest) for SESSION_TTL_S, so that signing out ends the
     session on every sidecar sharing the store, and a stolen cookie with it."""
 
-    def __init__(self, client: RedisClient, keys: Keys, admin_token: str) -> None:
+    def __init__(
+        self, client: RedisClient, keys: Keys, admin_token: str, signins: FailedSignIns
+    ) -> None:
         self.client = client
         self.keys = keys
         self.admin_token = admin_token
+        self.signins = signins
         self._key = hmac.new(
             admin_token.encode("utf-8"), b"sidecar dashboard session v1", hashlib.sha256
         ).digest()
+
+    async def token_valid(
+        self, given: str | None, peer: str | None, headers: Mapping[str, str]
+    ) -> bool:
+        """`given` is the admin token; failed attempts are limited per client address (raises
+        TooManyFailedSignIns)."""
+        return await self.signins.verify(
+            given,
+            self.admin_token,
+            peer=peer,
+            forwarded_for=headers.get("x-forwarded-for"),
+            where="dashboard",
+        )
 
     def _mac(self, purpose: str, session_id: str) -> str:
         message = f"{purpose}\0{session_id}".encode()

@@ -4,6 +4,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
+from sidecar.identity.model import metadata_text
 from sidecar.ui import chart, render
 
 
@@ -26,6 +27,7 @@ def environment() -> Environment:
         percent=render.percent,
         moment=render.moment,
         literal=render.literal,
+        metadata_text=metadata_text,
         num=chart.num,
     )
     env.globals.update(

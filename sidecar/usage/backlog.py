@@ -56,7 +56,7 @@ class Backlog:
 
     def drop(self, entries: list[Entry], why: str) -> None:
         self.dropped += len(entries)
-        log.error("usage of %d identity-hours not recorded: %s", len(entries), why)
+        log.error("usage of %d identity-hour-models not recorded: %s", len(entries), why)
 
     async def write_all(self, entries: list[Entry]) -> list[int]:
         results: list[int] = []

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 from sidecar.usage.model import Usage
 from sidecar.usage.pricing import Cost
 
@@ -30,8 +32,8 @@ BY_SOURCE = {
     "api_key": "sk",
     "anonymous": "sa",
 }
-# Every counter, in the order the Lua prelude (lua_prelude) lists them.
-COUNTERS = (
+# What a request uses (or that it was refused), whoever it is for.
+USAGE = (
     REQUESTS,
     ERRORS,
     INPUT,
@@ -42,8 +44,45 @@ COUNTERS = (
     COST,
     RATE_LIMITED,
     UNPRICED,
-    *BY_SOURCE.values(),
 )
+# Every counter, in the order the Lua prelude (lua_prelude) lists them.
+COUNTERS = (*USAGE, *BY_SOURCE.values())
+
+# A key owner's own copy of what requests carrying its keys for others (end users it may
+# assert) counted, per day only (`/v2/usage?group_by=api_key_owner`): the counters above,
+# prefixed. Not in its metrics, series or rankings, which are its own requests'.
+VIA = "k"
+VIA_COUNTERS = tuple(VIA + c for c in USAGE)
+_VIA = frozenset(VIA_COUNTERS)
+
+# Per identity and UTC day, usage by model (Keys.usage_models: one hash per day, kept
+# RETENTION_DAYS). The day's models take slots: field "=<model>" holds the model's slot, one
+# character, and "<slot><counter>" its counters (MODEL_COUNTERS), so a long model name is
+# written once a day rather than once per counter; MODEL_COUNT counts the named slots. At most
+# MAX_MODELS models a day get a slot of their own (a..p); the rest of that day is counted
+# under OTHER_MODEL (slot OTHER_SLOT). Model names are untrusted (the response's or the
+# request's): model_name bounds them and takes out control characters, and no field of one
+# kind can be read as the other ("=" names, a slot letter and a counter, "\x1f" the count).
+MODEL_COUNTERS = (
+    REQUESTS,
+    ERRORS,
+    INPUT,
+    CACHED_INPUT,
+    CACHE_WRITE,
+    OUTPUT,
+    REASONING,
+    COST,
+    UNPRICED,
+)
+MODEL_NAME = "="
+MODEL_COUNT = "\x1fn"
+MAX_MODELS = 16
+FIRST_SLOT = "a"
+OTHER_SLOT = "~"
+MAX_MODEL_NAME = 128
+OTHER_MODEL = "(other)"
+UNKNOWN_MODEL = "(unknown)"  # a request that named no model and got no answer naming one
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 METRICS_DAYS = 30
 RETENTION_DAYS = 32  # outlives the window by a margin, so the oldest day is whole when read
@@ -70,11 +109,60 @@ def lua_constants() -> str:
     """The counters and windows above, as Lua: the scripts that keep the 30-day sums start
     with these (then lua/counters.lua), so Python and Lua cannot disagree on them."""
     names = ", ".join(f"'{c}'" for c in COUNTERS)
+    kept = ", ".join(f"'{c}'" for c in COUNTERS + VIA_COUNTERS)
     return (
         f"local COUNTERS = {{{names}}}\n"
+        f"local KEPT = {{{kept}}}\n"
+        f"local VIA = '{VIA}'\n"
         f"local WINDOW = {METRICS_DAYS}\n"
         f"local RETENTION = {RETENTION_DAYS}\n"
     )
+
+
+def lua_model_constants() -> str:
+    """The by-model layout above, as Lua (lua/record.lua and lua/models.lua start with it)."""
+    counted = ", ".join(f"['{c}'] = true" for c in MODEL_COUNTERS)
+    ordered = ", ".join(f"'{c}'" for c in MODEL_COUNTERS)
+    return (
+        f"local MODEL_COUNTERS = {{{counted}}}\n"
+        f"local MODEL_ORDER = {{{ordered}}}\n"
+        f"local MODEL_NAME = '{MODEL_NAME}'\n"
+        f"local MODEL_COUNT = '\\31n'\n"
+        f"local MAX_MODELS = {MAX_MODELS}\n"
+        f"local FIRST_SLOT = {ord(FIRST_SLOT)}\n"
+        f"local OTHER_SLOT = '{OTHER_SLOT}'\n"
+        f"local OTHER_MODEL = '{OTHER_MODEL}'\n"
+    )
+
+
+def model_name(raw: object) -> str:
+    """The name a request's usage is counted under: the model as given, without control
+    characters and surrounding blanks, at most MAX_MODEL_NAME characters; UNKNOWN_MODEL for
+    none."""
+    if not isinstance(raw, str):
+        return UNKNOWN_MODEL
+    name = _CONTROL.sub("", raw).strip()[:MAX_MODEL_NAME].rstrip()
+    return name or UNKNOWN_MODEL
+
+
+def model_day(usage: dict[str, dict[str, int]]) -> dict[str, str | int]:
+    """A by-model day hash holding `usage` (model -> counter -> n), as lua/record.lua leaves
+    it after counting the models in this order: for tools that write the layout directly."""
+    out: dict[str, str | int] = {}
+    named = 0
+    for model, counters in usage.items():
+        if model != OTHER_MODEL and named < MAX_MODELS:
+            slot = chr(ord(FIRST_SLOT) + named)
+            named += 1
+        else:
+            slot = OTHER_SLOT
+        out[MODEL_NAME + (model if slot != OTHER_SLOT else OTHER_MODEL)] = slot
+        for counter, n in counters.items():
+            if counter in MODEL_COUNTERS:
+                field = slot + counter
+                out[field] = int(out.get(field, 0)) + n
+    out[MODEL_COUNT] = named
+    return out
 
 
 def increments(
@@ -104,6 +192,11 @@ def increments(
         if not cost.priced and usage is not None and usage.total_tokens:
             out[UNPRICED] = 1
     return {k: v for k, v in out.items() if v}
+
+
+def via(counters: dict[str, int]) -> dict[str, int]:
+    """A request's counters as its key's owner keeps them (see VIA)."""
+    return {VIA + c: n for c, n in counters.items() if VIA + c in _VIA}
 
 
 def error_rates(

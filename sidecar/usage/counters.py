@@ -4,7 +4,7 @@ them; the Redis side of what usage/buckets.py describes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -14,6 +14,7 @@ from sidecar.store.connect import RedisClient
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, lua, pipeline
 from sidecar.usage import buckets
+from sidecar.usage.by_model import ModelSums, decode, decode_rows
 
 Clock = Callable[[], float]
 Granularity = Literal["day", "hour"]
@@ -92,10 +93,11 @@ class UsageCounters:
         self.clock = clock
         self._sums = Script("sidecar.usage.lua", "sums", prelude=prelude())
         self._erase = Script("sidecar.usage.lua", "erase")
+        self._models = Script("sidecar.usage.lua", "models", prelude=buckets.lua_model_constants())
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._sums, self._erase]
+        return [self._sums, self._erase, self._models]
 
     def queue_sums(self, pipe: Any, identity_id: str) -> None:
         """Add the read of one identity's 30-day sums to a pipeline (see `sums_of`)."""
@@ -167,11 +169,17 @@ class UsageCounters:
         replies = await pipeline(self.client, queue) if identity_ids else []
         return [v.decode() if v else None for v in replies]
 
-    async def days(self, identity_ids: list[str], first: int, last: int) -> list[list[int]]:
-        """Per identity, the sum of each counter (in `buckets.COUNTERS` order) over the UTC
-        days first..last, both included, from the daily counters."""
-        fields = [f"{d}:{c}" for d in range(first, last + 1) for c in buckets.COUNTERS]
-        width = len(buckets.COUNTERS)
+    async def days(
+        self,
+        identity_ids: list[str],
+        first: int,
+        last: int,
+        counters: Sequence[str] = buckets.COUNTERS,
+    ) -> list[list[int]]:
+        """Per identity, the sum of each of `counters` (in their order) over the UTC days
+        first..last, both included, from the daily counters."""
+        fields = [f"{d}:{c}" for d in range(first, last + 1) for c in counters]
+        width = len(counters)
 
         def queue(pipe: Any) -> None:
             for identity_id in identity_ids:
@@ -187,13 +195,54 @@ class UsageCounters:
             out.append(sums)
         return out
 
+    def queue_models(self, pipe: Any, identity_id: str, first: int, last: int) -> None:
+        """Add the read of one identity's usage by model over the UTC days first..last to a
+        pipeline; its reply decodes with `by_model.decode_rows`."""
+        self._models.queue(
+            pipe,
+            [self.keys.usage_days(identity_id)],
+            [self.keys.usage_models(identity_id), first, last],
+        )
+
+    async def models(self, identity_ids: list[str], first: int, last: int) -> list[ModelSums]:
+        """Per identity, its usage by model summed over the UTC days first..last (both
+        included): one script call each, in one pipeline."""
+
+        def queue(pipe: Any) -> None:
+            for identity_id in identity_ids:
+                self.queue_models(pipe, identity_id, first, last)
+
+        replies = await pipeline(self.client, queue, [self._models]) if identity_ids else []
+        return [decode_rows(reply) for reply in replies]
+
+    async def model_days(self, identity_id: str, first: int, last: int) -> list[ModelSums]:
+        """One identity's usage by model on each UTC day first..last, oldest first."""
+        prefix = self.keys.usage_models(identity_id)
+
+        def queue(pipe: Any) -> None:
+            for d in range(first, last + 1):
+                pipe.hgetall(prefix + str(d))
+
+        replies = await pipeline(self.client, queue)
+        return [decode(reply) for reply in replies]
+
     async def erase(self, identity_id: str) -> None:
-        """The identity's day counters and every hour bucket younger than its retention (and
-        a margin); older ones expired by themselves."""
-        last_hour = buckets.hour(self.clock())
+        """The identity's day counters, and every hour bucket and by-model day hash younger
+        than their retention (and a margin); older ones expired by themselves."""
+        now = self.clock()
+        last_hour = buckets.hour(now)
         first_hour = last_hour - buckets.HOUR_RETENTION - 24
+        last_day = buckets.day(now)
+        first_day = last_day - buckets.RETENTION_DAYS - 1
         await self._erase(
             self.client,
             [self.keys.usage_days(identity_id)],
-            [self.keys.usage_hours(identity_id), first_hour, last_hour + 1],
+            [
+                self.keys.usage_hours(identity_id),
+                first_hour,
+                last_hour + 1,
+                self.keys.usage_models(identity_id),
+                first_day,
+                last_day + 1,
+            ],
         )

@@ -23,7 +23,7 @@ Clock = Callable[[], float]
 Charges = Mapping[str, tuple[int, int]]  # rate-limit bucket key -> (amount, lifetime s)
 
 FLUSH_INTERVAL = 0.01  # inline usage waits at most this long to share a round trip (s)
-MAX_PENDING = 100_000  # identity-hours held in memory (beyond: dropped, counted, logged)
+MAX_PENDING = 100_000  # identity-hour-models held in memory (beyond: dropped, counted, logged)
 
 
 class Recorded(msgspec.Struct, frozen=True):
@@ -33,16 +33,17 @@ class Recorded(msgspec.Struct, frozen=True):
 
 
 class Recorder:
-    """Writes usage counters, one script call per identity and hour, exactly once.
+    """Writes usage counters, one script call per identity, hour and model, exactly once.
 
     `record` writes at once (the hooks: idempotent by the caller's request id). `add` is for
-    the inline proxy: requests of the same identity and hour are summed in memory and written
-    together within FLUSH_INTERVAL, one pipeline for all. Each such write carries this
-    process's writer id and a sequence number; the store keeps the highest it applied per
-    identity and writer, so writing an entry again (after a timeout that left it unknown
-    whether Redis applied it, or from the spool) is a no-op. That holds because one identity's
-    entries reach Redis in sequence order: while this process has entries waiting in its
-    backlog, new ones queue behind them.
+    the inline proxy: requests of the same identity, hour and model are summed in memory and
+    written together within FLUSH_INTERVAL, one pipeline for all (an identity that used three
+    models in the hour is three script calls in that pipeline, in sequence order). Each such
+    write carries this process's writer id and a sequence number; the store keeps the highest
+    it applied per identity and writer, so writing an entry again (after a timeout that left it
+    unknown whether Redis applied it, or from the spool) is a no-op. That holds because one
+    identity's entries reach Redis in sequence order: while this process has entries waiting
+    in its backlog, new ones queue behind them.
 
     When Redis fails, entries go to the backlog and are replayed when it is back; a process
     that starts replays the spool files of processes that are gone."""
@@ -64,8 +65,8 @@ class Recorder:
         self.clock = clock
         self.counters = counters
         self._seq = 0
-        # (_id or "" when unknown, external id or "", hour) -> what waits
-        self._pending: dict[tuple[str, str, int], Entry] = {}
+        # (_id or "" when unknown, external id or "", hour, model) -> what waits
+        self._pending: dict[tuple[str, str, int, str], Entry] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._dropped = 0
@@ -96,12 +97,14 @@ class Recorder:
         external_id: str | None = None,
         profile: object = None,
         within_s: float | None = None,
+        model: str = "",
     ) -> Recorded:
         """Add `counters` to the identity's buckets for the time `at` (default now), now;
         a second report of the same request id is not counted again. When the store fails,
         does not answer within `within_s`, or `identity_id` is None (it could not be found),
         the report goes to the backlog (its request id makes a second write of it a no-op).
-        An identity erased after its _id was learnt is looked up again by external id."""
+        An identity erased after its _id was learnt is looked up again by external id.
+        `model` (buckets.model_name): also counted under that model; "" for not."""
         entry = Entry(
             at=self.clock() if at is None else at,
             source=source,
@@ -111,6 +114,7 @@ class Recorder:
             external_id=external_id,
             profile=profile,
             request_id=request_id,
+            model=model,
         )
         for _ in range(2):
             if entry.identity is None:
@@ -146,25 +150,34 @@ class Recorder:
         profile: object = None,
         at: float | None = None,
         charges: Charges | None = None,
+        model: str = "",
     ) -> None:
         """Count a request soon, together with others (see the class). `identity_id` None:
-        the store could not say whose it is; found (or created) when written."""
+        the store could not say whose it is; found (or created) when written. `model`
+        (buckets.model_name): also counted under that model; "" for not."""
         at = self.clock() if at is None else at
-        key = (identity_id or "", "" if identity_id else external_id, buckets.hour(at))
+        key = (identity_id or "", "" if identity_id else external_id, buckets.hour(at), model)
         entry = self._pending.get(key)
         if entry is None:
             if len(self._pending) >= MAX_PENDING:
                 self._dropped += 1
                 log.error(
-                    "usage of %s not recorded: %d identity-hours already wait for Redis",
+                    "usage of %s not recorded: %d identity-hour-models already wait for Redis",
                     external_id,
                     len(self._pending),
                 )
                 return
             entry = self._pending[key] = Entry(
-                at=at, source=source, counters={}, identity=identity_id, external_id=external_id
+                at=at,
+                source=source,
+                counters={},
+                identity=identity_id,
+                external_id=external_id,
+                model=model,
             )
-        entry.source, entry.at = source, max(entry.at, at)
+        entry.at = max(entry.at, at)
+        if source:  # a key owner's VIA counters name no source
+            entry.source = source
         if profile is not None:
             entry.profile = profile
         for counter, n in counters.items():
@@ -271,4 +284,5 @@ class Recorder:
                 profile=entry.profile,
                 at=entry.at,
                 charges=entry.charges,
+                model=entry.model,
             )

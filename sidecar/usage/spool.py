@@ -30,7 +30,8 @@ SUFFIX = ".jsonl"
 
 
 class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Usage of one identity and hour, waiting to be written (in memory, then on disk)."""
+    """Usage of one identity, hour and model, waiting to be written (in memory, then on
+    disk)."""
 
     at: float  # when (epoch s): picks the day and hour buckets
     source: str
@@ -44,6 +45,7 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
     writer: str = ""  # the sidecar process that counted it, and its sequence number there:
     seq: int = 0  # the store keeps each writer's highest, so a second write is a no-op
     request_id: str | None = None  # hook reports: idempotent by the caller's id instead
+    model: str = ""  # counted by model under this name (buckets.model_name); "": not by model
 
 
 _encode = msgspec.json.Encoder().encode

@@ -56,7 +56,9 @@ class UsageWriter:
         self.identities = identities
         self.rankings = rankings
         self.clock = clock
-        self._record = Script("sidecar.usage.lua", "record", prelude=prelude())
+        self._record = Script(
+            "sidecar.usage.lua", "record", prelude=prelude() + buckets.lua_model_constants()
+        )
 
     @property
     def script(self) -> Script:
@@ -65,17 +67,19 @@ class UsageWriter:
     def _call(self, entry: Entry, now: float, floor: str) -> tuple[list[str], list[Any]]:
         assert entry.identity is not None
         hour = buckets.hour(entry.at)
+        day = buckets.day(entry.at)
         identity = entry.identity
         keys = [
             self.keys.identity(identity),
             self.keys.usage_days(identity),
             self.keys.usage_hours(identity) + str(hour),
+            self.keys.usage_models(identity) + str(day),
         ]
         if entry.request_id is not None:
             keys.append(self.keys.request(identity, entry.request_id))
         keys += entry.charges.keys()
         args: list[Any] = [
-            buckets.day(entry.at),
+            day,
             hour,
             # Relative to this process's clock, so that buckets expire by the time they count.
             int((hour + buckets.HOUR_RETENTION + 1) * buckets.HOUR - now),
@@ -87,6 +91,8 @@ class UsageWriter:
             entry.writer,
             entry.seq,
             floor,
+            entry.model,
+            int((day + buckets.RETENTION_DAYS) * buckets.DAY - now),
         ]
         return keys, args
 

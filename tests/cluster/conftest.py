@@ -1,23 +1,30 @@
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
-import httpx
-import openai
 import pytest
 
 from sidecar.app import create_app
-from sidecar.dispatch import Sidecar
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import parse
 from sidecar.testing.redis_cluster import LocalCluster, SentinelSet
 from sidecar.testing.serving import ApiClient, serve
-from tests.conftest import ADMIN_TOKEN, AUTH, FakeClock
-from tests.proxy.conftest import settle
+from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, Side
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test here is slow: each needs the session's Redis Cluster (six servers, ~2 s to
+    start) or a module's Sentinels."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -47,69 +54,6 @@ def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]
         made.stop()
 
 
-@dataclass
-class Side:
-    """A sidecar that opened its own store connection from a URL, in front of a mock upstream."""
-
-    url: str
-    mock: MockServer
-    app: Sidecar
-    api: ApiClient
-
-    def openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="sk-upstream", max_retries=0)
-
-    async def settle(self) -> None:
-        await settle(self.app)
-
-    async def record(self, ref: str) -> dict[str, Any]:
-        await self.settle()
-        r = await self.api.get(f"/v2/identities/{ref}", params={"include_metrics": "true"})
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-
-MakeSide = Callable[..., Awaitable[Side]]
-
-MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
-
-
-def tokens(input_tokens: int, output_tokens: int) -> dict[str, str]:
-    """Headers that make the mock upstream report this usage."""
-    return {"x-mock-input-tokens": str(input_tokens), "x-mock-output-tokens": str(output_tokens)}
-
-
-def gpt_4o_nanos(input_tokens: int, output_tokens: int) -> int:
-    """The catalogue's gpt-4o price: $2.50 and $10 per million input and output tokens."""
-    return input_tokens * 2500 + output_tokens * 10_000
-
-
-async def create(side: Side, **fields: Any) -> dict[str, Any]:
-    r = await side.api.post("/v2/identities", json=fields)
-    assert r.status_code == 201, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
-async def chat(side: Side, who: str, input_tokens: int, output_tokens: int) -> None:
-    """One chat completion through the proxy, for the identity in the header."""
-    async with side.openai() as oai:
-        await oai.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,
-            extra_headers={"X-ORQ-IDENTITY-ID": who, **tokens(input_tokens, output_tokens)},
-        )
-
-
-async def listing(side: Side) -> list[dict[str, Any]]:
-    """Every identity (up to 200), newest first, with metrics."""
-    r = await side.api.get("/v2/identities", params={"limit": 200, "include_metrics": "true"})
-    assert r.status_code == 200, r.text
-    data: list[dict[str, Any]] = r.json()["data"]
-    return data
-
-
 @pytest.fixture
 async def make_side(
     clock: FakeClock, tmp_path_factory: pytest.TempPathFactory
@@ -126,7 +70,10 @@ async def make_side(
             "server": {"data_dir": str(tmp_path_factory.mktemp("data"))},  # the usage spool
         }
         for section, values in config.items():
-            raw[section] = {**raw.get(section, {}), **values}
+            # Arrays of tables ([[api_keys]], [[notifiers]]) as given; tables merged.
+            raw[section] = (
+                values if isinstance(values, list) else {**raw.get(section, {}), **values}
+            )
         # No client is handed in: the app connects from the URL, as `sidecar serve` does.
         app = create_app(
             parse(raw), admin_token=ADMIN_TOKEN, clock=time.time if real_clock else clock
@@ -146,19 +93,3 @@ async def make_side(
             await item.close()
         else:
             await item.__aexit__(None, None, None)
-
-
-async def eventually(
-    what: str, attempt: Callable[[], Awaitable[bool]], within: float, interval: float = 0.1
-) -> float:
-    """Retry `attempt` until it returns True; the seconds that took."""
-    began = time.monotonic()
-    while True:
-        try:
-            if await attempt():
-                return time.monotonic() - began
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - began > within:
-            raise AssertionError(f"{what}: not within {within} s")
-        await asyncio.sleep(interval)

@@ -8,26 +8,20 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import (
-    MESSAGES,
-    MakeSide,
-    chat,
-    create,
-    eventually,
-    gpt_4o_nanos,
-    listing,
-    tokens,
-)
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, chat, create, eventually, gpt_4o_nanos, listing
+from tests.support.traffic import MESSAGES, tokens
 
 INDEX = "sidecar:{idx}:order"
 RECOVERY_S = 15  # node timeout 1 s, the election, and the client's slot map refresh
 
 
+@pytest.mark.slow
 async def test_master_killed_sidecar_follows_the_promoted_replica_and_keeps_acked_writes(
     fresh_cluster: LocalCluster, make_side: MakeSide, clock: FakeClock
 ) -> None:
@@ -106,6 +100,7 @@ async def test_master_killed_sidecar_follows_the_promoted_replica_and_keeps_acke
     assert cluster.call(INDEX, "ZCARD", INDEX) == len(before)
 
 
+@pytest.mark.slow
 async def test_during_the_outage_the_api_says_503_and_usage_waits_for_the_new_master(
     fresh_cluster: LocalCluster, make_side: MakeSide, clock: FakeClock
 ) -> None:

@@ -9,22 +9,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from redis.asyncio.cluster import RedisCluster
 
 from sidecar.identity.model import Profile
 from sidecar.identity.records import IdentityRecords
+from sidecar.settings import RedisSettings
 from sidecar.store.connect import connect
 from sidecar.store.keys import Keys
 from sidecar.testing.redis_cluster import LocalCluster
-from tests.cluster.conftest import (
-    MESSAGES,
-    MakeSide,
-    create,
-    eventually,
-    gpt_4o_nanos,
-    tokens,
-)
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, create, eventually, gpt_4o_nanos
+from tests.support.traffic import MESSAGES, tokens
 
 
 async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
@@ -35,6 +31,21 @@ async def test_the_app_talks_to_the_cluster_through_a_cluster_client(
     assert side.app.services.records.in_order is False
     ready = await side.api.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def connections_received(port: int) -> int:
+    with redis.Redis(port=port) as node:
+        return int(node.info("stats")["total_connections_received"])
+
+
+async def test_start_up_opens_connections_to_every_master(
+    fresh_cluster: LocalCluster, make_side: MakeSide
+) -> None:
+    before = {port: connections_received(port) for port in fresh_cluster.master_ports()}
+    assert len(before) == 3
+    await make_side(fresh_cluster.url)
+    for port, count in before.items():
+        assert connections_received(port) - count >= RedisSettings().warm_connections, port
 
 
 async def test_identity_api(
@@ -159,6 +170,15 @@ async def test_inline_attribution_with_the_openai_client(
             assert (metrics["total_requests"], metrics["error_rate"]) == (want["requests"], 0.0)
     listed = (await side.api.get("/v2/identities", params={"filter_by.tags": "cluster"})).json()
     assert sorted(i["external_id"] for i in listed["data"]) == ["team-0", "team-1", "team-2"]
+    # By model: written in the identity's slot with its counters, summed there by one script.
+    r = await side.api.get("/v2/usage", params={"group_by": "model"})
+    assert [(m["model"], m["identities"], m["requests"]) for m in r.json()["data"]] == [
+        ("gpt-4o", 4, 11)
+    ]
+    r = await side.api.get("/v2/identities/streamer/metrics", params={"group_by": "model"})
+    assert [
+        (m["model"], m["requests"], m["errors"], m["input_tokens"]) for m in r.json()["data"]
+    ] == [("gpt-4o", 2, 1, 300)]
 
 
 async def test_search_index_is_built_and_kept_in_the_order_sets_slot(
@@ -342,3 +362,9 @@ async def test_daily_and_hourly_series(
     assert len(hours) == 72
     assert hours[-1]["start"] == "2026-11-19T11:00:00Z" and hours[-1]["requests"] == 1
     assert hours[-25]["requests"] == 2 and sum(p["requests"] for p in hours) == 3
+
+    # Erasure takes every bucket, the two days by model included, from the identity's slot.
+    charted = (await side.api.get("/v2/identities/charted")).json()["_id"]
+    assert len([k for k in fresh_cluster.keys("sidecar:*") if charted in k and ":m:" in k]) == 2
+    assert (await side.api.delete("/v2/identities/charted")).status_code == 204
+    assert not [k for k in fresh_cluster.keys("sidecar:*") if charted in k]

@@ -7,11 +7,13 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 import redis
 
+from sidecar.settings import RedisSettings
 from sidecar.testing.redis_cluster import SentinelSet, role
-from tests.cluster.conftest import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
-from tests.conftest import FakeClock
+from tests.support.clock import FakeClock
+from tests.support.cluster import MakeSide, Side, chat, create, eventually, gpt_4o_nanos, listing
 
 RECOVERY_S = 15  # down-after 1 s, the election, the client's retries
 NOTICE_S = 1.5  # the sidecar asks the sentinels for the master once a second
@@ -39,6 +41,19 @@ async def survives(side: Side, before: list[dict[str, Any]]) -> None:
         assert now[record["_id"]] == record
 
 
+@pytest.mark.slow
+async def test_start_up_opens_connections_to_the_master(
+    sentinels: SentinelSet, make_side: MakeSide
+) -> None:
+    master = sentinels.master_port()
+    with redis.Redis(port=master, socket_timeout=2) as node:
+        before = int(node.info("stats")["total_connections_received"])
+        await make_side(sentinels.url)
+        opened = int(node.info("stats")["total_connections_received"]) - before
+    assert opened >= RedisSettings().warm_connections
+
+
+@pytest.mark.slow
 async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demoted(
     sentinels: SentinelSet, make_side: MakeSide, clock: FakeClock
 ) -> None:
@@ -76,6 +91,7 @@ async def test_planned_failover_moves_the_sidecar_before_the_old_master_is_demot
     assert metrics["total_cost"] == (gpt_4o_nanos(10, 1) + gpt_4o_nanos(1000, 100)) / 1e9
 
 
+@pytest.mark.slow
 async def test_master_killed(sentinels: SentinelSet, make_side: MakeSide, clock: FakeClock) -> None:
     side = await make_side(sentinels.url)
     await traffic(side, clock, "crash", 5)

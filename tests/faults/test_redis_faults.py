@@ -16,8 +16,8 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.redis_server import RedisServer
-from tests.conftest import ADMIN_TOKEN
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
 
 TIMEOUT_MS = 100
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "faults"
@@ -174,6 +174,7 @@ def p99_within(traffic: Traffic, window: tuple[float, float]) -> float:
     return during[int(len(during) * 0.99)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_redis_paused_for_five_seconds(
     make_env: MakeEnv, aof_redis: RedisServer, client: Redis, tmp_path: Path
@@ -195,6 +196,7 @@ async def test_redis_paused_for_five_seconds(
     assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 async def test_redis_killed_and_restarted_from_its_append_only_file(
     make_env: MakeEnv, aof_redis: RedisServer, client: Redis, tmp_path: Path
@@ -215,6 +217,7 @@ async def test_redis_killed_and_restarted_from_its_append_only_file(
     assert p99_within(traffic, window) <= (TIMEOUT_MS + 50) / 1000
 
 
+@pytest.mark.slow
 async def test_hook_reports_during_an_outage_are_counted_once_afterwards(
     make_env: MakeEnv, aof_redis: RedisServer, client: Redis
 ) -> None:

@@ -20,7 +20,7 @@ from sidecar.identity.model import Metrics
 from sidecar.mock import MockServer, start_mock
 from sidecar.store.keys import Keys
 from sidecar.testing.redis_server import RedisServer, free_port
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 STREAM = {
     "model": "gpt-4o-mini",
@@ -110,6 +110,7 @@ async def metrics_of(client: Redis, external_id: str) -> Metrics:
     return found.metrics
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_sigterm_lets_a_stream_finish_and_writes_its_usage(
     tmp_path: Path, mock: MockServer, redis_server: RedisServer, redis: Redis
@@ -127,6 +128,7 @@ async def test_sigterm_lets_a_stream_finish_and_writes_its_usage(
     assert not any(p.stat().st_size for p in (tmp_path / "data" / "spool").glob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_usage_spooled_at_shutdown_is_replayed_by_the_next_process(
     tmp_path: Path, mock: MockServer

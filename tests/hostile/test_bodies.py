@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from sidecar.settings import ConfigError, parse
-from tests.hostile.rawhttp import Answer, RawConnection
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
+from tests.support.rawhttp import Answer, RawConnection
 
 LIMIT = 4096
 CHAT = "/v1/chat/completions"

@@ -1,6 +1,7 @@
-"""Identity ids cannot smuggle headers upstream: an id with CR, LF, NUL or another control
-character is a 400 (nothing forwarded, nothing written), and any other id travels in exactly one
-identity header, percent-encoded when it is not printable ASCII."""
+"""Identity ids cannot smuggle headers upstream: an id with CR, LF, NUL or another control (C0
+or C1) or bidirectional formatting character is a 400 (nothing forwarded, nothing written), and
+any other id travels in exactly one identity header, percent-encoded when it is not printable
+ASCII."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import httpx
 import pytest
 
 from sidecar.mock import RecordedRequest
-from tests.hostile.rawhttp import RawConnection
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
+from tests.support.rawhttp import RawConnection
 
 HEADER = "x-orq-identity-id"
 CHAT = "/v1/chat/completions"
@@ -27,12 +28,18 @@ REFUSED = [
     "u\x7fX-Evil: 1",
     "u\x1b[31m",
     "u\tX-Evil: 1",
+    "u\u0085X-Evil: 1",  # NEL (C1): a line end to some parsers
+    "u\x9b31m",  # CSI (C1)
+    "\u202egnp.exe",  # right-to-left override: shown as "exe.png"
+    "u\u2066x\u2069",
+    "a\u200fb",
+    "a\u061cb",
 ]
-# Not printable ASCII but no control character either: forwarded, percent-encoded.
+# Not printable ASCII but no control or bidirectional formatting character either: forwarded,
+# percent-encoded.
 ENCODED = {
     "José 日本": "Jos%C3%A9 %E6%97%A5%E6%9C%AC",
     "100%": "100%25",
-    "u\u0085X-Evil: 1": "u%C2%85X-Evil: 1",  # NEL: a line end to some parsers
     "u\u2028X-Evil: 1": "u%E2%80%A8X-Evil: 1",
     "u\u00a0X-Evil: 1": "u%C2%A0X-Evil: 1",
     "😀\ufeff": "%F0%9F%98%80%EF%BB%BF",
@@ -101,7 +108,16 @@ async def test_header_ids_that_decode_to_control_characters_are_refused(
 ) -> None:
     env = await make_env()
     async with httpx.AsyncClient(base_url=env.url) as client:
-        for value in ["u%0D%0AX-Evil:%201", "u%0AX-Evil", "u%00", "%0D%0A", "u%1B", "%FF"]:
+        for value in [
+            "u%0D%0AX-Evil:%201",
+            "u%0AX-Evil",
+            "u%00",
+            "%0D%0A",
+            "u%1B",
+            "%FF",
+            "u%C2%85x",
+            "%E2%80%AEx",
+        ]:
             r = await client.post(
                 CHAT, json={"model": "gpt-4o", "messages": MESSAGES}, headers={HEADER: value}
             )

@@ -17,7 +17,7 @@ from bench import flood_bench
 from sidecar.identity import identify, records
 from sidecar.quota import profiles
 from sidecar.usage import recorder as usage_recorder
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.env import Env, MakeEnv
 
 BOUND = 250
 HEADER_IDS = 4 * BOUND
@@ -52,12 +52,16 @@ def request(k: int) -> dict[str, Any]:
     return {"json": body}
 
 
+@pytest.mark.slow
 async def test_a_flood_of_identities_keeps_every_cache_within_its_bound(
     make_env: MakeEnv, small_caches: None, tmp_path: Path
 ) -> None:
     policy = tmp_path / "flood.toml"
     policy.write_text(POLICY)
-    env = await make_env(policies={"paths": [str(policy)]})
+    # Every id from one address: the creation cap (1,000 a minute by default) is lifted.
+    env = await make_env(
+        policies={"paths": [str(policy)]}, identity={"max_new_per_minute": 1_000_000}
+    )
     peak = dict.fromkeys(cache_sizes(env), 0)
     statuses: list[int] = []
     ids = iter(range(HEADER_IDS + BODY_IDS))
@@ -92,6 +96,7 @@ async def test_a_flood_of_identities_keeps_every_cache_within_its_bound(
     assert [i["external_id"] for i in listed.json()["data"]] == ["flood-0"]
 
 
+@pytest.mark.slow
 def test_the_flood_bench_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """bench/flood_bench.py end to end on a small flood: its own redis-server, mock upstream and
     `sidecar serve`, all stopped at the end."""

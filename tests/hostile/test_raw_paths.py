@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from sidecar.testing.serving import ApiClient
-from tests.conftest import ADMIN_TOKEN
-from tests.hostile.rawhttp import RawConnection
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.rawhttp import RawConnection
 
 REFS = ["%ff", "%C3", "a%E2%82", "%ED%A0%80", "%00", "%0D%0AX-Evil:%201", "%", "%zz"]
 

@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from sidecar.testing.serving import ApiClient
-from tests.conftest import ADMIN_TOKEN
+from tests.support.auth import ADMIN_TOKEN
 
 EXAMPLES = 40  # per operation, mode and credential set
 CREDENTIALS = {
@@ -121,6 +121,7 @@ def fuzz(base_url: str) -> tuple[list[str], int]:
     return failures, fuzzer.sent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_no_operation_answers_a_server_error(api: ApiClient) -> None:
     # schemathesis is synchronous: it runs in a thread while the server runs in this loop.

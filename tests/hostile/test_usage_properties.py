@@ -7,6 +7,7 @@ import itertools
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ from sidecar.usage.extract import (
     usage_from_mapping,
 )
 from sidecar.usage.model import Kind, Usage
-from tests.usage import samples
+from tests.support import samples
 
 BOUNDED = settings(
     max_examples=150,
@@ -233,6 +234,7 @@ def test_split_streams_give_the_usage_of_the_whole(
     assert run(kind, cuts(data, stream), strip) == (whole_out, whole)
 
 
+@pytest.mark.slow
 @BOUNDED
 @given(
     kind=KINDS,

@@ -4,5 +4,3 @@ import os
 
 # LiteLLM fetches its price list from the network at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-from tests.proxy.conftest import env, make_env  # noqa: F401

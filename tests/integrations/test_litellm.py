@@ -28,11 +28,13 @@ from starlette.routing import Route
 
 from sidecar.integrations import litellm as integration
 from sidecar.integrations.litellm import ConfigError, Settings, SidecarCallback
+from sidecar.observe.otel import OtelTracer
+from sidecar.testing.otlp import OtlpReceiver
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import serve
-from tests.conftest import ADMIN_TOKEN
-from tests.integrations.litellm_proxy import LiteLLMProxy
-from tests.proxy.conftest import Env, MakeEnv
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.env import Env, MakeEnv
+from tests.support.litellm_proxy import LiteLLMProxy
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
 # items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.
@@ -302,6 +304,33 @@ async def test_an_upstream_failure_is_reported_as_an_error(lite: Lite) -> None:
     assert (metrics["total_requests"], metrics["error_rate"]) == (1, 1.0)
 
 
+async def test_the_clients_trace_context_reaches_the_sidecars_span(
+    otlp: OtlpReceiver, make_env: MakeEnv, make_lite: LiteFactory
+) -> None:
+    on = await make_env(telemetry={"enabled": True, "endpoint": otlp.url + "/v1/traces"})
+    lite = await make_lite(on=on)
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    caller = {"traceparent": f"00-{trace_id}-{parent}-01", "tracestate": "congo=t61rcWkgMzE"}
+    await chat(
+        lite, extra_body={"identity": {"id": "traced"}}, extra_headers={**caller, **tokens(5, 2)}
+    )
+    with pytest.raises(openai.InternalServerError):
+        await chat(lite, extra_headers={**caller, "x-mock-status": "500"})
+    await lite.settle(successes=1)
+    tracer = on.app.services.tracer
+    assert isinstance(tracer, OtelTracer)
+    answered, failed = sorted(await otlp.collect(tracer.flush, 2), key=lambda s: s.status_code)
+    for span in (answered, failed):
+        assert (span.trace_id, span.parent_span_id, span.trace_state) == (
+            trace_id,
+            parent,
+            caller["tracestate"],
+        )
+    assert answered.attributes["enduser.id"] == "traced"
+    assert answered.attributes["gen_ai.usage.input_tokens"] == 5
+    assert failed.attributes["error.type"] == "500"
+
+
 async def test_a_failed_attempt_that_litellm_recovers_from_is_counted_as_the_success(
     lite: Lite,
 ) -> None:
@@ -448,6 +477,7 @@ class Hop:
         return self.answers[0]
 
 
+@pytest.mark.slow
 async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
 ) -> None:
@@ -477,6 +507,7 @@ async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts
     assert len(limited.mock.requests) == 2
 
 
+@pytest.mark.slow
 async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -666,3 +697,23 @@ def test_the_module_handler_is_a_litellm_callback_configured_from_the_environmen
 def test_a_bad_environment_names_the_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(environ)
+
+
+def test_the_callback_passes_the_output_caps_through_for_the_reservation() -> None:
+    from sidecar.integrations.litellm import client_body
+
+    data = {
+        "model": "gpt-4o",
+        "messages": [],
+        "max_tokens": 64,
+        "max_completion_tokens": 32,
+        "metadata": {"user_api_key": "x"},
+        "litellm_call_id": "abc",
+        "proxy_server_request": {},
+    }
+    assert client_body(data) == {
+        "model": "gpt-4o",
+        "messages": [],
+        "max_tokens": 64,
+        "max_completion_tokens": 32,
+    }

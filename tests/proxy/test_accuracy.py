@@ -12,8 +12,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES
 
 KINDS = ["chat", "chat_stream", "chat_stream_usage", "responses", "responses_stream",
          "embeddings", "messages", "messages_stream"]  # fmt: skip
@@ -146,6 +146,7 @@ async def send(clients: Clients, call: Call) -> None:
         await oai.embeddings.create(model=model, input="hi", **common)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_a_thousand_mixed_requests_are_counted_exactly(make_env: MakeEnv) -> None:
     env = await make_env(

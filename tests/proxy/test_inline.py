@@ -12,19 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.redis_server import free_port
-from tests.proxy.conftest import Env, MakeEnv
-
-MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
-
-
-def client(env: Env, **kw: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-upstream", max_retries=0, **kw)
-
-
-def tokens(input_tokens: int, output_tokens: int, **more: int) -> dict[str, str]:
-    headers = {"x-mock-input-tokens": str(input_tokens), "x-mock-output-tokens": str(output_tokens)}
-    headers |= {f"x-mock-{k.replace('_', '-')}": str(v) for k, v in more.items()}
-    return headers
+from tests.support.env import Env, MakeEnv
+from tests.support.traffic import MESSAGES, client, tokens
 
 
 async def test_seed_example_responses_with_body_identity(env: Env) -> None:

@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from sidecar.store.connect import StoreConfigError, connect
+from sidecar.errors import StoreUnavailable
+from sidecar.store.connect import StoreConfigError, connect, warm
+from sidecar.testing.redis_server import RedisServer, free_port
+
+WARM = 16
+
+
+def connections_received(admin: redis.Redis) -> int:
+    """How many connections the server has accepted since it started."""
+    return int(admin.info("stats")["total_connections_received"])
 
 
 def test_plain_urls_build_a_redis_client() -> None:
@@ -36,3 +48,30 @@ def test_sentinel_url_names_the_service() -> None:
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(StoreConfigError):
         connect(url, timeout_ms=50)
+
+
+async def test_warm_opens_the_pool_so_a_first_burst_opens_nothing(
+    redis_server: RedisServer,
+) -> None:
+    client = connect(redis_server.url, timeout_ms=5000)
+    try:
+        with redis.Redis.from_url(redis_server.url) as admin:
+            before = connections_received(admin)
+            assert await warm(client, 0) == 0
+            assert connections_received(admin) == before
+            assert await warm(client, WARM) == WARM
+            assert connections_received(admin) - before == WARM
+            replies = await asyncio.gather(*(client.ping() for _ in range(WARM)))
+            assert all(replies)
+            assert connections_received(admin) - before == WARM
+    finally:
+        await client.aclose()
+
+
+async def test_warm_without_a_store_is_store_unavailable() -> None:
+    client = connect(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=200)  # nothing listens
+    try:
+        with pytest.raises(StoreUnavailable):
+            await warm(client, WARM)
+    finally:
+        await client.aclose()

@@ -11,10 +11,11 @@ import openai
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.conftest import ADMIN_TOKEN, FakeClock
-from tests.proxy.conftest import MakeEnv
-from tests.proxy.test_inline import MESSAGES, tokens
-from tests.ui.conftest import ARTIFACTS, INSTALL_TIMEOUT_S
+from tests.support.auth import ADMIN_TOKEN
+from tests.support.clock import FakeClock
+from tests.support.env import MakeEnv
+from tests.support.traffic import MESSAGES, tokens
+from tests.support.ui import ARTIFACTS, INSTALL_TIMEOUT_S
 
 # Nothing leaves the machine: no GPU, no updates, no sync, no QUIC probing.
 ARGS = [
@@ -58,6 +59,7 @@ async def row_cell(page: Page, external_id: str, cell: str) -> str:
     return (await row.locator(f"td.{cell}").inner_text()).strip()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(INSTALL_TIMEOUT_S + 60)  # the first use may install chromium
 async def test_sign_in_create_send_traffic_and_see_it(
     chromium: str, browser: Browser, make_env: MakeEnv, tmp_path: Path, clock: FakeClock
@@ -141,6 +143,10 @@ async def test_sign_in_create_send_traffic_and_see_it(
     assert await page.inner_text("#metric-requests b") == "3"
     assert await day_value(page, "chart-tokens") == 6600  # 1000 + 2000 + 3000 in, 600 out
     assert await day_value(page, "chart-cost") > 0
+    assert await day_value(page, "chart-models") == await day_value(page, "chart-cost")
+    model_rows = page.locator("#models tr.model")
+    assert await model_rows.count() == 1
+    assert await model_rows.first.get_attribute("data-model") == "gpt-4o-mini"
     used = await page.inner_text('tr[data-limit="100/minute"] td.used')
     assert used == "3"
     await shot(page, "04-identity-after-traffic")
@@ -154,7 +160,7 @@ async def test_sign_in_create_send_traffic_and_see_it(
     assert await names.all_inner_texts() == ["Big Spender", "End To End"]  # newest first
     await page.select_option("select[name=sort]", "requests")
     await page.click("form.toolbar button[type=submit]")
-    assert page.url.endswith("/ui?q=&tag=&sort=requests")
+    assert page.url.endswith("/ui?q=&tag=&meta_key=&meta_value=&sort=requests")
     assert await names.all_inner_texts() == ["End To End", "Big Spender"]
     await page.select_option("select[name=sort]", "cost")
     await page.click("form.toolbar button[type=submit]")

@@ -16,9 +16,9 @@ from sidecar.usage.extract import (
     extract_json,
     prepare_request,
 )
-from sidecar.usage.model import Kind, Usage, kind_for_path
-from tests.usage import samples
-from tests.usage.samples import dumps, sse
+from sidecar.usage.model import Kind, Usage
+from tests.support import samples
+from tests.support.samples import dumps, sse
 
 CHAT = Usage(
     input_tokens=1337,
@@ -86,34 +86,6 @@ def test_stream_samples_match_the_sdk_types() -> None:
         # The SDK drops "ping" before parsing; it has no type for it.
         if event["type"] != "ping":
             messages.validate_python(event)
-
-
-# --- paths ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "kind"),
-    [
-        ("/v1/chat/completions", Kind.CHAT),
-        ("/chat/completions", Kind.CHAT),
-        ("/v1/chat/completions/", Kind.CHAT),
-        ("/openai/deployments/gpt-4o/chat/completions", Kind.CHAT),
-        ("/v1/completions", Kind.COMPLETIONS),
-        ("/completions", Kind.COMPLETIONS),
-        ("/v1/responses", Kind.RESPONSES),
-        ("/v1/embeddings", Kind.EMBEDDINGS),
-        ("/v1/messages", Kind.MESSAGES),
-        ("/anthropic/v1/messages/", Kind.MESSAGES),
-        ("/v1/messages/count_tokens", None),
-        ("/v1/responses/resp_123", None),
-        ("/v1/models", None),
-        ("/v1/xcompletions", None),
-        ("/", None),
-        ("", None),
-    ],
-)
-def test_kind_for_path(path: str, kind: Kind | None) -> None:
-    assert kind_for_path(path) is kind
 
 
 # --- JSON bodies --------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 -- The day-counter hash holds '<day>:<counter>' per UTC day (days since the epoch) and the
 -- sums of the last WINDOW days as 's:<counter>', valid for the day in 's:day'. Sums are kept
 -- with HINCRBY, so they are exact 64-bit integers, never Lua doubles.
--- COUNTERS, WINDOW and RETENTION come before this, generated from usage/buckets.py.
+-- COUNTERS, KEPT (COUNTERS and a key owner's VIA counters), VIA, WINDOW and RETENTION come
+-- before this, generated from usage/buckets.py.
 
-local function day_fields(day)
+local function day_fields(day, counters)
   local names = {}
-  for i = 1, #COUNTERS do names[i] = day .. ':' .. COUNTERS[i] end
+  for i = 1, #counters do names[i] = day .. ':' .. counters[i] end
   return names
 end
 
@@ -18,13 +19,13 @@ local function align(key, today)
   if last ~= nil and last >= today then return last end
   if last ~= nil then
     for day = last - WINDOW + 1, math.min(today - WINDOW, last) do
-      local values = redis.call('HMGET', key, unpack(day_fields(day)))
+      local values = redis.call('HMGET', key, unpack(day_fields(day, COUNTERS)))
       for i = 1, #COUNTERS do
         if values[i] then redis.call('HINCRBY', key, 's:' .. COUNTERS[i], '-' .. values[i]) end
       end
     end
     for day = last - RETENTION + 1, math.min(today - RETENTION, last) do
-      redis.call('HDEL', key, unpack(day_fields(day)))
+      redis.call('HDEL', key, unpack(day_fields(day, KEPT)))
     end
   end
   redis.call('HSET', key, 's:day', today)

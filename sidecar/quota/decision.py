@@ -1,0 +1,101 @@
+"""What a limit check decides, and about whom."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import msgspec
+
+from sidecar.quota.policy import Dimension, Limit, Policy
+
+
+class Subject(NamedTuple):
+    """Someone a request counts against: its identity, the owner of the API key it carries
+    when that is someone else (two levels), and each runtime budget that applies. A budget's
+    `identity_id` is its `_id` (its buckets are keyed by it), its `external_id` the identity
+    it gates (the request's, or the key owner's), and its policy is made from its limits."""
+
+    identity_id: str
+    external_id: str
+    policy: Policy
+    budget: str | None = None  # the budget's _id, when the subject is one
+
+
+class BudgetSubjects(Protocol):
+    """The runtime budgets in force (sidecar.budgets.service.Budgets), as admission sees them."""
+
+    @property
+    def active(self) -> bool:
+        """Whether any budget is in force."""
+        ...
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """The tags some budget in force is scoped to."""
+        ...
+
+    @property
+    def charging(self) -> bool:
+        """Whether some budget in force limits tokens or cost (requests then reserve)."""
+        ...
+
+    def subjects(self, external_id: str, tags: Sequence[str], owner: str | None) -> list[Subject]:
+        """One subject per budget that applies to a request of `external_id` with `tags`,
+        carrying `owner`'s key (None: no listed key)."""
+        ...
+
+    def subject(self, budget_id: str) -> Subject | None:
+        """The subject of one budget in force, by its `_id` (None: gone since)."""
+        ...
+
+
+class Reserve(NamedTuple):
+    """What a request is expected to use at most: reserved at admission against every token
+    and cost limit, replaced by the actual once it is answered."""
+
+    tokens: int
+    nanos: int
+
+
+class Decision(msgspec.Struct, kw_only=True):
+    admitted: bool
+    policy: Policy | None = None  # the request's identity's
+    subjects: tuple[Subject, ...] = ()  # whom it counts against, the identity first
+    refused_by: Subject | None = None  # the subject whose limit refused
+    binding: Limit | None = None  # the limit that refused (None for concurrency)
+    dimension: Dimension | None = None  # what refused
+    retry_after: int = 0  # whole seconds, >= 1 when refused
+    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    # Concurrency slots to give back when the request ends: (identity _id, lease).
+    leases: tuple[tuple[str, str], ...] = ()
+    store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
+
+    @property
+    def charged(self) -> bool:
+        """Whether a token or cost limit applies: its usage is settled before the response
+        ends (Limiter.settle), not written behind."""
+        return any(
+            limit.dimension in (Dimension.TOKENS, Dimension.COST)
+            for subject in self.subjects
+            for limit in subject.policy.limits
+        )
+
+
+class LimitUsage(msgspec.Struct, kw_only=True):
+    limit: Limit
+    used: float  # requests, tokens or nano-dollars the window holds now
+    remaining: float
+    reset_ms: int  # until the count is back to zero
+
+
+class PolicyUsage(msgspec.Struct, kw_only=True):
+    limits: list[LimitUsage]
+    in_flight: int | None = None  # concurrency leases held, when the policy limits them
+
+
+class Admission(msgspec.Struct, array_like=True):
+    """A hook-mode admission of a request carrying a listed key for someone else."""
+
+    owner: str  # the key owner's external id
+    subjects: list[tuple[str, str]]  # (_id, policy name) of the subjects beyond the identity

@@ -1,0 +1,97 @@
+"""How one admit.lua call is packed: its keys and arguments, for some subjects; and the
+x-ratelimit-* headers read back from its counts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sidecar import money
+from sidecar.quota import windows
+from sidecar.quota.decision import Reserve, Subject
+from sidecar.quota.policy import Dimension, Limit, Policy
+
+# How admit.lua is told each limit's dimension; the script's prelude gets them from here.
+KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
+PRELUDE = "".join(f"local {d.name} = '{code}'\n" for d, code in KIND.items())
+HEADER = {Dimension.REQUESTS: "requests", Dimension.TOKENS: "tokens", Dimension.COST: "cost"}
+
+
+class Packed:
+    """One admit.lua call's keys and arguments, for some subjects."""
+
+    __slots__ = (
+        "args",
+        "caps",
+        "keys",
+        "leases",
+        "limits",
+        "packed",
+        "reserves",
+        "reserving",
+        "spans",
+        "subjects",
+    )
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.reserves: list[int] = []  # per limit: what the request reserves of it
+        self.reserving: list[Subject] = []  # subjects that reserve (their reservations keys)
+        self.packed: list[str] = []
+        self.spans: list[tuple[int, int]] = []  # per limit: (elapsed, left) ms
+        self.limits: list[tuple[Subject, Limit]] = []
+        self.caps: list[str] = []
+        self.leases: list[tuple[Subject, str]] = []  # (subject, its lease set key)
+        self.subjects: list[Subject] = []
+        self.args: list[Any] = []
+
+    def request_buckets(self) -> list[str]:
+        """The buckets an admission counts one request in."""
+        return [
+            self.keys[2 * i]
+            for i, (_, limit) in enumerate(self.limits)
+            if limit.dimension is Dimension.REQUESTS
+        ]
+
+
+def rate_headers(rows: list[tuple[Subject, Limit, int, int, int, int]]) -> list[tuple[str, str]]:
+    """OpenAI's x-ratelimit-* headers; per dimension, the limit with the least left (of
+    every subject's)."""
+    tightest: dict[Dimension, tuple[float, Limit, int]] = {}
+    for _, limit, previous, current, elapsed, left in rows:
+        remaining = max(0.0, limit.amount - windows.used(limit, previous, current, elapsed))
+        reset = windows.reset_ms(limit, previous, current, left)
+        best = tightest.get(limit.dimension)
+        if best is None or remaining / limit.amount < best[0] / best[1].amount:
+            tightest[limit.dimension] = (remaining, limit, reset)
+    headers = []
+    for dimension, (remaining, limit, reset) in tightest.items():
+        name = HEADER[dimension]
+        if dimension is Dimension.COST:
+            shown_limit = money.plain(limit.amount)
+            shown_left = money.plain(int(remaining))
+        else:
+            shown_limit, shown_left = str(limit.amount), str(math.floor(remaining))
+        headers += [
+            (f"x-ratelimit-limit-{name}", shown_limit),
+            (f"x-ratelimit-remaining-{name}", shown_left),
+            (f"x-ratelimit-reset-{name}", windows.duration(reset)),
+        ]
+    return headers
+
+
+def charged(policy: Policy) -> bool:
+    return any(limit.dimension in (Dimension.TOKENS, Dimension.COST) for limit in policy.limits)
+
+
+def reserved(limit: Limit, reserve: Reserve | None) -> int:
+    """What a request reserves of one limit: its estimate, but never more than the whole limit
+    (a request estimated above it is admitted into an empty window, and may overshoot by its
+    estimate's error, as any request may)."""
+    if reserve is None:
+        return 0
+    if limit.dimension is Dimension.TOKENS:
+        return min(limit.amount, max(0, reserve.tokens))
+    if limit.dimension is Dimension.COST:
+        return min(limit.amount, max(0, reserve.nanos))
+    return 0

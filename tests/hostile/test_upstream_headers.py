@@ -1,0 +1,199 @@
+"""An upstream answer whose head the sidecar cannot relay (a control character in a header value,
+a header name that is not a token, a line that is not HTTP) is a 502 with the JSON error shape,
+streaming or not, never a 500 or a cut connection; what the upstream produced is still counted.
+A header value with bytes beyond ASCII (UTF-8 or not) is relayed byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import msgspec
+import pytest
+
+from tests.support.env import Env, MakeEnv
+
+CHAT = "/v1/chat/completions"
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+JSON_BODY = msgspec.json.encode(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": USAGE,
+    }
+)
+_CHUNK = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o"}
+SSE_BODY = (
+    b"".join(
+        b"data: " + msgspec.json.encode(event) + b"\n\n"
+        for event in (
+            {**_CHUNK, "choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {**_CHUNK, "choices": [], "usage": USAGE},
+        )
+    )
+    + b"data: [DONE]\n\n"
+)
+
+# Header lines aiohttp reads but the HTTP server could not write to the client.
+UNRELAYABLE = {
+    "soh in a value": b"x-upstream: a\x01b",
+    "esc in a value": b"x-upstream: \x1b[31mred",
+    "del in a value": b"x-upstream: a\x7fb",
+}
+# Header lines that are not HTTP at all (the upstream's head does not parse).
+MALFORMED = {
+    "bare cr in a value": b"x-upstream: a\rb",
+    "nul in a value": b"x-upstream: a\x00b",
+    "space in a name": b"x upstream: 1",
+    "separator in a name": b"x(upstream): 1",
+    "utf-8 in a name": b"x-\xc3\xa9: 1",
+}
+# Header values beyond ASCII: relayed as the upstream sent them.
+RELAYED = {
+    "utf-8": b"caf\xc3\xa9",
+    "not utf-8": b"\xff\xfe",
+    "c1 as utf-8": b"a\xc2\x85b",
+}
+
+
+class RawUpstream:
+    """An upstream on loopback that answers every request with the head it is given."""
+
+    def __init__(self) -> None:
+        self.header = b"x-upstream: fine"
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = msgspec.json.decode(await reader.readexactly(length)) if length else {}
+            self.requests += 1
+            sse = body.get("stream") is True
+            payload = SSE_BODY if sse else JSON_BODY
+            kind = b"text/event-stream" if sse else b"application/json"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n%s\r\n\r\n%s" % (kind, len(payload), self.header, payload)
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    upstream = RawUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.close()
+
+
+def chat(who: str, stream: bool) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "identity": {"id": who},
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def ask(env: Env, who: str, stream: bool) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        return await client.post(CHAT, json=chat(who, stream))
+
+
+def assert_bad_gateway(r: httpx.Response) -> None:
+    assert r.status_code == 502, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("api_error", "bad_upstream_response"), error
+    assert "x-upstream" not in r.headers
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("case", list(UNRELAYABLE))
+async def test_a_header_the_server_cannot_write_is_a_502_and_the_usage_counts(
+    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+) -> None:
+    env = await make_env(upstream_url=raw_upstream.url)
+    raw_upstream.header = UNRELAYABLE[case]
+    r = await ask(env, "victim", stream)
+    assert_bad_gateway(r)
+    assert "x-upstream" in r.json()["error"]["message"]  # the header's name, never its value
+    # The upstream did the work: its usage counts, as an error.
+    metrics = await env.metrics("victim")
+    assert (metrics["total_requests"], metrics["error_rate"]) == (1, 1.0)
+    assert (metrics["input_tokens"], metrics["output_tokens"]) == (11, 7)
+    # The sidecar goes on serving.
+    raw_upstream.header = b"x-upstream: fine"
+    again = await ask(env, "victim", stream)
+    assert again.status_code == 200 and again.headers["x-upstream"] == "fine"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_head_that_is_not_http_is_a_502(
+    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+) -> None:
+    env = await make_env(upstream_url=raw_upstream.url)
+    raw_upstream.header = MALFORMED[case]
+    r = await ask(env, "victim", stream)
+    assert_bad_gateway(r)
+    assert raw_upstream.requests == 1
+    metrics = await env.metrics("victim")
+    assert (metrics["total_requests"], metrics["error_rate"]) == (1, 1.0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("case", list(RELAYED))
+async def test_header_bytes_beyond_ascii_are_relayed_as_sent(
+    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+) -> None:
+    env = await make_env(upstream_url=raw_upstream.url)
+    raw_upstream.header = b"x-upstream: " + RELAYED[case]
+    r = await ask(env, "fine", stream)
+    assert r.status_code == 200, r.text
+    assert dict(r.headers.raw)[b"x-upstream"] == RELAYED[case]
+    metrics = await env.metrics("fine")
+    assert (metrics["total_requests"], metrics["error_rate"]) == (1, 0.0)
+    assert metrics["input_tokens"] == 11
+
+
+@pytest.mark.parametrize(
+    "header", [UNRELAYABLE["soh in a value"], MALFORMED["nul in a value"]], ids=["soh", "nul"]
+)
+async def test_an_unmetered_answer_is_a_502_too(
+    make_env: MakeEnv, raw_upstream: RawUpstream, header: bytes
+) -> None:
+    env = await make_env(upstream_url=raw_upstream.url)
+    raw_upstream.header = header
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        r = await client.get("/v1/models")
+    assert_bad_gateway(r)

@@ -1,0 +1,72 @@
+"""A usage recorder and the stores it writes to, built by hand as services.build does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from ulid import ULID
+
+from sidecar.catalog import Catalog
+from sidecar.identity.identify import Identifier
+from sidecar.identity.listing import Listing
+from sidecar.identity.model import Metrics, Profile
+from sidecar.identity.records import IdentityRecords
+from sidecar.store.keys import Keys
+from sidecar.usage.backlog import Backlog
+from sidecar.usage.counters import UsageCounters
+from sidecar.usage.ranking import Rankings
+from sidecar.usage.recorder import Recorder
+from sidecar.usage.spool import Spool
+from sidecar.usage.writer import UsageWriter
+from tests.support.clock import FakeClock
+
+KEYS = Keys("sidecar")
+
+
+class NoPolicies:
+    def remember(self, external_id: str, tags: list[str], metadata: dict[str, Any]) -> None:
+        pass
+
+
+async def identities(client: Redis, clock: FakeClock, *names: str) -> dict[str, str]:
+    records = IdentityRecords(client, KEYS, clock)
+    return {name: (await records.upsert(name, Profile()))[0].id for name in names}
+
+
+def catalog(client: Redis, clock: FakeClock) -> Catalog:
+    return Catalog(
+        IdentityRecords(client, KEYS, clock),
+        Listing(client, KEYS),
+        UsageCounters(client, KEYS, clock),
+        Rankings(client, KEYS, clock),
+    )
+
+
+async def requests_of(client: Redis, ref: str, clock: FakeClock) -> dict[str, int]:
+    found = await catalog(client, clock).get(ref, include_metrics=True)
+    assert found is not None and isinstance(found.metrics, Metrics)
+    return {"requests": found.metrics.total_requests, "input": found.metrics.input_tokens}
+
+
+def writer_at(clock: FakeClock) -> str:
+    return str(ULID.from_timestamp(clock()))
+
+
+def recorder(
+    client: Any,
+    clock: FakeClock,
+    spool_dir: Path | None,
+    writer: str | None = None,
+    spool_bytes: int = 1 << 24,
+) -> Recorder:
+    writer = writer or writer_at(clock)
+    spool = Spool(spool_dir, writer, spool_bytes) if spool_dir else None
+    identifier = Identifier(IdentityRecords(client, KEYS, clock), NoPolicies(), clock)
+    usage = UsageWriter(client, KEYS, identifier, Rankings(client, KEYS, clock), clock)
+    return Recorder(usage, Backlog(usage, spool), identifier, writer_id=writer, clock=clock)
+
+
+def add(rec: Recorder, identity_id: str | None, external_id: str, n: int = 1) -> None:
+    rec.add(identity_id, {"r": n, "i": 10 * n}, source="header", external_id=external_id)

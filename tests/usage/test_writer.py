@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sidecar.usage import buckets
+from tests.support.clock import FakeClock
+from tests.support.usage import KEYS, add, identities, recorder, requests_of
+
+
+class AppliedThenTimedOut:
+    """A client whose next `fail` calls reach Redis, are applied, and then look like a
+    socket timeout to the caller: the case where a retry must not count twice."""
+
+    def __init__(self, client: Redis, fail: int) -> None:
+        self._client = client
+        self.fail = fail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def evalsha(self, *args: Any) -> Any:
+        result = await self._client.evalsha(*args)
+        if self.fail:
+            self.fail -= 1
+            raise RedisTimeoutError("Timeout reading from socket")
+        return result
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        pipe = self._client.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        async def applied_then_timeout(*args: Any, **kwargs: Any) -> Any:
+            result = await execute(*args, **kwargs)
+            if self.fail:
+                self.fail -= 1
+                raise RedisTimeoutError("Timeout reading from socket")
+            return result
+
+        pipe.execute = applied_then_timeout  # type: ignore[method-assign]
+        return pipe
+
+
+@pytest.mark.parametrize("calls", [1, 3], ids=["one-entry", "pipeline"])
+async def test_a_write_applied_then_timed_out_counts_once(
+    redis: Redis, clock: FakeClock, tmp_path: Path, calls: int
+) -> None:
+    ids = await identities(redis, clock, "a", "b", "c")
+    rec = recorder(AppliedThenTimedOut(redis, fail=1), clock, tmp_path)
+    for name in list(ids)[:calls]:
+        add(rec, ids[name], name, 2)
+    await rec.drain()
+    assert rec.write_errors == 1  # the first write "timed out", after Redis applied it
+    for name in list(ids)[:calls]:
+        assert await requests_of(redis, ids[name], clock) == {"requests": 2, "input": 20}
+    assert not rec.spool or not rec.spool.pending
+
+
+async def test_writer_marks_of_long_gone_processes_are_pruned(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    ids = await identities(redis, clock, "a")
+    old = recorder(redis, clock, None)
+    add(old, ids["a"], "a")
+    await old.drain()
+    days = KEYS.usage_days(ids["a"])
+    assert await redis.hexists(days, f"w:{old.writer_id}")
+    clock.advance(8 * buckets.DAY)  # a week and a day later, the first write of a new day
+    new = recorder(redis, clock, None)
+    assert new.writer_id != old.writer_id
+    add(new, ids["a"], "a")
+    await new.drain()
+    assert not await redis.hexists(days, f"w:{old.writer_id}")
+    assert await redis.hexists(days, f"w:{new.writer_id}")
