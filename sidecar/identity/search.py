@@ -22,7 +22,7 @@ from sidecar.store.scripts import Script, pipeline
 
 FETCH_MAX = 2_048  # candidates read per script call (a few us of Redis time each)
 MAX_SUFFIXES = 512  # trigrams a two-byte needle may stand for; beyond, the list is scanned
-_NARROW = 3  # posting strings intersected per chunk: the rarest and up to two more ...
+_NARROW = 5  # posting strings intersected per chunk: the rarest and up to four more ...
 _NARROW_RATIO = 8  # ... at most this many times as long
 _AHEAD = 4  # load the postings of enough chunks to expect this many pages' worth of candidates
 SLACK = 8  # candidates read beyond the page's size in a walk's first batch
