@@ -136,6 +136,7 @@ async def test_a_connection_that_sends_nothing_is_closed_at_the_header_deadline(
     assert at >= DEADLINE - 0.05
 
 
+@pytest.mark.slow
 async def test_headers_sent_a_byte_at_a_time_are_cut_at_the_deadline_with_408(
     start: Start, connect: Open
 ) -> None:
@@ -175,6 +176,7 @@ async def test_an_idle_kept_alive_connection_outlives_the_header_deadline(
     assert (await conn.response())[0] == 200
 
 
+@pytest.mark.slow
 async def test_a_later_request_has_the_deadline_from_its_first_byte(
     start: Start, connect: Open
 ) -> None:

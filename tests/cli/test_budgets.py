@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.serving import ApiClient
-from tests.cli.test_identities import at, cli
+from tests.support.cli import at, cli
 
 
 async def test_create_list_and_reset(

@@ -9,30 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.cli import main
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient, serve
 from tests.support.auth import ADMIN_TOKEN
+from tests.support.cli import at, cli
 from tests.support.env import MakeEnv
-
-
-async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """`sidecar ARGV...` in a thread (the served app runs in this loop): code, stdout, stderr."""
-
-    def run() -> int:
-        try:
-            return main(list(argv))
-        except SystemExit as exc:  # argparse
-            return int(exc.code or 0)
-
-    capsys.readouterr()
-    code = await asyncio.to_thread(run)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def at(api: ApiClient) -> list[str]:
-    return ["--url", str(api.base_url).rstrip("/"), "--token", ADMIN_TOKEN]
 
 
 async def create(api: ApiClient, **fields: Any) -> dict[str, Any]:

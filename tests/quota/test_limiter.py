@@ -33,6 +33,7 @@ async def test_80_concurrent_against_20_per_minute_admit_exactly_20(
     assert (metrics["total_requests"], metrics["rate_limited_requests"]) == (20, 60)
 
 
+@pytest.mark.slow
 async def test_200_concurrent_never_over_admit(make_env: MakeEnv, tmp_path: Path) -> None:
     env = await make_env(
         **policy_file(
@@ -161,6 +162,7 @@ async def private_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 async def test_redis_outage_follows_on_error_within_the_timeout(
     private_redis: RedisServer,

@@ -135,6 +135,7 @@ async def test_a_hung_store_costs_the_timeout_then_the_process_counts(
     assert await attempt(found, TOKEN, "192.0.2.1") is True  # another address
 
 
+@pytest.mark.slow
 async def test_counting_returns_to_the_store_when_it_answers_again(
     redis: Redis,
     clock: FakeClock,
