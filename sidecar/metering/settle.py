@@ -348,6 +348,10 @@ class Settlement:
         quota = self.quota
         policy = await quota.policy_for(identity_id, resolved) if quota.active else None
         out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        if not quota.live.keys and not quota.budgets.active:
+            # Nothing but the identity could have been counted against (no listed key, no
+            # budget): no admission record to read, no round trip.
+            return out, None
         admission = await quota.limiter.recall(request_id)
         if admission is None:
             return out, None

@@ -49,18 +49,7 @@ class Series(msgspec.Struct, kw_only=True):
     last_seen: str | None
 
 
-_POINT = (
-    buckets.REQUESTS,
-    buckets.ERRORS,
-    buckets.INPUT,
-    buckets.CACHED_INPUT,
-    buckets.CACHE_WRITE,
-    buckets.OUTPUT,
-    buckets.REASONING,
-    buckets.COST,
-    buckets.RATE_LIMITED,
-    buckets.UNPRICED,
-)
+_POINT = buckets.USAGE
 
 
 def rfc3339(epoch_s: int) -> str:
