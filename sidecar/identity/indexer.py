@@ -128,6 +128,10 @@ class IndexBuilder:
                             status.identities,
                         )
                     if await self.build(mend=not mended):
+                        if status.state != "ready":
+                            # A version without the index may have listed behind the walk's
+                            # cursor (its clock a little behind): one more walk finds those.
+                            await self.build(mend=True)
                         mended = True
                         self.last = await self.status()
                     else:

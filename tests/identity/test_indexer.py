@@ -69,3 +69,31 @@ async def test_one_builder_at_a_time(world: World, redis: Redis) -> None:
         pass
     assert await second.build(mend=True)  # released once done
     await check_index(world)
+
+
+async def test_a_build_is_followed_by_a_mend_for_what_was_listed_behind_it(
+    world: World, redis: Redis
+) -> None:
+    await make(world, *(f"Person {n}" for n in range(7)), legacy=True)
+
+    class Racing(IndexBuilder):
+        """An older sidecar, its clock a little behind, lists while the build walks."""
+
+        steps = 0
+
+        async def step(self, mend: bool = False) -> tuple[str, int]:
+            self.steps += 1
+            if self.steps == 2:
+                world.clock.advance(-6.5)  # between the first two, indexed
+                await make(world, "Behind Cursor", legacy=True)
+                world.clock.advance(6.5)
+            return await super().step(mend)
+
+    async def sleep(seconds: float) -> None:
+        raise RuntimeError("stop")  # one round of the loop
+
+    builder = Racing(redis, world.keys, batch=2, sleep=sleep)
+    with pytest.raises(RuntimeError, match="stop"):
+        await builder.keep()
+    assert len(await search(world, "behind")) == 1
+    await check_index(world)
