@@ -102,6 +102,7 @@ class Services:
         try:
             opened = await warm(self.redis, self.settings.redis.warm_connections)
             await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
+            await self.limiter.open()
         except StoreUnavailable as exc:
             log.warning(
                 "store not reachable at start-up (%s); connections open and scripts load on "
@@ -134,6 +135,7 @@ class Services:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.loops, return_exceptions=True)
         await self.alert_sender.close()  # gives its lease back: another process sends at once
+        await self.limiter.close()
 
 
 def build(

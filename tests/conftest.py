@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sidecar.app import create_app
 from sidecar.mock import MockServer, start_mock
 from sidecar.settings import Settings, parse
+from sidecar.store.connect import MAX_CONNECTIONS
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import ApiClient, serve
 from tests.support.auth import ADMIN_TOKEN, AUTH
@@ -72,7 +73,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
+    client = Redis.from_url(redis_server.url, max_connections=MAX_CONNECTIONS)  # as connect()'s
     await client.flushall()
     yield client
     await client.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -18,7 +18,8 @@ from sidecar.metering import spans
 from sidecar.metering.attribution import Attribution
 from sidecar.observe.counters import Counters
 from sidecar.observe.tracing import Span, Tracer
-from sidecar.quota.decision import Decision, Subject
+from sidecar.quota.decision import Decision, Reserve, Subject
+from sidecar.quota.packing import covered
 from sidecar.quota.policy import Policy
 from sidecar.quota.service import Quota
 from sidecar.tasks import Background
@@ -45,6 +46,8 @@ class Meter:
     refresh: bool = False  # the body profile is written once the response is out
     request_id: str = ""  # the admission's (its leases' and reservations' name)
     settled: bool = False  # its token and cost limits are charged (Settlement.settle)
+    reserve: Reserve | None = None  # what its admission reserved of its token and cost limits
+    admitted_at: float = 0.0  # time.monotonic() of the admission
     span: Span | None = None  # with [telemetry] enabled
 
 
@@ -154,6 +157,15 @@ class Settlement:
         tokens = usage.total_tokens if usage is not None else 0
         limiter = self.quota.limiter
         meter.settled = True
+        nanos = cost.nanos if cost else 0
+        if self._covered(meter, tokens, nanos):
+            # What it reserved, already counted, is at least what it used: the settlement
+            # is written now (ahead of any later admission of this process) and its reply
+            # not waited for; a failure is retried as below.
+            written = limiter.settle_written(decision.subjects, meter.request_id, tokens, nanos)
+            if written is not None:
+                self.background.spawn(self._confirm(meter, written, tokens, nanos))
+                return
         try:
             async with limiter.deadline():
                 await limiter.settle(
@@ -162,6 +174,23 @@ class Settlement:
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
             self.background.spawn(self._settle_later(meter, tokens, cost.nanos if cost else 0))
+
+    def _covered(self, meter: Meter, tokens: int, nanos: int) -> bool:
+        """Its reservation covers the actual, and is still held (well within its lease)."""
+        decision = meter.decision
+        assert decision is not None
+        fresh = time.monotonic() - meter.admitted_at < self.quota.limiter.lease_ms / 2000
+        return fresh and covered(decision.subjects, meter.reserve, tokens, nanos)
+
+    async def _confirm(
+        self, meter: Meter, written: Awaitable[None], tokens: int, nanos: int
+    ) -> None:
+        try:
+            await written
+        except StoreUnavailable as exc:
+            # Not applied (a settlement that Redis ran is answered): charged again, later.
+            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            await self._settle_later(meter, tokens, nanos)
 
     async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
         decision = meter.decision

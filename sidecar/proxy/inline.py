@@ -171,6 +171,7 @@ class InlineProxy:
                 if self.quota.reserving:
                     reserve = self.attribution.reserve(kind, payload, len(body))
                 # Limits are kept under the identity's _id: it must be known before admission.
+                meter.reserve, meter.admitted_at = reserve, time.monotonic()
                 meter.identity, decision = await self.quota.admit(
                     resolved, request_id, known, reserve
                 )

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -22,7 +22,8 @@ from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, 
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
 from sidecar.store.deadline import StoreDeadline
-from sidecar.store.errors import call
+from sidecar.store.errors import call, translated
+from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Coalescer, Script, pipeline
 
@@ -60,9 +61,22 @@ class Limiter:
         self._admit = Script("sidecar.quota.lua", "admit", prelude=PRELUDE)
         self._release = Script("sidecar.quota.lua", "release")
         self._settle = Script("sidecar.quota.lua", "settle")
-        self._calls = Coalescer(client, self._admit)
-        self._settles = Coalescer(client, self._settle)  # under load, many share a round trip
+        # On a single server admissions and settlements share one pipelined connection (in
+        # that order at Redis); elsewhere many share a round trip under load (a Coalescer).
+        self.line = HotLine.for_client(client)
+        self._calls = Coalescer(client, self._admit, self.line)
+        self._settles = Coalescer(client, self._settle, self.line)
         self._pinging: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        """Open the hot line, if this store has one. Raises StoreUnavailable."""
+        if self.line is not None:
+            with translated():
+                await self.line.open()
+
+    async def close(self) -> None:
+        if self.line is not None:
+            await self.line.aclose()
 
     def deadline(self) -> StoreDeadline:
         """`timeout_ms`, counted while the store is not answering (see store.deadline)."""
@@ -323,6 +337,31 @@ class Limiter:
             await self._settles(*calls[0])
         else:
             await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
+
+    def settle_written(
+        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+    ) -> Awaitable[None] | None:
+        """`settle`, written on the hot line now, before this returns: Redis applies it before
+        any admission this process sends later. Its outcome (StoreUnavailable) is the
+        awaitable's; None when the line is not open (then `settle`)."""
+        paying = [s for s in subjects if charged(s.policy)]
+        line = self.line
+        if line is None or not line.ready or self._settle.sha is None or not paying:
+            return None
+        now_ms = int(self.clock() * 1000)
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        written = []
+        for keys, args in calls:  # the line stays open within this loop (no await)
+            future = self._settles.write(keys, args)
+            assert future is not None
+            written.append((future, (keys, args)))
+        return self._settled(written)
+
+    async def _settled(
+        self, written: list[tuple[asyncio.Future[Any], tuple[list[str], list[Any]]]]
+    ) -> None:
+        for future, (keys, args) in written:
+            await self._settles.reply(future, keys, args)
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window

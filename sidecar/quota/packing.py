@@ -4,6 +4,7 @@ x-ratelimit-* headers read back from its counts."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from sidecar import money
@@ -95,3 +96,17 @@ def reserved(limit: Limit, reserve: Reserve | None) -> int:
     if limit.dimension is Dimension.COST:
         return min(limit.amount, max(0, reserve.nanos))
     return 0
+
+
+def covered(subjects: Sequence[Subject], reserve: Reserve | None, tokens: int, nanos: int) -> bool:
+    """Whether what a request reserved at admission is at least what it used, in every token
+    and cost limit of `subjects`: its reservation then already counts it in full."""
+    if reserve is None:
+        return False
+    for subject in subjects:
+        for limit in subject.policy.limits:
+            if limit.dimension is Dimension.TOKENS and reserved(limit, reserve) < tokens:
+                return False
+            if limit.dimension is Dimension.COST and reserved(limit, reserve) < nanos:
+                return False
+    return True

@@ -11,6 +11,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import translated, unavailable
+from sidecar.store.hotline import HotLine
 
 
 def lua(package: str, name: str) -> str:
@@ -110,14 +111,18 @@ class Coalescer:
     then go out together, as one pipeline. Under load many limit checks share a round trip (and
     its system calls and connection checkout); a lone call pays nothing for it."""
 
-    def __init__(self, client: RedisClient, script: Script) -> None:
+    def __init__(self, client: RedisClient, script: Script, line: HotLine | None = None) -> None:
+        """`line`: when given, calls go out on it, each at once (it pipelines by itself)."""
         self.client = client
         self.script = script
+        self.line = line
         self._busy = False
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if self.line is not None:
+            return await self.written(keys, args)
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._queue.append((keys, args, future))
@@ -128,6 +133,50 @@ class Coalescer:
         finally:
             self._next()
         if isinstance(result, Exception):  # this call's own error (the script failed)
+            raise unavailable(result) from result
+        return result
+
+    async def written(self, keys: list[str], args: list[Any]) -> Any:
+        """On the line: the call is written before this coroutine first yields when the line
+        is open (see `write`), and its reply returned."""
+        reply = self.write(keys, args) if self.line is not None and self.line.ready else None
+        if reply is None:
+            return await self._open_and_call(keys, args)
+        return await self.reply(reply, keys, args)
+
+    def write(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any] | None:
+        """Write the call on the line now, without waiting: its reply's future (an error reply
+        is its value, see `reply`); None when the line is not open or the script not loaded."""
+        line, sha = self.line, self.script.sha
+        if line is None or sha is None or not line.ready:
+            return None
+        with translated():
+            (future,) = line.send(_resp(["EVALSHA", sha, len(keys), *keys, *args]))
+        return future
+
+    async def reply(self, future: asyncio.Future[Any], keys: list[str], args: list[Any]) -> Any:
+        """The result of a call `write` sent; raises StoreUnavailable (and sends it again
+        once when the server had lost the script)."""
+        with translated():
+            result = await future
+        if isinstance(result, ResponseError):
+            if not str(result).startswith("NOSCRIPT"):
+                raise unavailable(result) from result
+            await self.script.load(self.client)  # the server restarted or was flushed
+            return await self._open_and_call(keys, args)
+        return result
+
+    async def _open_and_call(self, keys: list[str], args: list[Any]) -> Any:
+        assert self.line is not None
+        if self.script.sha is None:
+            await self.script.load(self.client)
+        with translated():
+            await self.line.open()
+        future = self.write(keys, args)
+        assert future is not None
+        with translated():
+            result = await future
+        if isinstance(result, ResponseError):
             raise unavailable(result) from result
         return result
 
