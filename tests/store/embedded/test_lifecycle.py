@@ -202,6 +202,7 @@ async def test_sidecars_on_one_data_dir_share_one_store_until_the_last_leaves(
     wait_until(lambda: not alive(killed), 5, "not killed")
     await first.answers("/v2/identities/shared", within_s=10)
     await second.answers("/v2/identities/shared", within_s=10)
+
     # The restarting sidecar logs just after the store is back: the other may answer first.
     def restarted() -> list[str]:
         return first.lines("restarted it") + second.lines("restarted it")
