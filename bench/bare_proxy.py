@@ -16,6 +16,7 @@ this stack costs with nothing in it (the `bare` target).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
@@ -38,6 +39,7 @@ REQUEST_SKIP = _HOP_BY_HOP | {b"host", b"content-length"}
 RESPONSE_SKIP = _HOP_BY_HOP
 WHOLE = 1024 * 1024  # an answer up to this size with a known length is read, then sent whole
 TIMEOUT_S = 600.0
+UPSTREAM_ENV = "BARE_PROXY_UPSTREAM"  # `from_env`'s upstream
 
 
 def _kept(
@@ -165,6 +167,11 @@ def _upstream(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise argparse.ArgumentTypeError("expects http://host:port or https://host:port")
     return text
+
+
+def from_env() -> BareProxy:
+    """The app for another ASGI server (bench/server_bench.py serves it with granian too)."""
+    return BareProxy(_upstream(os.environ[UPSTREAM_ENV]))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -167,6 +167,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "SIDECAR_REDIS_URL": ("redis", "url", str),
     "SIDECAR_ADMIN_TOKEN": ("admin", "token", str),
     "SIDECAR_DATA_DIR": ("server", "data_dir", str),
+    "SIDECAR_WORKERS": ("server", "workers", int),  # also `serve --workers N`
     # Comma-separated CIDRs: how a container image says whose identity claims it accepts.
     "SIDECAR_TRUSTED_NETWORKS": ("identity", "trusted_networks", list),
     "SIDECAR_TRUST": ("identity", "trust", str),

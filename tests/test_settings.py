@@ -59,8 +59,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
         "SIDECAR_UPSTREAM_URL": "http://up:4000",
         "SIDECAR_ADMIN_TOKEN": "x" * 20,
         "SIDECAR_DATA_DIR": "/var/lib/sidecar",
+        "SIDECAR_WORKERS": "3",
     }
     s = load(path, env=env)
+    assert s.server.workers == 3
     assert (s.server.port, s.server.host, s.redis.url) == (9999, "0.0.0.0", "redis://b:2/0")
     assert s.upstream.url == "http://up:4000"
     assert s.admin.token == "x" * 20
@@ -139,6 +141,9 @@ def test_bad_environment_value(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     assert problems(path, {"SIDECAR_PORT": "http"}) == [
         f"{path}: SIDECAR_PORT: expected an integer, got 'http'"
+    ]
+    assert problems(path, {"SIDECAR_WORKERS": "0"}) == [
+        f"{path}: server.workers: must be at least 1"
     ]
 
 

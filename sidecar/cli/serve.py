@@ -85,6 +85,8 @@ def _stopped(signum: int, frame: object) -> None:
 def serve(args: argparse.Namespace) -> int:
     from sidecar.store.embedded import EmbeddedStoreError, embedded
 
+    if args.workers is not None:  # through the environment: each worker reads its settings
+        os.environ["SIDECAR_WORKERS"] = str(args.workers)
     settings = load_checked(args.config)
     _logging(settings)
     refused = protected_mode(settings)
@@ -168,4 +170,20 @@ def _run_server(settings: Settings, token: str, store: EmbeddedRedis | None) -> 
 def add_commands(commands: Any) -> None:
     p = commands.add_parser("serve", help="run the service")
     p.add_argument("--config", help="config file (default ./config.toml when present)")
+    p.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        help="server worker processes on the one port (default: [server] workers, else 1)",
+    )
     p.set_defaults(run=serve)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value

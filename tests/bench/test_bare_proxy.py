@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import argparse
+
 import aiohttp
 import pytest
 from yarl import URL
 
-from bench.bare_proxy import BareProxy, request_headers, response_headers
+from bench.bare_proxy import UPSTREAM_ENV, BareProxy, from_env, request_headers, response_headers
 from bench.lib import payloads
 from sidecar.mock import start_mock
 from sidecar.testing.redis_server import free_port
@@ -87,3 +89,13 @@ async def test_bare_proxy_forwards_json_streams_and_errors() -> None:
     assert first.header("host") == f"127.0.0.1:{mock.port}"
     assert first.header("proxy-authorization") is None and first.header("te") is None
     assert len(mock.requests) == 3
+
+
+def test_the_app_for_another_server_takes_its_upstream_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(UPSTREAM_ENV, "http://127.0.0.1:4000/")
+    assert from_env().upstream == "http://127.0.0.1:4000"
+    monkeypatch.setenv(UPSTREAM_ENV, "127.0.0.1:4000")
+    with pytest.raises(argparse.ArgumentTypeError):
+        from_env()

@@ -158,3 +158,13 @@ def test_an_explicit_trust_any_on_a_public_address_starts_with_a_warning(tmp_pat
     proc.communicate(timeout=20)
     assert any('trust = \\"any\\"' in line or 'trust = "any"' in line for line in lines), lines
     assert any(line.startswith("sidecar listening on http://0.0.0.0") for line in lines), lines
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_serve_refuses_a_worker_count_below_one(tmp_path: Path, value: str) -> None:
+    result = sidecar("serve", "--workers", value, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"argument --workers: expected a whole number of at least 1, got '{value}'" in (
+        result.stderr
+    )
+    assert not (tmp_path / ".sidecar").exists()  # nothing was started
