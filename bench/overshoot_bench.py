@@ -323,6 +323,11 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
                 "other_statuses": sum(r["other"] for r in runs),
             }
         )
+
+    def same(entry: dict[str, Any]) -> str:
+        """The one value every repeat gave, else its median and range."""
+        return f"{entry['median']:,.0f}" if entry["min"] == entry["max"] else spread_text(entry, 0)
+
     for s in summary:
         mode = "sequential" if s["concurrency"] == 1 else f"{s['concurrency']} at once"
         error = s["estimate_error"]
@@ -332,10 +337,10 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
                 s["request"],
                 mode,
                 s["unit"],
-                spread_text(s["limit"], 0),
-                spread_text(s["admitted"], 0),
-                spread_text(s["admitted_requests"], 0),
-                spread_text(s["overshoot"], 0),
+                same(s["limit"]),
+                same(s["admitted"]),
+                same(s["admitted_requests"]),
+                same(s["overshoot"]),
                 f"{s['worst_overshoot']:,}",
                 f"{error:+,}",
                 f"{s['worst_overshoot'] / abs(error):.2f}"
