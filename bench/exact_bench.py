@@ -17,15 +17,13 @@ and bench/out/ (or --json FILE), the table to stderr.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from bench.lib import cli
-from bench.lib.client import admin_get
+from bench.lib.client import admin_get, metric
 from bench.lib.config import sidecar_config
 from bench.lib.payloads import chat_body
 from bench.lib.processes import Launcher
@@ -33,13 +31,6 @@ from bench.lib.report import log
 from bench.lib.wrk import Load, run_wrk
 
 MODULE = "bench.exact_bench"
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    found = re.findall(rf"^{name}(?:_total)?(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
-    return sum(float(v) for v in found)
 
 
 def measure(args: Any) -> cli.Outcome:

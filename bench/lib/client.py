@@ -10,10 +10,12 @@ import contextlib
 import gc
 import http.client
 import json
+import re
 import socket
 import statistics
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +120,14 @@ def admin_get(port: int, path: str) -> Any:
     finally:
         client.close()
     return json.loads(data) if status == 200 else None
+
+
+def metric(port: int, name: str) -> float:
+    """A counter or gauge of the sidecar's /metrics, summed over its labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf"^{name}(?:_total)?(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+    return sum(float(v) for v in found)
 
 
 def attribution_check(port: int, identities: int) -> dict[str, Any]:

@@ -325,9 +325,10 @@ class Limiter:
     ) -> None:
         """What an answered request used replaces what it reserved, in every token and cost
         limit of its subjects (the actual is charged where nothing was reserved, or the
-        reservation expired): durable before the client has the whole response. Each
-        subject's call is atomic in its own slot; concurrent settlements share round trips (a
-        Coalescer, as admissions do). Raises StoreUnavailable."""
+        reservation expired): durable before the client has the whole response. On one server
+        that is one script call for all the subjects; on a cluster, one per subject, each atomic
+        in its own slot. Concurrent settlements share round trips (a Coalescer, as admissions
+        do). Raises StoreUnavailable."""
         paying = [s for s in subjects if charged(s.policy)]
         if not paying:
             return
@@ -335,8 +336,11 @@ class Limiter:
         calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
         if len(calls) == 1:
             await self._settles(*calls[0])
-        else:
+        elif self.one_slot:
             await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
+        else:  # one server: every subject in one call, as at admission
+            keys = [key for call_keys, _ in calls for key in call_keys]
+            await self._settles(keys, [request_id, *(args[1] for _, args in calls)])
 
     def settle_written(
         self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
@@ -350,18 +354,12 @@ class Limiter:
             return None
         now_ms = int(self.clock() * 1000)
         calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
-        written = []
-        for keys, args in calls:  # the line stays open within this loop (no await)
-            future = self._settles.write(keys, args)
-            assert future is not None
-            written.append((future, (keys, args)))
-        return self._settled(written)
-
-    async def _settled(
-        self, written: list[tuple[asyncio.Future[Any], tuple[list[str], list[Any]]]]
-    ) -> None:
-        for future, (keys, args) in written:
-            await self._settles.reply(future, keys, args)
+        # One server (the line's): every subject in one call, as `settle` does.
+        keys = [key for call_keys, _ in calls for key in call_keys]
+        args = [request_id, *(call_args[1] for _, call_args in calls)]
+        future = self._settles.write(keys, args)
+        assert future is not None  # the line is open: checked above, and no await since
+        return self._settles.reply(future, keys, args)
 
     async def usage(self, identity_id: str, policy: Policy) -> PolicyUsage:
         """How much of each limit of `policy` the identity uses now: the buckets and window
