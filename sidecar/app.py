@@ -127,6 +127,7 @@ def create_app(
     dependencies = {
         "probe": _provide(Probe(services, embedded)),
         "catalog": _provide(services.catalog),
+        "merger": _provide(services.merger),
         "usage_counters": _provide(services.usage_counters),
         "quota": _provide(services.quota),
         "limiter": _provide(services.limiter),

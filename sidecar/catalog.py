@@ -10,7 +10,9 @@ from typing import Any
 import msgspec
 
 from sidecar import money
+from sidecar.identity.aliases import Aliases
 from sidecar.identity.listing import Listing, bound_after
+from sidecar.identity.merge import find
 from sidecar.identity.model import Identity, MetadataFilter, Metrics, Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.store.connect import RedisClient
@@ -47,11 +49,13 @@ def metrics(sums: dict[str, int]) -> Metrics:
 
 def open_catalog(client: RedisClient, keys: Keys, clock: Clock = time.time) -> Catalog:
     """A catalog on its own, for tools that read the store without a running service."""
+    records = IdentityRecords(client, keys, clock)
     return Catalog(
-        IdentityRecords(client, keys, clock),
+        records,
         Listing(client, keys),
         UsageCounters(client, keys, clock),
         Rankings(client, keys, clock),
+        Aliases(client, keys, records),
     )
 
 
@@ -62,8 +66,10 @@ class Catalog:
         listing: Listing,
         counters: UsageCounters,
         rankings: Rankings,
+        aliases: Aliases,
     ) -> None:
         self.records = records
+        self.aliases = aliases
         self.listing = listing
         self.counters = counters
         self.rankings = rankings
@@ -96,15 +102,20 @@ class Catalog:
     async def identities(self, ids: list[str], include_metrics: bool) -> list[Identity]:
         return await (self.with_metrics(ids) if include_metrics else self.records.many(ids))
 
+    def normalize(self, external_id: str) -> str:
+        return self.aliases.normalize(external_id)
+
     async def get(self, ref: str, *, include_metrics: bool = False) -> Identity | None:
-        identity = await self.records.get(ref)
+        """By `_id` or external id (normalized, or as stored); a merged identity's `_id` or
+        external id answers with its survivor."""
+        identity = await find(self.records, self.aliases, ref)
         if identity is None or not include_metrics:
             return identity
         found = await self.with_metrics([identity.id])
         return found[0] if found else None
 
     async def create(self, external_id: str, profile: Profile) -> Identity:
-        return await self.records.create(external_id, profile)
+        return await self.records.create(self.normalize(external_id), profile)
 
     async def patch(self, identity: Identity, profile: Profile) -> Identity | None:
         return await self.records.patch(identity, profile)
@@ -113,6 +124,7 @@ class Catalog:
         """Erasure: the record and its index entries, its usage, its places in the rankings.
         The record goes first, so that a usage write arriving meanwhile counts nothing."""
         await self.records.delete(identity)
+        await self.aliases.erase(identity.id)
         await self.counters.erase(identity.id)
         await self.rankings.remove(identity.id)
 

@@ -17,13 +17,16 @@ from sidecar import __version__
 from sidecar.budgets.alerts import AlertScanner
 from sidecar.budgets.notify import AlertSender
 from sidecar.budgets.outbox import Outbox
-from sidecar.budgets.service import Budgets
+from sidecar.budgets.service import BudgetMover, Budgets
 from sidecar.budgets.store import BudgetStore
 from sidecar.catalog import Catalog
 from sidecar.errors import StoreUnavailable
+from sidecar.identity.aliases import Aliases
 from sidecar.identity.identify import Identifier
 from sidecar.identity.indexer import IndexBuilder
 from sidecar.identity.listing import Listing
+from sidecar.identity.merge import Merger
+from sidecar.identity.model import normalizer
 from sidecar.identity.records import IdentityRecords
 from sidecar.metering.attribution import Attribution
 from sidecar.metering.authorize import Authorizer
@@ -34,6 +37,7 @@ from sidecar.observe.tracing import Tracer
 from sidecar.proxy.authorize import RawAuthorize
 from sidecar.proxy.inline import InlineProxy
 from sidecar.proxy.upstream import Upstream
+from sidecar.quota.fold import LimitsMover
 from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.profiles import PolicyProfiles
@@ -47,6 +51,7 @@ from sidecar.tasks import Background
 from sidecar.ui.session import Sessions
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.counters import UsageCounters
+from sidecar.usage.fold import UsageMover
 from sidecar.usage.pricing import Pricer
 from sidecar.usage.ranking import Rankings
 from sidecar.usage.recorder import Recorder
@@ -72,6 +77,8 @@ class Services:
     search_index: IndexBuilder
     identifier: Identifier
     catalog: Catalog
+    aliases: Aliases
+    merger: Merger
     usage_counters: UsageCounters
     recorder: Recorder
     limiter: Limiter
@@ -115,6 +122,7 @@ class Services:
             await self.budgets.refresh()
         self.loops.append(asyncio.create_task(self.live.watch()))
         self.loops.append(asyncio.create_task(self.search_index.keep()))
+        self.loops.append(asyncio.create_task(self.aliases.watch()))
         self.loops.append(asyncio.create_task(self.budgets.watch()))
         if self.settings.notifiers:
             await self.alert_sender.open()
@@ -162,6 +170,7 @@ def build(
     listing = Listing(redis, keys)
     search_index = IndexBuilder(redis, keys)
     identifier = Identifier(records, profiles, clock, counters)
+    aliases = Aliases(redis, keys, identifier, normalizer(settings.identity.normalize))
 
     usage_counters = UsageCounters(redis, keys, clock)
     rankings = Rankings(redis, keys, clock)
@@ -172,7 +181,7 @@ def build(
     recorder = Recorder(
         writer, backlog, identifier, writer_id=writer_id, clock=clock, counters=counters
     )
-    catalog = Catalog(records, listing, usage_counters, rankings)
+    catalog = Catalog(records, listing, usage_counters, rankings, aliases)
 
     limiter = Limiter(
         redis,
@@ -189,9 +198,13 @@ def build(
         settings.identity,
         live,
         Pricer(settings.pricing.models),
+        aliases,
         clock,
         settings.limits.default_output_reserve,
     )
+    usage_mover = UsageMover(redis, keys, usage_counters, rankings, clock)
+    limits_mover = LimitsMover(redis, keys, live, clock)
+    merger = Merger(records, aliases, [usage_mover, limits_mover, BudgetMover(budgets)], clock)
     background = Background()
     tracer = _tracer(settings)
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
@@ -220,6 +233,11 @@ def build(
     )
     scripts = (
         *records.scripts,
+        *aliases.scripts,
+        *merger.scripts,
+        *usage_mover.scripts,
+        *limits_mover.scripts,
+        *rankings.scripts,
         *listing.scripts,
         *search_index.scripts,
         *usage_counters.scripts,
@@ -239,6 +257,8 @@ def build(
         search_index=search_index,
         identifier=identifier,
         catalog=catalog,
+        aliases=aliases,
+        merger=merger,
         usage_counters=usage_counters,
         recorder=recorder,
         limiter=limiter,

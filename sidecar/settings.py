@@ -76,6 +76,9 @@ class IdentitySettings(_Section):
     trusted_networks: list[str] = msgspec.field(default_factory=list)  # CIDRs
     max_new_per_minute: int = 1000  # identities one key owner or client address may create
     user_fields: bool = False  # OpenAI's `user`, Anthropic's `metadata.user_id` as a source
+    # How every incoming external id is normalized (identity.model.normalizer): "none",
+    # "trim" (blanks around removed, runs inside made one space), "lower" (trim, then lower case).
+    normalize: str = "none"  # checked against NORMALIZE (a clearer message than an enum's)
 
     @property
     def trust_mode(self) -> Literal["any", "keys"]:
@@ -174,6 +177,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
 }
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+NORMALIZE = ("none", "trim", "lower")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Arrays of tables, each item checked as the struct: [[api_keys]], [[notifiers]].
 _TABLES: dict[str, type[msgspec.Struct]] = {"api_keys": ApiKeyOwner, "notifiers": NotifierSettings}
@@ -196,6 +200,11 @@ def _where(prefix: str, err: msgspec.ValidationError) -> str:
 
 def _check_values(s: Settings) -> list[str]:
     problems = []
+    if s.identity.normalize not in NORMALIZE:
+        problems.append(
+            'identity.normalize: must be "none", "trim" or "lower" (see docs/configuration.md'
+            f"#normalizing-external-ids), not {s.identity.normalize!r}"
+        )
     if not 0 <= s.server.port <= 65535:
         problems.append("server.port: must be 0-65535")
     if s.server.max_body_bytes < 1024:

@@ -84,6 +84,7 @@ class HookController(Controller):
             external_id = model.external_id(report.identity, "identity")
         except InvalidField as exc:
             raise InvalidRequest(exc.message, param=exc.param) from None
+        external_id = settlement.attribution.aliases.canonical(external_id)
         logs.bind(external_id, report.request_id)
         kind = kind_for_path(report.path or "") or Kind.CHAT
         usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()

@@ -7,10 +7,10 @@ import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.openapi import ResponseSpec
 from litestar.params import FromQuery, JSONBody, QueryParameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import UNSET
 
-from sidecar.api.deps import BudgetsDep, CatalogDep, UsageCountersDep
+from sidecar.api.deps import BudgetsDep, CatalogDep, MergerDep, UsageCountersDep
 from sidecar.api.usage import days, rows
 from sidecar.budgets import model as budget_model
 from sidecar.budgets.model import BudgetView
@@ -52,6 +52,16 @@ class IdentityList(msgspec.Struct):
     data: list[Identity]  # IdentityBudgets with include_budget
     has_more: bool
     object: Literal["list"] = "list"
+
+
+class MergeBody(msgspec.Struct, forbid_unknown_fields=True):
+    from_: str = msgspec.field(name="from")  # the merged identity: its _id or external id
+
+
+class MergedIdentity(Identity, kw_only=True):
+    """The survivor of a merge, with every external id merged into it (its aliases)."""
+
+    merged_from: list[str] = msgspec.field(default_factory=list)
 
 
 class IdentityBudgets(Identity, kw_only=True):
@@ -222,12 +232,40 @@ class IdentityController(Controller):
         identity = await _find(catalog, identity_ref(request), include_metrics)
         return (await with_budgets(budgets, [identity]))[0] if include_budget else identity
 
+    @post(
+        "/{ref:path}",
+        status_code=HTTP_200_OK,
+        operation_id="mergeIdentity",
+        responses={
+            **INVALID,
+            404: ResponseSpec(ErrorResponse, generate_examples=False, description="Not found"),
+            409: ResponseSpec(ErrorResponse, generate_examples=False, description="Conflict"),
+        },
+    )
+    async def merge(
+        self, request: Request[Any, Any, Any], data: JSONBody[MergeBody], merger: MergerDep
+    ) -> MergedIdentity:
+        """`/v2/identities/{id}/merge`: the identity `from` names is merged into `{id}` (its
+        usage, limit windows and budgets move; its external id becomes an alias)."""
+        ref = identity_ref(request, "merge")
+        if not data.from_.strip():
+            raise InvalidRequest("from must not be empty", param="from")
+        if len(data.from_) > MAX_REF:
+            raise InvalidRequest(f"from must be at most {MAX_REF} characters", param="from")
+        merged = await merger.merge(ref, data.from_.strip())
+        return MergedIdentity(
+            **msgspec.structs.asdict(merged.identity), merged_from=merged.merged_from
+        )
+
     @patch("/{ref:path}", operation_id="updateIdentity", responses=INVALID)
     async def update(
         self, request: Request[Any, Any, Any], data: JSONBody[IdentityPatch], catalog: CatalogDep
     ) -> Identity:
         identity = await _find(catalog, identity_ref(request))
-        if data.external_id is not UNSET and data.external_id.strip() != identity.external_id:
+        if (
+            data.external_id is not UNSET
+            and catalog.normalize(data.external_id.strip()) != identity.external_id
+        ):
             raise InvalidRequest(
                 "external_id cannot be changed; create a new identity", param="external_id"
             )

@@ -16,6 +16,7 @@ from sidecar.budgets.model import Budget, BudgetCreate, BudgetPatch, BudgetView,
 from sidecar.budgets.outbox import Delivery, Outbox
 from sidecar.budgets.store import BudgetStore, Loaded
 from sidecar.errors import InvalidRequest, NotFound, StoreUnavailable
+from sidecar.identity.merge import MergePlan
 from sidecar.identity.model import InvalidField
 from sidecar.quota.decision import Subject
 from sidecar.quota.policy import Policy
@@ -228,6 +229,27 @@ class Budgets:
         await self.outbox.forget(budget_id)
         await self._refreshed()
 
+    async def retarget_identity(self, old: str, new: str) -> int:
+        """Budgets scoped to the identity `old` (an external id) apply to `new` from now on
+        (a merge); how many moved."""
+        moved = 0
+        while True:
+            found, _ = await self.store.page(
+                kind="identity",
+                target=old,
+                active=None,
+                limit=200,
+                starting_after=None,
+                ending_before=None,
+            )
+            for budget in found:
+                moved += await self.store.retarget(budget, new)
+            if not found:
+                break
+        if moved:
+            await self._refreshed()
+        return moved
+
     async def deliveries(self, budget_id: str, limit: int) -> list[Delivery]:
         """The budget's alert deliveries, newest first."""
         await self.found(budget_id)
@@ -279,3 +301,15 @@ class Budgets:
             )
         )
         return [[(b, used[b.id]) for b in budgets] for budgets in found]
+
+
+class BudgetMover:
+    """A merged identity's budgets follow its survivor (identity/merge.py)."""
+
+    name = "budgets"
+
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+
+    async def move(self, plan: MergePlan) -> None:
+        await self.budgets.retarget_identity(plan.merged_x, plan.into_x)

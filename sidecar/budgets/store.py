@@ -43,10 +43,11 @@ class BudgetStore:
         self._save = Script("sidecar.budgets.lua", "save")
         self._remove = Script("sidecar.budgets.lua", "remove")
         self._rearm = Script("sidecar.budgets.lua", "rearm")
+        self._retarget = Script("sidecar.budgets.lua", "retarget")
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._save, self._remove, self._rearm]
+        return [self._save, self._remove, self._rearm, self._retarget]
 
     def _index_keys(self, budget: Budget) -> list[str]:
         keys = self.keys
@@ -87,6 +88,23 @@ class BudgetStore:
         """False when the budget was deleted meanwhile."""
         args = [budget.id, _encode(budget), "update", "1" if rearm else "0"]
         return bool(await self._save(self.client, self._index_keys(budget), args))
+
+    async def retarget(self, budget: Budget, target: str) -> bool:
+        """The budget, scoped to `target` instead (same kind); False when it was deleted."""
+        after = msgspec.structs.replace(budget, scope=model.Scope(budget.scope.kind, target))
+        keys = self.keys
+        return bool(
+            await self._retarget(
+                self.client,
+                [
+                    keys.budget(budget.id),
+                    keys.budget_scope(budget.scope.kind, budget.scope.target),
+                    keys.budget_scope(budget.scope.kind, target),
+                    keys.budget_generation,
+                ],
+                [budget.id, _encode(after)],
+            )
+        )
 
     async def delete(self, budget: Budget) -> bool:
         return bool(await self._remove(self.client, self._index_keys(budget), [budget.id]))

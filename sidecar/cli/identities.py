@@ -1,4 +1,4 @@
-"""`sidecar identities list|get|top`: the identity API from a terminal."""
+"""`sidecar identities list|get|top|merge`: the identity API from a terminal."""
 
 from __future__ import annotations
 
@@ -121,7 +121,27 @@ def identities_top(api: Api, args: argparse.Namespace) -> None:
     print(table(page["data"], columns))
 
 
-_ACTIONS = {"list": identities_list, "get": identities_get, "top": identities_top}
+def identities_merge(api: Api, args: argparse.Namespace) -> None:
+    try:
+        survivor = api.post(f"/v2/identities/{segment(args.into)}/merge", {"from": args.source})
+    except ApiError as exc:
+        if exc.status == 404:
+            missing = args.source if exc.param == "from" else args.into
+            raise CliError(f"no identity with _id or external_id {missing!r}") from None
+        raise
+    if args.json:
+        print_json(survivor)
+        return
+    merged = ", ".join(survivor.get("merged_from") or [])
+    print(f"{survivor['_id']}  {survivor['external_id']}  (merged from: {merged})")
+
+
+_ACTIONS = {
+    "list": identities_list,
+    "get": identities_get,
+    "top": identities_top,
+    "merge": identities_merge,
+}
 
 
 def identities(args: argparse.Namespace) -> int:
@@ -150,4 +170,12 @@ def add_commands(commands: Any) -> None:
     )
     a.add_argument("--by", choices=SORTS, default="cost", help="what to rank by (default cost)")
     a.add_argument("--limit", type=count(200), default=10, help="1-200 (default 10)")
+    a = actions.add_parser(
+        "merge",
+        parents=[common],
+        help="merge one identity into another: its usage, limits and budgets move, its "
+        "external id becomes an alias",
+    )
+    a.add_argument("into", help="the surviving identity: _id or external id")
+    a.add_argument("source", metavar="from", help="the identity merged into it")
     p.set_defaults(run=identities)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -118,6 +119,31 @@ def external_id(value: str, param: str = "external_id") -> str:
     if not value:
         raise InvalidField(param, f"{param} must not be empty")
     return value
+
+
+_BLANKS = re.compile(r"\s+")
+
+
+def _as_given(external_id: str) -> str:
+    return external_id
+
+
+def _trimmed(external_id: str) -> str:
+    return _BLANKS.sub(" ", external_id.strip())
+
+
+def _lowered(external_id: str) -> str:
+    return _trimmed(external_id).lower()
+
+
+_NORMALIZERS = {"none": _as_given, "trim": _trimmed, "lower": _lowered}
+
+
+def normalizer(mode: str) -> Callable[[str], str]:
+    """`[identity] normalize`: "none" keeps external ids as given; "trim" removes blanks
+    around them and makes each run of blanks inside one space; "lower" trims, then lower-cases
+    (ids that differ only in case name one identity)."""
+    return _NORMALIZERS[mode]
 
 
 def tag(value: str, param: str = "tag") -> str:

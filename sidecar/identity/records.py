@@ -275,7 +275,14 @@ class IdentityRecords:
             self.client, self._index_keys, [xid_digest(identity.external_id), identity.id]
         )
         self._ids.pop(identity.external_id, None)
-        await call(self.client.delete(self.keys.identity(identity.id)))
+        keys = self.keys
+        await call(
+            self.client.delete(
+                keys.identity(identity.id),
+                keys.alias_names(identity.id),
+                keys.merged_into(identity.id),
+            )
+        )
 
     def _candidate(self, external_id: str, profile: Profile) -> tuple[str, list[Any]]:
         candidate = str(ULID.from_timestamp(self.clock()))
@@ -332,7 +339,7 @@ class IdentityRecords:
                 pipe.delete(self.keys.identity(discard))
             self._merge.queue(
                 pipe,
-                [self.keys.identity(identity_id)],
+                [self.keys.identity(identity_id), self.keys.alias_names(identity_id)],
                 [self._now_ms(), "0", external_id, *_field_args(profile)],
             )
 

@@ -163,6 +163,7 @@ def resolve(
     trust: Trust = TRUST_ANY,
     caller: Caller = UNKNOWN_CALLER,
     user_fields: bool = False,
+    canonical: Callable[[str], str] | None = None,
 ) -> Resolved:
     """Who a request is for, in the documented order: body identity, (opt-in) user fields,
     header, API key owner, anonymous; a claim (the first three) only when `trust` accepts it
@@ -170,7 +171,10 @@ def resolve(
 
     `headers` has lower-case names. The body identity is removed from `body` in place. Raises
     InvalidField (a 400) for a bad identity, ClaimRefused (a 403) for a claim the caller may not
-    make, and MissingIdentity (a 401) when an identity is required and there is none."""
+    make, and MissingIdentity (a 401) when an identity is required and there is none.
+    `canonical` maps a claimed external id to the one it counts under (normalized, and an
+    alias's survivor), before the trust check: a caller must be allowed the identity it acts
+    as."""
     key = api_key(headers)
     grant = grant_for(key_digest(key)) if key is not None else None
     owner = grant.owner if grant is not None else None
@@ -178,6 +182,10 @@ def resolve(
     claim = _claim(body, headers, header, user_fields)
     if claim is not None:
         resolved, param = claim
+        if canonical is not None:
+            resolved = msgspec.structs.replace(
+                resolved, external_id=canonical(resolved.external_id)
+            )
         if not trust.accepts(resolved.external_id, caller, grant):
             raise ClaimRefused(param, resolved.external_id)
         return msgspec.structs.replace(resolved, owner=owner, creator=creator)

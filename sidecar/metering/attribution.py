@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.errors import Forbidden, InvalidRequest, Unauthorized
+from sidecar.identity.aliases import Aliases
 from sidecar.identity.caller import Networks
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import (
@@ -35,9 +36,11 @@ class Attribution:
         config: IdentitySettings,
         live: LiveConfig,
         pricer: Pricer,
+        aliases: Aliases,
         clock: Clock = time.time,
         default_output_reserve: int = 1024,
     ) -> None:
+        self.aliases = aliases
         self.default_output_reserve = default_output_reserve
         self.header = config.header
         self.required = config.required
@@ -70,6 +73,7 @@ class Attribution:
                 trust=self.trust,
                 caller=self.caller(peer, headers),
                 user_fields=self.user_fields,
+                canonical=self.aliases.canonical,
             )
         except InvalidField as exc:
             raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None

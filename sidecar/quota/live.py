@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+from sidecar.identity.model import normalizer
 from sidecar.identity.resolve import Grant
 from sidecar.quota import loader
 from sidecar.quota.policy import Policy
@@ -26,7 +27,7 @@ class LiveConfig:
         self.policies: tuple[Policy, ...] = loader.load(
             settings.policies.paths, settings.base_dir
         ).policies
-        self.keys = _grants(settings.api_keys)
+        self.keys = _grants(settings.api_keys, settings.identity.normalize)
         self.reloads = 0
         self.reload_errors = 0
         self.match_tags: frozenset[str] = frozenset()
@@ -81,7 +82,7 @@ class LiveConfig:
                 log.error("reload refused, keeping the last good policies: %s", problem)
             return False
         self.policies = policies
-        self.keys = _grants(settings.api_keys)
+        self.keys = _grants(settings.api_keys, settings.identity.normalize)
         self.settings = settings
         self._derive()
         self.generation += 1
@@ -110,5 +111,7 @@ class LiveConfig:
                 loop.remove_signal_handler(signal.SIGHUP)
 
 
-def _grants(keys: list[ApiKeyOwner]) -> dict[str, Grant]:
-    return {k.sha256: Grant(k.owner, tuple(k.may_assert)) for k in keys}
+def _grants(keys: list[ApiKeyOwner], normalize: str) -> dict[str, Grant]:
+    """The listed keys; their owners are external ids, normalized as every other one."""
+    owner = normalizer(normalize)
+    return {k.sha256: Grant(owner(k.owner), tuple(k.may_assert)) for k in keys}

@@ -22,7 +22,11 @@ def xid_digest(external_id: str) -> str:
 class Keys:
     __slots__ = (
         "_p",
+        "alias_generation",
+        "aliases",
         "external_ids",
+        "merge_lock",
+        "merges_pending",
         "order",
         "search_build_lock",
         "search_ids",
@@ -55,6 +59,14 @@ class Keys:
         # Sorted set: the seqs of identities indexed far out of creation order (seq -> seq).
         self.search_late = f"{prefix}:{{idx}}:s:late"
         self.search_build_lock = f"{prefix}:{{idx}}:s:lock"  # string with a TTL: the builder
+        # Merged identities (identity/merge.py). Hash: "x:<external id>" -> the survivor's _id,
+        # the merged identity's _id and the survivor's external id (26 + 26 characters, then
+        # the rest); "i:<merged _id>" -> the survivor's _id. The external-id hash maps each
+        # alias's digest to the survivor too, in the same step.
+        self.aliases = f"{prefix}:{{idx}}:alias"
+        self.alias_generation = f"{prefix}:{{idx}}:alias:gen"  # string counter: bumped by changes
+        self.merge_lock = f"{prefix}:{{idx}}:mg:lock"  # string with a TTL: the merge running
+        self.merges_pending = f"{prefix}:{{idx}}:mg:pending"  # set: merged _ids not finished
 
     @property
     def search_index(self) -> list[str]:
@@ -70,6 +82,25 @@ class Keys:
 
     def identity(self, identity_id: str) -> str:
         return f"{self._p}:id:{{{identity_id}}}"  # hash: the profile
+
+    def aliases_of(self, identity_id: str) -> str:
+        # Set: the aliases that name a survivor, in the {idx} slot ("i:<merged _id>" and
+        # "x:<digest> <external id>"), so that a later merge or an erasure can rewrite them.
+        return f"{self._p}:{{idx}}:al:{identity_id}"
+
+    def merge_journal(self, merged_id: str) -> str:
+        # Hash: one merge's plan and the steps it finished (identity/merge.py).
+        return f"{self._p}:{{idx}}:mg:{merged_id}"
+
+    def alias_names(self, identity_id: str) -> str:
+        # Set, in the survivor's slot: the external ids merged into it (a profile write
+        # through one of them updates the survivor's record).
+        return f"{self._p}:al:{{{identity_id}}}"
+
+    def merged_into(self, identity_id: str) -> str:
+        # Hash, in the survivor's slot: "<merged _id>:<part>" for each part of a merged
+        # identity's state already added here, so that a retried merge adds nothing twice.
+        return f"{self._p}:mg:{{{identity_id}}}"
 
     def usage_days(self, identity_id: str) -> str:
         # Hash of daily counters, fields "<day>:<counter>" (days since the epoch, UTC): a

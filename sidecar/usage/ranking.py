@@ -42,6 +42,7 @@ class Rankings:
         self.keys = keys
         self.clock = clock
         self._script = Script("sidecar.usage.lua", "rank")
+        self._fold = Script("sidecar.usage.lua", "rank_fold")
         # (counter, day, _id) -> what the index still has to add.
         self._waiting: dict[tuple[str, int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +115,20 @@ class Rankings:
                     pipe.zrem(self.keys.ranking(sort, day), identity_id)
 
         await pipeline(self.client, queue)
+
+    @property
+    def scripts(self) -> list[Script]:
+        return [self._script, self._fold]
+
+    async def move(self, merged_id: str, survivor_id: str) -> None:
+        """A merged identity's daily scores become its survivor's (identity/merge.py)."""
+        today = buckets.day(self.clock())
+        days = range(today - buckets.METRICS_DAYS - 1, today + 2)
+        tops = [self.keys.top(counter, day) for day in days for counter in RANKED]
+        rankings = [
+            self.keys.ranking(sort, day) for sort in SORTS for day in (today - 1, today, today + 1)
+        ]
+        await self._fold(self.client, tops + rankings, [merged_id, survivor_id, len(tops)])
 
     # -- reading ---------------------------------------------------------------------------
 

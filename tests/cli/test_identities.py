@@ -195,3 +195,17 @@ async def test_the_token_comes_from_the_environment_or_the_data_dir(
     (tmp_path / "data" / "admin_token").write_text(ADMIN_TOKEN + "\n")
     code, _, err = await cli(capsys, "identities", "list")
     assert (code, err) == (0, "")
+
+
+async def test_merge_prints_the_survivor_and_names_a_missing_side(
+    api: ApiClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kept = await create(api, external_id="kept")
+    await create(api, external_id="Kept ")
+    code, out, err = await cli(capsys, "identities", "merge", "kept", "Kept", *at(api))
+    assert (code, err) == (0, "")
+    assert out.split() == [kept["_id"], "kept", "(merged", "from:", "Kept)"]
+    assert (await api.get("/v2/identities/Kept")).json()["_id"] == kept["_id"]
+    code, out, err = await cli(capsys, "identities", "merge", "kept", "nobody", *at(api))
+    assert (code, out) == (2, "")
+    assert "no identity with _id or external_id 'nobody'" in err

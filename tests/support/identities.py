@@ -26,6 +26,8 @@ async def snapshot(redis: Redis) -> dict[bytes, Any]:
             out[key] = await redis.hgetall(key)
         elif kind == b"zset":
             out[key] = await redis.zrange(key, 0, -1)
+        elif kind == b"set":
+            out[key] = await redis.smembers(key)
         else:
             out[key] = await redis.get(key)
     return out

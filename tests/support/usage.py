@@ -8,14 +8,12 @@ from typing import Any
 from redis.asyncio import Redis
 from ulid import ULID
 
-from sidecar.catalog import Catalog
+from sidecar.catalog import Catalog, open_catalog
 from sidecar.identity.identify import Identifier
-from sidecar.identity.listing import Listing
 from sidecar.identity.model import Metrics, Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.store.keys import Keys
 from sidecar.usage.backlog import Backlog
-from sidecar.usage.counters import UsageCounters
 from sidecar.usage.ranking import Rankings
 from sidecar.usage.recorder import Recorder
 from sidecar.usage.spool import Spool
@@ -36,12 +34,7 @@ async def identities(client: Redis, clock: FakeClock, *names: str) -> dict[str, 
 
 
 def catalog(client: Redis, clock: FakeClock) -> Catalog:
-    return Catalog(
-        IdentityRecords(client, KEYS, clock),
-        Listing(client, KEYS),
-        UsageCounters(client, KEYS, clock),
-        Rankings(client, KEYS, clock),
-    )
+    return open_catalog(client, KEYS, clock)
 
 
 async def requests_of(client: Redis, ref: str, clock: FakeClock) -> dict[str, int]:

@@ -1,5 +1,6 @@
 -- Create-or-update one identity record in one step.
--- KEYS[1] record hash
+-- KEYS[1] record hash, KEYS[2] (optional) the external ids merged into it: an update that
+-- names one of them updates this record.
 -- ARGV[1] now (epoch ms), ARGV[2] '1' to create when missing, ARGV[3] external id,
 -- ARGV[4..] field/value pairs; an empty value deletes the field.
 -- Returns {status, old tags JSON or false, record as a flat list}; status is
@@ -18,7 +19,11 @@ if not xid then
   redis.call('HSET', key, unpack(fields))
   return {'created', false, redis.call('HGETALL', key)}
 end
-if ARGV[3] ~= '' and xid ~= ARGV[3] then return {'conflict', false, {}} end
+if ARGV[3] ~= '' and xid ~= ARGV[3] then
+  if not KEYS[2] or redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 0 then
+    return {'conflict', false, {}}
+  end
+end
 local old_tags = redis.call('HGET', key, 't') or false
 local changed = false
 for i = 4, #ARGV, 2 do
