@@ -107,6 +107,9 @@ class PoliciesSettings(_Section):
 class LimitsSettings(_Section):
     # Output tokens reserved for a request that names no cap of its own (see usage/estimate.py).
     default_output_reserve: int = 1024
+    # A limited request that names no output cap is sent with one (the reserve): the estimate
+    # is then an upper bound of its output, and concurrent requests cannot overshoot by more.
+    cap_output: bool = True
 
 
 class PricingSettings(_Section):

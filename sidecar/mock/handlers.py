@@ -132,14 +132,16 @@ class Router:
         prompt = ctl.input_tokens
         if prompt is None:
             prompt = len(req.body) // 4 or 1
+        limit = body.max_tokens
+        if limit is None:
+            limit = body.max_completion_tokens
+            if limit is None:
+                limit = body.max_output_tokens
         completion = ctl.output_tokens
         if completion is None:
-            limit = body.max_tokens
-            if limit is None:
-                limit = body.max_completion_tokens
-                if limit is None:
-                    limit = body.max_output_tokens
             completion = min(max(limit, 0), 64) if type(limit) is int else 16
+        elif type(limit) is int:
+            completion = min(completion, max(limit, 0))  # as a real upstream, never past the cap
         if ctl is not self._defaults:
             prompt = max(prompt, ctl.cached + ctl.cache_write)
             completion = max(completion, ctl.reasoning)

@@ -43,6 +43,7 @@ from sidecar.proxy.upstream import Upstream
 from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
+from sidecar.usage.estimate import cap_output
 from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
@@ -100,6 +101,7 @@ class InlineProxy:
         self.deny_others = settings.metering.other_paths == "deny"
         self.header = settings.identity.header.lower()
         self.header_bytes = self.header.encode()
+        self.cap_output = settings.limits.cap_output
 
     def metered(self, method: str, path: str) -> tuple[bool, Kind | None]:
         if method != "POST":
@@ -189,6 +191,13 @@ class InlineProxy:
         if decision is not None and not decision.admitted:
             await self._refuse(send, meter, decision)
             return None, body
+        if (
+            self.cap_output
+            and decision is not None
+            and decision.charged
+            and cap_output(kind, payload, self.attribution.default_output_reserve)
+        ):
+            body = _encode(payload)  # its output now fits what it reserved
         meter.refresh = refresh and known is not None
         return meter, body
 

@@ -25,6 +25,32 @@ _CAPS = {
 }
 
 
+# Where a request's own output cap goes when it names none (see `cap_output`).
+OUTPUT_CAP = {
+    Kind.CHAT: "max_completion_tokens",
+    Kind.COMPLETIONS: "max_tokens",
+    Kind.RESPONSES: "max_output_tokens",
+    Kind.MESSAGES: "max_tokens",
+}
+
+
+def cap_output(kind: Kind | None, body: dict[str, Any], cap: int) -> bool:
+    """Give a request that names no output cap this one (the output its reservation counted);
+    True when the body changed. Embeddings and unknown paths are left alone."""
+    name = OUTPUT_CAP.get(kind) if kind is not None else None
+    if name is None or any(_cap(body, field) is not None for field in _CAPS[kind]):  # type: ignore[index]
+        return False
+    body[name] = cap
+    return True
+
+
+def _cap(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def tokens(
     kind: Kind | None, body: Mapping[str, Any], body_bytes: int, default_output: int
 ) -> tuple[int, int]:
@@ -33,7 +59,7 @@ def tokens(
     if kind is Kind.EMBEDDINGS:
         return input_tokens, 0
     for name in _CAPS.get(kind or Kind.CHAT, ("max_tokens",)):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = _cap(body, name)
+        if value is not None:
             return input_tokens, value
     return input_tokens, default_output

@@ -106,11 +106,6 @@ async def test_concurrent_slow_requests_admit_no_more_than_fits(
     assert await used(env, "crowd") == admitted * 25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request without max_tokens reserves [limits] default_output_reserve, which is no "
-    "upper bound: concurrent requests that each use more overshoot by one error each",
-)
 async def test_concurrent_requests_without_a_cap_overshoot_by_at_most_one_estimate_error(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
@@ -135,7 +130,10 @@ async def test_concurrent_requests_without_a_cap_overshoot_by_at_most_one_estima
             )
         )
     assert Counter(r.status_code for r in replies)[200] == 2
-    # The spec's bound: no more past the limit than one request's estimate error.
+    # Each went out with the output cap its reservation counted (`[limits] cap_output`) ...
+    sent = [json.loads(request.body) for request in env.mock.requests]
+    assert [b.get("max_completion_tokens") for b in sent] == [10, 10]
+    # ... so the spec's bound holds: no more past the limit than one request's estimate error.
     assert await used(env, "uncapped") - 100 <= actual - estimate
 
 
@@ -244,3 +242,25 @@ async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
         assert await used(env, "h") == 30
         assert (await hooks.post("/hooks/usage", json=report)).json()["duplicate"] is True
         assert await used(env, "h") == 30  # settled once
+
+
+@pytest.mark.parametrize("cap_output", [True, False])
+async def test_the_output_cap_is_added_only_where_a_token_limit_needs_it(
+    make_env: MakeEnv, tmp_path: Path, cap_output: bool
+) -> None:
+    env: Env = await make_env(
+        limits={"default_output_reserve": 300, "cap_output": cap_output},
+        **policy(tmp_path, 'tokens = ["100000/minute"]\n'),
+    )
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=env.url, timeout=30) as client:
+        for extra in ({}, {"max_tokens": 7}):
+            reply = await client.post(
+                "/v1/chat/completions",
+                json={**body, **extra},
+                headers={"X-ORQ-IDENTITY-ID": "capped"},
+            )
+            assert reply.status_code == 200
+    uncapped, own = (json.loads(request.body) for request in env.mock.requests)
+    assert uncapped.get("max_completion_tokens") == (300 if cap_output else None)
+    assert own["max_tokens"] == 7 and "max_completion_tokens" not in own  # its own cap stands
