@@ -38,16 +38,18 @@ STALE_S = 5.0
 
 
 class _Protocol(asyncio.Protocol):
-    __slots__ = ("line",)
+    __slots__ = ("line", "replaced")
 
-    def __init__(self, line: HotLine) -> None:
+    def __init__(self, line: HotLine, replaced: asyncio.BaseProtocol) -> None:
         self.line = line
+        self.replaced = replaced  # the stream's, told of the end too: its writer's close waits
 
     def data_received(self, data: bytes) -> None:
         self.line._received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.line._lost(exc)
+        self.replaced.connection_lost(exc)
 
 
 class HotLine:
@@ -104,7 +106,7 @@ class HotLine:
             raise RedisConnectionError("the connection did not open")
         transport: asyncio.Transport = writer.transport
         self._reader = hiredis.Reader(replyError=ResponseError)
-        transport.set_protocol(_Protocol(self))
+        transport.set_protocol(_Protocol(self, transport.get_protocol()))
         self._transport, self._conn = transport, conn
 
     def send(self, packed: bytes, count: int = 1) -> list[asyncio.Future[Any]]:
@@ -153,8 +155,6 @@ class HotLine:
     async def _give_back(self, conn: Any) -> None:
         """The taken connection returns to the pool closed; it reopens when handed out."""
         try:
-            # Not waiting for the close: the stream's own protocol, which would say so, was
-            # replaced by this line's.
             await conn.disconnect(nowait=True)
         finally:
             await self.client.connection_pool.release(conn)
