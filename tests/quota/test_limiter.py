@@ -70,14 +70,14 @@ cost_usd = ["0.001/day"]
             # A model no catalogue prices: only x-mock-cost costs anything here.
             r = await client.post(
                 "/v1/chat/completions",
-                json={**BODY, "model": "in-house-7b", "max_tokens": 1},
+                json={**BODY, "model": "in-house-7b", "max_tokens": 100},
                 headers={"X-ORQ-IDENTITY-ID": who, **extra},
             )
             await env.settle()
             return r
 
-        # Each request reserves its estimate (docs/policies.md): about 45 tokens here (the
-        # body's bytes / 3 + 16, and max_tokens 1); the actual replaces it once answered.
+        # Each request reserves its estimate (docs/policies.md): about 145 tokens here (the
+        # body's bytes / 3 + 16, and max_tokens 100); the actual replaces it once answered.
         assert (await call("tok", **tokens(600, 100))).status_code == 200
         assert (await call("tok", **tokens(200, 60))).status_code == 200  # 960 used
         over = await call("tok")  # 960 + its estimate does not fit in 1000

@@ -34,7 +34,7 @@ cost_usd = ["5/day"]
         ok = await client.post(
             "/v1/chat/completions",
             json=capped,
-            headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(100, 50)},
+            headers={"X-ORQ-IDENTITY-ID": "user_123", **tokens(100, 20)},  # 20: its cap
         )
         assert ok.status_code == 200
         assert ok.headers["x-ratelimit-limit-requests"] == "2"
@@ -73,7 +73,7 @@ cost_usd = ["5/day"]
     assert refused.headers["retry-after"] == "60"
     assert refused.headers["x-ratelimit-reset-requests"] == "1m40s"  # until both slid out
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "840"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "870"  # 1000 - 120 - 10
 
 
 @pytest.mark.slow
