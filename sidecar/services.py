@@ -107,9 +107,9 @@ class Services:
         if self.tracer is not None:
             await self.tracer.open()
         try:
+            await self.limiter.open()  # its own connection, besides the warmed ones
             opened = await warm(self.redis, self.settings.redis.warm_connections)
             await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
-            await self.limiter.open()
         except StoreUnavailable as exc:
             log.warning(
                 "store not reachable at start-up (%s); connections open and scripts load on "

@@ -116,11 +116,11 @@ async def send(clients: Clients, call: Call) -> None:
     if call.kind.startswith("messages"):
         claude = clients.anthropic[key]
         if call.kind == "messages":
-            await claude.messages.create(model=model, max_tokens=64, messages=MESSAGES,
+            await claude.messages.create(model=model, max_tokens=2000, messages=MESSAGES,
                                          extra_headers=headers, extra_body=body)  # fmt: skip
         else:
             async with claude.messages.stream(
-                model=model, max_tokens=64, messages=MESSAGES,
+                model=model, max_tokens=2000, messages=MESSAGES,
                 extra_headers=headers, extra_body=body,
             ) as stream:  # fmt: skip
                 await stream.get_final_message()
