@@ -357,7 +357,7 @@ class Limiter:
         # One server (the line's): every subject in one call, as `settle` does.
         keys = [key for call_keys, _ in calls for key in call_keys]
         args = [request_id, *(call_args[1] for _, call_args in calls)]
-        future = self._settles.write(keys, args)
+        future = self._settles.write(keys, args, urgent=True)
         assert future is not None  # the line is open: checked above, and no await since
         return self._settles.reply(future, keys, args)
 

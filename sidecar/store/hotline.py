@@ -65,6 +65,7 @@ class HotLine:
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._reader = hiredis.Reader(replyError=ResponseError)
         self._opening: asyncio.Future[None] | None = None
+        self._buffer: list[bytes] = []  # calls made while others were in flight, to write
         self._returning: asyncio.Future[None] | None = None  # a lost connection, to its pool
 
     @classmethod
@@ -110,9 +111,14 @@ class HotLine:
         transport.set_protocol(_Protocol(self, transport.get_protocol()))
         self._transport, self._conn = transport, conn
 
-    def send(self, packed: bytes, count: int = 1) -> list[asyncio.Future[Any]]:
+    def send(
+        self, packed: bytes, count: int = 1, urgent: bool = False
+    ) -> list[asyncio.Future[Any]]:
         """Write `count` commands packed in RESP; their replies, in order. The line must be
-        ready (see `open`)."""
+        ready (see `open`). A call on an idle line, or an `urgent` one, is written now; calls
+        made while others are in flight are written together once this turn of the event loop
+        is done (one system call for many under load; their replies queue behind the ones in
+        flight anyway)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             raise RedisConnectionError("the hot line is not open")
@@ -122,9 +128,28 @@ class HotLine:
             self.close(RedisConnectionError(f"no reply from Redis for {STALE_S:g} s"))
             raise RedisConnectionError("no reply from Redis")
         futures = [loop.create_future() for _ in range(count)]
+        idle = not self._waiting
         self._waiting.extend((future, now) for future in futures)
-        transport.write(packed)
+        buffer = self._buffer
+        if buffer:  # after what is buffered, in order
+            buffer.append(packed)
+            if urgent:
+                self._flush()
+        elif urgent or idle:
+            transport.write(packed)
+        else:
+            buffer.append(packed)
+            loop.call_soon(self._flush)
         return futures
+
+    def _flush(self) -> None:
+        buffer = self._buffer
+        if not buffer:
+            return
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(buffer))
+        buffer.clear()  # else: their calls fail with the connection (connection_lost)
 
     def _received(self, data: bytes) -> None:
         reader = self._reader
@@ -144,6 +169,7 @@ class HotLine:
 
     def _lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._buffer.clear()
         error = RedisConnectionError(f"connection to Redis lost: {exc or 'closed'}")
         while self._waiting:
             future = self._waiting.popleft()[0]

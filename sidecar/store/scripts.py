@@ -144,14 +144,17 @@ class Coalescer:
             return await self._open_and_call(keys, args)
         return await self.reply(reply, keys, args)
 
-    def write(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any] | None:
-        """Write the call on the line now, without waiting: its reply's future (an error reply
-        is its value, see `reply`); None when the line is not open or the script not loaded."""
+    def write(
+        self, keys: list[str], args: list[Any], urgent: bool = False
+    ) -> asyncio.Future[Any] | None:
+        """Send the call on the line (`urgent`: written to the socket before this returns, see
+        HotLine.send), without waiting: its reply's future (an error reply is its value, see
+        `reply`); None when the line is not open or the script not loaded."""
         line, sha = self.line, self.script.sha
         if line is None or sha is None or not line.ready:
             return None
         with translated():
-            (future,) = line.send(_resp(["EVALSHA", sha, len(keys), *keys, *args]))
+            (future,) = line.send(_resp(["EVALSHA", sha, len(keys), *keys, *args]), 1, urgent)
         return future
 
     async def reply(self, future: asyncio.Future[Any], keys: list[str], args: list[Any]) -> Any:

@@ -99,3 +99,31 @@ def test_no_line_for_a_cluster_or_sentinel() -> None:
     assert isinstance(cluster, RedisCluster) and HotLine.for_client(cluster) is None
     sentinel = connect("redis+sentinel://127.0.0.1:26379/main", timeout_ms=50)
     assert HotLine.for_client(sentinel) is None
+
+
+async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
+    redis: Redis,
+) -> None:
+    line = line_for(redis)
+    await line.open()
+    assert line._transport is not None
+    writes: list[bytes] = []
+    write = line._transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    line._transport.write = counted  # type: ignore[method-assign]
+    first = line.send(_resp(["INCRBY", "n", 1]))  # an idle line: written at once
+    assert len(writes) == 1
+    rest = [line.send(_resp(["INCRBY", "n", step]))[0] for step in range(2, 31)]
+    assert len(writes) == 1  # buffered behind the call in flight ...
+    urgent = line.send(_resp(["GET", "n"]), urgent=True)  # ... until an urgent one
+    assert len(writes) == 2 and writes[1].count(b"INCRBY") == 29
+    replies = await asyncio.gather(*first, *rest, *urgent)
+    assert replies[:-1] == [sum(range(1, i + 1)) for i in range(1, 31)]
+    assert replies[-1] == str(sum(range(1, 31))).encode()
+    late = line.send(_resp(["INCRBY", "n", 0]))  # idle again: written at once
+    assert len(writes) == 3 and await late[0] == sum(range(1, 31))
+    await line.aclose()
