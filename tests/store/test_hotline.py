@@ -114,7 +114,7 @@ async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
         writes.append(bytes(data))
         write(data)
 
-    line._transport.write = counted  # type: ignore[method-assign]
+    line._transport.write = counted  # type: ignore[method-assign,assignment]
     first = line.send(_resp(["INCRBY", "n", 1]))  # an idle line: written at once
     assert len(writes) == 1
     rest = [line.send(_resp(["INCRBY", "n", step]))[0] for step in range(2, 31)]
