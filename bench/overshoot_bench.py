@@ -12,8 +12,11 @@ and one with `amount_usd`. Two kinds of request, every one the same (gpt-4o-mini
 in a header, the usage set by `x-mock-input-tokens` / `x-mock-output-tokens`):
 
 - under: `max_tokens` 256, 160 output tokens used: the estimate is above the actual;
-- over: no `max_tokens` (the estimate reserves the default 1,024), 1,500 output tokens used:
-  the estimate is below the actual, as for any long answer to a request without a cap.
+- over: no `max_tokens` (the estimate reserves the default 1,024), an answer of 1,500 output
+  tokens asked of the mock. With `[limits] cap_output` (the default) the sidecar forwards the
+  request with `max_completion_tokens` 1,024 and the upstream (the mock, as a real one) stops
+  there: the estimate is an upper bound again. With `--no-cap-output` the request goes as sent
+  and 1,500 are used: the estimate is below the actual, by one error per request in flight.
 
 Per limit, request kind and `--concurrency` (1: sequential; else waves of that many requests at
 once, each held `--delay-ms` upstream), requests go until a whole wave is refused. Then, once the
@@ -122,11 +125,13 @@ def shape(name: str, max_tokens: int | None, output_tokens: int, pricer: Pricer)
     )
 
 
-def shapes() -> dict[str, Shape]:
+def shapes(cap_output: bool = True) -> dict[str, Shape]:
+    """`cap_output`: the sidecar's (the "over" request is then answered within the cap)."""
     pricer = Pricer()
+    over = min(1500, DEFAULT_OUTPUT_RESERVE) if cap_output else 1500
     return {
         "under": shape("under", 256, 160, pricer),
-        "over": shape("over", None, 1500, pricer),
+        "over": shape("over", None, over, pricer),
     }
 
 
@@ -369,7 +374,7 @@ def summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
 
 
 def measure(args: Any) -> cli.Outcome:
-    requests = shapes()
+    requests = shapes(args.cap_output)
     with Launcher("overshoot") as launcher:
         redis = launcher.redis()
         upstream = launcher.mock()
@@ -384,7 +389,10 @@ def measure(args: Any) -> cli.Outcome:
         )
         overrides: dict[str, dict[str, Any]] = {
             "policies": {"paths": [str(policy)]},
-            "limits": {"default_output_reserve": DEFAULT_OUTPUT_RESERVE},
+            "limits": {
+                "default_output_reserve": DEFAULT_OUTPUT_RESERVE,
+                "cap_output": args.cap_output,
+            },
             "redis": {"timeout_ms": 1000},
         }
         config, _ = sidecar_config(folder, overrides=overrides)
@@ -448,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[20, 50, 300],
         metavar=("SEQUENTIAL", "C20", "C200"),
         help="a limit's size in requests' worth of actual usage, per concurrency level",
+    )
+    add(
+        "--no-cap-output",
+        dest="cap_output",
+        action="store_false",
+        help="[limits] cap_output = false: requests without max_tokens go as sent",
     )
     args = p.parse_args(argv)
     return cli.run(MODULE, "Overshoot of token and cost limits", args, argv, lambda: measure(args))

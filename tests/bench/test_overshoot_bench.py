@@ -7,12 +7,18 @@ from sidecar.quota.loader import load
 from sidecar.quota.policy import Dimension, choose
 
 
-def test_the_two_request_kinds_err_in_opposite_directions() -> None:
-    kinds = ovs.shapes()
+def test_without_the_output_cap_the_two_request_kinds_err_in_opposite_directions() -> None:
+    kinds = ovs.shapes(cap_output=False)
     under, over = kinds["under"], kinds["over"]
     assert under.estimate_tokens > under.actual_tokens and under.estimate_nanos > under.actual_nanos
     assert over.estimate_tokens < over.actual_tokens and over.estimate_nanos < over.actual_nanos
     assert b"max_tokens" in under.body and b"max_tokens" not in over.body
+
+
+def test_with_the_output_cap_every_estimate_is_an_upper_bound() -> None:
+    for kind in ovs.shapes().values():
+        assert kind.estimate_tokens >= kind.actual_tokens
+        assert kind.estimate_nanos >= kind.actual_nanos
 
 
 def test_each_run_identity_gets_the_policy_sized_for_its_request_and_concurrency(
