@@ -54,6 +54,18 @@ class Script:
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+async def load_all(client: RedisClient, scripts: Sequence[Script], connections: int) -> None:
+    """Load `scripts`, at most `connections` at once: over the connections already open (what
+    `warm` opened), where loading them all at once would open a connection for each."""
+    gate = asyncio.Semaphore(max(connections, 1))
+
+    async def load(script: Script) -> None:
+        async with gate:
+            await script.load(client)
+
+    await asyncio.gather(*(load(script) for script in scripts))
+
+
 async def pipeline(
     client: RedisClient,
     queue: Callable[[Any], None],
