@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -13,8 +14,9 @@ from sidecar.store.connect import RedisClient
 from sidecar.store.errors import translated, unavailable
 
 
+@functools.cache
 def lua(package: str, name: str) -> str:
-    """The source of `<package>/<name>.lua`, shipped as package data."""
+    """The source of `<package>/<name>.lua`, shipped as package data (read once a process)."""
     return resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from sidecar.identity.resolve import Resolved, Source
 from sidecar.quota.decision import Reserve, Subject
@@ -130,6 +131,7 @@ async def test_a_reservation_never_settled_is_given_back_when_it_expires(
     assert await used(env, "crashed") == 250
 
 
+@pytest.mark.slow
 async def test_a_client_that_leaves_is_charged_what_upstream_produced(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
