@@ -15,7 +15,6 @@ from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import Response
-from litestar.types import Scope
 
 from sidecar import __version__
 from sidecar.api.budgets import BudgetController
@@ -23,7 +22,7 @@ from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
 from sidecar.api.usage.controller import UsageController
-from sidecar.dispatch import Sidecar, sidecar_of
+from sidecar.dispatch import Sidecar, current
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.indexer import IndexStatus
 from sidecar.proxy.upstream import Upstream
@@ -85,31 +84,31 @@ async def readyz(sidecar: SidecarDep) -> Response[Any]:
 def _provide(service: str) -> Provide:
     """A dependency: one of the services of the app the request came through."""
 
-    def provide(scope: Scope) -> Any:
-        return getattr(sidecar_of(scope).services, service)
+    def provide() -> Any:
+        return getattr(current.get().services, service)
 
     return Provide(provide, sync_to_thread=False)
 
 
-def _provide_sidecar(scope: Scope) -> Sidecar:
-    return sidecar_of(scope)
+def _provide_sidecar() -> Sidecar:
+    return current.get()
 
 
 async def _admin_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
-    await sidecar_of(connection.scope).services.admin_guard(connection, handler)
+    await current.get().services.admin_guard(connection, handler)
 
 
 async def _hook_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
-    await sidecar_of(connection.scope).services.hook_guard(connection, handler)
+    await current.get().services.hook_guard(connection, handler)
 
 
 @functools.cache
 def routes() -> Litestar:
     """The sidecar's own routes. They hold nothing of an app's own: a request finds its
-    services and tokens through the Sidecar it came through (`sidecar_of`), so one Litestar app
-    serves every app of the process. Registering the routes (Litestar parses and copies every
-    handler's signature) costs tens of milliseconds; a process building several apps (the
-    tests build hundreds) pays it once."""
+    services and tokens through the Sidecar it came through (`dispatch.current`), so one
+    Litestar app serves every app of the process. Registering the routes (Litestar parses and
+    copies every handler's signature) costs tens of milliseconds; a process building several
+    apps (the tests build hundreds) pays it once."""
     services = (
         "catalog",
         "usage_counters",

@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 from litestar.enums import ScopeType
@@ -40,9 +41,11 @@ AUTHORIZE = "/hooks/authorize"
 AUTHORIZE_PREFIX = AUTHORIZE + "/"  # Envoy's ext_authz appends the original path
 METRICS = "/metrics"
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
-# The scope key under which the sidecar's own routes find the Sidecar that passed the request on:
-# the routes are built once per process (app.py), their services and tokens are each app's.
-SIDECAR = "sidecar"
+# The Sidecar a request to the sidecar's own routes came through: the routes are built once per
+# process (app.py), and their dependencies and guards find this app's services and tokens here.
+# Set before each such request enters Litestar, in the request's own task (a scope key would do
+# too, but a dependency reading the scope costs Litestar a validation per request).
+current: ContextVar[Sidecar] = ContextVar("sidecar")
 
 Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 
@@ -60,11 +63,6 @@ def route_class(path: str) -> str:
     if path in OWNED_PATHS or path.startswith("/schema"):
         return "ops"
     return "api"
-
-
-def sidecar_of(scope: Scope) -> Sidecar:
-    """The Sidecar a request to its own routes came through."""
-    return cast("Sidecar", cast("dict[str, Any]", scope)[SIDECAR])
 
 
 class Sidecar:
@@ -90,7 +88,7 @@ class Sidecar:
             await self.serve_lifespan(cast("LifeSpanReceive", receive), cast("LifeSpanSend", send))
             return
         if scope["type"] != ScopeType.HTTP:
-            cast("dict[str, Any]", scope)[SIDECAR] = self
+            current.set(self)
             await self.api(scope, receive, send)
             return
         path = scope["path"]
@@ -105,7 +103,7 @@ class Sidecar:
         else:
             route = route_class(path)
             app = self.api
-            cast("dict[str, Any]", scope)[SIDECAR] = self
+            current.set(self)
             if method not in _NO_BODY:
                 receive = with_body_deadline(receive, self.body_timeout_s)
         logged = self.access_log and route == "proxy"
