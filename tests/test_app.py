@@ -84,5 +84,15 @@ async def test_apps_in_one_process_share_the_routes_and_keep_their_services_and_
                 hook = {"x-sidecar-token": f"{token}-hook-token-0123456789"}
                 r = await client.post("/hooks/usage", json=usage, headers=hook)
                 assert r.status_code == status, r.text
+        # Concurrent requests to both apps each reach their own.
+        answers = await asyncio.gather(
+            *(
+                client.get(f"/v2/identities/{name}", headers=admin)
+                for _ in range(10)
+                for name, client in zip(names, clients, strict=True)
+                for admin in [{"Authorization": f"Bearer {name}-admin-token-0123456789"}]
+            )
+        )
+        assert [r.json()["external_id"] for r in answers] == list(names) * 10
         assert await redis.keys("first:*")
         assert await redis.keys("second:*")
