@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,23 +10,23 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Router, get
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import Response
 
 from sidecar import __version__
-from sidecar.api.auth import AdminGuard, HookGuard
 from sidecar.api.budgets import BudgetController
 from sidecar.api.errors import error_response, handle_exception
 from sidecar.api.hooks import HookController
 from sidecar.api.identities import IdentityController
 from sidecar.api.usage.controller import UsageController
-from sidecar.dispatch import Sidecar
+from sidecar.dispatch import Sidecar, current
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.indexer import IndexStatus
 from sidecar.proxy.upstream import Upstream
-from sidecar.services import Services, build
+from sidecar.services import build
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, connect
 from sidecar.store.embedded import EmbeddedRedis, StoreHealth
@@ -37,15 +38,7 @@ from sidecar.ui.templating import template_config
 Clock = Callable[[], float]
 
 
-class Probe:
-    """What /healthz and /readyz read."""
-
-    def __init__(self, services: Services, embedded: EmbeddedRedis | None) -> None:
-        self.services = services
-        self.embedded = embedded
-
-
-ProbeDep = NamedDependency[Probe]
+SidecarDep = NamedDependency[Sidecar]
 
 
 class Health(msgspec.Struct):
@@ -63,8 +56,8 @@ class Health(msgspec.Struct):
 
 
 @get("/healthz", operation_id="health", tags=["ops"], sync_to_thread=False)
-def healthz(probe: ProbeDep) -> Health:
-    live, recorder = probe.services.live, probe.services.recorder
+def healthz(sidecar: SidecarDep) -> Health:
+    live, recorder = sidecar.services.live, sidecar.services.recorder
     spool = recorder.backlog.spool
     return Health(
         "ok",
@@ -74,22 +67,82 @@ def healthz(probe: ProbeDep) -> Health:
         recorder.waiting,
         spool.bytes if spool is not None else 0,
         recorder.dropped,
-        probe.embedded.health() if probe.embedded is not None else msgspec.UNSET,
-        probe.services.search_index.last or msgspec.UNSET,
+        sidecar.embedded.health() if sidecar.embedded is not None else msgspec.UNSET,
+        sidecar.services.search_index.last or msgspec.UNSET,
     )
 
 
 @get("/readyz", operation_id="ready", tags=["ops"])
-async def readyz(probe: ProbeDep) -> Response[Any]:
+async def readyz(sidecar: SidecarDep) -> Response[Any]:
     try:
-        await call(probe.services.redis.ping())
+        await call(sidecar.services.redis.ping())
     except StoreUnavailable as exc:
         return error_response(503, exc.message, code="store_unavailable")
     return Response(Health("ready"))
 
 
-def _provide(value: object) -> Provide:
-    return Provide(lambda: value, sync_to_thread=False)
+def _provide(service: str) -> Provide:
+    """A dependency: one of the services of the app the request came through."""
+
+    def provide() -> Any:
+        return getattr(current.get().services, service)
+
+    return Provide(provide, sync_to_thread=False)
+
+
+def _provide_sidecar() -> Sidecar:
+    return current.get()
+
+
+async def _admin_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
+    await current.get().services.admin_guard(connection, handler)
+
+
+async def _hook_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Any) -> None:
+    await current.get().services.hook_guard(connection, handler)
+
+
+@functools.cache
+def routes() -> Litestar:
+    """The sidecar's own routes. They hold nothing of an app's own: a request finds its
+    services and tokens through the Sidecar it came through (`dispatch.current`), so one
+    Litestar app serves every app of the process. Registering the routes (Litestar parses and
+    copies every handler's signature) costs tens of milliseconds; a process building several
+    apps (the tests build hundreds) pays it once."""
+    services = (
+        "catalog",
+        "merger",
+        "usage_counters",
+        "quota",
+        "limiter",
+        "sessions",
+        "settlement",
+        "authorizer",
+        "budgets",
+    )
+    dependencies = {name: _provide(name) for name in services}
+    dependencies["sidecar"] = Provide(_provide_sidecar, sync_to_thread=False)
+    admin = Router(
+        "/",
+        route_handlers=[IdentityController, UsageController, BudgetController],
+        guards=[_admin_guard],
+    )
+    hooks = Router("/", route_handlers=[HookController], guards=[_hook_guard])
+    return Litestar(
+        route_handlers=[admin, hooks, DashboardController, BudgetPages, healthz, readyz],
+        dependencies=dependencies,
+        exception_handlers={Exception: handle_exception},
+        openapi_config=OpenAPIConfig(
+            title="LLM identity sidecar",
+            version=__version__,
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+        template_config=template_config(),
+        request_max_body_size=2 * 1_048_576,
+        logging_config=None,
+        debug=False,
+    )
 
 
 def create_app(
@@ -115,7 +168,7 @@ def create_app(
     )
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         await services.open()
         try:
             yield
@@ -124,42 +177,4 @@ def create_app(
             if redis is None:  # ours to close
                 await client.aclose()
 
-    dependencies = {
-        "probe": _provide(Probe(services, embedded)),
-        "catalog": _provide(services.catalog),
-        "merger": _provide(services.merger),
-        "usage_counters": _provide(services.usage_counters),
-        "quota": _provide(services.quota),
-        "limiter": _provide(services.limiter),
-        "sessions": _provide(services.sessions),
-        "settlement": _provide(services.settlement),
-        "authorizer": _provide(services.authorizer),
-        "budgets": _provide(services.budgets),
-    }
-    admin = Router(
-        "/",
-        route_handlers=[IdentityController, UsageController, BudgetController],
-        guards=[AdminGuard(admin_token, services.signins)],
-    )
-    hooks = Router(
-        "/",
-        route_handlers=[HookController],
-        guards=[HookGuard(settings.admin.hook_token or admin_token, services.signins)],
-    )
-    api = Litestar(
-        route_handlers=[admin, hooks, DashboardController, BudgetPages, healthz, readyz],
-        dependencies=dependencies,
-        exception_handlers={Exception: handle_exception},
-        lifespan=[lifespan],
-        openapi_config=OpenAPIConfig(
-            title="LLM identity sidecar",
-            version=__version__,
-            path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
-        ),
-        template_config=template_config(),
-        request_max_body_size=2 * 1_048_576,
-        logging_config=None,
-        debug=False,
-    )
-    return Sidecar(api, services)
+    return Sidecar(routes(), services, lifespan, embedded)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar.enums import ScopeType
 
@@ -15,9 +19,18 @@ from sidecar.observe.prometheus import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from litestar import Litestar
-    from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
+    from litestar.types import (
+        ASGIApp,
+        HTTPScope,
+        LifeSpanReceive,
+        LifeSpanSend,
+        Receive,
+        Scope,
+        Send,
+    )
 
     from sidecar.services import Services
+    from sidecar.store.embedded import EmbeddedRedis
 
 access = logging.getLogger("sidecar.access")
 
@@ -28,6 +41,13 @@ AUTHORIZE = "/hooks/authorize"
 AUTHORIZE_PREFIX = AUTHORIZE + "/"  # Envoy's ext_authz appends the original path
 METRICS = "/metrics"
 _NO_BODY = frozenset({"GET", "HEAD", "OPTIONS"})
+# The Sidecar a request to the sidecar's own routes came through: the routes are built once per
+# process (app.py), and their dependencies and guards find this app's services and tokens here.
+# Set before each such request enters Litestar, in the request's own task (a scope key would do
+# too, but a dependency reading the scope costs Litestar a validation per request).
+current: ContextVar[Sidecar] = ContextVar("sidecar")
+
+Lifespan = Callable[[], AbstractAsyncContextManager[None]]
 
 
 def owned(path: str) -> bool:
@@ -46,9 +66,17 @@ def route_class(path: str) -> str:
 
 
 class Sidecar:
-    def __init__(self, api: Litestar, services: Services) -> None:
+    def __init__(
+        self,
+        api: Litestar,
+        services: Services,
+        lifespan: Lifespan,
+        embedded: EmbeddedRedis | None = None,
+    ) -> None:
         self.api = api
         self.services = services
+        self.lifespan = lifespan  # entered at the server's start-up, left at its shutdown
+        self.embedded = embedded  # the store, when it is the embedded one (for /healthz)
         self.proxy = services.proxy
         self.authorize = services.raw_authorize
         self.counters = services.counters
@@ -56,7 +84,11 @@ class Sidecar:
         self.access_log = services.settings.server.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if cast("dict[str, Any]", scope)["type"] == "lifespan":  # none of Litestar's Scope types
+            await self.serve_lifespan(cast("LifeSpanReceive", receive), cast("LifeSpanSend", send))
+            return
         if scope["type"] != ScopeType.HTTP:
+            current.set(self)
             await self.api(scope, receive, send)
             return
         path = scope["path"]
@@ -71,6 +103,7 @@ class Sidecar:
         else:
             route = route_class(path)
             app = self.api
+            current.set(self)
             if method not in _NO_BODY:
                 receive = with_body_deadline(receive, self.body_timeout_s)
         logged = self.access_log and route == "proxy"
@@ -125,6 +158,25 @@ class Sidecar:
                     duration_ms,
                     extra={"fields": fields},
                 )
+
+    async def serve_lifespan(self, receive: LifeSpanReceive, send: LifeSpanSend) -> None:
+        """The ASGI lifespan protocol, answered as Litestar answers it, around `self.lifespan`
+        (the routes' Litestar app is shared, so its own lifespan is not run)."""
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            message = traceback.format_exc()
+            if started:
+                await send({"type": "lifespan.shutdown.failed", "message": message})
+            else:
+                await send({"type": "lifespan.startup.failed", "message": message})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def serve_metrics(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
         exposition = self.services.exposition

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ulid import ULID
 
 from sidecar import __version__
+from sidecar.api.auth import AdminGuard, HookGuard
 from sidecar.budgets.alerts import AlertScanner
 from sidecar.budgets.notify import AlertSender
 from sidecar.budgets.outbox import Outbox
@@ -46,7 +47,7 @@ from sidecar.quota.signins import FailedSignIns
 from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Script
+from sidecar.store.scripts import Script, load_all
 from sidecar.tasks import Background
 from sidecar.ui.session import Sessions
 from sidecar.usage.backlog import Backlog
@@ -89,6 +90,8 @@ class Services:
     settlement: Settlement
     authorizer: Authorizer
     signins: FailedSignIns
+    admin_guard: AdminGuard  # the API's routes
+    hook_guard: HookGuard  # the hooks' usage route
     sessions: Sessions
     upstream: Upstream
     background: Background
@@ -109,7 +112,7 @@ class Services:
         try:
             await self.limiter.open()  # its own connection, besides the warmed ones
             opened = await warm(self.redis, self.settings.redis.warm_connections)
-            await asyncio.gather(*(script.load(self.redis) for script in self.scripts))
+            await load_all(self.redis, self.scripts, opened)
         except StoreUnavailable as exc:
             log.warning(
                 "store not reachable at start-up (%s); connections open and scripts load on "
@@ -269,6 +272,8 @@ def build(
         settlement=settlement,
         authorizer=authorizer,
         signins=signins,
+        admin_guard=AdminGuard(admin_token, signins),
+        hook_guard=HookGuard(settings.admin.hook_token or admin_token, signins),
         sessions=Sessions(redis, keys, admin_token, signins),
         upstream=upstream,
         background=background,

@@ -52,6 +52,17 @@ def _one_tls_context() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _redis_version_read_once() -> Iterator[None]:
+    """redis-py reads its own version from the installed package's metadata for every
+    connection it makes (to name itself to the server); the tests make thousands."""
+    import redis.utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.utils, "get_lib_version", functools.cache(redis.utils.get_lib_version))
+        yield
+
+
 def _sharing_defaults(build: Callable[..., ssl.SSLContext]) -> Callable[..., ssl.SSLContext]:
     shared = functools.cache(lambda trust_env: build(verify=True, trust_env=trust_env))
 

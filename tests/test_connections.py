@@ -126,6 +126,7 @@ def error_of(data: bytes) -> dict[str, Any]:
     return error
 
 
+@pytest.mark.slow
 async def test_a_connection_that_sends_nothing_is_closed_at_the_header_deadline(
     start: Start, connect: Open
 ) -> None:

@@ -43,3 +43,22 @@ async def test_the_server_listens_with_store_connections_open_and_scripts_loaded
                 answers = await asyncio.gather(*burst)
             assert [r.status_code for r in answers] == [200] * WARM
             assert connections_received(admin) - before == opened
+
+
+async def test_with_one_warm_connection_the_scripts_load_over_it(redis_server: RedisServer) -> None:
+    with redis.Redis.from_url(redis_server.url) as admin:
+        admin.script_flush()
+        settings = parse({"redis": {"url": redis_server.url, "warm_connections": 1}})
+        services = create_app(settings, admin_token=ADMIN_TOKEN).services
+        before = connections_received(admin)
+        await services.open()
+        try:
+            # Counted before the loops open() started first run (the admin client blocks).
+            assert connections_received(admin) - before == 1
+            shas = [script.sha for script in services.scripts]
+            assert len(shas) > 1
+            assert all(shas)
+            assert admin.script_exists(*shas) == [True] * len(shas)
+        finally:
+            await services.close()
+            await services.redis.aclose()

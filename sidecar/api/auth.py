@@ -22,11 +22,6 @@ class _TokenGuard:
         self.token = token
         self.signins = signins
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _TokenGuard:
-        # Litestar copies the routers it registers; every copy must count in the one
-        # FailedSignIns (which holds the store's client, which cannot be copied anyway).
-        return self
-
     def given(self, connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
         raise NotImplementedError
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -14,8 +15,9 @@ from sidecar.store.errors import translated, unavailable
 from sidecar.store.hotline import HotLine
 
 
+@functools.cache
 def lua(package: str, name: str) -> str:
-    """The source of `<package>/<name>.lua`, shipped as package data."""
+    """The source of `<package>/<name>.lua`, shipped as package data (read once a process)."""
     return resources.files(package).joinpath(f"{name}.lua").read_text("utf-8")
 
 
@@ -53,6 +55,18 @@ class Script:
         # Not pipe.evalsha(): redis-py's cluster pipeline refuses that method, though it routes
         # the command by its keys (all in one slot here) like any other.
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+async def load_all(client: RedisClient, scripts: Sequence[Script], connections: int) -> None:
+    """Load `scripts`, at most `connections` at once: over the connections already open (what
+    `warm` opened), where loading them all at once would open a connection for each."""
+    gate = asyncio.Semaphore(max(connections, 1))
+
+    async def load(script: Script) -> None:
+        async with gate:
+            await script.load(client)
+
+    await asyncio.gather(*(load(script) for script in scripts))
 
 
 async def pipeline(

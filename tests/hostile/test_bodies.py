@@ -103,6 +103,7 @@ async def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(
     await nothing_written(env, "chunky")
 
 
+@pytest.mark.slow
 async def test_a_stalled_body_gets_408(make_env: MakeEnv) -> None:
     env = await make_env(server={"body_timeout_s": 0.5})
     body = b'{"model": "gpt-4o", "identity": {"id": "staller"}, "messages": []}'
@@ -121,6 +122,7 @@ async def test_a_stalled_body_gets_408(make_env: MakeEnv) -> None:
     await nothing_written(env, "staller")
 
 
+@pytest.mark.slow
 async def test_a_trickled_body_is_cut_at_the_timeout_too(make_env: MakeEnv) -> None:
     # The bound is on the whole body, not between bytes: a byte every 50 ms keeps no idle
     # timer from firing, and still gets cut.
@@ -166,6 +168,7 @@ async def test_a_slow_body_that_ends_in_time_is_forwarded(make_env: MakeEnv) -> 
     assert "identity" not in env.mock.requests[0].json()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "auth"),
     [

@@ -183,9 +183,9 @@ async def test_a_request_of_several_subjects_settles_in_one_store_call(
     assert settles.line is not None  # one server: calls go out on the hot line
     write = settles.write
 
-    def counted(keys: list[str], args: list[Any]) -> Any:
+    def counted(keys: list[str], args: list[Any], urgent: bool = False) -> Any:
         sent.append(len(args) - 1)  # the subjects it settles
-        return write(keys, args)
+        return write(keys, args, urgent)
 
     monkeypatch.setattr(settles, "write", counted)
     await limiter.settle(subjects, "req-3", 120, 0)
@@ -197,6 +197,7 @@ async def test_a_request_of_several_subjects_settles_in_one_store_call(
         assert await used(env, who) == 150
 
 
+@pytest.mark.slow
 async def test_a_client_that_leaves_is_charged_what_upstream_produced(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:

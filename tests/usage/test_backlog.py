@@ -39,6 +39,7 @@ async def wait_until(check: Any, within_s: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_usage_waits_in_the_spool_while_redis_is_paused(
     private_redis: RedisServer, short_client: Redis, clock: FakeClock, tmp_path: Path
 ) -> None:

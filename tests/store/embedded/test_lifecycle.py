@@ -118,6 +118,7 @@ def test_no_store_starts_while_a_process_holds_the_store_lock(
     assert second.close() is True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_the_last_user_signals_only_the_process_holding_the_store_lock(
     data: Path, store_log: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
