@@ -20,6 +20,7 @@ from sidecar.identity.merge import MergePlan
 from sidecar.identity.model import InvalidField
 from sidecar.quota.decision import Subject
 from sidecar.quota.policy import Policy
+from sidecar.tasks import keep_refreshed
 
 log = logging.getLogger("sidecar.budgets")
 
@@ -164,17 +165,7 @@ class Budgets:
 
     async def watch(self, interval: float = REFRESH_S) -> None:
         """Keep the cache fresh: a GET of the generation per `interval`, a reload when moved."""
-        failing = False
-        while True:
-            try:
-                await self.refresh()
-            except StoreUnavailable as exc:
-                if not failing:
-                    log.warning("budgets not reloaded (%s); the last ones loaded stay", exc)
-                failing = True
-            else:
-                failing = False
-            await asyncio.sleep(interval)
+        await keep_refreshed(self.refresh, interval, "budgets", log)
 
     async def _refreshed(self) -> None:
         """After a change made here: in force in this process at once (the others follow

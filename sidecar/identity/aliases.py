@@ -9,16 +9,15 @@ identity/merge.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from sidecar.errors import StoreUnavailable
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script
+from sidecar.tasks import keep_refreshed
 
 log = logging.getLogger("sidecar.identity")
 
@@ -117,14 +116,4 @@ class Aliases:
         return True
 
     async def watch(self, interval: float = REFRESH_S) -> None:
-        failing = False
-        while True:
-            try:
-                await self.refresh()
-            except StoreUnavailable as exc:
-                if not failing:
-                    log.warning("aliases not reloaded (%s); the last ones loaded stay", exc)
-                failing = True
-            else:
-                failing = False
-            await asyncio.sleep(interval)
+        await keep_refreshed(self.refresh, interval, "aliases", log)

@@ -12,8 +12,8 @@ check still counts it.
 
 The connection is opened by redis-py (address, TLS, AUTH, SELECT as configured), then taken
 out of its pool and its transport handed to this protocol. Only for a single server or a
-unix socket: on a cluster each call goes to its slot's node, and behind Sentinel the master
-moves (both keep redis-py's paths)."""
+unix socket without TLS: on a cluster each call goes to its slot's node, and behind Sentinel
+the master moves (both keep redis-py's paths, as `rediss://` does)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -76,6 +77,8 @@ class HotLine:
         pool = client.connection_pool
         if type(pool) is not ConnectionPool or isinstance(pool, FollowingSentinelPool):
             return None
+        if issubclass(pool.connection_class, SSLConnection):
+            return None  # TLS keeps redis-py's path: its transport is not handed over here
         return cls(client)
 
     @property

@@ -99,6 +99,8 @@ def test_no_line_for_a_cluster_or_sentinel() -> None:
     assert isinstance(cluster, RedisCluster) and HotLine.for_client(cluster) is None
     sentinel = connect("redis+sentinel://127.0.0.1:26379/main", timeout_ms=50)
     assert HotLine.for_client(sentinel) is None
+    assert HotLine.for_client(connect("rediss://127.0.0.1:6380/0", timeout_ms=50)) is None
+    assert HotLine.for_client(connect("unix:///tmp/redis.sock", timeout_ms=50)) is not None
 
 
 async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
