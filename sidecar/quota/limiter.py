@@ -329,18 +329,24 @@ class Limiter:
         that is one script call for all the subjects; on a cluster, one per subject, each atomic
         in its own slot. Concurrent settlements share round trips (a Coalescer, as admissions
         do). Raises StoreUnavailable."""
-        paying = [s for s in subjects if charged(s.policy)]
-        if not paying:
-            return
-        now_ms = int(self.clock() * 1000)
-        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        calls = self._settle_calls(subjects, request_id, tokens, nanos)
         if len(calls) == 1:
             await self._settles(*calls[0])
-        elif self.one_slot:
+        elif calls:  # a cluster: one call per subject, each in its own slot
             await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
-        else:  # one server: every subject in one call, as at admission
-            keys = [key for call_keys, _ in calls for key in call_keys]
-            await self._settles(keys, [request_id, *(args[1] for _, args in calls)])
+
+    def _settle_calls(
+        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+    ) -> list[tuple[list[str], list[Any]]]:
+        """The settle.lua calls for the paying subjects: one on one server, as at admission;
+        one per subject on a cluster; none when no subject has a token or cost limit."""
+        paying = [s for s in subjects if charged(s.policy)]
+        now_ms = int(self.clock() * 1000)
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        if len(calls) < 2 or self.one_slot:
+            return calls
+        keys = [key for call_keys, _ in calls for key in call_keys]
+        return [(keys, [request_id, *(args[1] for _, args in calls)])]
 
     def settle_written(
         self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
@@ -348,15 +354,13 @@ class Limiter:
         """`settle`, written on the hot line now, before this returns: Redis applies it before
         any admission this process sends later. Its outcome (StoreUnavailable) is the
         awaitable's; None when the line is not open (then `settle`)."""
-        paying = [s for s in subjects if charged(s.policy)]
         line = self.line
-        if line is None or not line.ready or self._settle.sha is None or not paying:
+        if line is None or not line.ready or self._settle.sha is None:
             return None
-        now_ms = int(self.clock() * 1000)
-        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
-        # One server (the line's): every subject in one call, as `settle` does.
-        keys = [key for call_keys, _ in calls for key in call_keys]
-        args = [request_id, *(call_args[1] for _, call_args in calls)]
+        calls = self._settle_calls(subjects, request_id, tokens, nanos)
+        if not calls:
+            return None
+        ((keys, args),) = calls  # the line's server is a single one: one call
         future = self._settles.write(keys, args, urgent=True)
         assert future is not None  # the line is open: checked above, and no await since
         return self._settles.reply(future, keys, args)

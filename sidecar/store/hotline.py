@@ -29,7 +29,7 @@ from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from sidecar.store.connect import FollowingSentinelPool, RedisClient
+from sidecar.store.connect import RedisClient
 from sidecar.store.deadline import STORE
 
 log = logging.getLogger("sidecar.store")
@@ -75,7 +75,7 @@ class HotLine:
         if not isinstance(client, Redis):
             return None
         pool = client.connection_pool
-        if type(pool) is not ConnectionPool or isinstance(pool, FollowingSentinelPool):
+        if type(pool) is not ConnectionPool:  # Sentinel's pools are subclasses
             return None
         if issubclass(pool.connection_class, SSLConnection):
             return None  # TLS keeps redis-py's path: its transport is not handed over here

@@ -153,10 +153,10 @@ class Coalescer:
     async def written(self, keys: list[str], args: list[Any]) -> Any:
         """On the line: the call is written before this coroutine first yields when the line
         is open (see `write`), and its reply returned."""
-        reply = self.write(keys, args) if self.line is not None and self.line.ready else None
-        if reply is None:
-            return await self._open_and_call(keys, args)
-        return await self.reply(reply, keys, args)
+        future = self.write(keys, args)
+        if future is None:
+            future = await self._write_when_open(keys, args)
+        return await self.reply(future, keys, args)
 
     def write(
         self, keys: list[str], args: list[Any], urgent: bool = False
@@ -171,31 +171,31 @@ class Coalescer:
             (future,) = line.send(_resp(["EVALSHA", sha, len(keys), *keys, *args]), 1, urgent)
         return future
 
-    async def reply(self, future: asyncio.Future[Any], keys: list[str], args: list[Any]) -> Any:
+    async def reply(
+        self, future: asyncio.Future[Any], keys: list[str], args: list[Any], again: bool = True
+    ) -> Any:
         """The result of a call `write` sent; raises StoreUnavailable (and sends it again
-        once when the server had lost the script)."""
+        once when the server had lost the script: a script that did not run changed nothing)."""
         with translated():
             result = await future
-        if isinstance(result, ResponseError):
-            if not str(result).startswith("NOSCRIPT"):
-                raise unavailable(result) from result
+        if not isinstance(result, ResponseError):
+            return result
+        if again and str(result).startswith("NOSCRIPT"):
             await self.script.load(self.client)  # the server restarted or was flushed
-            return await self._open_and_call(keys, args)
-        return result
+            resent = await self._write_when_open(keys, args)
+            return await self.reply(resent, keys, args, again=False)
+        raise unavailable(result) from result
 
-    async def _open_and_call(self, keys: list[str], args: list[Any]) -> Any:
+    async def _write_when_open(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """`write`, once the script is loaded and the line open. Raises StoreUnavailable."""
         assert self.line is not None
         if self.script.sha is None:
             await self.script.load(self.client)
         with translated():
             await self.line.open()
         future = self.write(keys, args)
-        assert future is not None
-        with translated():
-            result = await future
-        if isinstance(result, ResponseError):
-            raise unavailable(result) from result
-        return result
+        assert future is not None  # open, and no await since
+        return future
 
     def _next(self) -> None:
         """The call or batch in flight is done: send what queued meanwhile, or go idle."""
