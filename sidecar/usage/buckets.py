@@ -120,7 +120,8 @@ def lua_constants() -> str:
 
 
 def lua_model_constants() -> str:
-    """The by-model layout above, as Lua (lua/record.lua and lua/models.lua start with it)."""
+    """The by-model layout above, as Lua, with `model_slot` (lua/record.lua, lua/models.lua and
+    lua/fold.lua start with it)."""
     counted = ", ".join(f"['{c}'] = true" for c in MODEL_COUNTERS)
     ordered = ", ".join(f"'{c}'" for c in MODEL_COUNTERS)
     return (
@@ -131,8 +132,25 @@ def lua_model_constants() -> str:
         f"local MAX_MODELS = {MAX_MODELS}\n"
         f"local FIRST_SLOT = {ord(FIRST_SLOT)}\n"
         f"local OTHER_SLOT = '{OTHER_SLOT}'\n"
-        f"local OTHER_MODEL = '{OTHER_MODEL}'\n"
+        f"local OTHER_MODEL = '{OTHER_MODEL}'\n" + _MODEL_SLOT
     )
+
+
+# A model's slot in a day's by-model hash: a model new to the day takes the next of MAX_MODELS
+# slots, or OTHER_MODEL's (recording and merging count alike).
+_MODEL_SLOT = """local function model_slot(models, model)
+  local slot = redis.call('HGET', models, MODEL_NAME .. model)
+  if slot then return slot end
+  local named = tonumber(redis.call('HGET', models, MODEL_COUNT) or '0')
+  if model ~= OTHER_MODEL and named < MAX_MODELS then
+    slot = string.char(FIRST_SLOT + named)
+    redis.call('HSET', models, MODEL_NAME .. model, slot, MODEL_COUNT, named + 1)
+    return slot
+  end
+  redis.call('HSET', models, MODEL_NAME .. OTHER_MODEL, OTHER_SLOT)
+  return OTHER_SLOT
+end
+"""
 
 
 def model_name(raw: object) -> str:

@@ -52,19 +52,7 @@ for _, day in ipairs(data.m) do
   end
   local models, slots = KEYS[k], {}
   for theirs, model in pairs(names) do
-    -- As record.lua: a model new to the day takes the next slot, or OTHER_MODEL's.
-    local slot = redis.call('HGET', models, MODEL_NAME .. model)
-    if not slot then
-      local named = tonumber(redis.call('HGET', models, MODEL_COUNT) or '0')
-      if model ~= OTHER_MODEL and named < MAX_MODELS then
-        slot = string.char(FIRST_SLOT + named)
-        redis.call('HSET', models, MODEL_NAME .. model, slot, MODEL_COUNT, named + 1)
-      else
-        slot = OTHER_SLOT
-        redis.call('HSET', models, MODEL_NAME .. OTHER_MODEL, slot)
-      end
-    end
-    slots[theirs] = slot
+    slots[theirs] = model_slot(models, model)
   end
   for _, count in ipairs(counts) do
     local slot = slots[count[1]]

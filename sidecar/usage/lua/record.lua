@@ -59,17 +59,7 @@ local model, model_ttl = ARGV[12], tonumber(ARGV[13])
 if model ~= '' and kept and model_ttl > 0 then
   -- A model not seen today takes the next of the day's MAX_MODELS slots, or OTHER_MODEL's.
   local models = KEYS[4]
-  local slot = redis.call('HGET', models, MODEL_NAME .. model)
-  if not slot then
-    local named = tonumber(redis.call('HGET', models, MODEL_COUNT) or '0')
-    if model ~= OTHER_MODEL and named < MAX_MODELS then
-      slot = string.char(FIRST_SLOT + named)
-      redis.call('HSET', models, MODEL_NAME .. model, slot, MODEL_COUNT, named + 1)
-    else
-      slot = OTHER_SLOT
-      redis.call('HSET', models, MODEL_NAME .. OTHER_MODEL, slot)
-    end
-  end
+  local slot = model_slot(models, model)
   for counter, n in string.gmatch(ARGV[7], '(%S+) (%S+)') do
     if MODEL_COUNTERS[counter] then redis.call('HINCRBY', models, slot .. counter, n) end
   end
