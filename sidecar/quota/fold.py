@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
+from sidecar.identity.merge import MergePlan
 from sidecar.quota import windows
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.policy import Limit
@@ -22,16 +23,6 @@ from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, pipeline
 
 Clock = Callable[[], float]
-
-
-class Plan(Protocol):
-    """Who is merged into whom (identity.merge.MergePlan)."""
-
-    @property
-    def merged_id(self) -> str: ...
-
-    @property
-    def into_id(self) -> str: ...
 
 
 def _limits(live: LiveConfig) -> list[Limit]:
@@ -75,7 +66,7 @@ class LimitsMover:
             out += [base + current] + ([base + previous] if previous is not None else [])
         return out
 
-    async def move(self, plan: Plan) -> None:
+    async def move(self, plan: MergePlan) -> None:
         merged, into = plan.merged_id, plan.into_id
         now_ms = int(self.clock() * 1000)
         theirs = self._buckets(merged, now_ms)
