@@ -30,6 +30,7 @@ from sidecar.testing.redis_server import RedisServer, free_port
 from sidecar.usage import estimate
 from sidecar.usage.model import Kind
 from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.processes import exited
 
 STOPPED = {0, -signal.SIGTERM}  # uvicorn re-raises the SIGTERM it handled
 WORKERS = 2
@@ -133,11 +134,7 @@ class Serve:
             await asyncio.sleep(0.05)
 
     async def exited(self, within_s: float) -> int:
-        deadline = time.monotonic() + within_s
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, "still running"
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        return await exited(self.proc, within_s)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -21,6 +21,7 @@ from sidecar.mock import MockServer, start_mock
 from sidecar.store.keys import Keys
 from sidecar.testing.redis_server import RedisServer, free_port
 from tests.support.auth import ADMIN_TOKEN
+from tests.support.processes import exited
 
 STREAM = {
     "model": "gpt-4o-mini",
@@ -70,11 +71,7 @@ class Sidecar:
         raise AssertionError("sidecar did not start")
 
     async def exited(self, within_s: float) -> int:
-        deadline = time.monotonic() + within_s
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, "still running"
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        return await exited(self.proc, within_s)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

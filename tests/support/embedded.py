@@ -16,6 +16,7 @@ import httpx
 
 from sidecar.testing.redis_server import free_port
 from tests.support.auth import ADMIN_TOKEN, AUTH
+from tests.support.processes import exited
 
 # uvicorn re-raises the SIGTERM it handled once it has shut down.
 STOPPED = {0, -signal.SIGTERM}
@@ -101,11 +102,7 @@ class Sidecar:
         return reply.json()["embedded_store"]
 
     async def exited(self, within_s: float = 30) -> int:
-        deadline = time.monotonic() + within_s
-        while self.proc.poll() is None:
-            assert time.monotonic() < deadline, "still running"
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
+        return await exited(self.proc, within_s, 0.02)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
