@@ -147,6 +147,8 @@ def measure(args: argparse.Namespace) -> cli.Outcome:
             rig.redis_pids[name] = [redis.process.pid]
             redis_urls[name] = redis.url
             overrides = config.limits(name != "plain")
+            if name != "plain" and args.prefetch:
+                overrides["limits"] = {"prefetch": args.prefetch}
             path, _ = config.sidecar_config(launcher.folder(name), overrides=overrides)
             sidecar = launcher.sidecar(name, path, redis.url, rig.upstream, rig.probe)
             if name == "budgets":
@@ -245,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--warmup", type=cli.non_negative, default=200, help="warm-up requests per target")
     add("--block", type=cli.positive, default=100, help="requests per target per block")
     add("--count", type=cli.positive, default=1000, help="requests over which commands count")
+    add(
+        "--prefetch",
+        type=cli.non_negative,
+        default=0,
+        help="[limits] prefetch of the policy and budgets sidecars (0: every check at Redis)",
+    )
     args = p.parse_args(argv)
     return cli.run(
         MODULE, "Admission with a policy and two budgets", args, argv, lambda: measure(args)

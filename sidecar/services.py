@@ -195,6 +195,7 @@ def build(
         lease_s=settings.upstream.timeout_s + 30,
         clock=clock,
         counters=counters,
+        prefetch=settings.limits.prefetch,
     )
     quota = Quota(live, limiter, records, identifier, profiles, budgets)
     attribution = Attribution(

@@ -110,6 +110,9 @@ class LimitsSettings(_Section):
     # A limited request that names no output cap is sent with one (the reserve): the estimate
     # is then an upper bound of its output, and concurrent requests cannot overshoot by more.
     cap_output: bool = True
+    # Requests' worth of quota a process may hold ahead per limit (0: every limited request is
+    # checked at Redis). See sidecar/quota/allowances.py and docs/policies.md.
+    prefetch: int = 0
 
 
 class PricingSettings(_Section):
@@ -258,6 +261,8 @@ def _check_values(s: Settings) -> list[str]:
         problems.append("identity.max_new_per_minute: must be 1-100000000")
     if not 0 <= s.limits.default_output_reserve <= 10_000_000:
         problems.append("limits.default_output_reserve: must be 0-10000000")
+    if not 0 <= s.limits.prefetch <= 10_000:
+        problems.append("limits.prefetch: must be 0-10000")
     for i, cidr in enumerate(s.identity.trusted_networks):
         try:
             ipaddress.ip_network(cidr, strict=False)

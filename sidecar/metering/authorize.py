@@ -83,7 +83,9 @@ class Authorizer:
             reserve = None
             if self.quota.reserving:  # settled by the usage report with this request_id
                 reserve = self.attribution.reserve(None, body or {}, len(raw))
-            identity_id, decision = await self.quota.admit(resolved, request_id, known, reserve)
+            identity_id, decision = await self.quota.admit(
+                resolved, request_id, known, reserve, portable=True
+            )
         else:
             decision = Decision(admitted=True)
             try:

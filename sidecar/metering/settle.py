@@ -158,6 +158,9 @@ class Settlement:
         limiter = self.quota.limiter
         meter.settled = True
         nanos = cost.nanos if cost else 0
+        if decision.lent:
+            await self._settle_lent(meter, tokens, nanos)
+            return
         if self._covered(meter, tokens, nanos):
             # What it reserved, already counted, is at least what it used: the settlement
             # is written now (ahead of any later admission of this process) and its reply
@@ -192,10 +195,42 @@ class Settlement:
             log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
             await self._settle_later(meter, tokens, nanos)
 
+    async def _settle_lent(self, meter: Meter, tokens: int, nanos: int) -> None:
+        """A request admitted from allowances: settled against them; what they cannot pay is
+        charged at Redis before the response ends (retried in the background on failure)."""
+        decision = meter.decision
+        assert decision is not None
+        limiter = self.quota.limiter
+        more = limiter.settle_lent(decision, tokens, nanos)
+        if not more:
+            return
+        try:
+            async with limiter.deadline():
+                await limiter.charge(more)
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            self.background.spawn(self._charge_later(meter, more))
+
+    async def _charge_later(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
+        for attempt in range(5):
+            try:
+                await self.quota.limiter.charge(more)
+                return
+            except StoreUnavailable as exc:
+                if attempt == 4:
+                    log.error("limits of %s not charged: %s", meter.request_id, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
+
     async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
         decision = meter.decision
         assert decision is not None
         meter.settled = True
+        if decision.lent:  # what allowances cannot pay is charged at Redis
+            more = self.quota.limiter.settle_lent(decision, tokens, nanos)
+            if more:
+                await self._charge_later(meter, more)
+            return
         for attempt in range(5):
             try:
                 await self.quota.limiter.settle(decision.subjects, meter.request_id, tokens, nanos)

@@ -158,6 +158,12 @@ class Readings:
             self.limiter.errors,
         )
         yield counter(
+            "sidecar_limit_checks_ahead",
+            "Limit checks admitted from quota this process holds ahead ([limits] prefetch), "
+            "with no Redis exchange",
+            self.limiter.ahead,
+        )
+        yield counter(
             "sidecar_redis_usage_write_errors",
             "Usage writes that failed; their entries waited in memory or the spool",
             recorder.write_errors,

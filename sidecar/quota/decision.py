@@ -7,6 +7,7 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
+from sidecar.quota.allowances import Lent
 from sidecar.quota.policy import Dimension, Limit, Policy
 
 
@@ -70,6 +71,9 @@ class Decision(msgspec.Struct, kw_only=True):
     # Concurrency slots to give back when the request ends: (identity _id, lease).
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
+    # Admitted from allowances this process holds: what its token and cost limits took of them,
+    # settled against them (Limiter.settle_lent).
+    lent: tuple[Lent, ...] = ()
 
     @property
     def charged(self) -> bool:

@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
 from sidecar.quota import windows
+from sidecar.quota.allowances import SHARE, Allowance, Allowances, Lent
 from sidecar.quota.breaker import Breaker
 from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
 from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, reserved
@@ -25,7 +26,7 @@ from sidecar.store.deadline import StoreDeadline
 from sidecar.store.errors import call, translated
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Coalescer, Script, pipeline
+from sidecar.store.scripts import Coalescer, Script, pipeline, resp
 
 __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyUsage", "Subject"]
 
@@ -45,6 +46,7 @@ class Limiter:
         lease_s: float,
         clock: Clock = time.time,
         counters: Counters | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -54,6 +56,7 @@ class Limiter:
         self.lease_ms = int(lease_s * 1000)
         self.breaker = Breaker()
         self.errors = 0  # limit checks Redis did not answer
+        self.ahead = 0  # limit checks answered from allowances, with no exchange
         self.metrics = counters
         # One script touches one cluster slot: an identity's keys share its slot, so on a
         # cluster each subject is admitted by a call of its own (see `_admit_in_turn`).
@@ -61,20 +64,39 @@ class Limiter:
         self._admit = Script("sidecar.quota.lua", "admit", prelude=PRELUDE)
         self._release = Script("sidecar.quota.lua", "release")
         self._settle = Script("sidecar.quota.lua", "settle")
+        self._adjust = Script("sidecar.quota.lua", "adjust")
         # On a single server admissions and settlements share one pipelined connection (in
         # that order at Redis); elsewhere many share a round trip under load (a Coalescer).
         self.line = HotLine.for_client(client)
         self._calls = Coalescer(client, self._admit, self.line)
         self._settles = Coalescer(client, self._settle, self.line)
         self._pinging: asyncio.Future[None] | None = None
+        # Quota held ahead (`[limits] prefetch`, see allowances.py): on one server only.
+        self.allowances = Allowances(prefetch) if prefetch > 0 and not self.one_slot else None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._giving: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         """Open the hot line, if this store has one. Raises StoreUnavailable."""
         if self.line is not None:
             with translated():
                 await self.line.open()
+        if self.allowances is not None and self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self.allowances is not None:
+            back = self.allowances.due(int(self.clock() * 1000), everything=True)
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                async with asyncio.timeout(self.timeout * 4):
+                    await self._give_allowances(back)
+            if self._giving:
+                await asyncio.wait(self._giving, timeout=self.timeout * 4)
         if self.line is not None:
             await self.line.aclose()
 
@@ -97,7 +119,7 @@ class Limiter:
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._admit, self._release, self._settle]
+        return [self._admit, self._release, self._settle, self._adjust]
 
     def _buckets(self, identity_id: str, limit: Limit, now_ms: int) -> tuple[str, str, int, int]:
         current, previous, elapsed, left = windows.bucket(limit, now_ms)
@@ -122,11 +144,13 @@ class Limiter:
                 window = 0 if limit.calendar else limit.window_s * 1000
                 lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
                 amount = reserved(limit, reserve)
+                paid = self._prepay(out, current, limit, amount)
                 out.packed.append(
                     f"{KIND[limit.dimension]} {limit.amount} {window} {elapsed} {lifetime} "
-                    f"{amount} "
+                    f"{amount} {paid} "
                 )
                 out.spans.append((elapsed, left))
+                out.lifetimes.append(lifetime)
                 out.limits.append((subject, limit))
                 out.reserves.append(amount)
                 if amount:
@@ -140,6 +164,9 @@ class Limiter:
                 out.leases.append((subject, key))
                 out.caps.append(str(subject.policy.concurrency))
         out.keys += [key for _, key in out.leases]
+        asks = ""
+        if self.allowances is not None and not out.leases:
+            asks = self._asks(out)
         for subject in out.reserving:
             out.keys += [
                 self.keys.reservations(subject.identity_id),
@@ -153,8 +180,53 @@ class Limiter:
             self.lease_ms,
             " ".join(groups),
             self.lease_ms,
+            asks,
+            SHARE,
         ]
         return out
+
+    def _prepay(self, out: Packed, bucket: str, limit: Limit, amount: int) -> int:
+        """What this request takes of the limit from an allowance this process holds, sent
+        to admit.lua as paid (not checked, not counted again); 0: none."""
+        ahead = self.allowances
+        paid = 0
+        if ahead is not None and ahead.held:
+            need = 1 if limit.dimension is Dimension.REQUESTS else amount
+            allowance = ahead.usable(bucket, limit.amount, need) if need > 0 else None
+            if allowance is not None:
+                allowance.left -= need
+                out.paid.append((allowance, need))
+                paid = need
+        out.prepaid.append(paid)
+        return paid
+
+    def _repay(self, packs: list[Packed]) -> None:
+        """What a refused (or unanswered) request took from allowances goes back to them, or
+        to its bucket when the allowance was given back meanwhile."""
+        back = []
+        for pack in packs:
+            for allowance, need in pack.paid:
+                if allowance.topped:
+                    allowance.left += need
+                else:
+                    back.append((allowance.key, need, allowance.lifetime))
+            pack.paid = []
+        if back:
+            self._give_later(back)
+
+    def _asks(self, pack: Packed) -> str:
+        """ARGV[8] of admit.lua: per limit, the allowance asked for and the least worth having
+        (one request's need); '' when some limit would have none (a token or cost limit the
+        request reserves nothing of): every request of these subjects then goes to Redis."""
+        assert self.allowances is not None
+        prefetch = self.allowances.prefetch
+        parts = []
+        for (_, limit), amount in zip(pack.limits, pack.reserves, strict=True):
+            need = 1 if limit.dimension is Dimension.REQUESTS else amount
+            if need <= 0:
+                return ""
+            parts.append(f"{need * prefetch} {need} ")
+        return "".join(parts)
 
     async def admit(
         self,
@@ -162,19 +234,28 @@ class Limiter:
         request_id: str,
         policy: Policy | None = None,
         reserve: Reserve | None = None,
+        portable: bool = False,
     ) -> Decision:
         """Admit a request against every limit of every subject, or refuse it having counted
         nothing; `policy` is the identity's own. `reserve`: what the request may use at most,
         reserved against every token and cost limit (see `settle`). On a single server that is
-        one script call."""
+        one script call, or none when allowances this process holds cover the request.
+        `portable`: its settlement may come to another sidecar (hook mode): a reservation taken
+        from an allowance is then recorded in Redis as any other is."""
         limited = [s for s in subjects if s.policy.limited]
         if not limited:
             return Decision(admitted=True, policy=policy, subjects=tuple(subjects))
+        ahead = self.allowances
+        if ahead is not None and ahead.held:
+            decision = self._admit_ahead(limited, subjects, policy, request_id, reserve, portable)
+            if decision is not None:
+                return decision
         if not self.breaker.allow():
             return self.unavailable(policy)
         now_ms = int(self.clock() * 1000)
         metrics = self.metrics
         started = time.perf_counter()
+        packs_sent: list[Packed] = []
         try:
             # A deadline, not wait_for: no task per check on the request path.
             async with self.deadline():
@@ -184,15 +265,112 @@ class Limiter:
                     )
                 else:
                     pack = self._pack(limited, now_ms, request_id, reserve)
+                    packs_sent.append(pack)
                     reply = await self._calls(pack.keys, pack.args)
                     admitted, packs, replies = bool(reply[0]), [pack], [reply]
         except (StoreUnavailable, TimeoutError) as exc:
+            if self.allowances is not None:
+                self._repay(packs_sent)
             self.failed(exc)
             return self.unavailable(policy)
         if metrics is not None:
             metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
-        return self._decide(subjects, policy, admitted, packs, replies, request_id)
+        if not admitted and self.allowances is not None:
+            # Refused counting what this process holds ahead, which may have come since the
+            # request was sent: spent here, or given back for the next request to find.
+            self._repay(packs)
+            decision = self._admit_ahead(limited, subjects, policy, request_id, reserve, portable)
+            if decision is not None:
+                return decision
+            self._give_back_for(packs, now_ms)
+        return self._decide(subjects, policy, admitted, packs, replies, request_id, now_ms)
+
+    def _admit_ahead(
+        self,
+        limited: list[Subject],
+        subjects: Sequence[Subject],
+        policy: Policy | None,
+        request_id: str,
+        reserve: Reserve | None,
+        portable: bool,
+    ) -> Decision | None:
+        """Admitted from the allowances this process holds, with no exchange, when every limit
+        of every subject has room in one; else None (the request goes to Redis)."""
+        ahead = self.allowances
+        assert ahead is not None
+        now_ms = int(self.clock() * 1000)
+        taken: list[tuple[Allowance, int, Subject, Limit, int, int]] = []
+        for subject in limited:
+            if subject.policy.concurrency:
+                return None
+            for limit in subject.policy.limits:
+                bucket, _, elapsed, left = self._buckets(subject.identity_id, limit, now_ms)
+                need = 1 if limit.dimension is Dimension.REQUESTS else reserved(limit, reserve)
+                allowance = ahead.usable(bucket, limit.amount, need) if need > 0 else None
+                if allowance is None or any(allowance is t[0] for t in taken):
+                    return None
+                taken.append((allowance, need, subject, limit, elapsed, left))
+        if portable and reserve is not None and not self._record(taken, request_id):
+            return None
+        rows = []
+        lent = []
+        for allowance, need, subject, limit, elapsed, left in taken:
+            allowance.left -= need
+            used = allowance.current - allowance.left
+            rows.append((subject, limit, allowance.previous, used, elapsed, left))
+            if limit.dimension is not Dimension.REQUESTS:
+                lent.append(Lent(allowance, limit.dimension, need))
+        self.ahead += 1
+        metrics = self.metrics
+        if metrics is not None:
+            for subject in limited:
+                metrics.admitted(subject.policy)
+        return Decision(
+            admitted=True,
+            policy=policy,
+            subjects=tuple(subjects),
+            headers=rate_headers(rows),
+            # Settled here (`settle_lent`) unless the settlement may come elsewhere (recorded).
+            lent=() if portable else tuple(lent),
+        )
+
+    def _record(
+        self, taken: list[tuple[Allowance, int, Subject, Limit, int, int]], request_id: str
+    ) -> bool:
+        """Write the reservations a request took from allowances where settle.lua (on any
+        sidecar) and admit.lua (when it expires) find them, before the decision is answered;
+        False when the line cannot take them now."""
+        line = self.line
+        if line is None or not line.ready:
+            return False
+        entries: dict[str, list[str]] = {}
+        for allowance, need, subject, limit, _, _ in taken:
+            if limit.dimension is not Dimension.REQUESTS:
+                entries.setdefault(subject.identity_id, []).append(f"{allowance.key} {need}")
+        if not entries:
+            return True
+        until = int(self.clock() * 1000) + self.lease_ms
+        keep = self.lease_ms + 60_000
+        commands: list[list[Any]] = []
+        for identity_id, parts in entries.items():
+            hash_key = self.keys.reservations(identity_id)
+            expiry = self.keys.reservations_expiry(identity_id)
+            commands += [
+                ["HSET", hash_key, request_id, " ".join(parts)],
+                ["ZADD", expiry, until, request_id],
+                ["PEXPIRE", hash_key, keep],
+                ["PEXPIRE", expiry, keep],
+            ]
+        try:
+            with translated():
+                packed = b"".join(resp(command) for command in commands)
+                futures = line.send(packed, len(commands), urgent=True)
+        except StoreUnavailable:
+            return False
+        for future in futures:
+            future.add_done_callback(_logged)
+        return True
 
     async def _admit_in_turn(
         self, subjects: list[Subject], now_ms: int, request_id: str, reserve: Reserve | None
@@ -236,6 +414,7 @@ class Limiter:
         packs: list[Packed],
         replies: list[Any],
         request_id: str,
+        now_ms: int,
     ) -> Decision:
         metrics = self.metrics
         rows: list[tuple[Subject, Limit, int, int, int, int]] = []  # + prev, cur, elapsed, left
@@ -248,6 +427,8 @@ class Limiter:
                 previous, current = int(counts[2 * i]), int(counts[2 * i + 1])
                 rows.append((subject, limit, previous, current, elapsed, left))
                 need = pack.reserves[i]
+                if pack.prepaid[i]:
+                    continue  # paid from an allowance: not what refused
                 if not reply[0] and not windows.admits(limit, previous, current, elapsed, need):
                     wait = windows.wait_ms(limit, previous, current, elapsed, left, need)
                     refusing.append((subject, limit, wait))
@@ -257,6 +438,8 @@ class Limiter:
                         refusing.append((subject, None, 1000))
         headers = rate_headers(rows)
         if admitted:
+            if self.allowances is not None:
+                self._granted(packs, replies, now_ms)
             if metrics is not None:
                 for subject in subjects:
                     if subject.policy.limited:
@@ -288,6 +471,95 @@ class Limiter:
             headers=headers,
             retry_after=max(1, math.ceil(wait / 1000)),
         )
+
+    def _granted(self, packs: list[Packed], replies: list[Any], now_ms: int) -> None:
+        """Keep the allowances an admission was granted (admit.lua's fourth reply)."""
+        ahead = self.allowances
+        assert ahead is not None
+        back = []
+        for pack, reply in zip(packs, replies, strict=True):
+            grants = reply[3] if len(reply) > 3 else None
+            if not grants:
+                continue
+            counts = reply[2]
+            for i, (_, limit) in enumerate(pack.limits):
+                back += ahead.granted(
+                    pack.keys[2 * i],
+                    limit.amount,
+                    now_ms + pack.spans[i][1],
+                    pack.lifetimes[i],
+                    int(grants[i]),
+                    int(counts[2 * i]),
+                    int(counts[2 * i + 1]),
+                )
+        if back:
+            self._give_later(back)
+
+    def _give_back_for(self, packs: list[Packed], now_ms: int) -> None:
+        """Give back the allowances a refused request's limits hold."""
+        ahead = self.allowances
+        assert ahead is not None
+        keys = {pack.keys[2 * i] for pack in packs for i in range(len(pack.limits))}
+        back = ahead.due(now_ms, only=keys)
+        if back:
+            self._give_later(back)
+
+    def _give_later(self, back: list[tuple[str, int, int]]) -> None:
+        task = asyncio.ensure_future(self._give_allowances(back))
+        self._giving.add(task)
+        task.add_done_callback(self._giving.discard)
+
+    async def _give_allowances(self, back: list[tuple[str, int, int]]) -> None:
+        """Give units back to their buckets (negative) or charge them (positive): (bucket,
+        units, lifetime). A failure is logged: units given back stay counted until their window
+        passes, and a charge is lost."""
+        if not back:
+            return
+        keys = [key for key, _, _ in back]
+        args = ["".join(f"{-units} {lifetime} " for _, units, lifetime in back)]
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                await self._adjust(self.client, keys, args)
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("%d allowance(s) not given back (%s)", len(back), type(exc).__name__)
+
+    async def _sweep(self) -> None:
+        """Give back what allowances hold that is not spent in time (see allowances.HOLD_S)."""
+        ahead = self.allowances
+        assert ahead is not None
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            back = ahead.due(int(self.clock() * 1000))
+            if back:
+                await self._give_allowances(back)
+
+    def settle_lent(
+        self, decision: Decision, tokens: int, nanos: int
+    ) -> list[tuple[str, int, int]]:
+        """Settle a request admitted from allowances: the surplus of its reservation returns
+        to the allowance it came from (or to its bucket, the allowance given back since); what
+        it used beyond comes from the allowance when that has room. Returns what is left to
+        `charge` at Redis before the response ends: (bucket, units, lifetime)."""
+        back: list[tuple[str, int, int]] = []
+        more: list[tuple[str, int, int]] = []
+        for allowance, dimension, held in decision.lent:
+            delta = (tokens if dimension is Dimension.TOKENS else nanos) - held
+            if not delta:
+                continue
+            if allowance.topped and allowance.left >= delta:  # still held, with room
+                allowance.left -= delta
+            elif delta < 0:
+                back.append((allowance.key, -delta, allowance.lifetime))
+            else:
+                more.append((allowance.key, delta, allowance.lifetime))
+        if back:
+            self._give_later(back)
+        return more
+
+    async def charge(self, more: list[tuple[str, int, int]]) -> None:
+        """Add units to buckets (see `settle_lent`). Raises StoreUnavailable."""
+        keys = [key for key, _, _ in more]
+        await self._adjust(self.client, keys, ["".join(f"{u} {life} " for _, u, life in more)])
 
     def failed(self, exc: BaseException) -> None:
         """A step of a limit check did not get its answer from Redis in time."""
@@ -386,6 +658,12 @@ class Limiter:
 
         replies = await pipeline(self.client, queue) if keys or policy.concurrency else []
         values = [int(v or 0) for v in replies[: len(keys)]]
+        ahead = self.allowances
+        if ahead is not None:  # what this process holds ahead is not used yet
+            for i in range(0, len(keys), 2):
+                held = ahead.held.get(keys[i])
+                if held is not None:
+                    values[i] = max(0, values[i] - held.left)
         replies = replies[len(keys) :]
         limits = []
         for i, (limit, (elapsed, left)) in enumerate(zip(policy.limits, spans, strict=True)):
@@ -434,3 +712,15 @@ class Limiter:
 
 
 _admission = msgspec.json.Encoder().encode
+
+SWEEP_S = 0.25  # how often allowances are looked over
+
+
+def _logged(future: asyncio.Future[Any]) -> None:
+    """A reply to `_record`'s commands: a failure leaves the reservation counted unrecorded
+    (the report then charges its actual on top, until the window passes)."""
+    if future.cancelled():
+        return
+    result = future.exception() or future.result()
+    if isinstance(result, Exception):
+        log.warning("a reservation taken ahead was not recorded: %s", result)

@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar import money
 from sidecar.quota import windows
+from sidecar.quota.allowances import Allowance
 from sidecar.quota.decision import Reserve, Subject
 from sidecar.quota.policy import Dimension, Limit, Policy
 
@@ -26,8 +27,11 @@ class Packed:
         "caps",
         "keys",
         "leases",
+        "lifetimes",
         "limits",
         "packed",
+        "paid",
+        "prepaid",
         "reserves",
         "reserving",
         "spans",
@@ -40,6 +44,9 @@ class Packed:
         self.reserving: list[Subject] = []  # subjects that reserve (their reservations keys)
         self.packed: list[str] = []
         self.spans: list[tuple[int, int]] = []  # per limit: (elapsed, left) ms
+        self.lifetimes: list[int] = []  # per limit: its current bucket's lifetime (s)
+        self.prepaid: list[int] = []  # per limit: what an allowance paid of it (0: none)
+        self.paid: list[tuple[Allowance, int]] = []  # the allowances that paid, and how much
         self.limits: list[tuple[Subject, Limit]] = []
         self.caps: list[str] = []
         self.leases: list[tuple[Subject, str]] = []  # (subject, its lease set key)

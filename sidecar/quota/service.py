@@ -230,9 +230,11 @@ class Quota:
         request_id: str,
         known: str | None,
         reserve: Reserve | None = None,
+        portable: bool = False,
     ) -> tuple[str | None, Decision]:
         """The identity's `_id` (None when the store could not say) and the decision; `known`
-        is the `_id` the caller already has (see Identifier.cached).
+        is the `_id` the caller already has (see Identifier.cached); `portable`: settled by a
+        report that may come to another sidecar (Limiter.admit).
 
         Finding the identity (an upsert when it is new), its key's owner and their profiles,
         then the limit check, each give up after `timeout_ms`; then `on_error` decides, as for
@@ -242,7 +244,7 @@ class Quota:
             subjects = self._known_subjects(resolved, known)
             if subjects is not None:  # the common case: one store call, the check
                 own = _own(subjects, known)
-                return known, await limiter.admit(subjects, request_id, own, reserve)
+                return known, await limiter.admit(subjects, request_id, own, reserve, portable)
         if known is None and not limiter.breaker.allow():
             return None, limiter.unavailable(None)
         try:
@@ -255,7 +257,7 @@ class Quota:
         if known is None:
             limiter.breaker.success()
         own = _own(subjects, identity_id)
-        return identity_id, await limiter.admit(subjects, request_id, own, reserve)
+        return identity_id, await limiter.admit(subjects, request_id, own, reserve, portable)
 
 
 def _own(subjects: list[Subject], identity_id: str) -> Policy | None:

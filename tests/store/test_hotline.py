@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store.hotline import HotLine
-from sidecar.store.scripts import Coalescer, Script, _resp
+from sidecar.store.scripts import Coalescer, Script, resp
 from sidecar.testing.redis_server import RedisServer
 
 
@@ -25,8 +25,8 @@ def line_for(redis: Redis) -> HotLine:
 async def test_replies_come_back_in_order_and_errors_are_values(redis: Redis) -> None:
     line = line_for(redis)
     await line.open()
-    packed = b"".join(_resp(["INCRBY", "n", step]) for step in range(1, 51))
-    packed += _resp(["HGET", "n", "f"])  # a wrong type: an error reply, not raised
+    packed = b"".join(resp(["INCRBY", "n", step]) for step in range(1, 51))
+    packed += resp(["HGET", "n", "f"])  # a wrong type: an error reply, not raised
     futures = line.send(packed, 51)
     replies = await asyncio.gather(*futures)
     assert replies[:50] == [sum(range(1, i + 1)) for i in range(1, 51)]
@@ -39,7 +39,7 @@ async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_reo
 ) -> None:
     line = line_for(redis)
     await line.open()
-    (blocked,) = line.send(_resp(["BLPOP", "never", 5]))  # in flight until the kill
+    (blocked,) = line.send(resp(["BLPOP", "never", 5]))  # in flight until the kill
     await asyncio.sleep(0.05)
     killed = await redis.client_kill_filter(_type="normal", skipme=True)
     assert killed >= 1
@@ -47,7 +47,7 @@ async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_reo
         await asyncio.wait_for(blocked, 2)
     assert not line.ready
     await line.open()
-    (again,) = line.send(_resp(["PING"]))
+    (again,) = line.send(resp(["PING"]))
     assert await again == b"PONG"
     await line.aclose()
 
@@ -117,15 +117,15 @@ async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
         write(data)
 
     line._transport.write = counted  # type: ignore[method-assign,assignment]
-    first = line.send(_resp(["INCRBY", "n", 1]))  # an idle line: written at once
+    first = line.send(resp(["INCRBY", "n", 1]))  # an idle line: written at once
     assert len(writes) == 1
-    rest = [line.send(_resp(["INCRBY", "n", step]))[0] for step in range(2, 31)]
+    rest = [line.send(resp(["INCRBY", "n", step]))[0] for step in range(2, 31)]
     assert len(writes) == 1  # buffered behind the call in flight ...
-    urgent = line.send(_resp(["GET", "n"]), urgent=True)  # ... until an urgent one
+    urgent = line.send(resp(["GET", "n"]), urgent=True)  # ... until an urgent one
     assert len(writes) == 2 and writes[1].count(b"INCRBY") == 29
     replies = await asyncio.gather(*first, *rest, *urgent)
     assert replies[:-1] == [sum(range(1, i + 1)) for i in range(1, 31)]
     assert replies[-1] == str(sum(range(1, 31))).encode()
-    late = line.send(_resp(["INCRBY", "n", 0]))  # idle again: written at once
+    late = line.send(resp(["INCRBY", "n", 0]))  # idle again: written at once
     assert len(writes) == 3 and await late[0] == sum(range(1, 31))
     await line.aclose()

@@ -12,7 +12,7 @@ from sidecar.testing.redis_server import RedisServer
 def test_commands_are_packed_as_the_client_packs_them() -> None:
     from redis.asyncio.connection import Connection
 
-    from sidecar.store.scripts import _resp
+    from sidecar.store.scripts import resp
 
     args: list[str | bytes | int] = [
         "EVALSHA",
@@ -25,7 +25,7 @@ def test_commands_are_packed_as_the_client_packs_them() -> None:
         -3,
     ]
     (packed,) = Connection().pack_command(*args)
-    assert _resp(list(args)) == packed
+    assert resp(list(args)) == packed
 
 
 async def test_load_all_takes_no_more_connections_than_it_is_given(

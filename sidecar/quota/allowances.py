@@ -1,0 +1,131 @@
+"""Quota a process holds ahead (`[limits] prefetch`): many admissions against one Redis exchange.
+
+An admission that goes to Redis may ask, per limit, for an *allowance*: up to `prefetch`
+requests' worth (what this request needs, times `prefetch`) counted in the limit's current
+bucket at once, but never more than an eighth of what the limit has left (so near a limit's edge
+there is none, and every request is checked at Redis). Later requests of the same subjects are
+admitted from the allowances this process holds, with no exchange, when every one of their
+limits has room in one; they count for every other sidecar already (the allowance is in the
+bucket). What is left of an allowance goes back to its bucket when it has not been topped up for
+`HOLD_S`, when its bucket ends, or when the process stops.
+
+What this costs, and why it never over-admits:
+- Units in an allowance were counted when the limit had room for them; spending them later in the
+  same bucket of a sliding window cannot exceed the limit (the previous bucket only weighs less
+  as time passes), and an allowance is never spent in a later bucket.
+- Another sidecar can be refused while this one holds units it has not spent (at most an eighth
+  of what was left, for at most `HOLD_S`): a limit admits at most its amount, and, for that
+  moment, possibly less.
+- A request's reservation is taken from an allowance, and its surplus returns to it; a request
+  that used more than it reserved takes the difference from the allowance, or is charged at Redis
+  before its response ends, as without allowances.
+- A process that crashes leaves its unspent units counted until their window passes.
+- A limit whose amount changes (a policy reload, a budget's update) stops using allowances
+  taken under the old amount; a budget reset is not seen by another process's allowance, which
+  may admit up to what it holds for at most `HOLD_S` more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from sidecar.quota.policy import Dimension
+
+HOLD_S = 1.0  # an allowance not topped up for this long is given back
+SHARE = 8  # an allowance takes at most 1/SHARE of what its limit has left
+
+
+class Allowance:
+    """Units of one bucket that this process counted ahead and has not spent (`left`)."""
+
+    __slots__ = ("amount", "current", "ends_ms", "key", "left", "lifetime", "previous", "topped")
+
+    def __init__(self, key: str, amount: int, ends_ms: int, lifetime: int) -> None:
+        self.key = key  # the bucket
+        self.amount = amount  # the limit's amount when it was granted
+        self.ends_ms = ends_ms  # when its bucket ends
+        self.lifetime = lifetime  # the bucket's lifetime (s), should a charge create it
+        self.left = 0
+        self.previous = 0  # the counts at the last exchange, `left` included in `current`
+        self.current = 0
+        self.topped = 0.0  # monotonic time of the last grant; 0: given back
+
+
+class Lent(NamedTuple):
+    """What one token or cost limit of an admitted request took from an allowance."""
+
+    allowance: Allowance
+    dimension: Dimension
+    reserved: int
+
+
+class Allowances:
+    """The allowances this process holds, by bucket key."""
+
+    def __init__(self, prefetch: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.prefetch = prefetch
+        self.clock = clock
+        self.held: dict[str, Allowance] = {}
+
+    def usable(self, key: str, amount: int, need: int) -> Allowance | None:
+        """The allowance of bucket `key` when it can pay `need` under the limit's `amount`."""
+        allowance = self.held.get(key)
+        if allowance is None or allowance.left < need or allowance.amount != amount:
+            return None
+        return allowance
+
+    def granted(
+        self,
+        key: str,
+        amount: int,
+        ends_ms: int,
+        lifetime: int,
+        grant: int,
+        previous: int,
+        current: int,
+    ) -> list[tuple[str, int, int]]:
+        """Record an admission's counts and what it was granted; (bucket, units, lifetime) to
+        give back: an allowance taken under another amount."""
+        back: list[tuple[str, int, int]] = []
+        allowance = self.held.get(key)
+        if allowance is not None and allowance.amount != amount:
+            if allowance.left:
+                back.append((key, allowance.left, allowance.lifetime))
+            allowance.topped = 0.0
+            del self.held[key]
+            allowance = None
+        if allowance is None:
+            if not grant:
+                return back
+            allowance = self.held[key] = Allowance(key, amount, ends_ms, lifetime)
+        allowance.previous, allowance.current = previous, current
+        if grant:
+            allowance.left += grant
+            allowance.topped = self.clock()
+        return back
+
+    def due(
+        self, now_ms: int, everything: bool = False, only: set[str] | None = None
+    ) -> list[tuple[str, int, int]]:
+        """Take out the allowances to give back (idle for `HOLD_S`, their bucket ended, or
+        `everything`; or those of the buckets `only`): (bucket, units left, lifetime) for those
+        with units left."""
+        cutoff = self.clock() - HOLD_S
+        back = []
+        held = self.held
+        for key in list(held) if only is None else [key for key in only if key in held]:
+            allowance = held[key]
+            if (
+                everything
+                or only is not None
+                or allowance.topped < cutoff
+                or allowance.ends_ms <= now_ms
+            ):
+                del self.held[key]
+                allowance.topped = 0.0
+                if allowance.left:
+                    back.append((key, allowance.left, allowance.lifetime))
+                allowance.left = 0
+        return back
