@@ -6,15 +6,15 @@ bucket at once, but never more than an eighth of what the limit has left (so nea
 there is none, and every request is checked at Redis). Later requests of the same subjects are
 admitted from the allowances this process holds, with no exchange, when every one of their
 limits has room in one; they count for every other sidecar already (the allowance is in the
-bucket). What is left of an allowance goes back to its bucket when it has not been topped up for
-`HOLD_S`, when its bucket ends, or when the process stops.
+bucket). What is left of an allowance goes back to its bucket when it has not been used or topped
+up for `HOLD_S`, once it is `MAX_HOLD_S` old, when its bucket ends, or when the process stops.
 
 What this costs, and why it never over-admits:
 - Units in an allowance were counted when the limit had room for them; spending them later in the
   same bucket of a sliding window cannot exceed the limit (the previous bucket only weighs less
   as time passes), and an allowance is never spent in a later bucket.
 - Another sidecar can be refused while this one holds units it has not spent (at most an eighth
-  of what was left, for at most `HOLD_S`): a limit admits at most its amount, and, for that
+  of what was left, for at most `MAX_HOLD_S`): a limit admits at most its amount, and, for that
   moment, possibly less.
 - A request's reservation is taken from an allowance, and its surplus returns to it; a request
   that used more than it reserved takes the difference from the allowance, or is charged at Redis
@@ -22,7 +22,7 @@ What this costs, and why it never over-admits:
 - A process that crashes leaves its unspent units counted until their window passes.
 - A limit whose amount changes (a policy reload, a budget's update) stops using allowances
   taken under the old amount; a budget reset is not seen by another process's allowance, which
-  may admit up to what it holds for at most `HOLD_S` more.
+  may admit up to what it holds for at most `MAX_HOLD_S` more.
 """
 
 from __future__ import annotations
@@ -31,26 +31,45 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from sidecar.quota.policy import Dimension
+from sidecar.quota.policy import Dimension, Limit
 
-HOLD_S = 1.0  # an allowance not topped up for this long is given back
+HOLD_S = 1.0  # an allowance neither used nor topped up for this long is given back
+MAX_HOLD_S = 5.0  # and one held this long, however busy
 SHARE = 8  # an allowance takes at most 1/SHARE of what its limit has left
 
 
 class Allowance:
     """Units of one bucket that this process counted ahead and has not spent (`left`)."""
 
-    __slots__ = ("amount", "current", "ends_ms", "key", "left", "lifetime", "previous", "topped")
+    __slots__ = (
+        "amount",
+        "current",
+        "ends_ms",
+        "index",
+        "key",
+        "left",
+        "lifetime",
+        "limit",
+        "previous",
+        "since",
+        "starts_ms",
+        "touched",
+    )
 
-    def __init__(self, key: str, amount: int, ends_ms: int, lifetime: int) -> None:
+    def __init__(
+        self, key: str, index: tuple[str, int], limit: Limit, span: tuple[int, int], lifetime: int
+    ) -> None:
         self.key = key  # the bucket
-        self.amount = amount  # the limit's amount when it was granted
-        self.ends_ms = ends_ms  # when its bucket ends
+        self.index = index  # (identity _id, id(limit)): how `find` looks it up
+        self.limit = limit
+        self.amount = limit.amount  # the limit's amount when it was granted
+        self.starts_ms, self.ends_ms = span  # its bucket's
         self.lifetime = lifetime  # the bucket's lifetime (s), should a charge create it
         self.left = 0
         self.previous = 0  # the counts at the last exchange, `left` included in `current`
         self.current = 0
-        self.topped = 0.0  # monotonic time of the last grant; 0: given back
+        self.touched = 0.0  # monotonic time of the last grant or use; 0: given back
+        self.since = 0.0  # monotonic time of the first grant
 
 
 class Lent(NamedTuple):
@@ -68,6 +87,21 @@ class Allowances:
         self.prefetch = prefetch
         self.clock = clock
         self.held: dict[str, Allowance] = {}
+        # The same allowances by (identity _id, id(limit)): found without making the bucket's
+        # key (the limit object is checked too, as an id can be reused once a policy is gone).
+        self.by_limit: dict[tuple[str, int], Allowance] = {}
+
+    def find(self, identity_id: str, limit: Limit, now_ms: int, need: int) -> Allowance | None:
+        """The allowance of `limit`'s current bucket for `identity_id`, when it can pay `need`."""
+        allowance = self.by_limit.get((identity_id, id(limit)))
+        if (
+            allowance is None
+            or allowance.limit is not limit
+            or allowance.left < need
+            or not allowance.starts_ms <= now_ms < allowance.ends_ms
+        ):
+            return None
+        return allowance
 
     def usable(self, key: str, amount: int, need: int) -> Allowance | None:
         """The allowance of bucket `key` when it can pay `need` under the limit's `amount`."""
@@ -79,40 +113,46 @@ class Allowances:
     def granted(
         self,
         key: str,
-        amount: int,
-        ends_ms: int,
+        identity_id: str,
+        limit: Limit,
+        span: tuple[int, int],
         lifetime: int,
         grant: int,
-        previous: int,
-        current: int,
+        counts: tuple[int, int],
     ) -> list[tuple[str, int, int]]:
-        """Record an admission's counts and what it was granted; (bucket, units, lifetime) to
-        give back: an allowance taken under another amount."""
+        """Record an admission's counts (previous, current) and what it was granted in bucket
+        `key` of `limit` (its `span`: start and end, ms); (bucket, units, lifetime) to give
+        back: an allowance taken under another amount."""
         back: list[tuple[str, int, int]] = []
         allowance = self.held.get(key)
-        if allowance is not None and allowance.amount != amount:
-            if allowance.left:
-                back.append((key, allowance.left, allowance.lifetime))
-            allowance.topped = 0.0
-            del self.held[key]
+        if allowance is not None and allowance.amount != limit.amount:
+            back += self._drop(allowance)
             allowance = None
         if allowance is None:
             if not grant:
                 return back
-            allowance = self.held[key] = Allowance(key, amount, ends_ms, lifetime)
-        allowance.previous, allowance.current = previous, current
+            index = (identity_id, id(limit))
+            allowance = self.held[key] = Allowance(key, index, limit, span, lifetime)
+        elif allowance.limit is not limit:  # the same limit, from a policy loaded again
+            self.by_limit.pop(allowance.index, None)
+            allowance.limit, allowance.index = limit, (identity_id, id(limit))
+        self.by_limit[allowance.index] = allowance
+        allowance.previous, allowance.current = counts
         if grant:
             allowance.left += grant
-            allowance.topped = self.clock()
+            allowance.touched = self.clock()
+            if not allowance.since:
+                allowance.since = allowance.touched
         return back
 
     def due(
         self, now_ms: int, everything: bool = False, only: set[str] | None = None
     ) -> list[tuple[str, int, int]]:
-        """Take out the allowances to give back (idle for `HOLD_S`, their bucket ended, or
-        `everything`; or those of the buckets `only`): (bucket, units left, lifetime) for those
-        with units left."""
-        cutoff = self.clock() - HOLD_S
+        """Take out the allowances to give back (idle for `HOLD_S`, held `MAX_HOLD_S`, their
+        bucket ended, or `everything`; or those of the buckets `only`): (bucket, units left,
+        lifetime) for those with units left."""
+        now = self.clock()
+        idle, old = now - HOLD_S, now - MAX_HOLD_S
         back = []
         held = self.held
         for key in list(held) if only is None else [key for key in only if key in held]:
@@ -120,12 +160,18 @@ class Allowances:
             if (
                 everything
                 or only is not None
-                or allowance.topped < cutoff
+                or allowance.touched < idle
+                or allowance.since < old
                 or allowance.ends_ms <= now_ms
             ):
-                del self.held[key]
-                allowance.topped = 0.0
-                if allowance.left:
-                    back.append((key, allowance.left, allowance.lifetime))
-                allowance.left = 0
+                back += self._drop(allowance)
         return back
+
+    def _drop(self, allowance: Allowance) -> list[tuple[str, int, int]]:
+        """Stop holding an allowance; what it has left, to give back."""
+        del self.held[allowance.key]
+        if self.by_limit.get(allowance.index) is allowance:
+            del self.by_limit[allowance.index]
+        allowance.touched = 0.0
+        left, allowance.left = allowance.left, 0
+        return [(allowance.key, left, allowance.lifetime)] if left else []

@@ -206,7 +206,7 @@ class Limiter:
         back = []
         for pack in packs:
             for allowance, need in pack.paid:
-                if allowance.topped:
+                if allowance.touched:
                     allowance.left += need
                 else:
                     back.append((allowance.key, need, allowance.lifetime))
@@ -304,19 +304,22 @@ class Limiter:
         for subject in limited:
             if subject.policy.concurrency:
                 return None
+            identity_id = subject.identity_id
             for limit in subject.policy.limits:
-                bucket, _, elapsed, left = self._buckets(subject.identity_id, limit, now_ms)
                 need = 1 if limit.dimension is Dimension.REQUESTS else reserved(limit, reserve)
-                allowance = ahead.usable(bucket, limit.amount, need) if need > 0 else None
+                allowance = ahead.find(identity_id, limit, now_ms, need) if need > 0 else None
                 if allowance is None or any(allowance is t[0] for t in taken):
                     return None
+                elapsed, left = now_ms - allowance.starts_ms, allowance.ends_ms - now_ms
                 taken.append((allowance, need, subject, limit, elapsed, left))
         if portable and reserve is not None and not self._record(taken, request_id):
             return None
         rows = []
         lent = []
+        now = ahead.clock()
         for allowance, need, subject, limit, elapsed, left in taken:
             allowance.left -= need
+            allowance.touched = now
             used = allowance.current - allowance.left
             rows.append((subject, limit, allowance.previous, used, elapsed, left))
             if limit.dimension is not Dimension.REQUESTS:
@@ -482,15 +485,16 @@ class Limiter:
             if not grants:
                 continue
             counts = reply[2]
-            for i, (_, limit) in enumerate(pack.limits):
+            for i, (subject, limit) in enumerate(pack.limits):
+                elapsed, left = pack.spans[i]
                 back += ahead.granted(
                     pack.keys[2 * i],
-                    limit.amount,
-                    now_ms + pack.spans[i][1],
+                    subject.identity_id,
+                    limit,
+                    (now_ms - elapsed, now_ms + left),
                     pack.lifetimes[i],
                     int(grants[i]),
-                    int(counts[2 * i]),
-                    int(counts[2 * i + 1]),
+                    (int(counts[2 * i]), int(counts[2 * i + 1])),
                 )
         if back:
             self._give_later(back)
@@ -546,7 +550,7 @@ class Limiter:
             delta = (tokens if dimension is Dimension.TOKENS else nanos) - held
             if not delta:
                 continue
-            if allowance.topped and allowance.left >= delta:  # still held, with room
+            if allowance.touched and allowance.left >= delta:  # still held, with room
                 allowance.left -= delta
             elif delta < 0:
                 back.append((allowance.key, -delta, allowance.lifetime))
