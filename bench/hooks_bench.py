@@ -1,6 +1,7 @@
 """Hook-mode decisions per second: /hooks/authorize with three limits checked per decision.
 
-    .venv/bin/python -m bench.hooks_bench [--repeats 3] [--duration 10] [--connections 64]
+    .venv/bin/python -m bench.hooks_bench [--repeats 3] [--duration 10] [--connections 64] \
+        [--prefetch 32]
 
 Starts a private redis-server and a `sidecar serve` with bench/limits-policy.toml; wrk drives
 POST /hooks/authorize for 100 identities (header source). In the same run, /healthz on the
@@ -30,6 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = cli.parser(MODULE, __doc__)
     cli.wrk_arguments(p, repeats=3, duration=10)
+    p.add_argument(
+        "--prefetch",
+        type=cli.non_negative,
+        default=0,
+        help="[limits] prefetch of the sidecar (0: every check at Redis)",
+    )
     args = p.parse_args(argv)
     load = Load(2, args.connections)
 
@@ -37,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_wrk()
         with Launcher("hooks-bench-") as launcher:
             redis = launcher.redis()
-            path, _ = config.sidecar_config(launcher.folder("sidecar"), overrides=config.limits())
+            overrides = config.limits()
+            if args.prefetch:
+                overrides["limits"] = {"prefetch": args.prefetch}
+            path, _ = config.sidecar_config(launcher.folder("sidecar"), overrides=overrides)
             sidecar = launcher.sidecar("sidecar", path, redis.url)
             work = launcher.workdir
             (work / "body.jsonl").write_text(BODY)

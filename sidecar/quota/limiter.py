@@ -26,7 +26,7 @@ from sidecar.store.deadline import StoreDeadline
 from sidecar.store.errors import call, translated
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Coalescer, Script, pipeline, resp
+from sidecar.store.scripts import Coalescer, Script, pipeline
 
 __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyUsage", "Subject"]
 
@@ -65,11 +65,13 @@ class Limiter:
         self._release = Script("sidecar.quota.lua", "release")
         self._settle = Script("sidecar.quota.lua", "settle")
         self._adjust = Script("sidecar.quota.lua", "adjust")
+        self._record_script = Script("sidecar.quota.lua", "record")
         # On a single server admissions and settlements share one pipelined connection (in
         # that order at Redis); elsewhere many share a round trip under load (a Coalescer).
         self.line = HotLine.for_client(client)
         self._calls = Coalescer(client, self._admit, self.line)
         self._settles = Coalescer(client, self._settle, self.line)
+        self._records = Coalescer(client, self._record_script, self.line)
         self._pinging: asyncio.Future[None] | None = None
         # Quota held ahead (`[limits] prefetch`, see allowances.py): on one server only.
         self.allowances = Allowances(prefetch) if prefetch > 0 and not self.one_slot else None
@@ -119,7 +121,7 @@ class Limiter:
 
     @property
     def scripts(self) -> list[Script]:
-        return [self._admit, self._release, self._settle, self._adjust]
+        return [self._admit, self._release, self._settle, self._adjust, self._record_script]
 
     def _buckets(self, identity_id: str, limit: Limit, now_ms: int) -> tuple[str, str, int, int]:
         current, previous, elapsed, left = windows.bucket(limit, now_ms)
@@ -344,35 +346,27 @@ class Limiter:
         """Write the reservations a request took from allowances where settle.lua (on any
         sidecar) and admit.lua (when it expires) find them, before the decision is answered;
         False when the line cannot take them now."""
-        line = self.line
-        if line is None or not line.ready:
-            return False
         entries: dict[str, list[str]] = {}
         for allowance, need, subject, limit, _, _ in taken:
             if limit.dimension is not Dimension.REQUESTS:
                 entries.setdefault(subject.identity_id, []).append(f"{allowance.key} {need}")
         if not entries:
             return True
-        until = int(self.clock() * 1000) + self.lease_ms
-        keep = self.lease_ms + 60_000
-        commands: list[list[Any]] = []
-        for identity_id, parts in entries.items():
-            hash_key = self.keys.reservations(identity_id)
-            expiry = self.keys.reservations_expiry(identity_id)
-            commands += [
-                ["HSET", hash_key, request_id, " ".join(parts)],
-                ["ZADD", expiry, until, request_id],
-                ["PEXPIRE", hash_key, keep],
-                ["PEXPIRE", expiry, keep],
+        keys: list[str] = []
+        for identity_id in entries:
+            keys += [
+                self.keys.reservations(identity_id),
+                self.keys.reservations_expiry(identity_id),
             ]
+        until = int(self.clock() * 1000) + self.lease_ms
+        args = [request_id, until, self.lease_ms + 60_000, *(" ".join(p) for p in entries.values())]
         try:
-            with translated():
-                packed = b"".join(resp(command) for command in commands)
-                futures = line.send(packed, len(commands), urgent=True)
+            future = self._records.write(keys, args, urgent=True)
         except StoreUnavailable:
             return False
-        for future in futures:
-            future.add_done_callback(_logged)
+        if future is None:  # the line is not open
+            return False
+        future.add_done_callback(_logged)
         return True
 
     async def _admit_in_turn(
@@ -721,7 +715,7 @@ SWEEP_S = 0.25  # how often allowances are looked over
 
 
 def _logged(future: asyncio.Future[Any]) -> None:
-    """A reply to `_record`'s commands: a failure leaves the reservation counted unrecorded
+    """The reply to `_record`'s call: a failure leaves the reservation counted unrecorded
     (the report then charges its actual on top, until the window passes)."""
     if future.cancelled():
         return
