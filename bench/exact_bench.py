@@ -1,7 +1,7 @@
 """Limits under saturation: no check fails open, and the admitted count is exact.
 
     .venv/bin/python -m bench.exact_bench [--rounds 3] [--duration 10] [--identities 4] \\
-        [--limit 2000] [--connections 64]
+        [--limit 2000] [--connections 64] [--sidecars 2] [--prefetch 32]
 
 Starts a private redis-server, the mock upstream and `sidecar serve` with three limits per
 request (requests per hour binding, tokens and dollars not), and per round drives wrk at
@@ -11,7 +11,10 @@ more than `--limit` requests. Afterwards: the requests the sidecar admitted (eac
 `--limit` per identity; the limit checks that failed
 (`sidecar_redis_limit_check_errors` in /metrics: each would have been forwarded unchecked with
 `on_error = "allow"`) must be 0. The default `timeout_ms` (50 ms) and `on_error` are kept: the
-point is that a saturated worker does not fail open with Redis healthy. The JSON goes to stdout
+point is that a saturated worker does not fail open with Redis healthy. `--sidecars 2` runs two
+sidecars on the one Redis, each driven by its own wrk (half the connections) at once: the count
+must be exact across them. `--prefetch N` sets `[limits] prefetch` (docs/policies.md): quota
+held ahead per process must not admit one request more, nor strand any. The JSON goes to stdout
 and bench/out/ (or --json FILE), the table to stderr.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.lib import cli
@@ -45,8 +49,18 @@ def measure(args: Any) -> cli.Outcome:
             f'requests = ["{args.limit}/hour"]\n'
             'tokens = ["1000000000/hour"]\ncost_usd = ["1000000/day"]\n'
         )
-        config, _ = sidecar_config(folder, overrides={"policies": {"paths": [str(policy)]}})
-        sidecar = launcher.sidecar("sidecar", config, redis.url, upstream)
+        overrides: dict[str, dict[str, Any]] = {"policies": {"paths": [str(policy)]}}
+        if args.prefetch:
+            overrides["limits"] = {"prefetch": args.prefetch}
+        config, _ = sidecar_config(folder, overrides=overrides)
+        sidecars = [
+            launcher.sidecar(f"sidecar-{k}", config, redis.url, upstream)
+            for k in range(args.sidecars)
+        ]
+        sidecar = sidecars[0]
+        load = Load(
+            max(1, args.threads // args.sidecars), max(1, args.connections // args.sidecars)
+        )
         body = folder / "bodies.jsonl"
         body.write_bytes(chat_body(0, with_identity=False) + b"\n")
         for n in range(args.rounds):
@@ -54,14 +68,32 @@ def measure(args: Any) -> cli.Outcome:
             headers.write_text(
                 "".join(f"X-ORQ-IDENTITY-ID: exact-{n}-{i}\n" for i in range(args.identities))
             )
-            failed_before = metric(sidecar.port, "sidecar_redis_limit_check_errors")
-            figures, _ = run_wrk(
-                f"http://127.0.0.1:{sidecar.port}/v1/chat/completions",
-                args.duration,
-                Load(args.threads, args.connections),
-                env={"WRK_BODIES": str(body), "WRK_HEADERS": str(headers)},
+            failed_before = sum(
+                metric(s.port, "sidecar_redis_limit_check_errors") for s in sidecars
             )
-            failed = metric(sidecar.port, "sidecar_redis_limit_check_errors") - failed_before
+            env = {"WRK_BODIES": str(body), "WRK_HEADERS": str(headers)}
+            with ThreadPoolExecutor(len(sidecars)) as pool:
+                runs = list(
+                    pool.map(
+                        lambda s, env=env: run_wrk(
+                            f"http://127.0.0.1:{s.port}/v1/chat/completions",
+                            args.duration,
+                            load,
+                            env=env,
+                        )[0],
+                        sidecars,
+                    )
+                )
+            figures = {
+                "requests": sum(r["requests"] for r in runs),
+                "requests_per_s": sum(r["requests_per_s"] for r in runs),
+                "p99_ms": max(r["p99_ms"] for r in runs),
+                "socket_errors": sum(r["socket_errors"] for r in runs),
+            }
+            failed = (
+                sum(metric(s.port, "sidecar_redis_limit_check_errors") for s in sidecars)
+                - failed_before
+            )
             time.sleep(1.0)  # usage is written within 300 ms of each answer
             per_identity = []
             for i in range(args.identities):
@@ -111,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--limit", type=cli.positive, default=1000, help="requests per hour per identity")
     add("--connections", type=cli.positive, default=64)
     add("--threads", type=cli.positive, default=2)
+    add("--sidecars", type=cli.positive, default=1, help="sidecars on the one Redis")
+    add("--prefetch", type=cli.non_negative, default=0, help="[limits] prefetch")
     args = p.parse_args(argv)
     return cli.run(MODULE, "Limits under saturation", args, argv, lambda: measure(args))
 
