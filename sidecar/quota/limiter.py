@@ -416,13 +416,19 @@ class Limiter:
         metrics = self.metrics
         rows: list[tuple[Subject, Limit, int, int, int, int]] = []  # + prev, cur, elapsed, left
         refusing: list[tuple[Subject, Limit | None, int]] = []  # who, what, wait ms
+        holding: dict[str, Allowance] = {}
+        if admitted and self.allowances is not None:
+            self._granted(packs, replies, now_ms)
+            holding = self.allowances.held  # not shown as used (as in `usage`)
         for pack, reply in zip(packs, replies, strict=False):
             in_use, counts = reply[1], reply[2]
             for i, ((subject, limit), (elapsed, left)) in enumerate(
                 zip(pack.limits, pack.spans, strict=True)
             ):
                 previous, current = int(counts[2 * i]), int(counts[2 * i + 1])
-                rows.append((subject, limit, previous, current, elapsed, left))
+                allowance = holding.get(pack.keys[2 * i]) if holding else None
+                shown = current - allowance.left if allowance is not None else current
+                rows.append((subject, limit, previous, shown, elapsed, left))
                 need = pack.reserves[i]
                 if pack.prepaid[i]:
                     continue  # paid from an allowance: not what refused
@@ -435,8 +441,6 @@ class Limiter:
                         refusing.append((subject, None, 1000))
         headers = rate_headers(rows)
         if admitted:
-            if self.allowances is not None:
-                self._granted(packs, replies, now_ms)
             if metrics is not None:
                 for subject in subjects:
                     if subject.policy.limited:
