@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -258,6 +259,7 @@ class Limiter:
         metrics = self.metrics
         started = time.perf_counter()
         packs_sent: list[Packed] = []
+        asking: asyncio.Future[Any] | None = None
         try:
             # A deadline, not wait_for: no task per check on the request path.
             async with self.deadline():
@@ -268,11 +270,17 @@ class Limiter:
                 else:
                     pack = self._pack(limited, now_ms, request_id, reserve)
                     packs_sent.append(pack)
-                    reply = await self._calls(pack.keys, pack.args)
+                    if pack.args[7]:  # asks for allowances: kept even when answered late
+                        asking = asyncio.ensure_future(self._calls(pack.keys, pack.args))
+                        reply = await asyncio.shield(asking)
+                    else:
+                        reply = await self._calls(pack.keys, pack.args)
                     admitted, packs, replies = bool(reply[0]), [pack], [reply]
         except (StoreUnavailable, TimeoutError) as exc:
             if self.allowances is not None:
                 self._repay(packs_sent)
+                if asking is not None and not asking.done():
+                    asking.add_done_callback(functools.partial(self._late, packs_sent, now_ms))
             self.failed(exc)
             return self.unavailable(policy)
         if metrics is not None:
@@ -472,6 +480,15 @@ class Limiter:
             headers=headers,
             retry_after=max(1, math.ceil(wait / 1000)),
         )
+
+    def _late(self, packs: list[Packed], now_ms: int, asking: asyncio.Future[Any]) -> None:
+        """The reply to a check this process stopped waiting for: Redis ran it after all, and
+        what it granted is held (then used, or given back) rather than left counted."""
+        if asking.cancelled() or asking.exception() is not None:
+            return
+        reply = asking.result()
+        if reply[0]:
+            self._granted(packs, [reply], now_ms)
 
     def _granted(self, packs: list[Packed], replies: list[Any], now_ms: int) -> None:
         """Keep the allowances an admission was granted (admit.lua's fourth reply)."""
