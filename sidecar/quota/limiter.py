@@ -135,6 +135,7 @@ class Limiter:
         now_ms: int,
         request_id: str,
         reserve: Reserve | None = None,
+        portable: bool = False,
     ) -> Packed:
         out = Packed()
         out.subjects = list(subjects)
@@ -185,6 +186,7 @@ class Limiter:
             self.lease_ms,
             asks,
             SHARE,
+            "0" if portable else "1",
         ]
         return out
 
@@ -268,7 +270,7 @@ class Limiter:
                         limited, now_ms, request_id, reserve
                     )
                 else:
-                    pack = self._pack(limited, now_ms, request_id, reserve)
+                    pack = self._pack(limited, now_ms, request_id, reserve, portable)
                     packs_sent.append(pack)
                     if pack.args[7]:  # asks for allowances: kept even when answered late
                         asking = asyncio.ensure_future(self._calls(pack.keys, pack.args))
@@ -294,7 +296,9 @@ class Limiter:
             if decision is not None:
                 return decision
             self._give_back_for(packs, now_ms)
-        return self._decide(subjects, policy, admitted, packs, replies, request_id, now_ms)
+        return self._decide(
+            subjects, policy, admitted, packs, replies, request_id, now_ms, portable
+        )
 
     def _admit_ahead(
         self,
@@ -420,14 +424,18 @@ class Limiter:
         replies: list[Any],
         request_id: str,
         now_ms: int,
+        portable: bool = False,
     ) -> Decision:
         metrics = self.metrics
         rows: list[tuple[Subject, Limit, int, int, int, int]] = []  # + prev, cur, elapsed, left
         refusing: list[tuple[Subject, Limit | None, int]] = []  # who, what, wait ms
         holding: dict[str, Allowance] = {}
+        lent: list[Lent] = []
         if admitted and self.allowances is not None:
             self._granted(packs, replies, now_ms)
             holding = self.allowances.held  # not shown as used (as in `usage`)
+            if not portable:
+                lent = self._lent(packs, replies)
         for pack, reply in zip(packs, replies, strict=False):
             in_use, counts = reply[1], reply[2]
             for i, ((subject, limit), (elapsed, left)) in enumerate(
@@ -462,6 +470,7 @@ class Limiter:
                 subjects=tuple(subjects),
                 headers=headers,
                 leases=leases,
+                lent=tuple(lent),
             )
         if not refusing:  # the script saw a limit at its edge that the float math here does not
             refusing.append((packs[-1].subjects[0], None, 1000))
@@ -480,6 +489,25 @@ class Limiter:
             headers=headers,
             retry_after=max(1, math.ceil(wait / 1000)),
         )
+
+    def _lent(self, packs: list[Packed], replies: list[Any]) -> list[Lent]:
+        """A request granted allowances (on every limit: admit.lua grants all or none) is
+        settled against them, as one admitted from them is: its reservations were not recorded
+        (admit.lua's ARGV[10]). What each token and cost limit lends it: its reservation."""
+        ahead = self.allowances
+        assert ahead is not None
+        lent = []
+        for pack, reply in zip(packs, replies, strict=True):
+            grants = reply[3] if len(reply) > 3 else None
+            if not grants or not int(grants[0]):
+                continue
+            for i, (_, limit) in enumerate(pack.limits):
+                if limit.dimension is Dimension.REQUESTS:
+                    continue
+                allowance = ahead.held.get(pack.keys[2 * i])
+                assert allowance is not None  # granted just now (`_granted`)
+                lent.append(Lent(allowance, limit.dimension, pack.reserves[i]))
+        return lent
 
     def _late(self, packs: list[Packed], now_ms: int, asking: asyncio.Future[Any]) -> None:
         """The reply to a check this process stopped waiting for: Redis ran it after all, and

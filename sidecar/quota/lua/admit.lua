@@ -14,7 +14,8 @@
 -- none), ARGV[7] how long a reservation lasts (ms) before it is given back unsettled, ARGV[8]
 -- what the calling process asks to hold ahead (an allowance, see quota/allowances.py), per
 -- limit 'ask least ' ('' for none), ARGV[9] the share of what a limit has left that an
--- allowance may take (8: an eighth).
+-- allowance may take (8: an eighth), ARGV[10] '1' when the process settles a request granted
+-- allowances itself (its reservations are then not recorded), else '0'.
 -- Returns {admitted (1/0), {leases in use per lease set}, {per limit: previous, current},
 -- {per limit: allowance granted}} with the counts as they are after this call (reservations
 -- and allowances included). A refused request changes nothing but giving back expired
@@ -101,26 +102,15 @@ for j = 1, #caps do
   redis.call('PEXPIRE', key, tonumber(ARGV[5]))
   leases[j] = leases[j] + 1
 end
-local until_ms = now + tonumber(ARGV[7])
-for g = 1, #groups do
-  local hash, expiry = KEYS[first_reservation + 2 * g - 2], KEYS[first_reservation + 2 * g - 1]
-  local parts = {}
-  for _, i in ipairs(groups[g]) do
-    parts[#parts + 1] = KEYS[2 * i - 1] .. ' ' .. limits[i][6]
-  end
-  redis.call('HSET', hash, ARGV[4], table.concat(parts, ' '))
-  redis.call('ZADD', expiry, until_ms, ARGV[4])
-  redis.call('PEXPIRE', hash, tonumber(ARGV[7]) + 60000)
-  redis.call('PEXPIRE', expiry, tonumber(ARGV[7]) + 60000)
-end
 -- Allowances: counted now, used by the process without asking again. Each takes at most a
 -- share of what is left after this request, and none is granted below what one request needs;
 -- all of the request's limits get one or none does: near any limit's edge every request is
 -- checked here.
 local grants = {}
+local all = false
 if ARGV[8] ~= '' then
   local share = tonumber(ARGV[9])
-  local all = true
+  all = true
   local i = 0
   for ask, least in string.gmatch(ARGV[8], '(%S+) (%S+)') do
     i = i + 1
@@ -138,6 +128,23 @@ if ARGV[8] ~= '' then
       counts[2 * j] = redis.call('INCRBY', KEYS[2 * j - 1], grants[j])
       if counts[2 * j] == grants[j] then redis.call('EXPIRE', KEYS[2 * j - 1], limits[j][5]) end
     end
+  end
+end
+-- A request granted allowances with `ARGV[10]` '1' is settled by the process against them:
+-- its reservations are not recorded here (like the allowances, they stay counted should the
+-- process die). Otherwise they are, for settle.lua, or for giving back when they expire.
+if not (all and ARGV[10] == '1') then
+  local until_ms = now + tonumber(ARGV[7])
+  for g = 1, #groups do
+    local hash, expiry = KEYS[first_reservation + 2 * g - 2], KEYS[first_reservation + 2 * g - 1]
+    local parts = {}
+    for _, i in ipairs(groups[g]) do
+      parts[#parts + 1] = KEYS[2 * i - 1] .. ' ' .. limits[i][6]
+    end
+    redis.call('HSET', hash, ARGV[4], table.concat(parts, ' '))
+    redis.call('ZADD', expiry, until_ms, ARGV[4])
+    redis.call('PEXPIRE', hash, tonumber(ARGV[7]) + 60000)
+    redis.call('PEXPIRE', expiry, tonumber(ARGV[7]) + 60000)
   end
 end
 return {1, leases, counts, grants}
