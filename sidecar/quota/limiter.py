@@ -260,45 +260,81 @@ class Limiter:
         now_ms = int(self.clock() * 1000)
         metrics = self.metrics
         started = time.perf_counter()
-        packs_sent: list[Packed] = []
-        asking: asyncio.Future[Any] | None = None
+        local: Decision | None = None
         try:
             # A deadline, not wait_for: no task per check on the request path.
             async with self.deadline():
-                if self.one_slot and len(limited) > 1:
-                    admitted, packs, replies = await self._admit_in_turn(
-                        limited, now_ms, request_id, reserve
+                admitted, packs, replies = await self._exchange(
+                    limited, now_ms, request_id, reserve, portable
+                )
+                if not admitted and ahead is not None:
+                    # Refused counting what this process holds ahead, which may have come
+                    # since the request was sent: spent on it here, or paying for those of its
+                    # limits it can in one more check.
+                    self._repay(packs)
+                    local = self._admit_ahead(
+                        limited, subjects, policy, request_id, reserve, portable
                     )
-                else:
-                    pack = self._pack(limited, now_ms, request_id, reserve, portable)
-                    packs_sent.append(pack)
-                    if pack.args[7]:  # asks for allowances: kept even when answered late
-                        asking = asyncio.ensure_future(self._calls(pack.keys, pack.args))
-                        reply = await asyncio.shield(asking)
-                    else:
-                        reply = await self._calls(pack.keys, pack.args)
-                    admitted, packs, replies = bool(reply[0]), [pack], [reply]
+                    if local is None and self._payable(packs):
+                        admitted, packs, replies = await self._exchange(
+                            limited, now_ms, request_id, reserve, portable
+                        )
+                        if not admitted:
+                            self._repay(packs)
         except (StoreUnavailable, TimeoutError) as exc:
-            if self.allowances is not None:
-                self._repay(packs_sent)
-                if asking is not None and not asking.done():
-                    asking.add_done_callback(functools.partial(self._late, packs_sent, now_ms))
             self.failed(exc)
             return self.unavailable(policy)
         if metrics is not None:
             metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
-        if not admitted and self.allowances is not None:
-            # Refused counting what this process holds ahead, which may have come since the
-            # request was sent: spent here, or given back for the next request to find.
-            self._repay(packs)
-            decision = self._admit_ahead(limited, subjects, policy, request_id, reserve, portable)
-            if decision is not None:
-                return decision
-            self._give_back_for(packs, now_ms)
+        if local is not None:
+            return local
+        if not admitted and ahead is not None:
+            self._give_back_for(packs, now_ms)  # for the next request to find
         return self._decide(
             subjects, policy, admitted, packs, replies, request_id, now_ms, portable
         )
+
+    async def _exchange(
+        self,
+        limited: list[Subject],
+        now_ms: int,
+        request_id: str,
+        reserve: Reserve | None,
+        portable: bool,
+    ) -> tuple[bool, list[Packed], list[Any]]:
+        """The admission at Redis: one script call (on a cluster, one per subject). Raises
+        StoreUnavailable, or is cancelled by the check's deadline; what allowances paid for it
+        is then theirs again, and what a late answer grants is kept (`_late`)."""
+        if self.one_slot and len(limited) > 1:
+            return await self._admit_in_turn(limited, now_ms, request_id, reserve)
+        pack = self._pack(limited, now_ms, request_id, reserve, portable)
+        asking: asyncio.Future[Any] | None = None
+        try:
+            if pack.args[7]:  # asks for allowances: kept even when answered late
+                asking = asyncio.ensure_future(self._calls(pack.keys, pack.args))
+                reply = await asyncio.shield(asking)
+            else:
+                reply = await self._calls(pack.keys, pack.args)
+        except BaseException:  # StoreUnavailable, or cancelled by the deadline
+            if self.allowances is not None:
+                self._repay([pack])
+                if asking is not None and not asking.done():
+                    asking.add_done_callback(functools.partial(self._late, [pack], now_ms))
+            raise
+        return bool(reply[0]), [pack], [reply]
+
+    def _payable(self, packs: list[Packed]) -> bool:
+        """Whether allowances now pay a limit these packs did not have paid."""
+        ahead = self.allowances
+        assert ahead is not None
+        for pack in packs:
+            for i, (_, limit) in enumerate(pack.limits):
+                need = 1 if limit.dimension is Dimension.REQUESTS else pack.reserves[i]
+                key = pack.keys[2 * i]
+                if not pack.prepaid[i] and need and ahead.usable(key, limit.amount, need):
+                    return True
+        return False
 
     def _admit_ahead(
         self,

@@ -73,10 +73,16 @@ async def test_fresh_end_user_ids_do_not_escape_the_key_owners_limit(
     assert len(env.mock.requests) == 5
 
 
+@pytest.mark.parametrize("prefetch", [0, 32])
 async def test_concurrent_end_users_are_admitted_exactly_to_the_owners_limit(
-    make_env: MakeEnv, tmp_path: Path
+    make_env: MakeEnv, tmp_path: Path, prefetch: int
 ) -> None:
-    env: Env = await make_env(**config(tmp_path, OWNER_5.replace("5/minute", "12/minute")))
+    # With prefetch, the owner's allowances come while most of these are at Redis: a request
+    # refused counting them is checked once more, with the owner's limit paid from them.
+    limits = {"limits": {"prefetch": prefetch}}
+    env: Env = await make_env(
+        **config(tmp_path, OWNER_5.replace("5/minute", "12/minute")), **limits
+    )
     async with httpx.AsyncClient(base_url=env.url, timeout=30) as client:
         replies = await asyncio.gather(*(post(client, f"acme-{i}") for i in range(60)))
     assert Counter(r.status_code for r in replies) == {200: 12, 429: 48}
