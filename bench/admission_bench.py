@@ -1,7 +1,7 @@
 """Admission with a policy and two budgets: store calls per request, added latency, saturation.
 
     .venv/bin/python -m bench.admission_bench [--repeats 3] [--requests 2000] [--duration 10] \\
-        [--count 1000]
+        [--count 1000] [--prefetch 32]
 
 Three sidecars, each on its own private redis-server, in front of one mock upstream, beside the
 references measured in the same run (the mock itself, `bench/bare_proxy.py`, and an nginx hop
@@ -13,7 +13,9 @@ when installed):
 - budgets:  the same policy, plus an identity budget on each of the 100 bench identities and a
             tag budget on their tag `bench` (`/v2/budgets`, monthly, `amount_usd` and
             `token_limit`, never reached): every request is checked against the policy and
-            two budgets, and settles in all three.
+            two budgets, and settles in all three;
+- policy-prefetch, budgets-prefetch (with `--prefetch N`): the same two with `[limits]
+            prefetch = N` (docs/policies.md), most requests admitted and settled in the process.
 
 Every request is the proxy bench's chat completion with a body identity (100 identities).
 First, per sidecar: `--count` sequential requests with Redis's `INFO commandstats` read before
@@ -48,6 +50,13 @@ from bench.lib.wrk import Load
 MODULE = "bench.admission_bench"
 IDENTITIES = 100
 VARIANTS = ("plain", "policy", "budgets")
+PREFETCHING = ("policy-prefetch", "budgets-prefetch")  # with --prefetch N: the same, prefetching
+
+
+def variants(prefetch: int) -> tuple[str, ...]:
+    return VARIANTS + (PREFETCHING if prefetch else ())
+
+
 NEVER = {"amount_usd": 1_000_000.0, "token_limit": 1_000_000_000_000}
 
 
@@ -120,14 +129,16 @@ def count_commands(target: Target, redis_url: str, n: int) -> dict[str, Any]:
     }
 
 
-def added(latency: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+def added(
+    latency: Mapping[str, Mapping[str, Any]], names: Sequence[str], sidecars: Sequence[str]
+) -> dict[str, Any]:
     """Each target's p50 less direct's, and each sidecar's over the references'."""
     direct = float(latency["direct"]["p50_ms"])
     out: dict[str, Any] = {}
     for name in names:
         if "p50_ms" in latency.get(name, {}):
             out[f"{name}_added_p50_ms"] = round(float(latency[name]["p50_ms"]) - direct, 4)
-    for name in VARIANTS:
+    for name in sidecars:
         for ref in ("bare", "nginx"):
             mine, theirs = out.get(f"{name}_added_p50_ms"), out.get(f"{ref}_added_p50_ms")
             if mine is not None and theirs is not None and theirs > 0:
@@ -141,17 +152,17 @@ def measure(args: argparse.Namespace) -> cli.Outcome:
         rig = rounds.rig(launcher, IDENTITIES)
         sidecars: list[Target] = []
         redis_urls: dict[str, str] = {}
-        for name in VARIANTS:
+        for name in variants(args.prefetch):
             redis = launcher.redis(f"redis-{name}")
             assert redis.process is not None
             rig.redis_pids[name] = [redis.process.pid]
             redis_urls[name] = redis.url
             overrides = config.limits(name != "plain")
-            if name != "plain" and args.prefetch:
+            if name.endswith("-prefetch"):
                 overrides["limits"] = {"prefetch": args.prefetch}
             path, _ = config.sidecar_config(launcher.folder(name), overrides=overrides)
             sidecar = launcher.sidecar(name, path, redis.url, rig.upstream, rig.probe)
-            if name == "budgets":
+            if name.startswith("budgets"):
                 made = asyncio.run(make_budgets(sidecar.port))
                 log(f"{len(made)} budgets made on the budgets sidecar")
             sidecars.append(sidecar)
@@ -167,7 +178,9 @@ def measure(args: argparse.Namespace) -> cli.Outcome:
         for index in range(args.repeats):
             log(f"run {index + 1}: sequential, {args.requests} requests per target")
             latency = measure_sequential(targets, scenario, args.requests, args.warmup, args.block)
-            sequential.append({"latency": latency, "added": added(latency, names)})
+            sequential.append(
+                {"latency": latency, "added": added(latency, names, variants(args.prefetch))}
+            )
             log(f"run {index + 1}: {sequential[-1]['added']}")
         result["sequential"] = sequential
         result["saturation"] = rounds.measure(
@@ -179,6 +192,7 @@ def measure(args: argparse.Namespace) -> cli.Outcome:
             load=Load(2, args.connections),
         )
         result["references"] = rig.reference_names
+        result["variants"] = list(variants(args.prefetch))
         result["connections"] = args.connections
     return cli.Outcome(result, "\n".join(report(result)))
 
@@ -205,7 +219,8 @@ def report(result: Mapping[str, Any]) -> list[str]:
     ]
     runs = [s["added"] for s in result["sequential"]]
     rows = []
-    for name in ("nginx", "bare", *VARIANTS):
+    sidecars = result.get("variants", VARIANTS)
+    for name in ("nginx", "bare", *sidecars):
         key = f"{name}_added_p50_ms"
         values = [r[key] for r in runs if key in r]
         if not values:
@@ -228,7 +243,10 @@ def report(result: Mapping[str, Any]) -> list[str]:
     sat = result["saturation"]["summary"]
     if all(n in sat for n in VARIANTS):
         steps = []
-        for subject, base in (("policy", "plain"), ("budgets", "policy"), ("budgets", "plain")):
+        pairs = [("policy", "plain"), ("budgets", "policy"), ("budgets", "plain")]
+        pairs += [(f"{n}-prefetch", n) for n in ("policy", "budgets") if f"{n}-prefetch" in sat]
+        pairs += [("budgets-prefetch", "plain")] if "budgets-prefetch" in sat else []
+        for subject, base in pairs:
             ratios = [
                 r[subject]["requests_per_s"] / r[base]["requests_per_s"]
                 for r in result["saturation"]["runs"]
@@ -251,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--prefetch",
         type=cli.non_negative,
         default=0,
-        help="[limits] prefetch of the policy and budgets sidecars (0: every check at Redis)",
+        help="also run the policy and budgets sidecars with [limits] prefetch = N",
     )
     args = p.parse_args(argv)
     return cli.run(
