@@ -309,11 +309,14 @@ class Limiter:
         if self.one_slot and len(limited) > 1:
             return await self._admit_in_turn(limited, now_ms, request_id, reserve)
         pack = self._pack(limited, now_ms, request_id, reserve, portable)
-        asking: asyncio.Future[Any] | None = None
+        # A call asking for allowances is written on the line and its reply's future shielded
+        # (no task): when the deadline gives up on it, a late answer still has what it grants
+        # kept (`_late`).
+        asking = self._calls.write(pack.keys, pack.args) if pack.args[7] else None
         try:
-            if pack.args[7]:  # asks for allowances: kept even when answered late
-                asking = asyncio.ensure_future(self._calls(pack.keys, pack.args))
-                reply = await asyncio.shield(asking)
+            if asking is not None:
+                await asyncio.shield(asking)
+                reply = await self._calls.reply(asking, pack.keys, pack.args)
             else:
                 reply = await self._calls(pack.keys, pack.args)
         except BaseException:  # StoreUnavailable, or cancelled by the deadline
@@ -550,8 +553,8 @@ class Limiter:
         what it granted is held (then used, or given back) rather than left counted."""
         if asking.cancelled() or asking.exception() is not None:
             return
-        reply = asking.result()
-        if reply[0]:
+        reply = asking.result()  # an error reply (the script did not run) is a value
+        if isinstance(reply, list) and reply[0]:
             self._granted(packs, [reply], now_ms)
 
     def _granted(self, packs: list[Packed], replies: list[Any], now_ms: int) -> None:

@@ -109,15 +109,18 @@ async def used(env: Env, who: str) -> float:
 
 
 def checks(limiter: Limiter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the admit.lua calls `limiter` sends from now on (one entry each)."""
+    """Count the admit.lua calls `limiter` sends from now on (one entry each): every one is
+    written on the hot line (`Coalescer.write`), waited for or not."""
     sent: list[int] = []
-    call = limiter._calls
+    write = limiter._calls.write
 
-    async def counted(keys: list[str], args: list[Any]) -> Any:
-        sent.append(1)
-        return await call(keys, args)
+    def written(keys: list[str], args: list[Any], urgent: bool = False) -> Any:
+        future = write(keys, args, urgent)
+        if future is not None:
+            sent.append(1)
+        return future
 
-    monkeypatch.setattr(limiter, "_calls", counted)
+    monkeypatch.setattr(limiter._calls, "write", written)
     return sent
 
 
