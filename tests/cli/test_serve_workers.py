@@ -93,7 +93,7 @@ class Seen:
 class Serve:
     """`sidecar serve --workers N` on the given store, in front of the mock."""
 
-    def __init__(self, tmp_path: Path, redis_url: str, upstream: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, upstream: str, extra: str = "") -> None:
         policy = tmp_path / "policies.toml"
         policy.write_text(POLICIES)
         config = tmp_path / "config.toml"
@@ -104,6 +104,7 @@ class Serve:
             f'[server]\ndata_dir = "{tmp_path / "data"}"\ndrain_s = 10\n'
             f'[policies]\npaths = ["{policy}"]\n'
             f'[pricing.models."{MODEL}"]\ninput_per_mtok = 1000.0\noutput_per_mtok = 2000.0\n'
+            + extra
         )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -154,6 +155,15 @@ def served(
     tmp_path: Path, redis_server: RedisServer, redis: Redis, mock: MockServer
 ) -> Iterator[Serve]:
     sidecar = Serve(tmp_path, redis_server.url, mock.url)
+    yield sidecar
+    sidecar.stop()
+
+
+@pytest.fixture
+def prefetching(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis, mock: MockServer
+) -> Iterator[Serve]:
+    sidecar = Serve(tmp_path, redis_server.url, mock.url, "[limits]\nprefetch = 32\n")
     yield sidecar
     sidecar.stop()
 
@@ -287,3 +297,42 @@ async def test_limits_and_usage_are_exact_across_two_workers_and_sigterm_drains_
     found = await open_catalog(redis, Keys("sidecar")).get("drain", include_metrics=True)
     assert found is not None and isinstance(found.metrics, Metrics)
     assert found.metrics.total_requests == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_with_prefetch_two_workers_never_pass_a_limit_and_reach_it_once_given_back(
+    prefetching: Serve,
+) -> None:
+    # Each worker holds its own allowances (docs/policies.md, prefetch): while one holds units,
+    # the other can be refused short of the limit; never past it.
+    url = prefetching.url
+    who = ["req-p0", "req-p1", "tok-p0", "cost-p0"]
+    seen = {w: Seen() for w in who}
+    async with _client() as client:
+        await prefetching.ready(client)
+        await asyncio.gather(
+            *(_until_refused(client, url, w, seen[w]) for w in who for _ in range(PER_IDENTITY))
+        )
+        for w in who[:2]:
+            assert seen[w].statuses[200] <= REQUESTS_LIMIT, (w, seen[w])
+        # What either worker held ahead goes back within 1.25 s unused; then one request at a
+        # time until refused (nothing is granted that close to a limit): every limit reached.
+        await asyncio.sleep(1.5)
+        for w in who:
+            await _until_refused(client, url, w, seen[w])
+        body = json.dumps(BODY).encode()
+        most_in, most_out = estimate.tokens(Kind.CHAT, BODY, len(body), 1024)
+        reserve_tokens = most_in + most_out
+        reserve_nanos = most_in * NANOS_IN + most_out * NANOS_OUT
+        for w in who[:2]:
+            assert seen[w].statuses[200] == REQUESTS_LIMIT, (w, seen[w])
+        error = reserve_tokens - (IN_TOKENS + OUT_TOKENS)
+        tokens = seen["tok-p0"].tokens
+        assert TOKENS_LIMIT - reserve_tokens < tokens <= TOKENS_LIMIT + error, seen["tok-p0"]
+        cost = seen["cost-p0"].cost_nanos
+        error = reserve_nanos - (IN_TOKENS * NANOS_IN + OUT_TOKENS * NANOS_OUT)
+        assert COST_LIMIT_NANOS - reserve_nanos < cost <= COST_LIMIT_NANOS + error, seen["cost-p0"]
+        for w in who:
+            assert await _read_back(client, url, w, seen[w]) == _expected(seen[w]), w
+    assert "Traceback" not in prefetching.log.read_text()
