@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -212,32 +212,33 @@ class Settlement:
             self.background.spawn(self._charge_later(meter, more))
 
     async def _charge_later(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
-        for attempt in range(5):
-            try:
-                await self.quota.limiter.charge(more)
-                return
-            except StoreUnavailable as exc:
-                if attempt == 4:
-                    log.error("limits of %s not charged: %s", meter.request_id, exc)
-                    return
-                await asyncio.sleep(0.2 * 2**attempt)
+        await self._retried(meter, lambda: self.quota.limiter.charge(more))
 
     async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
         decision = meter.decision
         assert decision is not None
         meter.settled = True
+        limiter = self.quota.limiter
         if decision.lent:  # what allowances cannot pay is charged at Redis
-            more = self.quota.limiter.settle_lent(decision, tokens, nanos)
+            more = limiter.settle_lent(decision, tokens, nanos)
             if more:
                 await self._charge_later(meter, more)
             return
+        # Should it fail, its reservation is given back when it expires; the actual is not
+        # charged.
+        await self._retried(
+            meter, lambda: limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+        )
+
+    @staticmethod
+    async def _retried(meter: Meter, charge: Callable[[], Awaitable[None]]) -> None:
+        """A charge of a request's limits, tried five times over about six seconds."""
         for attempt in range(5):
             try:
-                await self.quota.limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+                await charge()
                 return
             except StoreUnavailable as exc:
                 if attempt == 4:
-                    # Its reservation is given back when it expires; the actual is not charged.
                     log.error("limits of %s not charged: %s", meter.request_id, exc)
                     return
                 await asyncio.sleep(0.2 * 2**attempt)

@@ -18,6 +18,7 @@ from sidecar.identity.resolve import Resolved, Source
 from sidecar.quota.decision import Reserve, Subject
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
+from tests.support.limits import limit_usage
 from tests.support.traffic import tokens
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -31,12 +32,7 @@ def policy(tmp_path: Path, text: str) -> dict[str, Any]:
 
 async def used(env: Env, who: str) -> float:
     """The token window's count for `who`, as admission reads it."""
-    services = env.app.services
-    resolved = Resolved(who, Source.HEADER)
-    identity_id = await services.identifier.identify(resolved)
-    policy = await services.quota.policy_for(identity_id, resolved)
-    assert policy is not None
-    usage = await services.limiter.usage(identity_id, policy)
+    usage = await limit_usage(env, who)
     return float(sum(u.used for u in usage.limits if u.limit.dimension.value == "tokens"))
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -144,22 +143,6 @@ async def test_concurrency_slots_are_released(make_env: MakeEnv, tmp_path: Path)
             break
     else:
         raise AssertionError("slots were not released")
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def private_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    yield client  # closed after the app that uses it (fixtures end in reverse order)
-    await client.aclose()
 
 
 @pytest.mark.slow

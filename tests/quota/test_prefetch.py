@@ -9,7 +9,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,13 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar import cli
-from sidecar.identity.resolve import Resolved, Source
 from sidecar.quota import allowances
 from sidecar.quota.limiter import SWEEP_S, Limiter
 from sidecar.settings import ConfigError, load
 from sidecar.testing.redis_server import RedisServer
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.env import Env, MakeEnv
-from tests.support.limits import BODY, burst, policy_file
+from tests.support.limits import BODY, burst, limit_usage, policy_file
 from tests.support.prometheus import parse
 from tests.support.traffic import tokens
 
@@ -99,12 +97,7 @@ async def chat(client: httpx.AsyncClient, who: str) -> httpx.Response:
 
 async def used(env: Env, who: str) -> float:
     """The dashboard's reading of `who`'s one limit (Limiter.usage)."""
-    services = env.app.services
-    resolved = Resolved(who, Source.HEADER)
-    identity_id = await services.identifier.identify(resolved)
-    policy = await services.quota.policy_for(identity_id, resolved)
-    assert policy is not None
-    (limit,) = (await services.limiter.usage(identity_id, policy)).limits
+    (limit,) = (await limit_usage(env, who)).limits
     return limit.used
 
 
@@ -407,22 +400,6 @@ async def test_hook_mode_reservations_taken_ahead_settle_on_any_sidecar(
 
 
 # -- Redis not answering -------------------------------------------------------------------
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def private_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    yield client  # closed after the app that uses it (fixtures end in reverse order)
-    await client.aclose()
 
 
 async def paused(

@@ -9,6 +9,9 @@ from typing import Any
 
 import httpx
 
+from sidecar.identity.resolve import Resolved, Source
+from sidecar.quota.decision import PolicyUsage
+from tests.support.env import Env
 from tests.support.traffic import MESSAGES
 
 BODY = {"model": "gpt-4o", "messages": MESSAGES}
@@ -31,3 +34,14 @@ async def burst(url: str, n: int, who: str, **headers: str) -> Counter[int]:
             )
         )
     return Counter(r.status_code for r in replies)
+
+
+async def limit_usage(env: Env, who: str) -> PolicyUsage:
+    """What the limits of `who`'s policy (a header identity) hold now, as admission and the
+    dashboard read them (Limiter.usage)."""
+    services = env.app.services
+    resolved = Resolved(who, Source.HEADER)
+    identity_id = await services.identifier.identify(resolved)
+    policy = await services.quota.policy_for(identity_id, resolved)
+    assert policy is not None
+    return await services.limiter.usage(identity_id, policy)
