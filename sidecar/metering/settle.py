@@ -176,7 +176,9 @@ class Settlement:
                 )
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
-            self.background.spawn(self._settle_later(meter, tokens, cost.nanos if cost else 0))
+            self.background.spawn(
+                self._settle_later(meter, tokens, cost.nanos if cost else 0, tried=True)
+            )
 
     def _covered(self, meter: Meter, tokens: int, nanos: int) -> bool:
         """Its reservation covers the actual, and is still held (well within its lease)."""
@@ -193,7 +195,7 @@ class Settlement:
         except StoreUnavailable as exc:
             # Not applied (a settlement that Redis ran is answered): charged again, later.
             log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
-            await self._settle_later(meter, tokens, nanos)
+            await self._settle_later(meter, tokens, nanos, tried=True)
 
     async def _settle_lent(self, meter: Meter, tokens: int, nanos: int) -> None:
         """A request admitted from allowances: settled against them; what they cannot pay is
@@ -212,9 +214,14 @@ class Settlement:
             self.background.spawn(self._charge_later(meter, more))
 
     async def _charge_later(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
-        await self._retried(meter, lambda: self.quota.limiter.charge(more))
+        await self._retried(meter, lambda _: self.quota.limiter.charge(more))
 
-    async def _settle_later(self, meter: Meter, tokens: int, nanos: int) -> None:
+    async def _settle_later(
+        self, meter: Meter, tokens: int, nanos: int, tried: bool = False
+    ) -> None:
+        """Settle a request's limits in the background, retrying; `tried`: an attempt was made
+        already, which Redis may have run (then only a reservation still there is settled, see
+        Limiter._settle_call: no attempt counts twice)."""
         decision = meter.decision
         assert decision is not None
         meter.settled = True
@@ -227,15 +234,23 @@ class Settlement:
         # Should it fail, its reservation is given back when it expires; the actual is not
         # charged.
         await self._retried(
-            meter, lambda: limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
+            meter,
+            lambda attempt: limiter.settle(
+                decision.subjects,
+                meter.request_id,
+                tokens,
+                nanos,
+                again=meter.reserve if tried or attempt else None,
+            ),
         )
 
     @staticmethod
-    async def _retried(meter: Meter, charge: Callable[[], Awaitable[None]]) -> None:
-        """A charge of a request's limits, tried five times over about six seconds."""
+    async def _retried(meter: Meter, charge: Callable[[int], Awaitable[None]]) -> None:
+        """A charge of a request's limits, tried five times over about six seconds (each
+        attempt is given its number)."""
         for attempt in range(5):
             try:
-                await charge()
+                await charge(attempt)
                 return
             except StoreUnavailable as exc:
                 if attempt == 4:

@@ -659,8 +659,17 @@ class Limiter:
         )
 
     def _settle_call(
-        self, subject: Subject, request_id: str, tokens: int, nanos: int, now_ms: int
+        self,
+        subject: Subject,
+        request_id: str,
+        tokens: int,
+        nanos: int,
+        now_ms: int,
+        again: Reserve | None = None,
     ) -> tuple[list[str], list[Any]]:
+        """`again`: this settles a request again whose earlier attempt Redis may have run, and
+        which reserved this: a subject that reserved is then settled only while its
+        reservation is there (the earlier attempt took it), so it is never counted twice."""
         keys = [
             self.keys.reservations(subject.identity_id),
             self.keys.reservations_expiry(subject.identity_id),
@@ -676,31 +685,45 @@ class Limiter:
             parts.append(
                 f"{amount} {lifetime} {self.keys.limit(subject.identity_id, limit.key_part)} "
             )
-        return keys, [request_id, "".join(parts)]
+        reserving = again is not None and any(
+            reserved(limit, again) > 0 for limit in subject.policy.limits
+        )
+        return keys, [request_id, ("R " if reserving else "") + "".join(parts)]
 
     async def settle(
-        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+        self,
+        subjects: Sequence[Subject],
+        request_id: str,
+        tokens: int,
+        nanos: int,
+        again: Reserve | None = None,
     ) -> None:
         """What an answered request used replaces what it reserved, in every token and cost
         limit of its subjects (the actual is charged where nothing was reserved, or the
         reservation expired): durable before the client has the whole response. On one server
         that is one script call for all the subjects; on a cluster, one per subject, each atomic
         in its own slot. Concurrent settlements share round trips (a Coalescer, as admissions
-        do). Raises StoreUnavailable."""
-        calls = self._settle_calls(subjects, request_id, tokens, nanos)
+        do). `again`: what the request reserved, when an earlier attempt may have been run
+        (see `_settle_call`). Raises StoreUnavailable."""
+        calls = self._settle_calls(subjects, request_id, tokens, nanos, again)
         if len(calls) == 1:
             await self._settles(*calls[0])
         elif calls:  # a cluster: one call per subject, each in its own slot
             await asyncio.gather(*(self._settles(keys, args) for keys, args in calls))
 
     def _settle_calls(
-        self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
+        self,
+        subjects: Sequence[Subject],
+        request_id: str,
+        tokens: int,
+        nanos: int,
+        again: Reserve | None = None,
     ) -> list[tuple[list[str], list[Any]]]:
         """The settle.lua calls for the paying subjects: one on one server, as at admission;
         one per subject on a cluster; none when no subject has a token or cost limit."""
         paying = [s for s in subjects if charged(s.policy)]
         now_ms = int(self.clock() * 1000)
-        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms) for s in paying]
+        calls = [self._settle_call(s, request_id, tokens, nanos, now_ms, again) for s in paying]
         if len(calls) < 2 or self.one_slot:
             return calls
         keys = [key for call_keys, _ in calls for key in call_keys]

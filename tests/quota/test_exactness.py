@@ -193,6 +193,35 @@ async def test_a_request_of_several_subjects_settles_in_one_store_call(
         assert await used(env, who) == 150
 
 
+async def test_a_settlement_tried_again_counts_once(make_env: MakeEnv, tmp_path: Path) -> None:
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["10000/hour"]\n'))
+    services = env.app.services
+    subjects = []
+    for who in ("retried", "not-run"):
+        resolved = Resolved(who, Source.HEADER)
+        identity_id = await services.identifier.identify(resolved)
+        policy_ = await services.quota.policy_for(identity_id, resolved)
+        assert policy_ is not None
+        subjects.append(Subject(identity_id, who, policy_))
+    limiter = services.limiter
+    reserve = Reserve(900, 0)
+    ran, lost = subjects
+    assert (await limiter.admit([ran], "req-ran", ran.policy, reserve)).admitted
+    assert (await limiter.admit([lost], "req-lost", lost.policy, reserve)).admitted
+    # The first attempt ran (its answer was lost on the way back): trying again is a no-op ...
+    await limiter.settle([ran], "req-ran", 300, 0)
+    await limiter.settle([ran], "req-ran", 300, 0, again=reserve)
+    await limiter.settle([ran], "req-ran", 300, 0, again=reserve)
+    assert await used(env, "retried") == 300
+    # ... and when it did not run, trying again settles it, once.
+    await limiter.settle([lost], "req-lost", 200, 0, again=reserve)
+    await limiter.settle([lost], "req-lost", 200, 0, again=reserve)
+    assert await used(env, "not-run") == 200
+    # Without `again` (a first attempt) a request with no reservation is charged its actual.
+    await limiter.settle([lost], "req-unreserved", 50, 0)
+    assert await used(env, "not-run") == 250
+
+
 @pytest.mark.slow
 async def test_a_client_that_leaves_is_charged_what_upstream_produced(
     make_env: MakeEnv, tmp_path: Path

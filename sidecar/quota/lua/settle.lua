@@ -3,7 +3,9 @@
 -- charged its current bucket (charged the actual where nothing was reserved).
 -- ARGV[1] the request id; then one argument per subject: per limit charged (in the order of its
 -- bucket keys) 'actual lifetime prefix ', prefix being what every bucket of that limit's key
--- starts with.
+-- starts with; the argument starts with 'R ' when the request is settled again (an earlier
+-- attempt may have run) and reserved for that subject: it is then settled only if its
+-- reservation is still there, so that no attempt counts twice.
 -- Each bucket a reservation reserved in gets actual - reserved (a bucket that expired meanwhile
 -- is left alone; a count never goes below zero); a limit it did not reserve in (it expired, or
 -- none was made) gets the actual in its current bucket. A subject's buckets share its slot: on a
@@ -13,12 +15,19 @@ local found = 0
 local k = 1
 for s = 2, #ARGV do
   local hash, expiry = KEYS[k], KEYS[k + 1]
+  local spec = ARGV[s]
+  local again = string.sub(spec, 1, 2) == 'R '
+  if again then spec = string.sub(spec, 3) end
   local limits = {}
-  for amount, lifetime, prefix in string.gmatch(ARGV[s], '(%S+) (%S+) (%S+)') do
+  for amount, lifetime, prefix in string.gmatch(spec, '(%S+) (%S+) (%S+)') do
     limits[#limits + 1] = {tonumber(amount), lifetime, prefix}
   end
   local settled = {}
   local entry = redis.call('HGET', hash, ARGV[1])
+  if again and not entry then
+    -- settled by the earlier attempt: nothing more
+    for j = 1, #limits do settled[j] = true end
+  end
   if entry then
     found = found + 1
     redis.call('HDEL', hash, ARGV[1])
