@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,9 @@ class _Server(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
+STOP_WARN_S = 10.0  # a test server not stopped by then has its tasks printed
+
+
 @asynccontextmanager
 async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
     """Run an ASGI app under uvicorn in this event loop; yield its base URL. The sidecar's
@@ -81,7 +85,15 @@ async def serve(app: Any, port: int | None = None) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         server.stopping.set()
-        await task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), STOP_WARN_S)
+        except TimeoutError:
+            # A stop that hangs: what every task awaits, for the failure's report (the wait
+            # goes on, and the test's timeout ends it).
+            print(f"the server has not stopped after {STOP_WARN_S:g} s; tasks:", file=sys.stderr)
+            for pending in asyncio.all_tasks():
+                pending.print_stack(file=sys.stderr)
+            await task
 
 
 class ApiClient(httpx.AsyncClient):
