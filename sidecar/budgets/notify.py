@@ -106,8 +106,11 @@ class AlertSender:
                 failing = False
             if more:
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 a wait_for whose event is set as
+            # the task is cancelled swallows the cancellation, and this loop never stopped.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def step(self) -> bool:

@@ -100,7 +100,9 @@ class LiveConfig:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(hangup.wait(), interval)
+                    # Not wait_for: see budgets/notify.py (a cancellation it could swallow).
+                    async with asyncio.timeout(interval):
+                        await hangup.wait()
                 except TimeoutError:
                     if self._files_stamp() == self._stamp:
                         continue
