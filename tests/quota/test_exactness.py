@@ -159,19 +159,26 @@ async def test_a_reservation_never_settled_is_given_back_when_it_expires(
     assert await used(env, "crashed") == 250
 
 
-async def test_a_request_of_several_subjects_settles_in_one_store_call(
-    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    env: Env = await make_env(**policy(tmp_path, 'tokens = ["1000/hour"]\n'))
+async def subjects_of(env: Env, *external_ids: str) -> list[Subject]:
+    """Header identities as the limiter's subjects, each with its policy."""
     services = env.app.services
     subjects = []
-    for who in ("payer", "its-budget", "its-tag-budget"):  # as a policy and two budgets
+    for who in external_ids:
         resolved = Resolved(who, Source.HEADER)
         identity_id = await services.identifier.identify(resolved)
         policy_ = await services.quota.policy_for(identity_id, resolved)
         assert policy_ is not None
         subjects.append(Subject(identity_id, who, policy_))
-    limiter = services.limiter
+    return subjects
+
+
+async def test_a_request_of_several_subjects_settles_in_one_store_call(
+    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["1000/hour"]\n'))
+    # As a policy and two budgets.
+    subjects = await subjects_of(env, "payer", "its-budget", "its-tag-budget")
+    limiter = env.app.services.limiter
     decision = await limiter.admit(subjects, "req-3", subjects[0].policy, Reserve(400, 0))
     assert decision.admitted
     sent: list[int] = []
@@ -195,17 +202,9 @@ async def test_a_request_of_several_subjects_settles_in_one_store_call(
 
 async def test_a_settlement_tried_again_counts_once(make_env: MakeEnv, tmp_path: Path) -> None:
     env: Env = await make_env(**policy(tmp_path, 'tokens = ["10000/hour"]\n'))
-    services = env.app.services
-    subjects = []
-    for who in ("retried", "not-run"):
-        resolved = Resolved(who, Source.HEADER)
-        identity_id = await services.identifier.identify(resolved)
-        policy_ = await services.quota.policy_for(identity_id, resolved)
-        assert policy_ is not None
-        subjects.append(Subject(identity_id, who, policy_))
-    limiter = services.limiter
+    ran, lost = await subjects_of(env, "retried", "not-run")
+    limiter = env.app.services.limiter
     reserve = Reserve(900, 0)
-    ran, lost = subjects
     assert (await limiter.admit([ran], "req-ran", ran.policy, reserve)).admitted
     assert (await limiter.admit([lost], "req-lost", lost.policy, reserve)).admitted
     # The first attempt ran (its answer was lost on the way back): trying again is a no-op ...
