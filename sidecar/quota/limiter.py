@@ -196,7 +196,7 @@ class Limiter:
         ahead = self.allowances
         paid = 0
         if ahead is not None and ahead.held:
-            need = 1 if limit.dimension is Dimension.REQUESTS else amount
+            need = windows.need(limit, amount)
             allowance = ahead.usable(bucket, limit.amount, need) if need > 0 else None
             if allowance is not None:
                 allowance.left -= need
@@ -227,7 +227,7 @@ class Limiter:
         prefetch = self.allowances.prefetch
         parts = []
         for (_, limit), amount in zip(pack.limits, pack.reserves, strict=True):
-            need = 1 if limit.dimension is Dimension.REQUESTS else amount
+            need = windows.need(limit, amount)
             if need <= 0:
                 return ""
             parts.append(f"{need * prefetch} {need} ")
@@ -333,7 +333,7 @@ class Limiter:
         assert ahead is not None
         for pack in packs:
             for i, (_, limit) in enumerate(pack.limits):
-                need = 1 if limit.dimension is Dimension.REQUESTS else pack.reserves[i]
+                need = windows.need(limit, pack.reserves[i])
                 key = pack.keys[2 * i]
                 if not pack.prepaid[i] and need and ahead.usable(key, limit.amount, need):
                     return True
@@ -359,7 +359,7 @@ class Limiter:
                 return None
             identity_id = subject.identity_id
             for limit in subject.policy.limits:
-                need = 1 if limit.dimension is Dimension.REQUESTS else reserved(limit, reserve)
+                need = windows.need(limit, reserved(limit, reserve))
                 allowance = ahead.find(identity_id, limit, now_ms, need) if need > 0 else None
                 if allowance is None or any(allowance is t[0] for t in taken):
                     return None
@@ -601,11 +601,9 @@ class Limiter:
         passes, and a charge is lost."""
         if not back:
             return
-        keys = [key for key, _, _ in back]
-        args = ["".join(f"{-units} {lifetime} " for _, units, lifetime in back)]
         try:
             async with asyncio.timeout(self.timeout * 4):
-                await self._adjust(self.client, keys, args)
+                await self.charge([(key, -units, lifetime) for key, units, lifetime in back])
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("%d allowance(s) not given back (%s)", len(back), type(exc).__name__)
 
@@ -643,7 +641,8 @@ class Limiter:
         return more
 
     async def charge(self, more: list[tuple[str, int, int]]) -> None:
-        """Add units to buckets (see `settle_lent`). Raises StoreUnavailable."""
+        """Add units to buckets (see `settle_lent`; negative: give them back, see adjust.lua).
+        Raises StoreUnavailable."""
         keys = [key for key, _, _ in more]
         await self._adjust(self.client, keys, ["".join(f"{u} {life} " for _, u, life in more)])
 

@@ -75,7 +75,7 @@ def used(limit: Limit, previous: int, current: int, elapsed_ms: int) -> float:
     return previous * (window - elapsed_ms) / window + current
 
 
-def _need(limit: Limit, reserve: int = 0) -> int:
+def need(limit: Limit, reserve: int = 0) -> int:
     # A request needs room for itself; tokens and cost are charged afterwards, so without a
     # reservation an identity is refused only once it is at or over the limit; with one, the
     # reservation must fit.
@@ -92,7 +92,7 @@ def admits(limit: Limit, previous: int, current: int, elapsed_ms: int, reserve: 
     count = used(limit, previous, current, elapsed_ms)
     if _strict(limit, reserve):
         return count < limit.amount
-    return count + _need(limit, reserve) <= limit.amount
+    return count + need(limit, reserve) <= limit.amount
 
 
 def wait_ms(
@@ -105,7 +105,7 @@ def wait_ms(
     if limit.calendar is not None:
         return left_ms
     window = limit.window_s * 1000
-    room = limit.amount - _need(limit, reserve)
+    room = limit.amount - need(limit, reserve)
     if room < 0:
         return window
     strict = _strict(limit, reserve)

@@ -152,18 +152,14 @@ async def mock() -> AsyncIterator[MockServer]:
 
 @pytest.fixture
 def served(
-    tmp_path: Path, redis_server: RedisServer, redis: Redis, mock: MockServer
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    mock: MockServer,
 ) -> Iterator[Serve]:
-    sidecar = Serve(tmp_path, redis_server.url, mock.url)
-    yield sidecar
-    sidecar.stop()
-
-
-@pytest.fixture
-def prefetching(
-    tmp_path: Path, redis_server: RedisServer, redis: Redis, mock: MockServer
-) -> Iterator[Serve]:
-    sidecar = Serve(tmp_path, redis_server.url, mock.url, "[limits]\nprefetch = 32\n")
+    """`serve --workers 2`; config added to its file by indirect parametrization."""
+    sidecar = Serve(tmp_path, redis_server.url, mock.url, getattr(request, "param", ""))
     yield sidecar
     sidecar.stop()
 
@@ -301,16 +297,17 @@ async def test_limits_and_usage_are_exact_across_two_workers_and_sigterm_drains_
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("served", ["[limits]\nprefetch = 32\n"], indirect=True)
 async def test_with_prefetch_two_workers_never_pass_a_limit_and_reach_it_once_given_back(
-    prefetching: Serve,
+    served: Serve,
 ) -> None:
     # Each worker holds its own allowances (docs/policies.md, prefetch): while one holds units,
     # the other can be refused short of the limit; never past it.
-    url = prefetching.url
+    url = served.url
     who = ["req-p0", "req-p1", "tok-p0", "cost-p0"]
     seen = {w: Seen() for w in who}
     async with _client() as client:
-        await prefetching.ready(client)
+        await served.ready(client)
         await asyncio.gather(
             *(_until_refused(client, url, w, seen[w]) for w in who for _ in range(PER_IDENTITY))
         )
@@ -335,4 +332,4 @@ async def test_with_prefetch_two_workers_never_pass_a_limit_and_reach_it_once_gi
         assert COST_LIMIT_NANOS - reserve_nanos < cost <= COST_LIMIT_NANOS + error, seen["cost-p0"]
         for w in who:
             assert await _read_back(client, url, w, seen[w]) == _expected(seen[w]), w
-    assert "Traceback" not in prefetching.log.read_text()
+    assert "Traceback" not in served.log.read_text()
