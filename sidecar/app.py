@@ -152,8 +152,10 @@ def create_app(
     redis: RedisClient | None = None,
     clock: Clock = time.time,
     embedded: EmbeddedRedis | None = None,
+    started: Callable[[], None] | None = None,
 ) -> Sidecar:
-    """The service. Nothing here opens a connection: the lifespan does."""
+    """The service. Nothing here opens a connection: the lifespan does, and then calls
+    `started` (the serving process's own set-up: sidecar.cli.serve.settle_heap)."""
     # Only limit checks must give up after timeout_ms, and they do so themselves. Every other
     # command waits longer: a write that times out after Redis applied it would be written
     # again, and counted twice.
@@ -170,6 +172,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         await services.open()
+        if started is not None:
+            started()
         try:
             yield
         finally:

@@ -96,3 +96,22 @@ async def test_apps_in_one_process_share_the_routes_and_keep_their_services_and_
         assert [r.json()["external_id"] for r in answers] == list(names) * 10
         assert await redis.keys("first:*")
         assert await redis.keys("second:*")
+
+
+async def test_started_runs_once_the_services_are_open(
+    redis: Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    seen: list[bool] = []
+    settings = parse(
+        {"redis": {"url": redis_server.url}, "server": {"data_dir": str(tmp_path / "data")}}
+    )
+    app = create_app(
+        settings,
+        admin_token="admin-token-0123456789",
+        redis=redis,
+        started=lambda: seen.append(app.services.upstream.session is not None),
+    )
+    assert seen == []
+    async with serve(app):
+        assert seen == [True]
+    assert seen == [True]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import signal
 import stat
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sidecar.cli.serve import protected_mode
+from sidecar.cli.serve import GC_YOUNG, protected_mode, settle_heap
 from sidecar.settings import parse
 from sidecar.testing.redis_server import free_port
 from tests.support.cli import clean_env, sidecar
@@ -168,3 +169,16 @@ def test_serve_refuses_a_worker_count_below_one(tmp_path: Path, value: str) -> N
         result.stderr
     )
     assert not (tmp_path / ".sidecar").exists()  # nothing was started
+
+
+def test_settle_heap_freezes_what_start_up_made_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold() == (GC_YOUNG, before[1], before[2])
+        made = [[] for _ in range(2 * 700)]  # lists: tracked by the collector
+        assert gc.get_count()[0] >= len(made)  # no young collection ran
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
