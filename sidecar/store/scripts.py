@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -230,50 +231,64 @@ class Coalescer:
             self._next()
 
     async def _send(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Each call's reply, or its own error; raises StoreUnavailable when the batch as a
-        whole failed."""
-        if self.script.sha is None:
-            await self.script.load(self.client)
-        if isinstance(self.client, RedisCluster):
-            return await self._pipeline(calls)
-        with translated():
-            return await self._direct(calls)
+        return await batch(self.client, self.script, calls)
 
-    async def _direct(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """On one connection of the pool, the calls written at once and their replies read in
-        order: what a pipeline does, without the per-command layers of the client."""
-        assert isinstance(self.client, Redis)
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            for attempt in range(2):
-                sha = self.script.sha
-                assert sha is not None
-                packed = b"".join(
-                    resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in batch
-                )
-                await conn.send_packed_command([packed], check_health=False)
-                results: list[Any] = []
-                for _ in batch:
+
+Call = tuple[list[str], list[Any]]  # a script call's keys and arguments
+
+
+async def batch(client: RedisClient, script: Script, calls: Sequence[Call]) -> list[Any]:
+    """Each call's reply, or its own error (a value, not raised), the calls written at once;
+    raises StoreUnavailable when the batch as a whole failed. The script is loaded first, and
+    the batch sent again once when the server had lost it."""
+    if script.sha is None:
+        await script.load(client)
+    if isinstance(client, RedisCluster):
+        return await _pipeline(client, script, calls)
+    with translated():
+        return await _direct(client, script, calls)
+
+
+async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[Any]:
+    """On one connection of the pool, the calls written at once and their replies read in
+    order: what a pipeline does, without the client's per-command layers (its pipeline queues,
+    packs and parses each command through several calls). `bench.batch_bench`, the usage
+    writer's batches: 6.8 against 18.4 us of this process's CPU per entry."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        for attempt in range(2):
+            sha = script.sha
+            assert sha is not None
+            packed = b"".join(
+                resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls
+            )
+            await conn.send_packed_command([packed], check_health=False)
+            results: list[Any] = []
+            # One deadline for all the replies: the client's own, a timeout context per reply,
+            # made this path cost 10.1 us per entry instead of 6.8 (bench.batch_bench).
+            async with asyncio.timeout(conn.socket_timeout):
+                for _ in calls:
                     try:
-                        results.append(await conn.read_response())
+                        results.append(await conn.read_response(timeout=math.inf))
                     except ResponseError as exc:  # this call's own error; the rest go on
                         results.append(exc)
-                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                    # The server restarted or was flushed.
-                    self.script.sha = await self.client.script_load(self.script.source)
-                    continue
-                return results
-        except BaseException:
-            await conn.disconnect()  # replies may be in flight: the connection is not reused
-            raise
-        finally:
-            await pool.release(conn)
-        raise AssertionError("unreachable")
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                # The server restarted or was flushed.
+                script.sha = await client.script_load(script.source)
+                continue
+            return results
+    except BaseException:
+        await conn.disconnect()  # replies may be in flight: the connection is not reused
+        raise
+    finally:
+        await pool.release(conn)
+    raise AssertionError("unreachable")
 
-    async def _pipeline(self, batch: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        def queue(pipe: Any) -> None:
-            for keys, args in batch:
-                self.script.queue(pipe, keys, args)
 
-        return await pipeline(self.client, queue, [self.script], raise_on_error=False)
+async def _pipeline(client: RedisClient, script: Script, calls: Sequence[Call]) -> list[Any]:
+    def queue(pipe: Any) -> None:
+        for keys, args in calls:
+            script.queue(pipe, keys, args)
+
+    return await pipeline(client, queue, [script], raise_on_error=False)

@@ -10,8 +10,9 @@ from typing import Any, Protocol
 from ulid import ULID
 
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import unavailable
 from sidecar.store.keys import Keys
-from sidecar.store.scripts import Script, pipeline
+from sidecar.store.scripts import Script, batch
 from sidecar.usage import buckets
 from sidecar.usage.counters import prelude
 from sidecar.usage.ranking import Rankings
@@ -123,12 +124,11 @@ class UsageWriter:
         if len(calls) == 1:
             results = [int(await self._record(self.client, *calls[0]))]
         else:
-
-            def queue(pipe: Any) -> None:
-                for keys, args in calls:
-                    self._record.queue(pipe, keys, args)
-
-            results = [int(r) for r in await pipeline(self.client, queue, [self._record])]
+            replies = await batch(self.client, self._record, calls)
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:  # the others applied: written again, they are no-ops
+                raise unavailable(failed) from failed
+            results = [int(r) for r in replies]
         # The counters are written: nothing below may raise, or they would be written again.
         for entry, result in zip(entries, results, strict=True):
             if result == COUNTED and entry.identity is not None:

@@ -177,7 +177,7 @@ def test_settle_heap_freezes_what_start_up_made_and_raises_the_young_threshold()
         settle_heap()
         assert gc.get_freeze_count() > 1000
         assert gc.get_threshold() == (GC_YOUNG, before[1], before[2])
-        made = [[] for _ in range(2 * 700)]  # lists: tracked by the collector
+        made: list[list[int]] = [[] for _ in range(2 * 700)]  # lists: tracked by the collector
         assert gc.get_count()[0] >= len(made)  # no young collection ran
     finally:
         gc.unfreeze()

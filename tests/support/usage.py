@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,30 @@ from sidecar.usage.writer import UsageWriter
 from tests.support.clock import FakeClock
 
 KEYS = Keys("sidecar")
+
+
+class PatchedPool:
+    """A connection pool whose connections, while handed out, have `patch(conn)`'s methods
+    (a dict of name to replacement) in place of their own: to see or fail what a batch
+    written straight to a connection (sidecar.store.scripts.batch) sends and reads."""
+
+    def __init__(self, pool: Any, patch: Callable[[Any], dict[str, Any]]) -> None:
+        self._pool = pool
+        self._patch = patch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def get_connection(self) -> Any:
+        conn = await self._pool.get_connection()
+        for name, method in self._patch(conn).items():
+            setattr(conn, name, method)
+        return conn
+
+    async def release(self, conn: Any) -> None:
+        for name in self._patch(conn):
+            conn.__dict__.pop(name, None)  # the class's own again
+        await self._pool.release(conn)
 
 
 class NoPolicies:

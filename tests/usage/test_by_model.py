@@ -14,14 +14,14 @@ from sidecar.usage import buckets, by_model
 from sidecar.usage.counters import UsageCounters
 from sidecar.usage.spool import Entry
 from tests.support.clock import FakeClock
-from tests.support.usage import KEYS, catalog, identities, recorder
+from tests.support.usage import KEYS, PatchedPool, catalog, identities, recorder
 
 WIDTH = len(buckets.MODEL_COUNTERS)
 
 
 class Counting:
-    """A client that notes what reaches Redis: per round trip (a pipeline, or a script run
-    outside one), the SHA of each script it runs."""
+    """A client that notes what reaches Redis: per round trip (a batch written at once on a
+    connection, or a script run on its own), the SHA of each script it runs."""
 
     def __init__(self, client: Redis) -> None:
         self._client = client
@@ -34,17 +34,21 @@ class Counting:
         self.round_trips.append([sha])
         return await self._client.evalsha(sha, *args)
 
-    def pipeline(self, transaction: bool = False) -> Any:
-        pipe = self._client.pipeline(transaction=transaction)
-        execute = pipe.execute
+    @property
+    def connection_pool(self) -> Any:
+        def counted(conn: Any) -> dict[str, Any]:
+            send = type(conn).send_packed_command
 
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            stack = pipe.command_stack
-            self.round_trips.append([str(c[0][1]) for c in stack if c[0][0] == "EVALSHA"])
-            return await execute(*args, **kwargs)
+            async def send_packed_command(packed: list[bytes], *args: Any, **kw: Any) -> Any:
+                # Each command is RESP: *N, $7 EVALSHA, then the SHA as the next bulk string.
+                parts = b"".join(packed).split(b"\r\n")
+                shas = [parts[i + 2].decode() for i, p in enumerate(parts) if p == b"EVALSHA"]
+                self.round_trips.append(shas)
+                return await send(conn, packed, *args, **kw)
 
-        pipe.execute = counted  # type: ignore[method-assign]
-        return pipe
+            return {"send_packed_command": send_packed_command}
+
+        return PatchedPool(self._client.connection_pool, counted)
 
 
 def sums(

@@ -9,7 +9,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.usage import buckets
 from tests.support.clock import FakeClock
-from tests.support.usage import KEYS, add, identities, recorder, requests_of
+from tests.support.usage import KEYS, PatchedPool, add, identities, recorder, requests_of
 
 
 class AppliedThenTimedOut:
@@ -30,19 +30,22 @@ class AppliedThenTimedOut:
             raise RedisTimeoutError("Timeout reading from socket")
         return result
 
-    def pipeline(self, transaction: bool = False) -> Any:
-        pipe = self._client.pipeline(transaction=transaction)
-        execute = pipe.execute
+    @property
+    def connection_pool(self) -> Any:
+        """Its connections' first read after a batch was written times out."""
 
-        async def applied_then_timeout(*args: Any, **kwargs: Any) -> Any:
-            result = await execute(*args, **kwargs)
-            if self.fail:
-                self.fail -= 1
-                raise RedisTimeoutError("Timeout reading from socket")
-            return result
+        def timing_out(conn: Any) -> dict[str, Any]:
+            read = type(conn).read_response
 
-        pipe.execute = applied_then_timeout  # type: ignore[method-assign]
-        return pipe
+            async def read_response(*args: Any, **kwargs: Any) -> Any:
+                if self.fail:
+                    self.fail -= 1
+                    raise RedisTimeoutError("Timeout reading from socket")
+                return await read(conn, *args, **kwargs)
+
+            return {"read_response": read_response}
+
+        return PatchedPool(self._client.connection_pool, timing_out)
 
 
 @pytest.mark.parametrize("calls", [1, 3], ids=["one-entry", "pipeline"])
