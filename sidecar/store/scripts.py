@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
@@ -104,20 +105,11 @@ async def pipeline(
 
 
 def resp(args: list[Any]) -> bytes:
-    """A command in RESP, for strings, bytes and ints: what the client's general packer does,
-    in a fraction of its time (it runs once per limit check)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    """A command in RESP, for strings, bytes and ints, as the client packs it: hiredis's
+    packer, in C (1.4 us for a usage write's 21 arguments, against 3.8 for the same loop in
+    Python and more for the client's general packer; it runs once per script call)."""
+    packed: bytes = hiredis.pack_command(tuple(args))
+    return packed
 
 
 class Coalescer:
@@ -253,7 +245,7 @@ async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[
     """On one connection of the pool, the calls written at once and their replies read in
     order: what a pipeline does, without the client's per-command layers (its pipeline queues,
     packs and parses each command through several calls). `bench.batch_bench`, the usage
-    writer's batches: 6.8 against 18.4 us of this process's CPU per entry."""
+    writer's batches: 4.2 against 17.9 us of this process's CPU per entry."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -266,7 +258,7 @@ async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[
             await conn.send_packed_command([packed], check_health=False)
             results: list[Any] = []
             # One deadline for all the replies: the client's own, a timeout context per reply,
-            # made this path cost 10.1 us per entry instead of 6.8 (bench.batch_bench).
+            # cost 3.3 us more per entry (bench.batch_bench).
             async with asyncio.timeout(conn.socket_timeout):
                 for _ in calls:
                     try:
