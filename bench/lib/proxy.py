@@ -178,6 +178,7 @@ def run_once(ctx: Context, index: int) -> dict[str, Any]:
         ctx.check_alive()
     run["saturation"] = {t.name: saturation[t.name] for t in ctx.targets}
     run["saturation_ratio"] = over_references(saturation, "requests_per_s")
+    run["saturation_p99_ratio"] = over_references(saturation, "p99_ms")
     run["loadavg_end"] = list(os.getloadavg())
     return run
 

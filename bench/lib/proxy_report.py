@@ -47,6 +47,13 @@ ROWS: list[tuple[str, str, str, str, int]] = [
         "saturation_ratio.sidecar_over_{ref}",
         0,
     ),
+    (
+        "p99 at saturation (ms)",
+        "saturation.direct.p99_ms",
+        "saturation.{t}.p99_ms",
+        "saturation_p99_ratio.sidecar_over_{ref}",
+        1,
+    ),
 ]
 
 
