@@ -26,6 +26,7 @@ from sidecar.tasks import Background
 from sidecar.usage import buckets
 from sidecar.usage.buckets import UNPRICED, increments
 from sidecar.usage.model import Kind, Usage
+from sidecar.usage.pricing import Cost
 from sidecar.usage.recorder import Recorded, Recorder
 
 log = logging.getLogger("sidecar.metering")
@@ -49,6 +50,9 @@ class Meter:
     reserve: Reserve | None = None  # what its admission reserved of its token and cost limits
     admitted_at: float = 0.0  # time.monotonic() of the admission
     span: Span | None = None  # with [telemetry] enabled
+    charged: bool = False  # its decision's `charged`, worked out once
+    # What `settle` priced (the usage it was given, and its cost), for `answered` to reuse.
+    priced: tuple[Usage | None, Cost | None] | None = None
 
 
 class Settlement:
@@ -78,9 +82,15 @@ class Settlement:
         usage: Usage | None,
         header_cost: str | None,
         failed: bool,
+        meter: Meter | None = None,
     ) -> tuple[dict[str, int], int]:
-        """What the request adds to its identity's counters, and its cost in nano-dollars."""
-        cost = self.attribution.cost(kind, model, usage, header_cost)
+        """What the request adds to its identity's counters, and its cost in nano-dollars
+        (the one `settle` worked out for the same usage, when it did)."""
+        priced = meter.priced if meter is not None else None
+        if priced is not None and priced[0] is usage:
+            cost = priced[1]
+        else:
+            cost = self.attribution.cost(kind, model, usage, header_cost)
         counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
         if UNPRICED in counters and self.counters is not None:
             self.counters.unpriced(model)
@@ -100,7 +110,9 @@ class Settlement:
         what the client was answered (None: nothing), `error` why it failed, for its span."""
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
-        counters, nanos = self._counters(resolved, meter.kind, model, usage, header_cost, failed)
+        counters, nanos = self._counters(
+            resolved, meter.kind, model, usage, header_cost, failed, meter
+        )
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
         if meter.span is not None:
@@ -126,7 +138,7 @@ class Settlement:
             limiter = self.quota.limiter
             if decision.leases:
                 self.background.spawn(limiter.release(decision.leases))
-            if decision.admitted and decision.charged and not meter.settled:
+            if decision.admitted and meter.charged and not meter.settled:
                 # Not settled before the response ended (it failed, or the client left): what
                 # upstream produced replaces the reservation now.
                 tokens = usage.total_tokens if usage is not None else 0
@@ -150,10 +162,11 @@ class Settlement:
         used replaces what it reserved, in the store, so the client's next request (on any
         sidecar) sees it. Cheap requests (no such limit) do nothing here."""
         decision = meter.decision
-        if decision is None or not decision.admitted or not decision.charged or meter.settled:
+        if decision is None or not decision.admitted or not meter.charged or meter.settled:
             return
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self.attribution.cost(meter.kind, model, usage, header_cost)
+        meter.priced = (usage, cost)
         tokens = usage.total_tokens if usage is not None else 0
         limiter = self.quota.limiter
         meter.settled = True

@@ -181,7 +181,7 @@ class InlineProxy:
                     raise StoreUnavailable(
                         "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                     )
-                meter.decision = decision
+                meter.decision, meter.charged = decision, decision.charged
             else:
                 logs.bind(resolved.external_id)
                 meter.identity = known or await self._identify_first(resolved)
@@ -193,8 +193,7 @@ class InlineProxy:
             return None, body
         if (
             self.cap_output
-            and decision is not None
-            and decision.charged
+            and meter.charged
             and cap_output(kind, payload, self.attribution.default_output_reserve)
         ):
             body = _encode(payload)  # its output now fits what it reserved
