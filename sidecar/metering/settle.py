@@ -181,6 +181,7 @@ class Settlement:
             written = limiter.settle_written(decision.subjects, meter.request_id, tokens, nanos)
             if written is not None:
                 self.background.spawn(self._confirm(meter, written, tokens, nanos))
+                await limiter.written()  # on its way to Redis before the response ends
                 return
         try:
             async with limiter.deadline():

@@ -254,6 +254,8 @@ class Limiter:
         if ahead is not None and ahead.held:
             decision = self._admit_ahead(limited, subjects, policy, request_id, reserve, portable)
             if decision is not None:
+                if portable:
+                    await self.written()  # its reservations recorded before it is answered
                 return decision
         if not self.breaker.allow():
             return self.unavailable(policy)
@@ -288,6 +290,8 @@ class Limiter:
             metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
         if local is not None:
+            if portable:
+                await self.written()
             return local
         if not admitted and ahead is not None:
             self._give_back_for(packs, now_ms)  # for the next request to find
@@ -412,7 +416,7 @@ class Limiter:
         until = int(self.clock() * 1000) + self.lease_ms
         args = [request_id, until, self.lease_ms + 60_000, *(" ".join(p) for p in entries.values())]
         try:
-            future = self._records.write(keys, args, urgent=True)
+            future = self._records.write(keys, args)  # on the socket by `written`
         except StoreUnavailable:
             return False
         if future is None:  # the line is not open
@@ -728,12 +732,17 @@ class Limiter:
         keys = [key for call_keys, _ in calls for key in call_keys]
         return [(keys, [request_id, *(args[1] for _, args in calls)])]
 
+    async def written(self) -> None:
+        """Returns once every call this process sent on the hot line is on its socket."""
+        if self.line is not None:
+            await self.line.written()
+
     def settle_written(
         self, subjects: Sequence[Subject], request_id: str, tokens: int, nanos: int
     ) -> Awaitable[None] | None:
-        """`settle`, written on the hot line now, before this returns: Redis applies it before
-        any admission this process sends later. Its outcome (StoreUnavailable) is the
-        awaitable's; None when the line is not open (then `settle`)."""
+        """`settle`, sent on the hot line before this returns (on the socket once `written`
+        returns): Redis applies it before any admission this process sends later. Its outcome
+        (StoreUnavailable) is the awaitable's; None when the line is not open (then `settle`)."""
         line = self.line
         if line is None or not line.ready or self._settle.sha is None:
             return None
@@ -741,7 +750,7 @@ class Limiter:
         if not calls:
             return None
         ((keys, args),) = calls  # the line's server is a single one: one call
-        future = self._settles.write(keys, args, urgent=True)
+        future = self._settles.write(keys, args)
         assert future is not None  # the line is open: checked above, and no await since
         return self._settles.reply(future, keys, args)
 

@@ -151,17 +151,15 @@ class Coalescer:
             future = await self._write_when_open(keys, args)
         return await self.reply(future, keys, args)
 
-    def write(
-        self, keys: list[str], args: list[Any], urgent: bool = False
-    ) -> asyncio.Future[Any] | None:
-        """Send the call on the line (`urgent`: written to the socket before this returns, see
-        HotLine.send), without waiting: its reply's future (an error reply is its value, see
-        `reply`); None when the line is not open or the script not loaded."""
+    def write(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any] | None:
+        """Send the call on the line (on the socket by HotLine.written), without waiting: its
+        reply's future (an error reply is its value, see `reply`); None when the line is not
+        open or the script not loaded."""
         line, sha = self.line, self.script.sha
         if line is None or sha is None or not line.ready:
             return None
         with translated():
-            (future,) = line.send(resp(["EVALSHA", sha, len(keys), *keys, *args]), 1, urgent)
+            (future,) = line.send(resp(["EVALSHA", sha, len(keys), *keys, *args]))
         return future
 
     async def reply(

@@ -186,9 +186,9 @@ async def test_a_request_of_several_subjects_settles_in_one_store_call(
     assert settles.line is not None  # one server: calls go out on the hot line
     write = settles.write
 
-    def counted(keys: list[str], args: list[Any], urgent: bool = False) -> Any:
+    def counted(keys: list[str], args: list[Any]) -> Any:
         sent.append(len(args) - 1)  # the subjects it settles
-        return write(keys, args, urgent)
+        return write(keys, args)
 
     monkeypatch.setattr(settles, "write", counted)
     await limiter.settle(subjects, "req-3", 120, 0)

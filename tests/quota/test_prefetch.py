@@ -107,8 +107,8 @@ def checks(limiter: Limiter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sent: list[int] = []
     write = limiter._calls.write
 
-    def written(keys: list[str], args: list[Any], urgent: bool = False) -> Any:
-        future = write(keys, args, urgent)
+    def written(keys: list[str], args: list[Any]) -> Any:
+        future = write(keys, args)
         if future is not None:
             sent.append(1)
         return future

@@ -120,10 +120,13 @@ async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
     first = line.send(resp(["INCRBY", "n", 1]))  # an idle line: written at once
     assert len(writes) == 1
     rest = [line.send(resp(["INCRBY", "n", step]))[0] for step in range(2, 31)]
+    rest += line.send(resp(["GET", "n"]))
     assert len(writes) == 1  # buffered behind the call in flight ...
-    urgent = line.send(resp(["GET", "n"]), urgent=True)  # ... until an urgent one
+    await line.written()  # ... and written together at the end of this turn of the loop
     assert len(writes) == 2 and writes[1].count(b"INCRBY") == 29
-    replies = await asyncio.gather(*first, *rest, *urgent)
+    assert writes[1].endswith(resp(["GET", "n"]))
+    await line.written()  # nothing buffered: at once
+    replies = await asyncio.gather(*first, *rest)
     assert replies[:-1] == [sum(range(1, i + 1)) for i in range(1, 31)]
     assert replies[-1] == str(sum(range(1, 31))).encode()
     late = line.send(resp(["INCRBY", "n", 0]))  # idle again: written at once
