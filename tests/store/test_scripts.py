@@ -3,9 +3,10 @@ from __future__ import annotations
 import asyncio
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sidecar.store.connect import warm
-from sidecar.store.scripts import Script, load_all
+from sidecar.store.scripts import Script, batch, load_all
 from sidecar.testing.redis_server import RedisServer
 
 
@@ -50,3 +51,21 @@ async def test_load_all_takes_no_more_connections_than_it_is_given(
 
 async def received(admin: Redis) -> int:
     return int((await admin.info("stats"))["total_connections_received"])
+
+
+async def test_a_batch_answers_each_call_and_reloads_a_script_the_server_lost(
+    redis: Redis,
+) -> None:
+    script = Script("sidecar.quota.lua", "release")  # a request's bucket, released
+    await redis.set("held", 5)
+    calls = [(["held"], [1, f"request-{n}"]) for n in range(3)]
+    assert await batch(redis, script, calls) == [1, 1, 1]
+    assert await redis.get("held") == b"2"
+    await redis.script_flush()
+    assert await batch(redis, script, calls[:1]) == [1]  # NOSCRIPT: loaded, sent again
+    assert await redis.get("held") == b"1"
+    bad = Script("sidecar.quota.lua", "release")
+    bad.source = "return redis.call('INCR', KEYS[1], 'too many')"
+    (error,) = await batch(redis, bad, [(["held"], [])])
+    assert isinstance(error, ResponseError)  # the call's own error, as a value
+    assert await redis.get("held") == b"1"
