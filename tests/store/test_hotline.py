@@ -132,3 +132,34 @@ async def test_calls_made_while_others_are_in_flight_go_out_together_in_order(
     late = line.send(resp(["INCRBY", "n", 0]))  # idle again: written at once
     assert len(writes) == 3 and await late[0] == sum(range(1, 31))
     await line.aclose()
+
+
+async def test_written_returns_when_the_connection_is_lost_with_calls_buffered(
+    redis: Redis,
+) -> None:
+    line = line_for(redis)
+    await line.open()
+    first = line.send(resp(["PING"]))  # in flight: what follows is buffered
+    buffered = line.send(resp(["PING"]))
+    waiting = asyncio.ensure_future(line.written())
+    line.close(RedisConnectionError("test"))  # before the end of this turn of the loop
+    await asyncio.wait_for(waiting, 1)  # woken, not left waiting for a flush that never comes
+    for future in (*first, *buffered):
+        with pytest.raises(RedisConnectionError):
+            await future
+    await line.aclose()
+
+
+async def test_a_cancelled_wait_for_written_leaves_the_others_waiting(redis: Redis) -> None:
+    line = line_for(redis)
+    await line.open()
+    first = line.send(resp(["PING"]))  # in flight: what follows is buffered
+    gone = asyncio.ensure_future(line.written())
+    kept = asyncio.ensure_future(line.written())
+    # In this order on the loop: both start waiting, one is cancelled, then the flush.
+    asyncio.get_running_loop().call_soon(gone.cancel)
+    rest = line.send(resp(["INCR", "n"]))
+    await asyncio.wait_for(kept, 1)
+    assert gone.cancelled()
+    assert await first[0] == b"PONG" and await rest[0] == 1
+    await line.aclose()
