@@ -16,18 +16,16 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 
+from bench.lib.processes import private_redis
 from sidecar.store.connect import connect
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Call, batch, pipeline
-from sidecar.testing.redis_server import RedisServer
 from sidecar.usage.ranking import Rankings
 from sidecar.usage.spool import Entry
 from sidecar.usage.writer import UsageWriter, writer_floor
@@ -100,13 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        server = RedisServer(Path(folder))
-        server.start()
-        try:
-            results = asyncio.run(measure(server.url, args.entries, args.batches, args.rounds))
-        finally:
-            server.kill()
+    with private_redis() as url:
+        results = asyncio.run(measure(url, args.entries, args.batches, args.rounds))
     print("path      CPU us/entry (spread)", file=sys.stderr)
     for name, rows in results.items():
         print(

@@ -16,20 +16,18 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from redis.asyncio import Redis
 
+from bench.lib.processes import private_redis
 from sidecar.quota.decision import Reserve, Subject
 from sidecar.quota.limiter import Limiter
 from sidecar.quota.policy import Dimension, Match, Policy, parse_limit
 from sidecar.store.connect import connect
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Coalescer
-from sidecar.testing.redis_server import RedisServer
 
 POLICY = Policy(
     name="bench",
@@ -89,13 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as folder:
-        server = RedisServer(Path(folder))
-        server.start()
-        try:
-            results = asyncio.run(measure(server.url, args.calls, args.rounds))
-        finally:
-            server.kill()
+    with private_redis() as url:
+        results = asyncio.run(measure(url, args.calls, args.rounds))
     print("path    CPU us/check (spread)      wall us/check (spread)", file=sys.stderr)
     for name, rows in results.items():
         cpu = [c for c, _ in rows]

@@ -48,7 +48,7 @@ from sidecar.settings import Settings
 from sidecar.store.connect import RedisClient, warm
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, load_all
-from sidecar.tasks import Background
+from sidecar.tasks import Background, stop
 from sidecar.ui.session import Sessions
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.counters import UsageCounters
@@ -135,7 +135,7 @@ class Services:
 
     async def close(self) -> None:
         for task in self.loops:
-            task.cancel()
+            task.cancel()  # they end below (tasks.stop), once what they serve is closed
         await self.background.wait(SHUTDOWN_TASKS_S)
         # What Redis does not take within a few seconds waits in the spool for the next
         # process with this data dir.
@@ -143,8 +143,7 @@ class Services:
         await self.upstream.close()
         if self.tracer is not None:  # the spans of the requests just settled go out
             await self.tracer.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self.loops, return_exceptions=True)
+        await stop(self.loops, log)
         await self.alert_sender.close()  # gives its lease back: another process sends at once
         await self.limiter.close()
 

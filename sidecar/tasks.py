@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from sidecar.errors import StoreUnavailable
+
+STOP_S = 2.0  # how long `stop` waits for loops before cancelling the ones left again
+STOP_TRIES = 3
 
 
 class Background:
@@ -35,9 +38,38 @@ async def keep_refreshed(
         try:
             await refresh()
         except StoreUnavailable as exc:
+            stopping()
             if not failing:
                 log.warning("%s not reloaded (%s); the last ones loaded stay", what, exc)
             failing = True
         else:
             failing = False
         await asyncio.sleep(interval)
+
+
+def stopping() -> None:
+    """Raise CancelledError when this task was asked to stop. For a loop that goes on after a
+    store error: a cancellation that reached the task inside the store's client can come back
+    out as that error, and the loop would otherwise run on for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def stop(tasks: Sequence[asyncio.Task[Any]], log: logging.Logger) -> None:
+    """Cancel `tasks` and wait for them to end. One still running STOP_S later (it went on
+    after its cancellation) is cancelled again, up to STOP_TRIES times; one that outlives
+    that is logged and left, so that shutdown always ends."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(STOP_TRIES):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_S)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: what a loop died of was logged where it happened
+    if pending:
+        names = ", ".join(sorted(task.get_name() for task in pending))
+        log.error("background loops still running at shutdown, left behind: %s", names)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -41,6 +41,18 @@ T = TypeVar("T")
 
 class StartError(RuntimeError):
     """A target did not start, or does not answer as it should."""
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of its own, in a temporary folder, for an in-process bench: its URL."""
+    with tempfile.TemporaryDirectory() as folder:
+        server = RedisServer(Path(folder))
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.kill()
 
 
 def clean_env() -> dict[str, str]:

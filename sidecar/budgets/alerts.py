@@ -28,6 +28,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.identity.model import rfc3339
 from sidecar.quota import windows
 from sidecar.settings import NotifierSettings
+from sidecar.tasks import stopping
 
 log = logging.getLogger("sidecar.budgets")
 
@@ -183,6 +184,7 @@ class AlertScanner:
             try:
                 await self.scan()
             except StoreUnavailable as exc:
+                stopping()
                 if not failing:
                     log.warning("budget alert scan failed (%s); retrying", exc)
                 failing = True

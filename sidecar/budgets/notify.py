@@ -19,6 +19,7 @@ from sidecar.budgets.alerts import signature
 from sidecar.budgets.outbox import Outbox, Outcome, Pending
 from sidecar.errors import StoreUnavailable
 from sidecar.settings import NotifierSettings
+from sidecar.tasks import stopping
 
 log = logging.getLogger("sidecar.budgets")
 
@@ -99,6 +100,7 @@ class AlertSender:
             try:
                 more = await self.step()
             except StoreUnavailable as exc:
+                stopping()
                 if not failing:
                     log.warning("budget alerts not sent now (%s); retrying", exc)
                 failing, more = True, False

@@ -21,6 +21,7 @@ from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, pipeline
+from sidecar.tasks import stopping
 
 log = logging.getLogger("sidecar.identity")
 
@@ -137,6 +138,7 @@ class IndexBuilder:
                     else:
                         wait = RETRY_S
             except StoreUnavailable as exc:
+                stopping()
                 log.warning("search index: %s; trying again", exc)
                 wait = RETRY_S
             await self.sleep(wait)
