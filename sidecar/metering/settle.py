@@ -50,7 +50,6 @@ class Meter:
     reserve: Reserve | None = None  # what its admission reserved of its token and cost limits
     admitted_at: float = 0.0  # time.monotonic() of the admission
     span: Span | None = None  # with [telemetry] enabled
-    charged: bool = False  # its decision's `charged`, worked out once
     # What `settle` priced (the usage it was given, and its cost), for `answered` to reuse.
     priced: tuple[Usage | None, Cost | None] | None = None
 
@@ -138,7 +137,7 @@ class Settlement:
             limiter = self.quota.limiter
             if decision.leases:
                 self.background.spawn(limiter.release(decision.leases))
-            if decision.admitted and meter.charged and not meter.settled:
+            if decision.admitted and decision.charged and not meter.settled:
                 # Not settled before the response ended (it failed, or the client left): what
                 # upstream produced replaces the reservation now.
                 tokens = usage.total_tokens if usage is not None else 0
@@ -162,7 +161,7 @@ class Settlement:
         used replaces what it reserved, in the store, so the client's next request (on any
         sidecar) sees it. Cheap requests (no such limit) do nothing here."""
         decision = meter.decision
-        if decision is None or not decision.admitted or not meter.charged or meter.settled:
+        if decision is None or not decision.admitted or not decision.charged or meter.settled:
             return
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self.attribution.cost(meter.kind, model, usage, header_cost)

@@ -181,7 +181,7 @@ class InlineProxy:
                     raise StoreUnavailable(
                         "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                     )
-                meter.decision, meter.charged = decision, decision.charged
+                meter.decision = decision
             else:
                 logs.bind(resolved.external_id)
                 meter.identity = known or await self._identify_first(resolved)
@@ -193,7 +193,8 @@ class InlineProxy:
             return None, body
         if (
             self.cap_output
-            and meter.charged
+            and decision is not None
+            and decision.charged
             and cap_output(kind, payload, self.attribution.default_output_reserve)
         ):
             body = _encode(payload)  # its output now fits what it reserved

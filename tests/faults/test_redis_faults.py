@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from sidecar.testing.redis_server import RedisServer
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.env import Env, MakeEnv
+from tests.support.redis import own_redis, quick_client
 
 TIMEOUT_MS = 100
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "faults"
@@ -67,20 +68,16 @@ async def drive(env: Env, traffic: Traffic, stop: asyncio.Event, new_prefix: str
 
 @pytest.fixture
 async def aof_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis", "--appendonly", "yes")
-    server.start()
-    yield server
-    server.kill()
+    async with own_redis(tmp_path, "--appendonly", "yes") as server:
+        yield server
 
 
 @pytest.fixture
 async def client(aof_redis: RedisServer) -> AsyncIterator[Redis]:
     # The store's own socket timeout (the sidecar uses 5 s) cut to 1 s, so that a 5 s pause
     # sends usage through the spool rather than waiting it out.
-    made = Redis.from_url(aof_redis.url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    yield made
-    await made.aclose()
+    async with quick_client(aof_redis, 1.0) as made:
+        yield made
 
 
 async def run_fault(

@@ -9,19 +9,17 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.testing.redis_server import RedisServer
+from tests.support.redis import own_redis, quick_client
 
 
 @pytest.fixture
 async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
+    async with own_redis(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
 async def private_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    yield client  # closed after the app that uses it (fixtures end in reverse order)
-    await client.aclose()
+    # Closed after the app that uses it (fixtures end in reverse order).
+    async with quick_client(private_redis, 0.2) as client:
+        yield client

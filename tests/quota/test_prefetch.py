@@ -314,13 +314,17 @@ async def test_a_concurrency_limit_takes_a_slot_per_request_so_nothing_is_held(
 # -- two sidecars on one Redis -------------------------------------------------------------
 
 
+async def two_sidecars(make_env: MakeEnv, config: dict[str, Any]) -> tuple[Env, Env]:
+    """Two sidecars with prefetch on the one test Redis, under the same config."""
+    return await make_env(**PREFETCH, **config), await make_env(**PREFETCH, **config)
+
+
 @pytest.mark.slow
 async def test_two_sidecars_never_admit_more_than_the_limit_together(
     make_env: MakeEnv, tmp_path: Path, redis: Redis
 ) -> None:
     config = policy(tmp_path, 'requests = ["30/minute"]\n')
-    first: Env = await make_env(**PREFETCH, **config)
-    second: Env = await make_env(**PREFETCH, **config)
+    first, second = await two_sidecars(make_env, config)
     results = await asyncio.gather(
         burst(first.url, 20, "shared"),
         burst(second.url, 20, "shared"),
@@ -345,8 +349,7 @@ async def test_units_one_sidecar_holds_refuse_the_other_until_given_back(
 ) -> None:
     hold(monkeypatch)
     config = policy(tmp_path, 'requests = ["30/minute"]\n')
-    first: Env = await make_env(**PREFETCH, **config)
-    second: Env = await make_env(**PREFETCH, **config)
+    first, second = await two_sidecars(make_env, config)
     assert await burst(first.url, 1, "split") == {200: 1}
     assert await bucket(redis, "r:60") == 1 + 29 // 8  # the first holds an eighth of what is left
     # The other admits up to what the first holds ...
@@ -366,8 +369,7 @@ async def test_hook_mode_reservations_taken_ahead_settle_on_any_sidecar(
 ) -> None:
     hold(monkeypatch)
     config = policy(tmp_path, 'tokens = ["100000/hour"]\n')
-    first: Env = await make_env(**PREFETCH, **config)
-    second: Env = await make_env(**PREFETCH, **config)
+    first, second = await two_sidecars(make_env, config)
     ids = []
     for _ in range(6):
         r = await first.api.post(

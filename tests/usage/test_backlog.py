@@ -13,23 +13,20 @@ from ulid import ULID
 from sidecar.testing.redis_server import RedisServer
 from sidecar.usage.recorder import Recorder
 from tests.support.clock import FakeClock
+from tests.support.redis import own_redis, quick_client
 from tests.support.usage import KEYS, add, identities, recorder, requests_of
 
 
 @pytest.fixture
 async def private_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis", "--appendonly", "yes")
-    server.start()
-    yield server
-    server.kill()
+    async with own_redis(tmp_path, "--appendonly", "yes") as server:
+        yield server
 
 
 @pytest.fixture
 async def short_client(private_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(private_redis.url, socket_timeout=0.2, socket_connect_timeout=0.2)
-    yield client
-    await client.aclose()
+    async with quick_client(private_redis, 0.2) as client:
+        yield client
 
 
 async def wait_until(check: Any, within_s: float = 10.0) -> None:
