@@ -59,6 +59,11 @@ class Aliases:
     def count(self) -> int:
         return len(self._names)
 
+    @property
+    def generation(self) -> int | None:
+        """The store's aliases generation this process's map was read at (None: not yet)."""
+        return self._generation
+
     def canonical(self, external_id: str) -> str:
         """The external id a request naming `external_id` counts under: normalized
         (`[identity] normalize`), then its survivor's when it is an alias."""

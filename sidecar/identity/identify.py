@@ -63,17 +63,26 @@ class Identifier:
 
     def cached(self, resolved: Resolved) -> tuple[str | None, bool]:
         """The `_id` this process knows for the identity (None: unknown), and whether the
-        body's profile is still to be written (new, changed, or last written over
-        PROFILE_REFRESH_S ago). With an `_id` at hand, that write need not hold the request
-        up: see `refresh`."""
+        body's profile is still to be written (see `stale`)."""
         known = self.records.known_id(resolved.external_id)
         if known is None:
             return None, True
+        return known, self.stale(resolved)
+
+    def known_id(self, resolved: Resolved) -> str | None:
+        """The `_id` this process knows for the identity, None when unknown. A known one's
+        profile may still be due to be written (`stale`); that write need not hold its
+        request up, so a proxied request asks only once it is answered."""
+        return self.records.known_id(resolved.external_id)
+
+    def stale(self, resolved: Resolved) -> bool:
+        """Whether the body's profile is still to be written: new, changed, or last written
+        over PROFILE_REFRESH_S ago."""
         if resolved.profile is None:
-            return known, False
+            return False
         seen = self._written.get(resolved.external_id)
         fresh = seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]
-        return known, not fresh
+        return not fresh
 
     async def identify(self, resolved: Resolved) -> str:
         """The `_id` to count under: a body identity upserts; the others get a bare record

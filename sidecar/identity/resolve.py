@@ -123,15 +123,23 @@ PARSED_BYTES = 4096
 _as_json = msgspec.json.Encoder().encode
 
 
-def _parse_body_identity(raw: Any, param: str) -> Resolved:
+def _json_of(raw: Any) -> bytes | None:
+    """A body identity object as JSON, when it is JSON and small enough to be kept."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        as_json = _as_json(raw)
+    except (TypeError, ValueError, OverflowError):  # not JSON (a body parsed from JSON always is)
+        return None
+    return as_json if len(as_json) <= PARSED_BYTES else None
+
+
+def _parse_body_identity(raw: Any, param: str, as_json: bytes | None) -> Resolved:
     if not isinstance(raw, dict):
         raise InvalidField(param, f"{param} must be an object with at least an `id`")
-    try:
-        key = (param, _as_json(raw))
-    except (TypeError, ValueError, OverflowError):  # not JSON (a body parsed from JSON always is)
+    if as_json is None:
         return _parsed(raw, param)
-    if len(key[1]) > PARSED_BYTES:
-        return _parsed(raw, param)
+    key = (param, as_json)
     found = _PARSED.get(key)
     if found is None:
         found = _parsed(raw, param)
@@ -169,6 +177,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _held(key: str) -> bytes:
+    """What Resolver keeps an API key by (never the key itself)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
 def decode_header_id(value: str) -> str:
     # Non-ASCII ids travel percent-encoded (UTF-8); a literal '%' travels as %25.
     return unquote(value, errors="strict") if "%" in value else value
@@ -201,12 +214,132 @@ def resolve(
     make, and MissingIdentity (a 401) when an identity is required and there is none.
     `canonical` maps a claimed external id to the one it counts under (normalized, and an
     alias's survivor), before the trust check: a caller must be allowed the identity it acts
-    as."""
+    as. A process resolving request after request keeps what it resolved: see Resolver."""
     key = api_key(headers)
-    grant = grant_for(key_digest(key)) if key is not None else None
+    taken = _body_identity(body) if body is not None else None
+    return _resolved(
+        body,
+        headers,
+        grant_for(key_digest(key)) if key is not None else None,
+        taken,
+        _json_of(taken[0]) if taken is not None else None,
+        header=header,
+        required=required,
+        trust=trust,
+        caller=caller,
+        user_fields=user_fields,
+        canonical=canonical,
+    )
+
+
+class Resolver:
+    """`resolve` with a process's settings, keeping what it resolved.
+
+    A resolution is kept by everything it was made from: the claim (a body identity object as
+    JSON, or the identity header's value), a digest of the API key and the caller. What else
+    it reads (the listed keys, the aliases) is the `token` each call passes: when that changes,
+    everything kept is dropped. A request with the same claim, key and caller as one before is
+    resolved as that one was, without its fields, its trust and its alias being checked again.
+    Refusals are never kept: a bad or refused claim is checked every time. Bounded like the
+    parsed objects (PARSED_MAX entries, claims of up to PARSED_BYTES), emptied when full; API
+    keys are kept only as digests (BLAKE2b, 128 bits)."""
+
+    def __init__(
+        self,
+        *,
+        header: str,
+        grant_for: Callable[[str], Grant | None],
+        required: bool,
+        trust: Trust = TRUST_ANY,
+        user_fields: bool = False,
+        canonical: Callable[[str], str] | None = None,
+        max_entries: int = PARSED_MAX,
+    ) -> None:
+        self.header = header
+        self.header_lower = header.lower()
+        self.grant_for = grant_for
+        self.required = required
+        self.trust = trust
+        self.user_fields = user_fields
+        self.canonical = canonical
+        self.max_entries = max_entries
+        self._found: dict[tuple[object, ...], Resolved] = {}
+        self._token: object = None
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def resolve(
+        self,
+        body: dict[str, Any] | None,
+        headers: Mapping[str, str],
+        caller: Caller,
+        token: object,
+    ) -> Resolved:
+        """As `resolve`; `token` stands for the keys and aliases it is resolved against."""
+        found = self._found
+        if token != self._token:
+            found.clear()
+            self._token = token
+        key = api_key(headers)
+        # Kept by a digest of its own: SHA-256 (OpenSSL's) costs a resolution several times
+        # what BLAKE2b (CPython's) does, and the grant's digest is needed only when it is new.
+        held = _held(key) if key is not None else None
+        if body is not None and "identity" in body:  # the common case first
+            taken: tuple[Any, str] | None = (body.pop("identity"), "identity")
+        else:
+            taken = _body_identity(body) if body is not None else None
+        as_json = _json_of(taken[0]) if taken is not None else None
+        claimed: tuple[str, object] | None
+        if taken is not None:
+            claimed = (taken[1], as_json) if as_json is not None else None
+        elif body is None or not self.user_fields:
+            value = headers.get(self.header_lower)
+            claimed = ("", value) if value is None or len(value) <= PARSED_BYTES else None
+        else:  # a user field may claim: not kept
+            claimed = None
+        if claimed is not None:
+            remembered = found.get((claimed, held, caller))
+            if remembered is not None:
+                return remembered
+        resolved = _resolved(
+            body,
+            headers,
+            self.grant_for(key_digest(key)) if key is not None else None,
+            taken,
+            as_json,
+            header=self.header,
+            required=self.required,
+            trust=self.trust,
+            caller=caller,
+            user_fields=self.user_fields,
+            canonical=self.canonical,
+        )
+        if claimed is not None:
+            if len(found) >= self.max_entries:
+                found.clear()
+            found[(claimed, held, caller)] = resolved
+        return resolved
+
+
+def _resolved(
+    body: dict[str, Any] | None,
+    headers: Mapping[str, str],
+    grant: Grant | None,
+    taken: tuple[Any, str] | None,
+    as_json: bytes | None,
+    *,
+    header: str,
+    required: bool,
+    trust: Trust,
+    caller: Caller,
+    user_fields: bool,
+    canonical: Callable[[str], str] | None,
+) -> Resolved:
+    """`resolve`, for the API key's grant and the body identity taken out of the body."""
     owner = grant.owner if grant is not None else None
     creator = f"key:{owner}" if owner is not None else f"addr:{caller.client}"
-    claim = _claim(body, headers, header, user_fields)
+    claim = _claim(body, headers, header, user_fields, taken, as_json)
     if claim is not None:
         resolved, param = claim
         if canonical is not None:
@@ -224,20 +357,24 @@ def resolve(
 
 
 def _claim(
-    body: dict[str, Any] | None, headers: Mapping[str, str], header: str, user_fields: bool
+    body: dict[str, Any] | None,
+    headers: Mapping[str, str],
+    header: str,
+    user_fields: bool,
+    taken: tuple[Any, str] | None,
+    as_json: bytes | None,
 ) -> tuple[Resolved, str] | None:
-    """The identity a request claims, and the parameter that claims it."""
-    if body is not None:
-        found = _body_identity(body)
-        if found is not None:
-            return _parse_body_identity(*found), f"{found[1]}.id"
-        if user_fields:
-            user = _user_field(body)
-            if user is not None:
-                value, param = user
-                if not isinstance(value, str):
-                    raise InvalidField(param, f"{param} must be a string")
-                return Resolved(model.external_id(value, param), Source.USER_FIELD), param
+    """The identity a request claims, and the parameter that claims it. `taken`: the body
+    identity object taken out of the body (and its parameter), `as_json` that object as JSON."""
+    if taken is not None:
+        return _parse_body_identity(taken[0], taken[1], as_json), f"{taken[1]}.id"
+    if body is not None and user_fields:
+        user = _user_field(body)
+        if user is not None:
+            value, param = user
+            if not isinstance(value, str):
+                raise InvalidField(param, f"{param} must be a string")
+            return Resolved(model.external_id(value, param), Source.USER_FIELD), param
     value = headers.get(header.lower())
     if value is not None and value.strip():
         try:

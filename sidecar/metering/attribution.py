@@ -14,8 +14,8 @@ from sidecar.identity.resolve import (
     ClaimRefused,
     MissingIdentity,
     Resolved,
+    Resolver,
     Trust,
-    resolve,
 )
 from sidecar.quota.decision import Reserve
 from sidecar.quota.live import LiveConfig
@@ -50,6 +50,14 @@ class Attribution:
         self.live = live
         self.pricer = pricer
         self.clock = clock
+        self.resolver = Resolver(
+            header=config.header,
+            grant_for=live.grant,
+            required=config.required,
+            trust=self.trust,
+            user_fields=config.user_fields,
+            canonical=aliases.canonical,
+        )
 
     def caller(self, peer: str | None, headers: Mapping[str, str]) -> Caller:
         if not self.networks:  # the common case: nothing to look up
@@ -64,17 +72,9 @@ class Attribution:
         (400: a bad identity), Forbidden (403: a claim this caller may not make) or
         Unauthorized (401: no identity where one is required)."""
         try:
-            return resolve(
-                body,
-                headers,
-                header=self.header,
-                grant_for=self.live.grant,
-                required=self.required,
-                trust=self.trust,
-                caller=self.caller(peer, headers),
-                user_fields=self.user_fields,
-                canonical=self.aliases.canonical,
-            )
+            # What is kept is kept while the listed keys and the aliases stay as they were.
+            token = (self.live.generation, self.aliases.generation)
+            return self.resolver.resolve(body, headers, self.caller(peer, headers), token)
         except InvalidField as exc:
             raise InvalidRequest(exc.message, param=exc.param, code="invalid_identity") from None
         except ClaimRefused as exc:

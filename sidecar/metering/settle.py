@@ -44,7 +44,8 @@ class Meter:
     model: str | None  # as requested; the response's own name wins when it has one
     decision: Decision | None = None  # the limit check's, when policies apply
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
-    refresh: bool = False  # the body profile is written once the response is out
+    # Known when admitted: its body profile, when due, is written once the response is out.
+    refresh: bool = False
     request_id: str = ""  # the admission's (its leases' and reservations' name)
     settled: bool = False  # its token and cost limits are charged (Settlement.settle)
     reserve: Reserve | None = None  # what its admission reserved of its token and cost limits
@@ -52,6 +53,13 @@ class Meter:
     span: Span | None = None  # with [telemetry] enabled
     # What `settle` priced (the usage it was given, and its cost), for `answered` to reuse.
     priced: tuple[Usage | None, Cost | None] | None = None
+
+    @property
+    def charged(self) -> bool:
+        """Admitted under token or cost limits: what it used is charged before it ends
+        (Settlement.settle)."""
+        decision = self.decision
+        return decision is not None and decision.admitted and decision.charged
 
 
 class Settlement:
@@ -123,7 +131,7 @@ class Settlement:
                 meter.decision.policy if meter.decision is not None else None,
                 error or spans.failure(status),
             )
-        if meter.refresh:
+        if meter.refresh and self.identifier.stale(resolved):
             self.background.spawn(self._refresh(resolved))
         identity = meter.identity
         name = buckets.model_name(model)
@@ -161,7 +169,7 @@ class Settlement:
         used replaces what it reserved, in the store, so the client's next request (on any
         sidecar) sees it. Cheap requests (no such limit) do nothing here."""
         decision = meter.decision
-        if decision is None or not decision.admitted or not decision.charged or meter.settled:
+        if decision is None or not meter.charged or meter.settled:
             return
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self.attribution.cost(meter.kind, model, usage, header_cost)

@@ -160,9 +160,9 @@ class InlineProxy:
         if self.tracer is not None:
             name = spans.name(kind, model)
             meter.span = self.tracer.start(name, headers, started_ns, server=True)
-        # A known identity whose body profile is due to be written again is counted under the
-        # _id at hand, and the write waits until the response is out (Meter.refresh).
-        known, refresh = self.identifier.cached(resolved)
+        # A known identity is counted under the _id at hand; whether its body profile is due to
+        # be written again is asked once the response is out (Meter.refresh).
+        known = self.identifier.known_id(resolved)
         decision: Decision | None = None
         try:
             if self.quota.active:
@@ -198,7 +198,7 @@ class InlineProxy:
             and cap_output(kind, payload, self.attribution.default_output_reserve)
         ):
             body = _encode(payload)  # its output now fits what it reserved
-        meter.refresh = refresh and known is not None
+        meter.refresh = known is not None
         return meter, body
 
     async def _identify_first(self, resolved: Resolved) -> str | asyncio.Task[str]:
@@ -285,9 +285,11 @@ class InlineProxy:
                 if meter is not None and meter.decision is not None:
                     out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
                 if meter and kind is not None:
+                    settle: Settle | None = None
+                    if meter.charged:  # its token and cost limits are charged before its end
 
-                    async def settle(usage: Usage | None, meter: Meter = meter) -> None:
-                        await self.settlement.settle(meter, usage, header_cost)
+                        async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                            await self.settlement.settle(meter, usage, header_cost)
 
                     relay = _relay_stream if sse else _relay_json
                     usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
@@ -335,9 +337,10 @@ async def _relay_stream(
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
     strip: bool,
-    settle: Settle,
+    settle: Settle | None,
 ) -> Usage | None:
-    """An SSE answer, chunk by chunk; its usage is settled before the last bytes go out."""
+    """An SSE answer, chunk by chunk; its usage is settled (`settle`, when given) before the
+    last bytes go out."""
     headers = [(k, v) for k, v in headers if k != b"content-length"]
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     stream = StreamUsage(kind, strip_usage_chunk=strip)
@@ -349,7 +352,8 @@ async def _relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     last = stream.flush()
     usage = stream.finish()
-    await settle(usage)
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": last, "more_body": False})
     return usage
 
@@ -360,12 +364,17 @@ async def _relay_json(
     headers: list[tuple[bytes, bytes]],
     kind: Kind,
     strip: bool,
-    settle: Settle,
+    settle: Settle | None,
 ) -> Usage | None:
-    """A JSON answer; its usage is settled before the client has all of it."""
+    """A JSON answer; its usage is settled (`settle`, when given) before the client has all
+    of it. Without a settlement the usage is read once the client has the answer."""
     start: Any = {"type": "http.response.start", "status": upstream.status, "headers": headers}
     if upstream.content_length is not None and upstream.content_length <= _WHOLE:
         body = await upstream.read()
+        if settle is None:
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return extract_json(kind, body) if upstream.status < 400 else None
         usage = extract_json(kind, body) if upstream.status < 400 else None
         await settle(usage)
         await send(start)
@@ -382,7 +391,8 @@ async def _relay_json(
     usage = None
     if size <= _JSON_CAP and upstream.status < 400:
         usage = extract_json(kind, b"".join(chunks))
-    await settle(usage)
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return usage
 

@@ -302,3 +302,19 @@ async def test_body_over_the_limit_is_413(make_env: MakeEnv) -> None:
         )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     assert len(env.mock.requests) == 0
+
+
+async def test_a_known_identitys_changed_profile_is_written_once_its_answer_is_out(
+    env: Env,
+) -> None:
+    async with client(env) as oai:
+        for name in ("Ann", "Ann", "Ann B."):
+            await oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                extra_body={"identity": {"id": "ann", "display_name": name}},
+            )
+            await env.settle()
+            record = (await env.api.get("/v2/identities/ann")).json()
+            assert record["display_name"] == name
+    assert (await env.metrics("ann"))["total_requests"] == 3
