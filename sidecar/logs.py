@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import msgspec
-from ulid import ULID
+
+from sidecar import ids
 
 FORMATS = ("json", "text")
 LEVELS = ("debug", "info", "warning", "error")
@@ -40,7 +41,7 @@ class RequestContext:
     def request_id(self) -> str:
         # Made when first needed: most requests write no line at all.
         if self._request_id is None:
-            self._request_id = str(ULID())
+            self._request_id = ids.ulid()
         return self._request_id
 
 

@@ -8,9 +8,8 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import msgspec
-from ulid import ULID
 
-from sidecar import logs
+from sidecar import ids, logs
 from sidecar.errors import InvalidRequest, SidecarError, StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import encode_header_id
@@ -73,7 +72,7 @@ class Authorizer:
         deadline = _deadline(headers)
         body = parse_optional(raw)
         resolved = self.attribution.resolve(body, headers, peer)
-        request_id = str(ULID())
+        request_id = ids.ulid()
         logs.bind(resolved.external_id, request_id)
         if deadline is not None and time.time() >= deadline:
             raise _too_late(deadline)

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
-from ulid import ULID
 
-from sidecar import logs
+from sidecar import ids, logs
 from sidecar.asgi import ClientGone, lowered, read_body, send_error, send_json
 from sidecar.errors import (
     BadGateway,
@@ -167,7 +166,7 @@ class InlineProxy:
         try:
             if self.quota.active:
                 # Also the concurrency lease's and reservation's name.
-                request_id = meter.request_id = str(ULID())
+                request_id = meter.request_id = ids.ulid()
                 logs.bind(resolved.external_id, request_id)
                 reserve = None
                 if self.quota.reserving:

@@ -74,16 +74,20 @@ class Decision(msgspec.Struct, kw_only=True):
     # Admitted from allowances this process holds: what its token and cost limits took of them,
     # settled against them (Limiter.settle_lent).
     lent: tuple[Lent, ...] = ()
+    # Whether a token or cost limit applies: its usage is settled before the response ends
+    # (Limiter.settle), not written behind. Worked out from `subjects` when it is made.
+    charged: bool = False
 
-    @property
-    def charged(self) -> bool:
-        """Whether a token or cost limit applies: its usage is settled before the response
-        ends (Limiter.settle), not written behind."""
-        return any(
-            limit.dimension in (Dimension.TOKENS, Dimension.COST)
-            for subject in self.subjects
-            for limit in subject.policy.limits
-        )
+    def __post_init__(self) -> None:
+        self.charged = _charged(self.subjects)
+
+
+def _charged(subjects: tuple[Subject, ...]) -> bool:
+    for subject in subjects:
+        for limit in subject.policy.limits:
+            if limit.dimension is Dimension.TOKENS or limit.dimension is Dimension.COST:
+                return True
+    return False
 
 
 class LimitUsage(msgspec.Struct, kw_only=True):
