@@ -121,6 +121,13 @@ async def read_body(scope: HTTPScope, receive: Receive, limit: int, deadline_s: 
     declared = content_length(scope)
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body over {limit} bytes")
+    first = await receive() if _ready(receive) else None
+    if first is not None and first["type"] == "http.request" and not first.get("more_body"):
+        # All of it was in when the request started (most are): nothing to wait for.
+        whole: bytes = first.get("body", b"")
+        if len(whole) > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        return whole
     chunks: list[bytes] = []
     size = 0
     task = asyncio.current_task()
@@ -129,7 +136,8 @@ async def read_body(scope: HTTPScope, receive: Receive, limit: int, deadline_s: 
     deadlines.add(task, deadline_s)
     try:
         while True:
-            message = await receive()
+            message = first or await receive()
+            first = None
             if message["type"] == "http.disconnect":
                 raise ClientGone
             chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
@@ -145,6 +153,14 @@ async def read_body(scope: HTTPScope, receive: Receive, limit: int, deadline_s: 
         raise
     finally:
         deadlines.done(task)
+
+
+def _ready(receive: Receive) -> bool:
+    """Whether the server already holds the request's next message, so that `receive` returns
+    it at once: uvicorn's request cycle says so (its `message_event`). Any other server's
+    receive is taken to wait."""
+    event = getattr(getattr(receive, "__self__", None), "message_event", None)
+    return isinstance(event, asyncio.Event) and event.is_set()
 
 
 def with_body_deadline(receive: Receive, seconds: float) -> Receive:

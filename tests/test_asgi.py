@@ -68,3 +68,50 @@ async def test_a_body_over_the_limit_is_refused() -> None:
     with pytest.raises(PayloadTooLarge):
         await read_body(SCOPE, chunks(b"abc", b"def"), 4, 1.0)
     assert not body_deadlines().pending
+
+
+class Cycle:
+    """What uvicorn's request cycle shows of itself: its messages, and an event set while it
+    holds one (asgi._ready)."""
+
+    def __init__(self, *parts: bytes, then_wait: bool = False) -> None:
+        self.message_event = asyncio.Event()
+        self.parts = list(parts)
+        self.then_wait = then_wait
+        self.deadlines_seen: list[int] = []
+        if self.parts:
+            self.message_event.set()
+
+    async def receive(self) -> dict[str, Any]:
+        self.deadlines_seen.append(len(body_deadlines().pending))
+        await self.message_event.wait()
+        self.message_event.clear()
+        part = self.parts.pop(0)
+        more = bool(self.parts) or self.then_wait
+        if self.parts:
+            asyncio.get_running_loop().call_later(0.01, self.message_event.set)
+        return {"type": "http.request", "body": part, "more_body": more}
+
+
+async def test_a_body_already_in_is_read_without_a_deadline() -> None:
+    cycle = Cycle(b"hello")
+    assert await read_body(SCOPE, cycle.receive, 100, 1.0) == b"hello"
+    assert cycle.deadlines_seen == [0]  # nothing to wait for: no deadline was set
+    with pytest.raises(PayloadTooLarge):
+        await read_body(SCOPE, Cycle(b"hello").receive, 4, 1.0)
+
+
+async def test_a_body_still_coming_is_read_under_its_deadline() -> None:
+    cycle = Cycle(b"he", b"llo")
+    assert await read_body(SCOPE, cycle.receive, 100, 1.0) == b"hello"
+    assert cycle.deadlines_seen == [0, 1]  # the first part was in; the rest was waited for
+    assert not body_deadlines().pending
+    with pytest.raises(RequestTimeout):
+        await read_body(SCOPE, Cycle(b"he", then_wait=True).receive, 100, 0.1)
+    nothing_yet = Cycle()  # the request began before any of its body was in
+    reading = asyncio.ensure_future(read_body(SCOPE, nothing_yet.receive, 100, 1.0))
+    await asyncio.sleep(0.01)
+    assert nothing_yet.deadlines_seen == [1]
+    nothing_yet.parts.append(b"hi")
+    nothing_yet.message_event.set()
+    assert await reading == b"hi"

@@ -48,8 +48,9 @@ class Identifier:
         self.profiles = profiles
         self.clock = clock
         self.counters = counters
-        # external id -> (the profile this process last wrote, when to write it again anyway)
-        self._written: dict[str, tuple[bytes, float]] = {}
+        # external id -> (the digest of the profile this process last wrote, when to write it
+        # again anyway, that profile)
+        self._written: dict[str, tuple[bytes, float, Profile | None]] = {}
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str]] = {}
 
     @property
@@ -81,8 +82,10 @@ class Identifier:
         if resolved.profile is None:
             return False
         seen = self._written.get(resolved.external_id)
-        fresh = seen is not None and seen[0] == _digest(resolved.profile) and self.clock() < seen[1]
-        return not fresh
+        if seen is None or self.clock() >= seen[1]:
+            return True
+        # The very profile written (resolutions are kept: see resolve.Resolver) needs no digest.
+        return seen[2] is not resolved.profile and seen[0] != _digest(resolved.profile)
 
     async def identify(self, resolved: Resolved) -> str:
         """The `_id` to count under: a body identity upserts; the others get a bare record
@@ -137,7 +140,11 @@ class Identifier:
         )
         self._created(created)
         self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
-        self._written[resolved.external_id] = (digest, self.clock() + PROFILE_REFRESH_S)
+        self._written[resolved.external_id] = (
+            digest,
+            self.clock() + PROFILE_REFRESH_S,
+            resolved.profile,
+        )
         if len(self._written) > _WRITTEN_SIZE:
             del self._written[next(iter(self._written))]
         return identity.id

@@ -153,14 +153,26 @@ end
 """
 
 
+# Names worked out before, by the model as given: requests name few models (bounded all the
+# same, emptied when full).
+_NAMED: dict[str, str] = {}
+_NAMED_MAX = 1024
+
+
 def model_name(raw: object) -> str:
     """The name a request's usage is counted under: the model as given, without control
     characters and surrounding blanks, at most MAX_MODEL_NAME characters; UNKNOWN_MODEL for
     none."""
     if not isinstance(raw, str):
         return UNKNOWN_MODEL
-    name = _CONTROL.sub("", raw).strip()[:MAX_MODEL_NAME].rstrip()
-    return name or UNKNOWN_MODEL
+    name = _NAMED.get(raw)
+    if name is None:
+        name = _CONTROL.sub("", raw).strip()[:MAX_MODEL_NAME].rstrip() or UNKNOWN_MODEL
+        if len(raw) <= 4 * MAX_MODEL_NAME:
+            if len(_NAMED) >= _NAMED_MAX:
+                _NAMED.clear()
+            _NAMED[raw] = name
+    return name
 
 
 def model_day(usage: dict[str, dict[str, int]]) -> dict[str, str | int]:
@@ -198,18 +210,22 @@ def increments(
     if failed:
         out[ERRORS] = 1
     if usage is not None:
-        out |= {
-            INPUT: usage.input_tokens,
-            CACHED_INPUT: usage.cached_input_tokens,
-            CACHE_WRITE: usage.cache_write_tokens,
-            OUTPUT: usage.output_tokens,
-            REASONING: usage.reasoning_tokens,
-        }
+        if usage.input_tokens:
+            out[INPUT] = usage.input_tokens
+        if usage.cached_input_tokens:
+            out[CACHED_INPUT] = usage.cached_input_tokens
+        if usage.cache_write_tokens:
+            out[CACHE_WRITE] = usage.cache_write_tokens
+        if usage.output_tokens:
+            out[OUTPUT] = usage.output_tokens
+        if usage.reasoning_tokens:
+            out[REASONING] = usage.reasoning_tokens
     if cost is not None:
-        out[COST] = cost.nanos
+        if cost.nanos:
+            out[COST] = cost.nanos
         if not cost.priced and usage is not None and usage.total_tokens:
             out[UNPRICED] = 1
-    return {k: v for k, v in out.items() if v}
+    return out
 
 
 def via(counters: dict[str, int]) -> dict[str, int]:

@@ -253,3 +253,20 @@ def test_spooled_entries_keep_their_model() -> None:
     # A spool file written before models were counted replays without one.
     older = b'{"at":1.0,"source":"header","counters":{"r":1},"identity":"x"}'
     assert msgspec.json.decode(older, type=Entry).model == ""
+
+
+def test_model_names_worked_out_before_are_kept_and_stay_bounded() -> None:
+    buckets._NAMED.clear()
+    assert buckets.model_name(" gpt-4o\x00 ") == "gpt-4o"
+    assert buckets._NAMED == {" gpt-4o\x00 ": "gpt-4o"}
+    assert buckets.model_name(" gpt-4o\x00 ") == "gpt-4o"
+    long = "m" * (4 * buckets.MAX_MODEL_NAME + 1)
+    assert buckets.model_name(long) == "m" * buckets.MAX_MODEL_NAME
+    assert long not in buckets._NAMED  # too long to be kept
+    buckets._NAMED.clear()
+    for n in range(buckets._NAMED_MAX):
+        buckets.model_name(f"model-{n}")
+    assert len(buckets._NAMED) == buckets._NAMED_MAX
+    assert buckets.model_name("one-more") == "one-more"
+    assert len(buckets._NAMED) == 1
+    buckets._NAMED.clear()
