@@ -82,7 +82,7 @@ class Cycle:
         if self.parts:
             self.message_event.set()
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> Any:
         self.deadlines_seen.append(len(body_deadlines().pending))
         await self.message_event.wait()
         self.message_event.clear()
