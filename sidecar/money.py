@@ -69,9 +69,13 @@ def exact(nanos: int) -> str:
 
 
 def plain(nanos: int) -> str:
-    """The shortest exact decimal, e.g. "0.5", "12": for headers and messages."""
-    text = f"{to_decimal(nanos):f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    """The shortest exact decimal, e.g. "0.5", "12": for headers and messages. In integers
+    (on every limited response: a Decimal costs several times as much)."""
+    whole, fraction = divmod(-nanos if nanos < 0 else nanos, NANOS_PER_USD)
+    sign = "-" if nanos < 0 else ""
+    if not fraction:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{fraction:09d}".rstrip("0")
 
 
 def display(nanos: int) -> str:

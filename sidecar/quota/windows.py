@@ -131,9 +131,10 @@ def duration(ms: int) -> str:
     """As OpenAI formats x-ratelimit-reset-*: '20ms', '1s', '6m0s', '1h2m3s', '1.5s'."""
     if ms < 1000:
         return f"{max(ms, 0)}ms"
-    hours, rest = divmod(ms, 3_600_000)
+    hours, rest = divmod(int(ms), 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    whole, millis = divmod(rest, 1000)  # in integers: formatting a float costs twice as much
+    seconds = f"{whole}.{millis:03d}".rstrip("0") if millis else str(whole)
     if hours:
         return f"{hours}h{minutes}m{seconds}s"
     if minutes:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sidecar import money
 from sidecar.quota import windows
 from sidecar.quota.policy import Dimension, Limit, parse_limit
 
@@ -33,6 +37,33 @@ def test_windows_arithmetic() -> None:
 )
 def test_reset_durations_read_like_openai(ms: int, text: str) -> None:
     assert windows.duration(ms) == text
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-5, max_value=40 * 86_400_000))
+def test_reset_durations_are_those_of_the_seconds_as_a_decimal(ms: int) -> None:
+    """In integers, what formatting the seconds to three decimals and trimming gave."""
+    if ms < 1000:
+        assert windows.duration(ms) == f"{max(ms, 0)}ms"
+        return
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    expected = (
+        f"{hours}h{minutes}m{seconds}s"
+        if hours
+        else (f"{minutes}m{seconds}s" if minutes else f"{seconds}s")
+    )
+    assert windows.duration(ms) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-(10**18), max_value=10**18))
+def test_plain_amounts_are_the_shortest_exact_decimals(nanos: int) -> None:
+    text = f"{money.to_decimal(nanos):f}"
+    expected = text.rstrip("0").rstrip(".") if "." in text else text
+    assert money.plain(nanos) == expected
+    assert Decimal(money.plain(nanos)) == money.to_decimal(nanos)
 
 
 # -- calendar windows beyond the day and the month: the week from Monday, the year, and "once"
