@@ -13,6 +13,7 @@ import httpx
 import msgspec
 import pytest
 
+from sidecar.proxy import _headers
 from tests.support.env import Env, MakeEnv
 
 CHAT = "/v1/chat/completions"
@@ -197,3 +198,18 @@ async def test_an_unmetered_answer_is_a_502_too(
     async with httpx.AsyncClient(base_url=env.url) as client:
         r = await client.get("/v1/models")
     assert_bad_gateway(r)
+
+
+def test_names_checked_once_are_not_a_way_around_the_checks() -> None:
+    _headers._VALID_NAMES.clear()
+    ok = [(b"Content-Type", b"application/json"), (b"X-Trace", b"a\tb \xc3\xa9")]
+    assert _headers.relayed(ok) == [(b"content-type", b"application/json"), (b"x-trace", ok[1][1])]
+    assert _headers.relayed(ok) == _headers.relayed(ok)  # names known now: same answer
+    with pytest.raises(_headers.Unrelayable, match="x-trace"):
+        _headers.relayed([(b"Content-Type", b"text/plain"), (b"X-Trace", b"a\x01b")])
+    with pytest.raises(_headers.Unrelayable, match="valid token"):
+        _headers.relayed([(b"Content-Type", b"text/plain"), (b"Bad Name", b"x")])
+    assert _headers.relayed([(b"Connection", b"\x01 hop-by-hop: never relayed")]) == []
+    for n in range(_headers._VALID_NAMES_MAX + 1):
+        _headers.relayed([(b"x-%d" % n, b"v")])
+    assert len(_headers._VALID_NAMES) <= _headers._VALID_NAMES_MAX
