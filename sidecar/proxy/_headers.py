@@ -1,5 +1,6 @@
 """An upstream answer's headers as the sidecar relays them: the bytes the upstream sent, less the
-hop-by-hop ones, or Unrelayable when one cannot go to the client as it is."""
+hop-by-hop ones and those its own HTTP server writes, or Unrelayable when one cannot go to the
+client as it is."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Written by the sidecar's own HTTP server on every answer (uvicorn's defaults): the upstream's
+# would make two of each, and Date is a single-valued field (RFC 9110 6.6.1).
+SERVER_OWN = frozenset({b"date", b"server"})
+NOT_RELAYED = HOP_BY_HOP | SERVER_OWN
 # A field name is a token (RFC 9110 5.1); a value holds no control but HTAB (5.5): what the
 # HTTP server would refuse to write (uvicorn raises, and the client gets a 500 or a cut
 # connection), so it is caught before anything is sent.
@@ -41,7 +46,7 @@ def relayed(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     out = []
     for name, value in raw:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
+        if lower in NOT_RELAYED:
             continue
         if name not in _VALID_NAMES:
             if not _TOKEN.fullmatch(name):

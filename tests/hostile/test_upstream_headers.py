@@ -213,3 +213,20 @@ def test_names_checked_once_are_not_a_way_around_the_checks() -> None:
     for n in range(_headers._VALID_NAMES_MAX + 1):
         _headers.relayed([(b"x-%d" % n, b"v")])
     assert len(_headers._VALID_NAMES) <= _headers._VALID_NAMES_MAX
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_answer_carries_one_date_and_one_server_header(
+    make_env: MakeEnv, raw_upstream: RawUpstream, stream: bool
+) -> None:
+    """The sidecar's HTTP server writes its own Date and Server: the upstream's would make two
+    of each (Date is a single-valued field)."""
+    env = await make_env(upstream_url=raw_upstream.url)
+    raw_upstream.header = (
+        b"date: Mon, 01 Jan 2024 00:00:00 GMT\r\nserver: upstream-1\r\nx-upstream: fine"
+    )
+    r = await ask(env, "dated", stream)
+    assert r.status_code == 200 and r.headers["x-upstream"] == "fine"
+    assert len(r.headers.get_list("date")) == 1
+    assert "2024" not in r.headers["date"]
+    assert len(r.headers.get_list("server")) == 1
