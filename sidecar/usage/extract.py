@@ -220,7 +220,7 @@ def _event_data(block: bytes) -> bytes | None:
 class StreamUsage:
     """Watches an SSE response for usage; optionally drops the usage-only chunk we asked for."""
 
-    __slots__ = ("_hold", "_kind", "_model", "_model_tries", "_raw", "_seen", "_strip")
+    __slots__ = ("_first", "_hold", "_kind", "_model", "_model_tries", "_raw", "_seen", "_strip")
 
     def __init__(self, kind: Kind, *, strip_usage_chunk: bool = False) -> None:
         self._kind = kind
@@ -232,6 +232,9 @@ class StreamUsage:
         self._seen = False
         self._model: str | None = None
         self._model_tries = 0
+        # The first chunk is on its way to the client's first byte: the model is looked for
+        # from the next one on (every chunk names it; an event with usage is read anyway).
+        self._first = True
 
     def feed(self, chunk: bytes) -> bytes:
         hold = self._hold
@@ -247,10 +250,12 @@ class StreamUsage:
         if not self._strip:
             if complete:
                 self._scan(complete, final=False)
+            self._first = False
             if len(self._hold) > _MAX_HOLD:
                 self._hold = b""
             return chunk
         out = self._scan(complete, final=False) if complete else b""
+        self._first = False
         if len(self._hold) > _MAX_HOLD:
             # Too big to be a usage chunk: pass it on rather than hold the client up.
             out += self._hold
@@ -276,7 +281,12 @@ class StreamUsage:
     def _wants(self, data: bytes) -> bool:
         if _live_usage(data):
             return True
-        return self._model is None and self._model_tries < _MODEL_TRIES and b'"model"' in data
+        return (
+            self._model is None
+            and not self._first
+            and self._model_tries < _MODEL_TRIES
+            and b'"model"' in data
+        )
 
     def _scan(self, buf: bytes, *, final: bool) -> bytes:
         if not self._wants(buf):

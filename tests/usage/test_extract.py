@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -664,3 +665,25 @@ def test_an_oversized_unterminated_event_is_passed_on_in_strip_mode() -> None:
     # The rest of the oversized event, then the usage-only chunk, which is still dropped.
     assert stream.feed(rest) == b"z\n\n"
     assert stream.finish() == CHAT
+
+
+def test_the_answers_model_is_read_from_the_chunks_after_the_first() -> None:
+    """The first chunk goes to the client without being read for its model; the next ones
+    name it too, so a usage event without a model still gets the answer's."""
+
+    def event(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    chunk = {"object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
+    events = [
+        event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
+        event({**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+        event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
+        b"data: [DONE]\n\n",
+    ]
+    stream = StreamUsage(Kind.CHAT)
+    for piece in events:
+        stream.feed(piece)
+    usage = stream.finish()
+    assert usage is not None and usage.model == "gpt-4o-2024-08-06"
+    assert (usage.input_tokens, usage.output_tokens) == (3, 1)
