@@ -215,21 +215,15 @@ def resolve(
     `canonical` maps a claimed external id to the one it counts under (normalized, and an
     alias's survivor), before the trust check: a caller must be allowed the identity it acts
     as. A process resolving request after request keeps what it resolved: see Resolver."""
-    key = api_key(headers)
-    taken = _body_identity(body) if body is not None else None
-    return _resolved(
-        body,
-        headers,
-        grant_for(key_digest(key)) if key is not None else None,
-        taken,
-        _json_of(taken[0]) if taken is not None else None,
+    resolver = Resolver(
         header=header,
+        grant_for=grant_for,
         required=required,
         trust=trust,
-        caller=caller,
         user_fields=user_fields,
         canonical=canonical,
     )
+    return resolver.resolve(body, headers, caller, None)
 
 
 class Resolver:
