@@ -220,7 +220,7 @@ def _event_data(block: bytes) -> bytes | None:
 class StreamUsage:
     """Watches an SSE response for usage; optionally drops the usage-only chunk we asked for."""
 
-    __slots__ = ("_first", "_hold", "_kind", "_model", "_model_tries", "_raw", "_seen", "_strip")
+    __slots__ = ("_hold", "_kind", "_later", "_model", "_model_tries", "_raw", "_seen", "_strip")
 
     def __init__(self, kind: Kind, *, strip_usage_chunk: bool = False) -> None:
         self._kind = kind
@@ -232,9 +232,9 @@ class StreamUsage:
         self._seen = False
         self._model: str | None = None
         self._model_tries = 0
-        # The first chunk is on its way to the client's first byte: the model is looked for
-        # from the next one on (every chunk names it; an event with usage is read anyway).
-        self._first = True
+        # Events that name a model but carry no usage: read at the end, and only when no event
+        # with usage named one (most do), not while the answer streams to the client.
+        self._later: list[bytes] = []
 
     def feed(self, chunk: bytes) -> bytes:
         hold = self._hold
@@ -250,12 +250,10 @@ class StreamUsage:
         if not self._strip:
             if complete:
                 self._scan(complete, final=False)
-            self._first = False
             if len(self._hold) > _MAX_HOLD:
                 self._hold = b""
             return chunk
         out = self._scan(complete, final=False) if complete else b""
-        self._first = False
         if len(self._hold) > _MAX_HOLD:
             # Too big to be a usage chunk: pass it on rather than hold the client up.
             out += self._hold
@@ -274,6 +272,8 @@ class StreamUsage:
     def finish(self) -> Usage | None:
         # In strip mode, call flush() first and forward what it returns.
         self.flush()
+        while self._model is None and self._later:
+            self._take(self._later.pop(0))
         if not self._seen:
             return None
         return usage_from_mapping(self._kind, self._raw, self._model)
@@ -283,10 +283,18 @@ class StreamUsage:
             return True
         return (
             self._model is None
-            and not self._first
-            and self._model_tries < _MODEL_TRIES
+            and self._model_tries + len(self._later) < _MODEL_TRIES
             and b'"model"' in data
         )
+
+    def _look(self, block: bytes) -> bool:
+        """One whole event: read now when it carries usage, kept for `finish` when it only
+        names a model. True when it is a usage-only chunk to drop."""
+        if _live_usage(block):
+            return self._take(block)
+        if self._wants(block):
+            self._later.append(block)
+        return False
 
     def _scan(self, buf: bytes, *, final: bool) -> bytes:
         if not self._wants(buf):
@@ -297,13 +305,13 @@ class StreamUsage:
         for match in _EVENT_END.finditer(buf):
             block = buf[start : match.end()]
             start = match.end()
-            if self._wants(block) and self._take(block):
+            if self._look(block):
                 dropped = True
             else:
                 kept.append(block)
         if final and start < len(buf):
             block = buf[start:]
-            if self._wants(block) and self._take(block):
+            if self._look(block):
                 dropped = True
             else:
                 kept.append(block)

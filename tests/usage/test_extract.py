@@ -667,9 +667,10 @@ def test_an_oversized_unterminated_event_is_passed_on_in_strip_mode() -> None:
     assert stream.finish() == CHAT
 
 
-def test_the_answers_model_is_read_from_the_chunks_after_the_first() -> None:
-    """The first chunk goes to the client without being read for its model; the next ones
-    name it too, so a usage event without a model still gets the answer's."""
+def test_the_answers_model_comes_from_its_events_when_the_usage_event_names_none() -> None:
+    """Events that only name the model are read once the stream is over, not on their way to
+    the client: a usage event without a model still gets the answer's, however the stream is
+    cut into chunks."""
 
     def event(body: dict[str, Any]) -> bytes:
         return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -681,9 +682,11 @@ def test_the_answers_model_is_read_from_the_chunks_after_the_first() -> None:
         event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
         b"data: [DONE]\n\n",
     ]
-    stream = StreamUsage(Kind.CHAT)
-    for piece in events:
-        stream.feed(piece)
-    usage = stream.finish()
-    assert usage is not None and usage.model == "gpt-4o-2024-08-06"
-    assert (usage.input_tokens, usage.output_tokens) == (3, 1)
+    whole = b"".join(events)
+    for pieces in (events, [whole], [b"", whole], [whole[:5], whole[5:]]):
+        stream = StreamUsage(Kind.CHAT)
+        for piece in pieces:
+            stream.feed(piece)
+        usage = stream.finish()
+        assert usage is not None and usage.model == "gpt-4o-2024-08-06"
+        assert (usage.input_tokens, usage.output_tokens) == (3, 1)
