@@ -58,17 +58,9 @@ class Identifier:
         return len(self._written)
 
     def known(self, resolved: Resolved) -> str | None:
-        """The `_id`, when nothing needs writing first (see `identify`)."""
-        known, stale = self.cached(resolved)
-        return None if stale else known
-
-    def cached(self, resolved: Resolved) -> tuple[str | None, bool]:
-        """The `_id` this process knows for the identity (None: unknown), and whether the
-        body's profile is still to be written (see `stale`)."""
+        """The `_id`, when nothing needs writing first (see `identify` and `stale`)."""
         known = self.records.known_id(resolved.external_id)
-        if known is None:
-            return None, True
-        return known, self.stale(resolved)
+        return None if known is None or self.stale(resolved) else known
 
     def known_id(self, resolved: Resolved) -> str | None:
         """The `_id` this process knows for the identity, None when unknown. A known one's

@@ -43,8 +43,6 @@ class Attribution:
         self.aliases = aliases
         self.default_output_reserve = default_output_reserve
         self.header = config.header
-        self.required = config.required
-        self.user_fields = config.user_fields
         self.networks = Networks(config.trusted_networks)
         self.trust = Trust(config.trust_mode, bool(self.networks))
         self.live = live

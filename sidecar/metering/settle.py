@@ -145,7 +145,7 @@ class Settlement:
             limiter = self.quota.limiter
             if decision.leases:
                 self.background.spawn(limiter.release(decision.leases))
-            if decision.admitted and decision.charged and not meter.settled:
+            if meter.charged and not meter.settled:
                 # Not settled before the response ended (it failed, or the client left): what
                 # upstream produced replaces the reservation now.
                 tokens = usage.total_tokens if usage is not None else 0

@@ -74,20 +74,12 @@ class Decision(msgspec.Struct, kw_only=True):
     # Admitted from allowances this process holds: what its token and cost limits took of them,
     # settled against them (Limiter.settle_lent).
     lent: tuple[Lent, ...] = ()
-    # Whether a token or cost limit applies: its usage is settled before the response ends
-    # (Limiter.settle), not written behind. Worked out from `subjects` when it is made.
+    # Whether a token or cost limit of a subject applies (Policy.charged). Worked out from
+    # `subjects` when it is made.
     charged: bool = False
 
     def __post_init__(self) -> None:
-        self.charged = _charged(self.subjects)
-
-
-def _charged(subjects: tuple[Subject, ...]) -> bool:
-    for subject in subjects:
-        for limit in subject.policy.limits:
-            if limit.dimension is Dimension.TOKENS or limit.dimension is Dimension.COST:
-                return True
-    return False
+        self.charged = any(subject.policy.charged for subject in self.subjects)
 
 
 class LimitUsage(msgspec.Struct, kw_only=True):

@@ -20,7 +20,7 @@ from sidecar.quota import windows
 from sidecar.quota.allowances import SHARE, Allowance, Allowances, Lent
 from sidecar.quota.breaker import Breaker
 from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
-from sidecar.quota.packing import KIND, PRELUDE, Packed, charged, rate_headers, reserved
+from sidecar.quota.packing import KIND, PRELUDE, Packed, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
 from sidecar.store.deadline import StoreDeadline
@@ -724,7 +724,7 @@ class Limiter:
     ) -> list[tuple[list[str], list[Any]]]:
         """The settle.lua calls for the paying subjects: one on one server, as at admission;
         one per subject on a cluster; none when no subject has a token or cost limit."""
-        paying = [s for s in subjects if charged(s.policy)]
+        paying = [s for s in subjects if s.policy.charged]
         now_ms = int(self.clock() * 1000)
         calls = [self._settle_call(s, request_id, tokens, nanos, now_ms, again) for s in paying]
         if len(calls) < 2 or self.one_slot:

@@ -11,7 +11,7 @@ from sidecar import money
 from sidecar.quota import windows
 from sidecar.quota.allowances import Allowance
 from sidecar.quota.decision import Reserve, Subject
-from sidecar.quota.policy import Dimension, Limit, Policy
+from sidecar.quota.policy import Dimension, Limit
 
 # How admit.lua is told each limit's dimension; the script's prelude gets them from here.
 KIND = {Dimension.REQUESTS: "r", Dimension.TOKENS: "t", Dimension.COST: "c"}
@@ -118,10 +118,6 @@ def _shown(limit: Limit) -> tuple[tuple[str, str, str], str]:
         shown = money.plain(amount) if limit.dimension is Dimension.COST else str(amount)
         cached = _SHOWN[id(limit)] = (limit, _NAMES[limit.dimension], shown)
     return cached[1], cached[2]
-
-
-def charged(policy: Policy) -> bool:
-    return any(limit.dimension in (Dimension.TOKENS, Dimension.COST) for limit in policy.limits)
 
 
 def reserved(limit: Limit, reserve: Reserve | None) -> int:

@@ -75,6 +75,15 @@ class Policy(msgspec.Struct, frozen=True):
     def limited(self) -> bool:
         return bool(self.limits) or self.concurrency is not None
 
+    @property
+    def charged(self) -> bool:
+        """Whether a token or cost limit applies: a request's usage is settled before its
+        response ends (Limiter.settle), not written behind."""
+        return any(
+            limit.dimension is Dimension.TOKENS or limit.dimension is Dimension.COST
+            for limit in self.limits
+        )
+
 
 class RawPolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
