@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.errors import Forbidden, InvalidRequest, Unauthorized
@@ -113,5 +112,5 @@ class Attribution:
             usage=usage or Usage(),
             kind=kind or Kind.CHAT,
             header_cost_nanos=cost_from_header(header_cost),
-            at=datetime.fromtimestamp(self.clock(), UTC),
+            at=self.clock(),
         )

@@ -79,7 +79,10 @@ class Decision(msgspec.Struct, kw_only=True):
     charged: bool = False
 
     def __post_init__(self) -> None:
-        self.charged = any(subject.policy.charged for subject in self.subjects)
+        for subject in self.subjects:
+            if subject.policy.charged:
+                self.charged = True
+                return
 
 
 class LimitUsage(msgspec.Struct, kw_only=True):

@@ -357,25 +357,42 @@ class Limiter:
         ahead = self.allowances
         assert ahead is not None
         now_ms = int(self.clock() * 1000)
+        by_limit = ahead.by_limit
         taken: list[tuple[Allowance, int, Subject, Limit, int, int]] = []
+        # Each allowance pays as it is found (so one found twice pays twice); all are paid
+        # back when some limit has none that can pay.
         for subject in limited:
             if subject.policy.concurrency:
-                return None
+                return self._unpaid(taken)
             identity_id = subject.identity_id
             for limit in subject.policy.limits:
-                need = windows.need(limit, reserved(limit, reserve))
-                allowance = ahead.find(identity_id, limit, now_ms, need) if need > 0 else None
-                if allowance is None or any(allowance is t[0] for t in taken):
-                    return None
+                dimension = limit.dimension
+                if dimension is Dimension.REQUESTS:
+                    need = 1
+                elif reserve is None:
+                    return self._unpaid(taken)
+                else:  # windows.need of packing.reserved, inlined
+                    need = reserve.tokens if dimension is Dimension.TOKENS else reserve.nanos
+                    need = limit.amount if need > limit.amount else need
+                    if need <= 0:
+                        return self._unpaid(taken)
+                allowance = by_limit.get((identity_id, id(limit)))
+                if (
+                    allowance is None
+                    or allowance.limit is not limit
+                    or allowance.left < need
+                    or not allowance.starts_ms <= now_ms < allowance.ends_ms
+                ):
+                    return self._unpaid(taken)
+                allowance.left -= need
                 elapsed, left = now_ms - allowance.starts_ms, allowance.ends_ms - now_ms
                 taken.append((allowance, need, subject, limit, elapsed, left))
         if portable and reserve is not None and not self._record(taken, request_id):
-            return None
+            return self._unpaid(taken)
         rows = []
         lent = []
         now = ahead.clock()
         for allowance, need, subject, limit, elapsed, left in taken:
-            allowance.left -= need
             allowance.touched = now
             used = allowance.current - allowance.left
             rows.append((subject, limit, allowance.previous, used, elapsed, left))
@@ -394,6 +411,12 @@ class Limiter:
             # Settled here (`settle_lent`) unless the settlement may come elsewhere (recorded).
             lent=() if portable else tuple(lent),
         )
+
+    @staticmethod
+    def _unpaid(taken: list[tuple[Allowance, int, Subject, Limit, int, int]]) -> None:
+        """What allowances paid for a request they do not admit after all, paid back."""
+        for allowance, need, *_ in taken:
+            allowance.left += need
 
     def _record(
         self, taken: list[tuple[Allowance, int, Subject, Limit, int, int]], request_id: str

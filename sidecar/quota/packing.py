@@ -3,7 +3,6 @@ x-ratelimit-* headers read back from its counts."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,7 +87,7 @@ def rate_headers(rows: list[tuple[Subject, Limit, int, int, int, int]]) -> list[
         if dimension is Dimension.COST:
             shown_left = money.plain(int(remaining))
         else:
-            shown_left = str(math.floor(remaining))
+            shown_left = str(int(remaining))  # floor: never negative
         headers += [
             (names[0], shown_limit),
             (names[1], shown_left),

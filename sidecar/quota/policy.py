@@ -19,6 +19,10 @@ class Dimension(enum.Enum):
     COST = "cost"
     CONCURRENCY = "concurrency"
 
+    # Hashed as the singletons they are: Enum's own __hash__ is a Python-level call (3x a dict
+    # lookup's cost), and members key dicts on every request's path.
+    __hash__ = object.__hash__
+
 
 class Limit(msgspec.Struct, frozen=True):
     """One limit of one policy: `amount` per window.
@@ -70,19 +74,17 @@ class Policy(msgspec.Struct, frozen=True):
     limits: tuple[Limit, ...]
     concurrency: int | None
     source: str  # file it came from
+    # Worked out from the fields above when the policy is made: read on every request's path.
+    # limited: some limit applies. charged: a token or cost limit applies, so a request's usage
+    # is settled before its response ends (Limiter.settle), not written behind.
+    limited: bool = False
+    charged: bool = False
 
-    @property
-    def limited(self) -> bool:
-        return bool(self.limits) or self.concurrency is not None
-
-    @property
-    def charged(self) -> bool:
-        """Whether a token or cost limit applies: a request's usage is settled before its
-        response ends (Limiter.settle), not written behind."""
-        return any(
-            limit.dimension is Dimension.TOKENS or limit.dimension is Dimension.COST
-            for limit in self.limits
-        )
+    def __post_init__(self) -> None:
+        limited = bool(self.limits) or self.concurrency is not None
+        charged = any(limit.dimension is not Dimension.REQUESTS for limit in self.limits)
+        msgspec.structs.force_setattr(self, "limited", limited)
+        msgspec.structs.force_setattr(self, "charged", charged)
 
 
 class RawPolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -12,6 +12,10 @@ class Kind(enum.Enum):
     EMBEDDINGS = "embeddings"
     MESSAGES = "messages"
 
+    # Hashed as the singletons they are: Enum's own __hash__ is a Python-level call (3x a dict
+    # lookup's cost), and members key dicts on every request's path.
+    __hash__ = object.__hash__
+
 
 # Longest suffix first: "/chat/completions" must win over "/completions".
 _SUFFIXES: tuple[tuple[str, Kind], ...] = (

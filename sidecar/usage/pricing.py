@@ -236,9 +236,11 @@ class Pricer:
         usage: Usage,
         kind: Kind,
         header_cost_nanos: int | None = None,
-        at: datetime | None = None,
+        at: datetime | float | None = None,
     ) -> Cost:
-        """Cost of one response. `at` is when it was made; some catalogue prices depend on it."""
+        """Cost of one response. `at` is when it was made (a datetime, or seconds since the
+        epoch); some catalogue prices depend on it. A datetime is only made for those: most
+        models have one price."""
         # The body's figure comes from whoever billed this response; the header from a proxy on
         # the way, which may have priced it from its own table. So the body's wins.
         upstream = usage.cost_nanos if usage.cost_nanos is not None else header_cost_nanos
@@ -262,17 +264,23 @@ class Pricer:
             return Cost(upstream, True, "upstream")
         return _UNPRICED
 
-    def _catalogue(self, kind: Kind, model: str, usage: Usage, at: datetime | None) -> int | None:
+    def _catalogue(
+        self, kind: Kind, model: str, usage: Usage, at: datetime | float | None
+    ) -> int | None:
         resolved = self._resolve(kind, model)
         if resolved is None:
             return None
-        if at is not None and at.tzinfo is None:
-            at = at.replace(tzinfo=UTC)
         rates = resolved.rates
-        if rates is None and at is not None and isinstance(resolved.info.prices, list):
-            rates = self._dated_rates(resolved.info.get_prices(at))
         if rates is not None:
             return rates.nanos(usage)
+        if isinstance(at, float | int):
+            at = datetime.fromtimestamp(at, UTC)
+        elif at is not None and at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        if at is not None and isinstance(resolved.info.prices, list):
+            rates = self._dated_rates(resolved.info.get_prices(at))
+            if rates is not None:
+                return rates.nanos(usage)
         return _calc_price_nanos(resolved.provider, resolved.info, usage, at)
 
     def _dated_rates(self, price: catalogue.ModelPrice) -> _Rates | None:
@@ -289,8 +297,9 @@ class Pricer:
             self._resolved.clear()
             self._dated.clear()
         key = (kind, model)
-        if key in self._resolved:
-            return self._resolved[key]
+        found = self._resolved.get(key, False)  # one lookup: None is an answer too
+        if not isinstance(found, bool):
+            return found
         resolved = None
         for provider_id, ref in _candidates(kind, model):
             try:
