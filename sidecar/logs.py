@@ -44,6 +44,11 @@ class RequestContext:
             self._request_id = ids.ulid()
         return self._request_id
 
+    @property
+    def made(self) -> str | None:
+        """The request id, if one was made."""
+        return self._request_id
+
 
 _current: ContextVar[RequestContext | None] = ContextVar("sidecar_request", default=None)
 
@@ -55,15 +60,18 @@ def begin() -> RequestContext:
     return context
 
 
-def bind(identity: str, request_id: str | None = None) -> None:
-    """The identity (external id) of the request being handled, and its id when known."""
+def bind(identity: str, request_id: str | None = None) -> RequestContext:
+    """The identity (external id) of the request being handled, and its id when known; the
+    request's context (its `request_id`, made when first read)."""
     context = _current.get()
     if context is None:
-        _current.set(RequestContext(identity, request_id))
-        return
+        context = RequestContext(identity, request_id)
+        _current.set(context)
+        return context
     context.identity = identity
     if request_id is not None:
         context._request_id = request_id
+    return context
 
 
 def clear() -> None:

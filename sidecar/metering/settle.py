@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from sidecar import ids, logs
 from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
@@ -46,13 +47,24 @@ class Meter:
     strip: bool = False  # the usage chunk the sidecar asked for is dropped from the stream
     # Known when admitted: its body profile, when due, is written once the response is out.
     refresh: bool = False
-    request_id: str = ""  # the admission's (its leases' and reservations' name)
+    # The admission's (its leases' and reservations' name); "" when its admission needed none
+    # (admitted from allowances): see `named`.
+    request_id: str = ""
     settled: bool = False  # its token and cost limits are charged (Settlement.settle)
     reserve: Reserve | None = None  # what its admission reserved of its token and cost limits
     admitted_at: float = 0.0  # time.monotonic() of the admission
     span: Span | None = None  # with [telemetry] enabled
     # What `settle` priced (the usage it was given, and its cost), for `answered` to reuse.
     priced: tuple[Usage | None, Cost | None] | None = None
+
+    @property
+    def named(self) -> str:
+        """Its request id for a log line, made now when its admission needed none (the same as
+        the line's own `request_id`: the request's log context makes it)."""
+        if not self.request_id:
+            context = logs.current()
+            self.request_id = context.request_id if context is not None else ids.ulid()
+        return self.request_id
 
     @property
     def charged(self) -> bool:
@@ -196,7 +208,7 @@ class Settlement:
                     decision.subjects, meter.request_id, tokens, cost.nanos if cost else 0
                 )
         except (StoreUnavailable, TimeoutError) as exc:
-            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
             self.background.spawn(
                 self._settle_later(meter, tokens, cost.nanos if cost else 0, tried=True)
             )
@@ -215,7 +227,7 @@ class Settlement:
             await written
         except StoreUnavailable as exc:
             # Not applied (a settlement that Redis ran is answered): charged again, later.
-            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
             await self._settle_later(meter, tokens, nanos, tried=True)
 
     async def _settle_lent(self, meter: Meter, tokens: int, nanos: int) -> None:
@@ -231,7 +243,7 @@ class Settlement:
             async with limiter.deadline():
                 await limiter.charge(more)
         except (StoreUnavailable, TimeoutError) as exc:
-            log.warning("limits of %s not charged now (%s); retrying", meter.request_id, exc)
+            log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
             self.background.spawn(self._charge_later(meter, more))
 
     async def _charge_later(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
@@ -275,7 +287,7 @@ class Settlement:
                 return
             except StoreUnavailable as exc:
                 if attempt == 4:
-                    log.error("limits of %s not charged: %s", meter.request_id, exc)
+                    log.error("limits of %s not charged: %s", meter.named, exc)
                     return
                 await asyncio.sleep(0.2 * 2**attempt)
 
@@ -366,7 +378,7 @@ class Settlement:
             cost_nanos=cost_nanos,
             policy=policy.name if policy is not None else None,
             status=status,
-            request_id=meter.request_id or None,
+            request_id=meter.request_id or _made(),
         )
         if refused_in is not None:
             attributes["sidecar.limit.dimension"] = refused_in
@@ -497,3 +509,9 @@ class Settlement:
             profile=resolved.profile,
             model=model,
         )
+
+
+def _made() -> str | None:
+    """The request id a log line of this request made, if one did."""
+    context = logs.current()
+    return context.made if context is not None else None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from sidecar import ids, logs
+from sidecar import logs
 from sidecar.asgi import ClientGone, lowered, read_body, send_error, send_json
 from sidecar.errors import (
     BadGateway,
@@ -165,17 +165,18 @@ class InlineProxy:
         decision: Decision | None = None
         try:
             if self.quota.active:
-                # Also the concurrency lease's and reservation's name.
-                request_id = meter.request_id = ids.ulid()
-                logs.bind(resolved.external_id, request_id)
+                # Its id is made when the check needs one (a concurrency lease's, reservation's
+                # name) or a log line is written: one admitted from allowances needs none.
+                context = logs.bind(resolved.external_id)
                 reserve = None
                 if self.quota.reserving:
                     reserve = self.attribution.reserve(kind, payload, len(body))
                 # Limits are kept under the identity's _id: it must be known before admission.
                 meter.reserve, meter.admitted_at = reserve, time.monotonic()
                 meter.identity, decision = await self.quota.admit(
-                    resolved, request_id, known, reserve
+                    resolved, lambda: context.request_id, known, reserve
                 )
+                meter.request_id = context.made or ""
                 if decision.store_failed and not decision.admitted:  # on_error = "deny"
                     raise StoreUnavailable(
                         "the rate limiter cannot reach its store", code="rate_limiter_unavailable"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import msgspec
@@ -49,6 +49,12 @@ class BudgetSubjects(Protocol):
     def subject(self, budget_id: str) -> Subject | None:
         """The subject of one budget in force, by its `_id` (None: gone since)."""
         ...
+
+
+# A request's id, or how to make one: an admission from allowances this process holds needs none
+# (an id costs as much as the rest of such an admission), one at Redis names its leases and
+# reservations with it.
+RequestId = str | Callable[[], str]
 
 
 class Reserve(NamedTuple):

@@ -19,7 +19,15 @@ from sidecar.observe.counters import Counters
 from sidecar.quota import windows
 from sidecar.quota.allowances import SHARE, Allowance, Allowances, Lent
 from sidecar.quota.breaker import Breaker
-from sidecar.quota.decision import Admission, Decision, LimitUsage, PolicyUsage, Reserve, Subject
+from sidecar.quota.decision import (
+    Admission,
+    Decision,
+    LimitUsage,
+    PolicyUsage,
+    RequestId,
+    Reserve,
+    Subject,
+)
 from sidecar.quota.packing import KIND, PRELUDE, Packed, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
 from sidecar.store.connect import RedisClient
@@ -236,7 +244,7 @@ class Limiter:
     async def admit(
         self,
         subjects: Sequence[Subject],
-        request_id: str,
+        request_id: RequestId,
         policy: Policy | None = None,
         reserve: Reserve | None = None,
         portable: bool = False,
@@ -259,6 +267,8 @@ class Limiter:
                 return decision
         if not self.breaker.allow():
             return self.unavailable(policy)
+        if not isinstance(request_id, str):
+            request_id = request_id()
         now_ms = int(self.clock() * 1000)
         metrics = self.metrics
         started = time.perf_counter()
@@ -348,7 +358,7 @@ class Limiter:
         limited: list[Subject],
         subjects: Sequence[Subject],
         policy: Policy | None,
-        request_id: str,
+        request_id: RequestId,
         reserve: Reserve | None,
         portable: bool,
     ) -> Decision | None:
@@ -419,7 +429,7 @@ class Limiter:
             allowance.left += need
 
     def _record(
-        self, taken: list[tuple[Allowance, int, Subject, Limit, int, int]], request_id: str
+        self, taken: list[tuple[Allowance, int, Subject, Limit, int, int]], request_id: RequestId
     ) -> bool:
         """Write the reservations a request took from allowances where settle.lua (on any
         sidecar) and admit.lua (when it expires) find them, before the decision is answered;
@@ -436,6 +446,8 @@ class Limiter:
                 self.keys.reservations(identity_id),
                 self.keys.reservations_expiry(identity_id),
             ]
+        if not isinstance(request_id, str):
+            request_id = request_id()
         until = int(self.clock() * 1000) + self.lease_ms
         args = [request_id, until, self.lease_ms + 60_000, *(" ".join(p) for p in entries.values())]
         try:

@@ -11,7 +11,7 @@ from sidecar.errors import StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved, Source
-from sidecar.quota.decision import BudgetSubjects, Decision, Reserve, Subject
+from sidecar.quota.decision import BudgetSubjects, Decision, RequestId, Reserve, Subject
 from sidecar.quota.limiter import Limiter
 from sidecar.quota.live import LiveConfig
 from sidecar.quota.policy import Dimension, Match, Policy, choose
@@ -227,14 +227,15 @@ class Quota:
     async def admit(
         self,
         resolved: Resolved,
-        request_id: str,
+        request_id: RequestId,
         known: str | None,
         reserve: Reserve | None = None,
         portable: bool = False,
     ) -> tuple[str | None, Decision]:
         """The identity's `_id` (None when the store could not say) and the decision; `known`
-        is the `_id` the caller already has (see Identifier.cached); `portable`: settled by a
-        report that may come to another sidecar (Limiter.admit).
+        is the `_id` the caller already has (see Identifier.known_id); `request_id`: the
+        request's id, or how to make one; `portable`: settled by a report that may come to
+        another sidecar (Limiter.admit).
 
         Finding the identity (an upsert when it is new), its key's owner and their profiles,
         then the limit check, each give up after `timeout_ms`; then `on_error` decides, as for
