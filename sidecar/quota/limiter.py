@@ -367,7 +367,6 @@ class Limiter:
         ahead = self.allowances
         assert ahead is not None
         now_ms = int(self.clock() * 1000)
-        by_limit = ahead.by_limit
         taken: list[tuple[Allowance, int, Subject, Limit, int, int]] = []
         # Each allowance pays as it is found (so one found twice pays twice); all are paid
         # back when some limit has none that can pay.
@@ -386,13 +385,8 @@ class Limiter:
                     need = limit.amount if need > limit.amount else need
                     if need <= 0:
                         return self._unpaid(taken)
-                allowance = by_limit.get((identity_id, id(limit)))
-                if (
-                    allowance is None
-                    or allowance.limit is not limit
-                    or allowance.left < need
-                    or not allowance.starts_ms <= now_ms < allowance.ends_ms
-                ):
+                allowance = ahead.find(identity_id, limit, now_ms, need)
+                if allowance is None:
                     return self._unpaid(taken)
                 allowance.left -= need
                 elapsed, left = now_ms - allowance.starts_ms, allowance.ends_ms - now_ms
