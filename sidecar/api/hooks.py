@@ -121,4 +121,5 @@ async def _authorize(request: Request[Any, Any, Any], authorizer: AuthorizerDep)
     headers = {k.lower(): v for k, v in request.headers.items()}
     peer = request.client.host if request.client is not None else None
     decided = await authorizer.decide(await request.body(), headers, peer)
-    return Response(decided.body, status_code=decided.status, headers=decided.headers)
+    out = {k.decode("latin-1"): v.decode("latin-1") for k, v in decided.headers}
+    return Response(decided.body, status_code=decided.status, headers=out)

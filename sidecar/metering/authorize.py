@@ -49,7 +49,7 @@ class Authorization(msgspec.Struct):
 class Decided(NamedTuple):
     status: int
     body: Authorization | RateLimitError
-    headers: dict[str, str]
+    headers: list[tuple[bytes, bytes]]  # as the HTTP server takes them
 
 
 class Authorizer:
@@ -64,6 +64,7 @@ class Authorizer:
         self.identifier = identifier
         self.quota = quota
         self.settlement = settlement
+        self.header = attribution.header.lower().encode("latin-1")
 
     async def decide(self, raw: bytes, headers: dict[str, str], peer: str | None) -> Decided:
         """The original request's body and (lower-cased) headers in, the decision out; `peer`
@@ -97,14 +98,14 @@ class Authorizer:
             # (the request count the check took stays).
             await self.quota.limiter.release(decision.leases)
             raise _too_late(deadline)
-        out = dict(decision.headers)
+        out = list(decision.headers)
         if not decision.admitted:
             if decision.store_failed:
                 raise StoreUnavailable(
                     "the rate limiter cannot reach its store", code="rate_limiter_unavailable"
                 )
             self.settlement.refused(identity_id, resolved, decision)
-            out["retry-after"] = str(decision.retry_after)
+            out.append((b"retry-after", b"%d" % decision.retry_after))
             return Decided(429, refusal(decision, resolved.external_id), out)
         owner = self.quota.owner_of(resolved)
         others = [
@@ -121,8 +122,8 @@ class Authorizer:
             except StoreUnavailable as exc:
                 log.warning("subjects of %s not kept for its report: %s", request_id, exc)
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
-        out[self.attribution.header] = encode_header_id(resolved.external_id)
-        out["x-sidecar-request-id"] = request_id
+        header_id = encode_header_id(resolved.external_id).encode("latin-1")
+        out += [(self.header, header_id), (b"x-sidecar-request-id", request_id.encode())]
         policy = decision.policy.name if decision.policy is not None else None
         identity = HookIdentity(resolved.external_id, resolved.source.value)
         return Decided(200, Authorization(request_id, identity, policy), out)

@@ -54,5 +54,4 @@ class RawAuthorize:
         except SidecarError as exc:
             await send_error(send, exc)
             return
-        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in decided.headers.items()]
-        await send_json(send, decided.status, _encode(decided.body), out)
+        await send_json(send, decided.status, _encode(decided.body), decided.headers)

@@ -213,8 +213,7 @@ class InlineProxy:
             return write
 
     async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
-        headers = [(b"retry-after", b"%d" % decision.retry_after)]
-        headers += [(k.encode(), v.encode()) for k, v in decision.headers]
+        headers = [(b"retry-after", b"%d" % decision.retry_after), *decision.headers]
         await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
         identity_id = meter.identity if isinstance(meter.identity, str) else None
         self.settlement.refused(identity_id, meter.resolved, decision, meter)
@@ -283,7 +282,7 @@ class InlineProxy:
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
-                    out_headers += [(k.encode(), v.encode()) for k, v in meter.decision.headers]
+                    out_headers += meter.decision.headers
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end

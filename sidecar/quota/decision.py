@@ -73,22 +73,22 @@ class Decision(msgspec.Struct, kw_only=True):
     binding: Limit | None = None  # the limit that refused (None for concurrency)
     dimension: Dimension | None = None  # what refused
     retry_after: int = 0  # whole seconds, >= 1 when refused
-    headers: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    headers: list[tuple[bytes, bytes]] = msgspec.field(default_factory=list)  # x-ratelimit-*
     # Concurrency slots to give back when the request ends: (identity _id, lease).
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says
     # Admitted from allowances this process holds: what its token and cost limits took of them,
     # settled against them (Limiter.settle_lent).
     lent: tuple[Lent, ...] = ()
-    # Whether a token or cost limit of a subject applies (Policy.charged). Worked out from
-    # `subjects` when it is made.
+    # Whether a token or cost limit of a subject applies (Policy.charged of one of `subjects`):
+    # set by the limiter, which has just read their limits (a __post_init__ working it out
+    # costs more than the rest of the decision's making).
     charged: bool = False
 
-    def __post_init__(self) -> None:
-        for subject in self.subjects:
-            if subject.policy.charged:
-                self.charged = True
-                return
+
+def charged(subjects: Sequence[Subject]) -> bool:
+    """Whether a token or cost limit of one of `subjects` applies (Decision.charged)."""
+    return any(subject.policy.charged for subject in subjects)
 
 
 class LimitUsage(msgspec.Struct, kw_only=True):

@@ -27,6 +27,7 @@ from sidecar.quota.decision import (
     RequestId,
     Reserve,
     Subject,
+    charged,
 )
 from sidecar.quota.packing import KIND, PRELUDE, Packed, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
@@ -414,6 +415,7 @@ class Limiter:
             headers=rate_headers(rows),
             # Settled here (`settle_lent`) unless the settlement may come elsewhere (recorded).
             lent=() if portable else tuple(lent),
+            charged=bool(lent),  # a token or cost limit lent
         )
 
     @staticmethod
@@ -543,6 +545,7 @@ class Limiter:
                 headers=headers,
                 leases=leases,
                 lent=tuple(lent),
+                charged=charged(subjects),
             )
         if not refusing:  # the script saw a limit at its edge that the float math here does not
             refusing.append((packs[-1].subjects[0], None, 1000))
@@ -560,6 +563,7 @@ class Limiter:
             dimension=dimension,
             headers=headers,
             retry_after=max(1, math.ceil(wait / 1000)),
+            charged=charged(subjects),
         )
 
     def _lent(self, packs: list[Packed], replies: list[Any]) -> list[Lent]:

@@ -61,10 +61,12 @@ class Packed:
         ]
 
 
-def rate_headers(rows: list[tuple[Subject, Limit, int, int, int, int]]) -> list[tuple[str, str]]:
-    """OpenAI's x-ratelimit-* headers; per dimension, the limit with the least left (of
-    every subject's). On every limited response: the window math of windows.used and
-    windows.reset_ms, inlined (a third of this function's time as calls)."""
+def rate_headers(
+    rows: list[tuple[Subject, Limit, int, int, int, int]],
+) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers, as the HTTP server takes them; per dimension, the limit
+    with the least left (of every subject's). On every limited response: the window math of
+    windows.used and windows.reset_ms, inlined (a third of this function's time as calls)."""
     tightest: dict[Dimension, tuple[float, Limit, int]] = {}
     for _, limit, previous, current, elapsed, left in rows:
         if limit.calendar is None:
@@ -85,29 +87,29 @@ def rate_headers(rows: list[tuple[Subject, Limit, int, int, int, int]]) -> list[
     for dimension, (remaining, limit, reset) in tightest.items():
         names, shown_limit = _shown(limit)
         if dimension is Dimension.COST:
-            shown_left = money.plain(int(remaining))
+            shown_left = money.plain(int(remaining)).encode()
         else:
-            shown_left = str(int(remaining))  # floor: never negative
+            shown_left = b"%d" % remaining  # floor: never negative
         headers += [
             (names[0], shown_limit),
             (names[1], shown_left),
-            (names[2], windows.duration(reset)),
+            (names[2], windows.duration(reset).encode()),
         ]
     return headers
 
 
 _NAMES = {
     dimension: (
-        f"x-ratelimit-limit-{name}",
-        f"x-ratelimit-remaining-{name}",
-        f"x-ratelimit-reset-{name}",
+        b"x-ratelimit-limit-" + name.encode(),
+        b"x-ratelimit-remaining-" + name.encode(),
+        b"x-ratelimit-reset-" + name.encode(),
     )
     for dimension, name in HEADER.items()
 }
-_SHOWN: dict[int, tuple[Limit, tuple[str, str, str], str]] = {}  # id(limit) -> the limit, ...
+_SHOWN: dict[int, tuple[Limit, tuple[bytes, bytes, bytes], bytes]] = {}  # id(limit) -> ...
 
 
-def _shown(limit: Limit) -> tuple[tuple[str, str, str], str]:
+def _shown(limit: Limit) -> tuple[tuple[bytes, bytes, bytes], bytes]:
     """A limit's header names and its amount as shown: worked out once per limit."""
     cached = _SHOWN.get(id(limit))
     if cached is None or cached[0] is not limit:
@@ -115,7 +117,7 @@ def _shown(limit: Limit) -> tuple[tuple[str, str, str], str]:
             _SHOWN.clear()
         amount = limit.amount
         shown = money.plain(amount) if limit.dimension is Dimension.COST else str(amount)
-        cached = _SHOWN[id(limit)] = (limit, _NAMES[limit.dimension], shown)
+        cached = _SHOWN[id(limit)] = (limit, _NAMES[limit.dimension], shown.encode())
     return cached[1], cached[2]
 
 

@@ -127,16 +127,21 @@ def reset_ms(limit: Limit, previous: int, current: int, left_ms: int) -> int:
     return left_ms if previous else 0
 
 
+# ".5", ".05", ".123" for 500, 50, 123 ms past a whole second; "" for none.
+_MILLIS = ("", *(f".{m:03d}".rstrip("0") for m in range(1, 1000)))
+
+
 def duration(ms: int) -> str:
-    """As OpenAI formats x-ratelimit-reset-*: '20ms', '1s', '6m0s', '1h2m3s', '1.5s'."""
+    """As OpenAI formats x-ratelimit-reset-*: '20ms', '1s', '6m0s', '1h2m3s', '1.5s'. In
+    integers and a table of fractions (on every limited response: formatting a float, or a
+    fraction per call, costs twice as much)."""
     if ms < 1000:
         return f"{max(ms, 0)}ms"
     hours, rest = divmod(int(ms), 3_600_000)
     minutes, rest = divmod(rest, 60_000)
-    whole, millis = divmod(rest, 1000)  # in integers: formatting a float costs twice as much
-    seconds = f"{whole}.{millis:03d}".rstrip("0") if millis else str(whole)
+    whole, millis = divmod(rest, 1000)
     if hours:
-        return f"{hours}h{minutes}m{seconds}s"
+        return f"{hours}h{minutes}m{whole}{_MILLIS[millis]}s"
     if minutes:
-        return f"{minutes}m{seconds}s"
-    return f"{seconds}s"
+        return f"{minutes}m{whole}{_MILLIS[millis]}s"
+    return f"{whole}{_MILLIS[millis]}s"
