@@ -38,7 +38,9 @@ from tests.support.litellm_proxy import LiteLLMProxy
 
 # Two warnings raised inside LiteLLM by its pydantic use (pydantic 2.11+): ReadOnly TypedDict
 # items, and its streaming code reading `model_fields` and `model_computed_fields` from instances.
+# LiteLLM's proxy pipeline in process (its import alone takes seconds): the slow set.
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings(
         "ignore:Items? .* on TypedDict class .* `ReadOnly` qualifier:UserWarning"
     ),
@@ -477,7 +479,6 @@ class Hop:
         return self.answers[0]
 
 
-@pytest.mark.slow
 async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts_nothing(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
 ) -> None:
@@ -507,7 +508,6 @@ async def test_a_decision_reaching_the_sidecar_after_the_callback_gave_up_counts
     assert len(limited.mock.requests) == 2
 
 
-@pytest.mark.slow
 async def test_a_decision_made_after_the_callback_gave_up_gives_its_concurrency_slot_back(
     make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
