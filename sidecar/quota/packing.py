@@ -66,8 +66,10 @@ def rate_headers(
 ) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers, as the HTTP server takes them; per dimension, the limit
     with the least left (of every subject's). On every limited response: the window math of
-    windows.used and windows.reset_ms, inlined (a third of this function's time as calls)."""
-    tightest: dict[Dimension, tuple[float, Limit, int]] = {}
+    windows.used and windows.reset_ms, inlined (a third of this function's time as calls), and
+    the dimensions told apart by identity (a dict keyed by them costs more than the math)."""
+    # Per dimension (requests, tokens, cost): (remaining, limit, reset ms) of the tightest.
+    tightest: list[tuple[float, Limit, int] | None] = [None, None, None]
     for _, limit, previous, current, elapsed, left in rows:
         if limit.calendar is None:
             window = limit.window_s * 1000
@@ -76,25 +78,27 @@ def rate_headers(
         else:
             used = current
             reset = left if current else 0
-        remaining = limit.amount - used
+        amount = limit.amount
+        remaining = amount - used
         if remaining < 0:
             remaining = 0.0
         dimension = limit.dimension
-        best = tightest.get(dimension)
-        if best is None or remaining * best[1].amount < best[0] * limit.amount:
-            tightest[dimension] = (remaining, limit, reset)
+        i = 0 if dimension is Dimension.REQUESTS else 1 if dimension is Dimension.TOKENS else 2
+        best = tightest[i]
+        if best is None or remaining * best[1].amount < best[0] * amount:
+            tightest[i] = (remaining, limit, reset)
     headers = []
-    for dimension, (remaining, limit, reset) in tightest.items():
+    for i, found in enumerate(tightest):
+        if found is None:
+            continue
+        remaining, limit, reset = found
         names, shown_limit = _shown(limit)
-        if dimension is Dimension.COST:
-            shown_left = money.plain(int(remaining)).encode()
+        headers.append((names[0], shown_limit))
+        if i == 2:  # cost: dollars
+            headers.append((names[1], money.plain(int(remaining)).encode()))
         else:
-            shown_left = b"%d" % remaining  # floor: never negative
-        headers += [
-            (names[0], shown_limit),
-            (names[1], shown_left),
-            (names[2], windows.duration(reset).encode()),
-        ]
+            headers.append((names[1], b"%d" % remaining))  # floor: never negative
+        headers.append((names[2], windows.duration(reset).encode()))
     return headers
 
 
