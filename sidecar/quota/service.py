@@ -207,10 +207,14 @@ class Quota:
     def _known_subjects(self, resolved: Resolved, identity_id: str) -> list[Subject] | None:
         """`subjects`, when everything it needs is at hand without a store read."""
         policy = self._known_policy(resolved)
-        tags = self._known_tags(resolved)
-        if isinstance(policy, _Missing) or isinstance(tags, _Missing):
+        if isinstance(policy, _Missing):
             return None
         out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
+        if resolved.owner is None and not self.budgets.active:  # the common case: no one else
+            return out
+        tags = self._known_tags(resolved)
+        if isinstance(tags, _Missing):
+            return None
         budgets = self.budgets.subjects(resolved.external_id, tags, resolved.owner)
         owner = self.owner_of(resolved)
         if owner is not None and (self.live.policies or budgets):
