@@ -162,10 +162,11 @@ class Settlement:
                 # upstream produced replaces the reservation now.
                 tokens = usage.total_tokens if usage is not None else 0
                 self.background.spawn(self._settle_later(meter, tokens, nanos))
-            owner_id = next(
-                (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
-                None,
-            )
+            if resolved.owner is not None:  # its key's owner, counted in turn (two levels)
+                owner_id = next(
+                    (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
+                    None,
+                )
         self.recorder.add(
             identity,
             counters,
@@ -174,7 +175,8 @@ class Settlement:
             profile=resolved.profile,
             model=name,
         )
-        self._via_owner(resolved, counters, owner_id, {})
+        if resolved.owner is not None:
+            self._via_owner(resolved, counters, owner_id, {})
 
     async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
         """Before an inline response ends: when a token or cost limit applies, what the request
