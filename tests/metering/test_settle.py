@@ -178,12 +178,15 @@ async def test_an_unreachable_upstream_is_an_error_span(
     assert "gen_ai.usage.input_tokens" not in span.attributes
 
 
+@pytest.mark.slow  # waits out a 1 s upstream timeout
 async def test_a_timeout_and_a_broken_stream_are_error_spans(
     otlp: OtlpReceiver, make_env: MakeEnv
 ) -> None:
-    env = await make_env(telemetry=telemetry(otlp), upstream={"timeout_s": 0.3})
+    # The timeout covers the broken stream's wait for its head too: at 0.3 s a loaded machine
+    # could time that stream out before its head (a 504, not a broken stream).
+    env = await make_env(telemetry=telemetry(otlp), upstream={"timeout_s": 1.0})
     async with httpx.AsyncClient(base_url=env.url) as http:
-        slow = {"x-mock-latency-ms": "1000"}
+        slow = {"x-mock-latency-ms": "2000"}
         r = await http.post("/v1/chat/completions", json=CHAT, headers=slow)
         assert r.status_code == 504
         with pytest.raises(httpx.RemoteProtocolError):
