@@ -175,8 +175,7 @@ class Settlement:
             profile=resolved.profile,
             model=name,
         )
-        if resolved.owner is not None:
-            self._via_owner(resolved, counters, owner_id, {})
+        self._via_owner(resolved, counters, owner_id, {})
 
     async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
         """Before an inline response ends: when a token or cost limit applies, what the request

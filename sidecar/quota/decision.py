@@ -57,6 +57,11 @@ class BudgetSubjects(Protocol):
 RequestId = str | Callable[[], str]
 
 
+def made(request_id: RequestId) -> str:
+    """The request id, made now if it was not yet."""
+    return request_id if isinstance(request_id, str) else request_id()
+
+
 class Reserve(NamedTuple):
     """What a request is expected to use at most: reserved at admission against every token
     and cost limit, replaced by the actual once it is answered."""

@@ -28,6 +28,7 @@ from sidecar.quota.decision import (
     Reserve,
     Subject,
     charged,
+    made,
 )
 from sidecar.quota.packing import KIND, PRELUDE, Packed, rate_headers, reserved
 from sidecar.quota.policy import Dimension, Limit, Policy
@@ -268,8 +269,7 @@ class Limiter:
                 return decision
         if not self.breaker.allow():
             return self.unavailable(policy)
-        if not isinstance(request_id, str):
-            request_id = request_id()
+        request_id = made(request_id)
         now_ms = int(self.clock() * 1000)
         metrics = self.metrics
         started = time.perf_counter()
@@ -376,17 +376,8 @@ class Limiter:
                 return self._unpaid(taken)
             identity_id = subject.identity_id
             for limit in subject.policy.limits:
-                dimension = limit.dimension
-                if dimension is Dimension.REQUESTS:
-                    need = 1
-                elif reserve is None:
-                    return self._unpaid(taken)
-                else:  # windows.need of packing.reserved, inlined
-                    need = reserve.tokens if dimension is Dimension.TOKENS else reserve.nanos
-                    need = limit.amount if need > limit.amount else need
-                    if need <= 0:
-                        return self._unpaid(taken)
-                allowance = ahead.find(identity_id, limit, now_ms, need)
+                need = windows.need(limit, reserved(limit, reserve))
+                allowance = ahead.find(identity_id, limit, now_ms, need) if need > 0 else None
                 if allowance is None:
                     return self._unpaid(taken)
                 allowance.left -= need
@@ -442,10 +433,13 @@ class Limiter:
                 self.keys.reservations(identity_id),
                 self.keys.reservations_expiry(identity_id),
             ]
-        if not isinstance(request_id, str):
-            request_id = request_id()
         until = int(self.clock() * 1000) + self.lease_ms
-        args = [request_id, until, self.lease_ms + 60_000, *(" ".join(p) for p in entries.values())]
+        args = [
+            made(request_id),
+            until,
+            self.lease_ms + 60_000,
+            *(" ".join(p) for p in entries.values()),
+        ]
         try:
             future = self._records.write(keys, args)  # on the socket by `written`
         except StoreUnavailable:
