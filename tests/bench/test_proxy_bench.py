@@ -54,8 +54,9 @@ def check_target(result: Mapping[str, Any], target: str) -> None:
     stream = run["stream"][target]
     assert stream["n"] == 4 and stream["errors"] == 0
     assert 0 < stream["ttfb"]["p50_ms"] < stream["last_byte"]["p50_ms"]
-    # Four paced content chunks arrive as separate reads unless something buffers them.
-    assert stream["reads_median"] >= 4
+    # Four paced content chunks arrive as separate reads unless something buffers them; on a
+    # loaded machine two of them may land in one read now and then, a buffering proxy gives 1.
+    assert stream["reads_median"] >= 3
     assert run["wrk_sequential"][target]["requests"] > 0
     assert run["wrk_sequential"][target]["http_errors"] == 0
     saturation = run["saturation"][target]
