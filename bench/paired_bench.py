@@ -13,6 +13,8 @@ mock upstream, each on its own database of one private Redis, beside the bare pa
 - Sequential: a Python keep-alive client (as users' SDKs call), one connection per target, the
   targets interleaved in blocks of `--block` requests, their order rotating each block; the p50
   and p90 added over the upstream, per repeat.
+- Streams (`--streams N`): sequential SSE streams of 20 chunks 5 ms apart, blocks of 10
+  alternating; the time to the first body byte added over the upstream's, per repeat.
 - Saturation: wrk with 64 connections against each sidecar in turn (the order alternating),
   requests/s and the CPU each sidecar spent per request (its process tree's CPU time over the
   requests answered: the steadiest of these figures when the machine is busy).
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import cli
-from bench.lib.client import Target, measure_sequential, rotated
+from bench.lib.client import Target, measure_sequential, measure_streams, rotated
 from bench.lib.config import ROOT, sidecar_config
 from bench.lib.meta import bare_description
 from bench.lib.payloads import API_KEY, CHAT_PATH, scenarios
@@ -55,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=cli.positive, default=3000, help="per target and repeat")
     p.add_argument("--warmup", type=cli.non_negative, default=300, help="per target and repeat")
     p.add_argument("--block", type=cli.positive, default=100, help="requests before switching")
+    p.add_argument("--streams", type=cli.non_negative, default=0, help="per target and repeat")
     p.add_argument("--wrk-repeats", type=cli.non_negative, default=4, help="saturation rounds")
     p.add_argument("--duration", type=cli.positive, default=6, help="seconds of each wrk run")
     p.add_argument("--connections", type=cli.positive, default=64, help="wrk connections")
@@ -87,6 +90,14 @@ def baseline_tree(spec: str, scratch: Path) -> tuple[Path, str]:
     return tree, f"commit {commit}"
 
 
+def answered_ok(name: str, entry: dict[str, Any]) -> None:
+    """Every request answered 2xx (a keep-alive connection the server closed while the other
+    targets ran is only opened again; an incomplete stream or an error status is fatal)."""
+    fatal = {k: n for k, n in entry.get("error_kinds", {}).items() if "Error" not in k}
+    if fatal:
+        raise RuntimeError(f"{name} answered errors: {fatal}")
+
+
 def sequential(
     targets: list[Target], args: argparse.Namespace, scenario: Any
 ) -> list[dict[str, Any]]:
@@ -99,8 +110,7 @@ def sequential(
         for name, entry in figures.items():
             if name == "direct":
                 continue
-            if entry.get("errors"):
-                raise RuntimeError(f"{name} answered errors: {entry.get('error_kinds')}")
+            answered_ok(name, entry)
             run[name] = {q: rnd(entry[f"{q}_ms"] - direct[f"{q}_ms"]) for q in ("p50", "p90")}
         run["change_over_baseline_p50"] = ratio(run["change"]["p50"], run["baseline"]["p50"])
         for name in NAMES:
@@ -108,6 +118,31 @@ def sequential(
         log(
             f"  added p50 ms: bare {run['bare']['p50']}, baseline {run['baseline']['p50']}, "
             f"change {run['change']['p50']} (change/baseline {run['change_over_baseline_p50']})"
+        )
+        runs.append(run)
+    return runs
+
+
+def streams(targets: list[Target], args: argparse.Namespace) -> list[dict[str, Any]]:
+    scenario = scenarios(args.identities)["stream_chat"]
+    runs = []
+    for index in range(args.repeats if args.streams else 0):
+        log(f"streams {index + 1}/{args.repeats}: {args.streams} per target")
+        figures = measure_streams(targets, scenario, args.streams, 5, 10)
+        direct = figures["direct"]["ttfb"]["p50_ms"]
+        run: dict[str, Any] = {}
+        for name, entry in figures.items():
+            if name != "direct":
+                answered_ok(name, entry)
+                run[name] = {"ttfb_p50": rnd(entry["ttfb"]["p50_ms"] - direct)}
+        run["change_over_baseline_ttfb"] = ratio(
+            run["change"]["ttfb_p50"], run["baseline"]["ttfb_p50"]
+        )
+        for name in NAMES:
+            run[f"{name}_over_bare_ttfb"] = ratio(run[name]["ttfb_p50"], run["bare"]["ttfb_p50"])
+        log(
+            f"  stream first byte added, ms: bare {run['bare']['ttfb_p50']}, baseline "
+            f"{run['baseline']['ttfb_p50']}, change {run['change']['ttfb_p50']}"
         )
         runs.append(run)
     return runs
@@ -155,6 +190,13 @@ def summary(result: dict[str, Any]) -> str:
     row("added p50, change / baseline", [r["change_over_baseline_p50"] for r in seq])
     row("added p50, baseline / bare", [r["baseline_over_bare_p50"] for r in seq])
     row("added p50, change / bare", [r["change_over_bare_p50"] for r in seq])
+    for run_key, what in (
+        ("change_over_baseline_ttfb", "stream first byte added, change / baseline"),
+        ("baseline_over_bare_ttfb", "stream first byte added, baseline / bare"),
+        ("change_over_bare_ttfb", "stream first byte added, change / bare"),
+    ):
+        if result["streams"]:
+            row(what, [r[run_key] for r in result["streams"]])
     if sat:
         for key, what in (
             ("requests_per_s", "saturation requests/s"),
@@ -201,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "baseline": described,
                     "bare": bare_description(),
                     "sequential": sequential([upstream, bare, *sides], args, scenario),
+                    "streams": streams([upstream, bare, *sides], args),
                     "saturation": saturation(sides, args, env),
                 }
         return cli.Outcome(result, summary(result))

@@ -1,6 +1,8 @@
 """Quota a process holds ahead (`[limits] prefetch`): many admissions against one Redis exchange.
 
-An admission that goes to Redis may ask, per limit, for an *allowance*: up to `prefetch`
+An admission that goes to Redis may ask, per limit, for an *allowance*, when a request of the
+same identity went to Redis from this process within `HOLD_S` (a lone request asks for none: an
+identity that calls now and then would only have its allowance given back unused): up to `prefetch`
 requests' worth (what this request needs, times `prefetch`) counted in the limit's current
 bucket at once, but never more than an eighth of what the limit has left (so near a limit's edge
 there is none, and every request is checked at Redis). Later requests of the same subjects are
@@ -90,6 +92,16 @@ class Allowances:
         # The same allowances by (identity _id, id(limit)): found without making the bucket's
         # key (the limit object is checked too, as an id can be reused once a policy is gone).
         self.by_limit: dict[tuple[str, int], Allowance] = {}
+        # When a request of an identity (its _id) last went to Redis from this process.
+        self.asked: dict[str, float] = {}
+
+    def wanted(self, identity_id: str) -> bool:
+        """Whether a request of `identity_id` going to Redis asks for allowances: only when
+        another went there within HOLD_S (the identity is busy). Noted either way."""
+        now = self.clock()
+        last = self.asked.get(identity_id)
+        self.asked[identity_id] = now
+        return last is not None and now - last < HOLD_S
 
     def find(self, identity_id: str, limit: Limit, now_ms: int, need: int) -> Allowance | None:
         """The allowance of `limit`'s current bucket for `identity_id`, when it can pay `need`."""
@@ -153,6 +165,8 @@ class Allowances:
         lifetime) for those with units left."""
         now = self.clock()
         idle, old = now - HOLD_S, now - MAX_HOLD_S
+        if only is None:  # identities not at Redis for HOLD_S are not busy any more
+            self.asked = {key: at for key, at in self.asked.items() if at >= idle}
         back = []
         held = self.held
         for key in list(held) if only is None else [key for key in only if key in held]:

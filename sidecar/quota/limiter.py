@@ -179,7 +179,11 @@ class Limiter:
                 out.caps.append(str(subject.policy.concurrency))
         out.keys += [key for _, key in out.leases]
         asks = ""
-        if self.allowances is not None and not out.leases:
+        if (
+            self.allowances is not None
+            and not out.leases
+            and self.allowances.wanted(subjects[0].identity_id)
+        ):
             asks = self._asks(out)
         for subject in out.reserving:
             out.keys += [

@@ -1,6 +1,8 @@
 """`[limits] prefetch`: quota a process holds ahead per limit (allowances), admitted from with no
 Redis exchange (docs/policies.md, "Prefetch"). It never admits more than a limit, what requests
-use is counted exactly once, and what a process holds goes back to its buckets."""
+use is counted exactly once, and what a process holds goes back to its buckets. Allowances are
+asked for only by an identity that is busy: the first request in a while asks for none, the
+next one (within allowances.HOLD_S) does."""
 
 from __future__ import annotations
 
@@ -161,19 +163,52 @@ async def test_requests_are_admitted_with_no_exchange_while_allowances_last(
         recorder._start()
         await env.settle()
         if prefetch:
-            # The first exchange grants 32 requests' worth per limit; the 34th request finds
-            # the requests limit's allowance spent (its token and cost ones pay for it) and
-            # is granted 32 more.
-            assert len(sent) == 2
-            assert limiter.ahead == 38 and await ahead(env.url) == 38
+            # The first asks for nothing; the second's exchange grants 32 requests' worth per
+            # limit; the 35th request finds the requests limit's allowance spent (its token and
+            # cost ones pay for it) and is granted 32 more.
+            assert len(sent) == 3
+            assert limiter.ahead == 37 and await ahead(env.url) == 37
         else:
             assert len(sent) == 40
             assert limiter.ahead == 0 and await ahead(env.url) == 0
         assert len(env.mock.requests) == 40
     # After the first: per request without prefetch, an admit.lua and a settle.lua call; with
-    # it, the 34th's admit.lua only (granted allowances, it too is settled in the process), the
-    # rest admitted and settled in the process.
-    assert stats == {0: 2 * 39, 32: 1}
+    # it, the second's and the 35th's admit.lua only (granted allowances, they too are settled
+    # in the process), the rest admitted and settled in the process.
+    assert stats == {0: 2 * 39, 32: 2}
+
+
+def test_only_a_busy_identity_asks_for_allowances() -> None:
+    now = [100.0]
+    ahead = allowances.Allowances(32, clock=lambda: now[0])
+    assert not ahead.wanted("a")  # the first request in a while
+    now[0] += HOLD_S / 2
+    assert ahead.wanted("a")
+    assert not ahead.wanted("b")
+    now[0] += HOLD_S + 0.01
+    assert not ahead.wanted("a")  # back after a pause: as lone as the first
+    now[0] += HOLD_S + 0.01
+    assert ahead.due(0) == []
+    assert ahead.asked == {}  # identities not at Redis for HOLD_S are forgotten
+
+
+async def test_an_identity_that_calls_now_and_then_holds_nothing(
+    make_env: MakeEnv, tmp_path: Path, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allowances, "HOLD_S", 0.3)
+    env = await make_env(**PREFETCH, **policy(tmp_path, 'requests = ["1000/minute"]\n'))
+    limiter = env.app.services.limiter
+    assert limiter.allowances is not None
+    for n in (1, 2):
+        if n > 1:
+            await asyncio.sleep(0.3 + SWEEP_S)
+        assert await burst(env.url, 1, "sparse") == {200: 1}
+        # Counted alone: nothing held ahead, so nothing to give back.
+        assert await bucket(redis, "r:60") == n
+        assert limiter.allowances.held == {}
+    assert await burst(env.url, 1, "sparse") == {200: 1}  # back at once: busy
+    assert await bucket(redis, "r:60") == 3 + 32
+    assert limiter.ahead == 0
 
 
 @pytest.mark.slow
@@ -189,11 +224,12 @@ async def test_token_limits_settle_exactly_against_allowances(
         assert remaining_tokens(first) == 100_000 - RESERVED
         for _ in range(9):
             assert (await chat(client, "exact")).status_code == 200
-        assert services.limiter.ahead == 9
-        # The first request's reservation and 32 more held ahead: what the ten used is spent,
-        # and their surplus returned, inside the process; the bucket is as it was granted.
+        assert services.limiter.ahead == 8
+        # What the first used (settled at Redis: it asked for no allowance), the second's
+        # reservation and 32 more held ahead: what the other nine used is spent, and their
+        # surplus returned, inside the process; the bucket is as it was granted.
         held = await bucket(redis, "t:3600")
-        assert held == 33 * RESERVED
+        assert held == USED + 33 * RESERVED
         # The dashboard's reading leaves out what this process holds.
         assert await used(env, "exact") == 10 * USED
         release(monkeypatch)
@@ -212,7 +248,7 @@ async def test_headers_of_requests_admitted_ahead_count_what_was_used(
     async with httpx.AsyncClient(base_url=env.url) as client:
         for _ in range(4):
             shown.append(remaining_tokens(await chat(client, "shown")))
-    assert env.app.services.limiter.ahead == 3
+    assert env.app.services.limiter.ahead == 2  # the first two at Redis
     # Each response: what the earlier ones used, and its own reservation.
     assert shown == [100_000 - n * USED - RESERVED for n in range(4)]
 
@@ -233,9 +269,9 @@ async def test_held_units_are_given_back_within_the_hold(
             assert r.status_code == 200
             # Held units are not shown as used.
             assert int(r.headers["x-ratelimit-remaining-requests"]) == 1000 - n - 1
-    assert limiter.ahead == 4
+    assert limiter.ahead == 3
     (touched,) = (allowance.touched for allowance in limiter.allowances.held.values())
-    assert await bucket(redis, "r:60") == 1 + 32  # one request's own count and 32 held
+    assert await bucket(redis, "r:60") == 2 + 32  # two requests' own counts and 32 held
     released = release(monkeypatch)
     await until(redis, "r:60", 5, GIVEN_BACK_S + 0.5)
     back = time.monotonic()
@@ -255,16 +291,19 @@ async def test_a_refused_request_gives_back_what_its_limits_hold(
     env = await make_env(**PREFETCH, **policy(tmp_path, limits))
     limiter = env.app.services.limiter
     async with httpx.AsyncClient(base_url=env.url) as client:
-        assert (await chat(client, "refused")).status_code == 200
+        assert (await chat(client, "refused")).status_code == 200  # asks for no allowance
+        assert (await chat(client, "refused")).status_code == 200  # granted allowances
         assert (await chat(client, "refused")).status_code == 200  # from the allowances
         assert limiter.ahead == 1
-        # Granted with the first: 32 requests, and an eighth of the tokens left.
-        assert await bucket(redis, "r:60") == 1 + 32
-        assert await bucket(redis, "t:3600") == RESERVED + (1000 - RESERVED) // 8
+        # Granted with the second: 32 requests, and an eighth of the tokens left.
+        assert await bucket(redis, "r:60") == 2 + 32
+        granted = (1000 - USED - RESERVED) // 8
+        assert await bucket(redis, "t:3600") == USED + RESERVED + granted
         # Another sidecar uses the tokens. Each request here takes its reservation from the
-        # token allowance and returns its surplus: 113 + 63 held after the first, then 63 less
-        # per request, so the third and fourth are paid from it and the fifth goes to Redis,
+        # token allowance and returns its surplus: 109 + 63 held after the second, then 63 less
+        # per request, so the fourth and fifth are paid from it and the sixth goes to Redis,
         # which refuses it.
+        assert (granted, RESERVED - USED) == (109, 63)
         (key,) = await redis.keys("sidecar:rl:*:t:3600:*")
         await redis.incrby(key, 1000)
         assert (await chat(client, "refused")).status_code == 200
@@ -274,8 +313,8 @@ async def test_a_refused_request_gives_back_what_its_limits_hold(
     assert refused.status_code == 429 and refused.json()["error"]["dimension"] == "tokens"
     assert limiter.ahead == 3
     # What its limits held went back at once: the requests one's unit it took included.
-    await until(redis, "r:60", 4, 0.5)
-    assert await bucket(redis, "t:3600") == 4 * USED + 1000
+    await until(redis, "r:60", 5, 0.5)
+    assert await bucket(redis, "t:3600") == 5 * USED + 1000
     assert limiter.allowances is not None and limiter.allowances.held == {}
 
 
@@ -350,10 +389,11 @@ async def test_units_one_sidecar_holds_refuse_the_other_until_given_back(
     hold(monkeypatch)
     config = policy(tmp_path, 'requests = ["30/minute"]\n')
     first, second = await two_sidecars(make_env, config)
+    assert await burst(first.url, 1, "split") == {200: 1}  # asks for no allowance
     assert await burst(first.url, 1, "split") == {200: 1}
-    assert await bucket(redis, "r:60") == 1 + 29 // 8  # the first holds an eighth of what is left
+    assert await bucket(redis, "r:60") == 2 + 28 // 8  # the first holds an eighth of what is left
     # The other admits up to what the first holds ...
-    assert await burst(second.url, 40, "split") == {200: 26, 429: 14}
+    assert await burst(second.url, 40, "split") == {200: 25, 429: 15}
     assert await bucket(redis, "r:60") == 30
     # ... which goes back when the first has not used it for a while.
     release(monkeypatch)
@@ -379,7 +419,7 @@ async def test_hook_mode_reservations_taken_ahead_settle_on_any_sidecar(
         )
         assert r.status_code == 200, r.text
         ids.append(r.json()["request_id"])
-    assert first.app.services.limiter.ahead == 5
+    assert first.app.services.limiter.ahead == 4  # the first two at Redis, the second granted
     reported = [25, 26, 27, 28, 29, 200]  # the last used more than it reserved
     for n, (request_id, total) in enumerate(zip(ids, reported, strict=True)):
         env = first if n % 2 == 0 else second
@@ -395,7 +435,7 @@ async def test_hook_mode_reservations_taken_ahead_settle_on_any_sidecar(
     await first.settle()
     await second.settle()
     # While held: the reservations replaced by what was reported, and the rest still held.
-    assert await bucket(redis, "t:3600") == 32 * RESERVED - 5 * RESERVED + sum(reported)
+    assert await bucket(redis, "t:3600") == 32 * RESERVED - 4 * RESERVED + sum(reported)
     release(monkeypatch)
     await until(redis, "t:3600", sum(reported), GIVEN_BACK_S + 0.5)
     assert await redis.keys("sidecar:rv:*") == []  # every reservation settled
@@ -411,18 +451,19 @@ async def paused(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> tuple[Env, list[int], int]:
-    """One request admitted (and granted an eighth of what is left), then Redis paused and
-    20 more sent: (the sidecar, their statuses, the limit checks it sent Redis meanwhile)."""
+    """Two requests admitted (the second granted an eighth of what is left), then Redis paused
+    and 20 more sent: (the sidecar, their statuses, the limit checks it sent Redis meanwhile)."""
     env: Env = await make_env(
         redis_client=client,
         redis={"on_error": "deny", "timeout_ms": 50},
         **PREFETCH,
         **policy(tmp_path, 'requests = ["100/minute"]\n'),
     )
+    assert await burst(env.url, 1, "steady") == {200: 1}  # asks for no allowance
     assert await burst(env.url, 1, "steady") == {200: 1}
     limiter = env.app.services.limiter
     assert limiter.allowances is not None
-    assert [a.left for a in limiter.allowances.held.values()] == [99 // 8]
+    assert [a.left for a in limiter.allowances.held.values()] == [98 // 8]
     sent = checks(limiter, monkeypatch)
     server.pause()
     try:
@@ -450,13 +491,13 @@ async def test_redis_paused_admits_what_is_held_then_follows_on_error(
     env, statuses, sent = await paused(
         private_redis, private_client, make_env, tmp_path, monkeypatch
     )
-    held = 99 // 8
+    held = 98 // 8
     assert statuses == [200] * held + [503] * (20 - held)
     limiter = env.app.services.limiter
     assert limiter.ahead == held
     # The checks that went to Redis timed out, until the breaker opened.
     assert limiter.errors == sent and 1 <= sent <= 20 - held
-    assert len(env.mock.requests) == 1 + held
+    assert len(env.mock.requests) == 2 + held
 
 
 @pytest.mark.slow
@@ -468,11 +509,11 @@ async def test_checks_redis_answers_late_leave_no_allowance_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _, statuses, sent = await paused(private_redis, private_client, make_env, tmp_path, monkeypatch)
-    assert statuses.count(200) == 99 // 8 and sent >= 1
+    assert statuses.count(200) == 98 // 8 and sent >= 1
     await asyncio.sleep(GIVEN_BACK_S + SWEEP_S)
     # Every unit held was spent; the checks Redis ran late count their request, as without
     # prefetch, and nothing more.
-    assert await bucket(private_client, "r:60") == 1 + 99 // 8 + sent
+    assert await bucket(private_client, "r:60") == 2 + 98 // 8 + sent
 
 
 # -- configuration -------------------------------------------------------------------------
