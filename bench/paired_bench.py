@@ -98,6 +98,14 @@ def answered_ok(name: str, entry: dict[str, Any]) -> None:
         raise RuntimeError(f"{name} answered errors: {fatal}")
 
 
+def with_ratios(run: dict[str, Any], figure: str, suffix: str) -> None:
+    """Add to `run` (a figure per target) this checkout's over the baseline's and each
+    sidecar's over the bare pass-through's."""
+    run[f"change_over_baseline_{suffix}"] = ratio(run["change"][figure], run["baseline"][figure])
+    for name in NAMES:
+        run[f"{name}_over_bare_{suffix}"] = ratio(run[name][figure], run["bare"][figure])
+
+
 def sequential(
     targets: list[Target], args: argparse.Namespace, scenario: Any
 ) -> list[dict[str, Any]]:
@@ -112,9 +120,7 @@ def sequential(
                 continue
             answered_ok(name, entry)
             run[name] = {q: rnd(entry[f"{q}_ms"] - direct[f"{q}_ms"]) for q in ("p50", "p90")}
-        run["change_over_baseline_p50"] = ratio(run["change"]["p50"], run["baseline"]["p50"])
-        for name in NAMES:
-            run[f"{name}_over_bare_p50"] = ratio(run[name]["p50"], run["bare"]["p50"])
+        with_ratios(run, "p50", "p50")
         log(
             f"  added p50 ms: bare {run['bare']['p50']}, baseline {run['baseline']['p50']}, "
             f"change {run['change']['p50']} (change/baseline {run['change_over_baseline_p50']})"
@@ -135,11 +141,7 @@ def streams(targets: list[Target], args: argparse.Namespace) -> list[dict[str, A
             if name != "direct":
                 answered_ok(name, entry)
                 run[name] = {"ttfb_p50": rnd(entry["ttfb"]["p50_ms"] - direct)}
-        run["change_over_baseline_ttfb"] = ratio(
-            run["change"]["ttfb_p50"], run["baseline"]["ttfb_p50"]
-        )
-        for name in NAMES:
-            run[f"{name}_over_bare_ttfb"] = ratio(run[name]["ttfb_p50"], run["bare"]["ttfb_p50"])
+        with_ratios(run, "ttfb_p50", "ttfb")
         log(
             f"  stream first byte added, ms: bare {run['bare']['ttfb_p50']}, baseline "
             f"{run['baseline']['ttfb_p50']}, change {run['change']['ttfb_p50']}"

@@ -16,7 +16,8 @@ from tests.support.bench import needs_wrk
 def test_paired_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "paired.json"
     argv = ["--baseline", str(ROOT), "--repeats", "1", "--requests", "30", "--warmup", "5"]
-    argv += ["--block", "10", "--wrk-repeats", "2", "--duration", "1", "--connections", "4"]
+    argv += ["--block", "10", "--streams", "2", "--wrk-repeats", "2", "--duration", "1"]
+    argv += ["--connections", "4"]
     assert paired_bench.main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["baseline"] == f"the checkout in {ROOT}"
@@ -25,6 +26,10 @@ def test_paired_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[st
         assert run[name]["p50"] > 0
     assert run["change_over_baseline_p50"] == round(
         run["change"]["p50"] / run["baseline"]["p50"], 3
+    )
+    (streamed,) = result["streams"]
+    assert streamed["change_over_baseline_ttfb"] == round(
+        streamed["change"]["ttfb_p50"] / streamed["baseline"]["ttfb_p50"], 3
     )
     # Each wrk round runs both sidecars, the order alternating.
     first, second = result["saturation"]
