@@ -40,7 +40,7 @@ from bench.lib.config import ROOT, sidecar_config
 from bench.lib.meta import bare_description
 from bench.lib.payloads import API_KEY, CHAT_PATH, scenarios
 from bench.lib.processes import Launcher
-from bench.lib.report import fmt, log, ratio, rnd, spread, table
+from bench.lib.report import log, ratio, rnd, spread, spread_text, table
 from bench.lib.sampling import CpuMeter
 from bench.lib.wrk import Load, require_wrk, saturate
 
@@ -129,8 +129,7 @@ def sequential(
     return runs
 
 
-def streams(targets: list[Target], args: argparse.Namespace) -> list[dict[str, Any]]:
-    scenario = scenarios(args.identities)["stream_chat"]
+def streams(targets: list[Target], args: argparse.Namespace, scenario: Any) -> list[dict[str, Any]]:
     runs = []
     for index in range(args.repeats if args.streams else 0):
         log(f"streams {index + 1}/{args.repeats}: {args.streams} per target")
@@ -186,7 +185,7 @@ def summary(result: dict[str, Any]) -> str:
 
     def row(what: str, values: Sequence[float | None]) -> None:
         given = [v for v in values if v is not None]
-        rows.append([what, fmt(spread(given)["median"]) if given else "-", _range(given)])
+        rows.append([what, spread_text(spread(given)) if given else "-"])
 
     seq, sat = result["sequential"], result["saturation"]
     row("added p50, change / baseline", [r["change_over_baseline_p50"] for r in seq])
@@ -207,12 +206,8 @@ def summary(result: dict[str, Any]) -> str:
         ):
             row(f"{what}, change / baseline", [r[f"change_over_baseline_{key}"] for r in sat])
     lines = [f"baseline: {result['baseline']}; change: this checkout"]
-    lines += table(["figure", "median", "range (per repeat)"], rows)
+    lines += table(["figure", "median (range over repeats)"], rows)
     return "\n".join(lines)
-
-
-def _range(values: Sequence[float]) -> str:
-    return f"{fmt(min(values))}-{fmt(max(values))}" if values else "-"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tree, described = baseline_tree(args.baseline, Path(scratch))
             with Launcher("paired-bench-") as launcher:
                 upstream = launcher.mock()
-                chosen = scenarios(args.identities, 0, 0.0)
+                chosen = scenarios(args.identities)
                 if args.scenario not in chosen:
                     raise SystemExit(f"--scenario: one of {', '.join(sorted(chosen))}")
                 scenario = chosen[args.scenario]
@@ -245,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "baseline": described,
                     "bare": bare_description(),
                     "sequential": sequential([upstream, bare, *sides], args, scenario),
-                    "streams": streams([upstream, bare, *sides], args),
+                    "streams": streams([upstream, bare, *sides], args, chosen["stream_chat"]),
                     "saturation": saturation(sides, args, env),
                 }
         return cli.Outcome(result, summary(result))
