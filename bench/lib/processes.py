@@ -291,12 +291,19 @@ class Launcher:
         wait_for("nginx", proc, lambda: port_open(port))
         return self.checked(Target("nginx", port, proc.pid), "nginx, 1 worker", probe)
 
-    def bare(self, upstream: Target, probe: Scenario | None = None) -> Target:
-        """bench/bare_proxy.py in front of the upstream."""
+    def bare(
+        self,
+        upstream: Target,
+        probe: Scenario | None = None,
+        wrap: Sequence[str] = (),
+        timeout: float = START_TIMEOUT_S,
+    ) -> Target:
+        """bench/bare_proxy.py in front of the upstream; `wrap`: a command it runs under (a
+        profiler), given `timeout` to start."""
         port = free_port()
-        args = [sys.executable, "-m", "bench.bare_proxy", "--port", str(port)]
+        args = [*wrap, sys.executable, "-m", "bench.bare_proxy", "--port", str(port)]
         proc = self.start("bare", [*args, "--upstream", f"http://127.0.0.1:{upstream.port}"])
-        wait_for("bare proxy", proc, lambda: port_open(port))
+        wait_for("bare proxy", proc, lambda: port_open(port), timeout)
         return self.checked(Target("bare", port, proc.pid), "the bare pass-through", probe)
 
     def references(self, upstream: Target, probe: Scenario, names: Sequence[str]) -> list[Target]:
@@ -341,10 +348,13 @@ class Launcher:
         probe: Scenario | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path = ROOT,
+        wrap: Sequence[str] = (),
+        timeout: float = START_TIMEOUT_S,
     ) -> Target:
         """`sidecar serve --config CONFIG` (the code of the checkout at `cwd`), ready (Redis
         reachable) and, with a probe, proxying a metered request; on failure it is stopped
-        again and StartError says why."""
+        again and StartError says why. `wrap`: a command it runs under (a profiler), given
+        `timeout` to start."""
         port = free_port()
         settings = {
             "SIDECAR_HOST": "127.0.0.1",
@@ -355,10 +365,10 @@ class Launcher:
         }
         if upstream is not None:
             settings["SIDECAR_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream.port}"
-        args = [sys.executable, "-c", SIDECAR_MAIN, "serve", "--config", str(config)]
+        args = [*wrap, sys.executable, "-c", SIDECAR_MAIN, "serve", "--config", str(config)]
         proc = self.start(name, args, clean_env() | settings | dict(env or {}), cwd)
         try:
-            wait_for(name, proc, lambda: http_ok(port, "/readyz"))
+            wait_for(name, proc, lambda: http_ok(port, "/readyz"), timeout)
             return self.checked(Target(name, port, proc.pid), "the sidecar", probe)
         except StartError:
             proc.stop(grace=3)  # it may hold a hung request open
