@@ -41,13 +41,13 @@ def ulid(now_ms: int | None = None) -> str:
     global _time
     last, prefix = _time
     if ms != last:
-        p = _PAIRS
-        prefix = (
-            p[ms >> 40]
-            + p[ms >> 30 & 1023]
-            + p[ms >> 20 & 1023]
-            + p[ms >> 10 & 1023]
-            + p[ms & 1023]
-        )
+        prefix = time_part(ms)
         _time = (ms, prefix)
     return prefix + _pool.pop()
+
+
+def time_part(ms: int) -> str:
+    """The first 10 characters of every ULID made in millisecond `ms` (48 bits): ULIDs sort by
+    them."""
+    p = _PAIRS
+    return p[ms >> 40] + p[ms >> 30 & 1023] + p[ms >> 20 & 1023] + p[ms >> 10 & 1023] + p[ms & 1023]

@@ -31,6 +31,17 @@ def test_the_encoding_is_the_librarys_for_any_bits() -> None:
         assert ids.ulid(theirs.milliseconds) == str(theirs)
 
 
+def test_the_time_part_is_the_librarys_for_any_time() -> None:
+    # What the usage writer prunes old writers' marks by (usage/writer.writer_floor).
+    from sidecar.usage.writer import WRITER_MARK_TTL, writer_floor
+
+    for seconds in (0.0, 0.0015, 1.999, 1_700_000_000.123, 2**47 / 1000 + 0.5, time.time()):
+        assert ids.time_part(int(seconds * 1000)) == str(ULID.from_timestamp(seconds))[:10]
+        later = seconds + WRITER_MARK_TTL
+        assert writer_floor(later) == str(ULID.from_timestamp(later - WRITER_MARK_TTL))[:10]
+    assert writer_floor(1.0) == str(ULID.from_timestamp(0.0))[:10]  # never before the epoch
+
+
 def test_ids_never_repeat_and_sort_by_time() -> None:
     made = [ids.ulid(1_000 + n // 500) for n in range(5_000)]  # several refills
     assert len(set(made)) == len(made)

@@ -83,6 +83,12 @@ class HotLine:
         return cls(client)
 
     @property
+    def timeout(self) -> float | None:
+        """The client's socket timeout (seconds), for callers that bound their calls by it."""
+        value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        return float(value) if value is not None else None
+
+    @property
     def ready(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 

@@ -227,16 +227,54 @@ class Coalescer:
 Call = tuple[list[str], list[Any]]  # a script call's keys and arguments
 
 
-async def batch(client: RedisClient, script: Script, calls: Sequence[Call]) -> list[Any]:
+async def batch(
+    client: RedisClient, script: Script, calls: Sequence[Call], line: HotLine | None = None
+) -> list[Any]:
     """Each call's reply, or its own error (a value, not raised), the calls written at once;
     raises StoreUnavailable when the batch as a whole failed. The script is loaded first, and
-    the batch sent again once when the server had lost it."""
+    the batch sent again once when the server had lost it. `line`: a single server's line of
+    the caller's own (HotLine.for_client), used instead of a pool connection."""
     if script.sha is None:
         await script.load(client)
+    if line is not None:
+        return await _on_line(client, script, calls, line)
     if isinstance(client, RedisCluster):
         return await _pipeline(client, script, calls)
     with translated():
         return await _direct(client, script, calls)
+
+
+async def _on_line(
+    client: RedisClient, script: Script, calls: Sequence[Call], line: HotLine
+) -> list[Any]:
+    """The calls on `line`, their replies matched in order as they arrive: no pool checkout
+    and release (a tenth of a lone request's instructions in all went to those of its usage
+    writes, bench.instr_bench), no read layers. The client's socket timeout bounds the whole
+    batch; a reply that comes after it is dropped."""
+    timeout = line.timeout
+    for attempt in range(2):
+        sha = script.sha
+        assert sha is not None
+        packed = b"".join(resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls)
+        with translated():
+            async with asyncio.timeout(timeout):
+                await line.open()
+                futures = line.send(packed, len(calls))
+                try:
+                    results = [await future for future in futures]
+                except BaseException:
+                    for future in futures:
+                        future.cancel()  # its reply, when it comes, is dropped
+                    raise
+        if attempt == 0 and any(_lost_script(r) for r in results):
+            await script.load(client)  # the server restarted or was flushed
+            continue
+        return results
+    raise AssertionError("unreachable")
+
+
+def _lost_script(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
 async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[Any]:
@@ -253,11 +291,16 @@ async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[
             packed = b"".join(
                 resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls
             )
-            await conn.send_packed_command([packed], check_health=False)
             results: list[Any] = []
-            # One deadline for all the replies: the client's own, a timeout context per reply,
-            # cost 3.3 us more per entry (bench.batch_bench).
+            # One deadline for the write and all the replies: the client's own, a timeout
+            # context per reply, cost 3.3 us more per entry (bench.batch_bench), and its send
+            # runs the write in a task of its own (asyncio.wait_for), for every batch.
             async with asyncio.timeout(conn.socket_timeout):
+                if not conn.is_connected:
+                    await conn.connect()
+                # redis-py's send without its wait_for (a private method: redis is pinned to
+                # 8.1 in pyproject.toml, and every usage write goes through here).
+                await conn._send_packed_command([packed])
                 for _ in calls:
                     try:
                         results.append(await conn.read_response(timeout=math.inf))

@@ -215,6 +215,7 @@ class Recorder:
         await self.writer.rankings.drain(timeout_s=1.0)
         await self.backlog.keep(self._take())
         self.backlog.close()
+        await self.writer.aclose()
 
     async def _run(self) -> None:
         logs.clear()  # started by some request, it writes for all of them

@@ -37,16 +37,16 @@ class Counting:
     @property
     def connection_pool(self) -> Any:
         def counted(conn: Any) -> dict[str, Any]:
-            send = type(conn).send_packed_command
+            send = type(conn)._send_packed_command  # what sidecar.store.scripts.batch calls
 
-            async def send_packed_command(packed: list[bytes], *args: Any, **kw: Any) -> Any:
+            async def _send_packed_command(packed: list[bytes], *args: Any, **kw: Any) -> Any:
                 # Each command is RESP: *N, $7 EVALSHA, then the SHA as the next bulk string.
                 parts = b"".join(packed).split(b"\r\n")
                 shas = [parts[i + 2].decode() for i, p in enumerate(parts) if p == b"EVALSHA"]
                 self.round_trips.append(shas)
                 return await send(conn, packed, *args, **kw)
 
-            return {"send_packed_command": send_packed_command}
+            return {"_send_packed_command": _send_packed_command}
 
         return PatchedPool(self._client.connection_pool, counted)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
+from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
+from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
 from tests.support.clock import FakeClock
@@ -90,24 +91,6 @@ async def test_the_index_counts_what_the_counters_counted_once(
     assert await redis.zscore(KEYS.top("c", today), ids["e"]) == 7
 
 
-class IndexDown:
-    """A client whose index updates (the rank script, on the `top` sets) fail; the rest
-    works."""
-
-    def __init__(self, client: Redis) -> None:
-        self._client = client
-        self.refused = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    async def evalsha(self, sha: str, numkeys: int, *rest: Any) -> Any:
-        if any(":top:" in str(key) for key in rest[: int(numkeys)]):
-            self.refused += 1
-            raise RedisConnectionError("index node unreachable")
-        return await self._client.evalsha(sha, numkeys, *rest)
-
-
 async def test_a_failed_index_update_is_counted_not_written_again(
     api: ApiClient, clock: FakeClock, redis: Redis
 ) -> None:
@@ -117,15 +100,19 @@ async def test_a_failed_index_update_is_counted_not_written_again(
     ids = {n: (await api.get(f"/v2/identities/{n}")).json()["_id"] for n in ("x", "y")}
     recorder = recorder_of(api)
     rankings = recorder.writer.rankings
-    broken = IndexDown(redis)
-    rankings.client = broken  # type: ignore[assignment]
+    # The index's node unreachable (nothing listens there); the counters' node answers.
+    unreachable = Redis(port=free_port(), socket_connect_timeout=1)
+    line = rankings.line
+    assert line is not None  # a single server: the writer's line carries the index's calls
+    rankings.client, rankings.line = unreachable, HotLine.for_client(unreachable)
     try:
         recorder.add(ids["x"], {"r": 2, "c": 10}, source="header", external_id="x")
         recorder.add(ids["y"], {"r": 3, "c": 20}, source="header", external_id="y")
         await recorder.drain()
     finally:
-        rankings.client = redis
-    assert broken.refused == 1 and rankings.errors == 1
+        rankings.client, rankings.line = redis, line
+        await unreachable.aclose()
+    assert rankings.errors == 1
     assert recorder.write_errors == 0 and recorder.waiting == 0
     assert recorder.spool is not None and not recorder.spool.pending  # nothing kept to retry
     metrics = {

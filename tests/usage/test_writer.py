@@ -79,3 +79,47 @@ async def test_writer_marks_of_long_gone_processes_are_pruned(
     await new.drain()
     assert not await redis.hexists(days, f"w:{old.writer_id}")
     assert await redis.hexists(days, f"w:{new.writer_id}")
+
+
+@pytest.mark.parametrize("calls", [1, 3], ids=["one-entry", "batch"])
+async def test_writes_on_the_line_cut_off_after_redis_applied_them_count_once(
+    redis: Redis, clock: FakeClock, tmp_path: Path, calls: int
+) -> None:
+    ids = await identities(redis, clock, "a", "b", "c")
+    rec = recorder(redis, clock, tmp_path)
+    line = rec.writer.line
+    assert line is not None  # a single server: the writes go on the writer's own line
+    received = line._received
+
+    def cut_off(data: bytes) -> None:
+        """The first replies never arrive: the connection drops once Redis has applied the
+        writes and answered."""
+        line._received = received  # type: ignore[method-assign]
+        assert line._transport is not None
+        line._transport.abort()
+
+    line._received = cut_off  # type: ignore[method-assign]
+    for name in list(ids)[:calls]:
+        add(rec, ids[name], name, 2)
+    await rec.drain()
+    assert rec.write_errors == 1  # failed with the connection, after Redis applied it
+    for name in list(ids)[:calls]:
+        assert await requests_of(redis, ids[name], clock) == {"requests": 2, "input": 20}
+    assert rec.spool is not None and not rec.spool.pending
+    await rec.close()
+    assert not line.ready  # its connection given back at shutdown
+
+
+async def test_a_script_lost_by_the_server_is_loaded_again_on_the_line(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    add(rec, ids["a"], "a")
+    await rec.drain()
+    await redis.script_flush()  # as a restarted server would have lost it
+    add(rec, ids["a"], "a", 2)
+    await rec.drain()
+    assert rec.write_errors == 0
+    assert await requests_of(redis, ids["a"], clock) == {"requests": 3, "input": 30}
+    await rec.close()
