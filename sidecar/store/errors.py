@@ -5,8 +5,8 @@ Storage modules (the only code that talks to Redis) run their calls through `tra
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
+from types import TracebackType
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -22,14 +22,30 @@ def unavailable(exc: BaseException, what: str = "store") -> StoreUnavailable:
     return StoreUnavailable(f"{what} unavailable: {type(exc).__name__}")
 
 
-@contextmanager
-def translated(what: str = "store") -> Iterator[None]:
-    """Redis errors as StoreUnavailable; a call that succeeds tells the store's liveness."""
-    try:
-        yield
-    except DRIVER_ERRORS as exc:
-        raise unavailable(exc, what) from exc
-    STORE.answered()
+class translated:
+    """Redis errors as StoreUnavailable; a call that succeeds tells the store's liveness.
+
+    A class rather than a @contextmanager: it is entered several times on a limited request's
+    path, and a generator-based one costs a generator and a helper object each time."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str = "store") -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            STORE.answered()
+        elif isinstance(exc, DRIVER_ERRORS):
+            raise unavailable(exc, self.what) from exc
 
 
 async def call(awaitable: Awaitable[Any], what: str = "store") -> Any:

@@ -69,6 +69,9 @@ class HotLine:
         self._buffer: list[bytes] = []  # calls made while others were in flight, to write
         self._flush_waiters: list[asyncio.Future[None]] = []  # see `written`
         self._returning: asyncio.Future[None] | None = None  # a lost connection, to its pool
+        # The client's socket timeout (seconds), for callers that bound their calls by it.
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self.timeout = float(timeout) if timeout is not None else None
 
     @classmethod
     def for_client(cls, client: RedisClient) -> HotLine | None:
@@ -81,12 +84,6 @@ class HotLine:
         if issubclass(pool.connection_class, SSLConnection):
             return None  # TLS keeps redis-py's path: its transport is not handed over here
         return cls(client)
-
-    @property
-    def timeout(self) -> float | None:
-        """The client's socket timeout (seconds), for callers that bound their calls by it."""
-        value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
-        return float(value) if value is not None else None
 
     @property
     def ready(self) -> bool:
