@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.scenario not in chosen:
                     raise SystemExit(f"--scenario: one of {', '.join(sorted(chosen))}")
                 scenario = chosen[args.scenario]
-                launcher.checked(upstream, "the mock upstream", scenario)
+                launcher.checked(upstream, "the mock upstream", chosen["chat_body_identity"])
                 dumps = launcher.folder("callgrind")
                 wrap = callgrind(dumps)
                 log("starting the bare pass-through and the sidecar(s) under callgrind")
