@@ -257,8 +257,10 @@ async def _on_line(
         assert sha is not None
         packed = b"".join(resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls)
         with translated():
+            # Opened (a pool connection taken) within the client's connect timeout, as any
+            # connection is; the batch's own deadline starts once it is written.
+            await line.open()
             async with asyncio.timeout(timeout):
-                await line.open()
                 futures = line.send(packed, len(calls))
                 try:
                     results = [await future for future in futures]
