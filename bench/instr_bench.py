@@ -37,9 +37,9 @@ from typing import Any
 
 from bench.lib import cli
 from bench.lib.client import ClientError, LeanClient, Target
-from bench.lib.config import ROOT, sidecar_config
+from bench.lib.config import ROOT
 from bench.lib.meta import bare_description
-from bench.lib.payloads import Scenario, scenarios
+from bench.lib.payloads import Scenario, scenario_named
 from bench.lib.processes import Launcher
 from bench.lib.report import log, ratio, spread, spread_text, table
 from bench.paired_bench import baseline_tree
@@ -158,31 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sides.insert(0, ("baseline", tree))
             with Launcher("instr-bench-") as launcher:
                 upstream = launcher.mock()
-                chosen = scenarios(args.identities)
-                if args.scenario not in chosen:
-                    raise SystemExit(f"--scenario: one of {', '.join(sorted(chosen))}")
-                scenario = chosen[args.scenario]
-                launcher.checked(upstream, "the mock upstream", chosen["chat_body_identity"])
+                scenario = scenario_named(args.identities, args.scenario)
+                probe = scenario_named(args.identities, "chat_body_identity")
+                launcher.checked(upstream, "the mock upstream", probe)
                 dumps = launcher.folder("callgrind")
                 wrap = callgrind(dumps)
                 log("starting the bare pass-through and the sidecar(s) under callgrind")
                 targets = [launcher.bare(upstream, None, wrap, START_TIMEOUT_S)]
-                redis = launcher.redis()
-                for db, (name, cwd) in enumerate(sides):
-                    config, _ = sidecar_config(launcher.folder(name), args.sidecar_config)
-                    url = redis.url.rpartition("/")[0] + f"/{db}"
-                    targets.append(
-                        launcher.sidecar(
-                            name,
-                            config,
-                            url,
-                            upstream,
-                            None,
-                            cwd=cwd,
-                            wrap=wrap,
-                            timeout=START_TIMEOUT_S,
-                        )
-                    )
+                targets += launcher.sidecars(
+                    sides,
+                    args.sidecar_config,
+                    launcher.redis(),
+                    upstream,
+                    None,
+                    wrap,
+                    START_TIMEOUT_S,
+                )
                 per: dict[str, list[int]] = {t.name: [] for t in targets}
                 for repeat in range(args.repeats):
                     for target in targets:

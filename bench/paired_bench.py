@@ -36,9 +36,9 @@ from typing import Any
 
 from bench.lib import cli
 from bench.lib.client import Target, measure_sequential, measure_streams, rotated
-from bench.lib.config import ROOT, sidecar_config
+from bench.lib.config import ROOT
 from bench.lib.meta import bare_description
-from bench.lib.payloads import API_KEY, CHAT_PATH, scenarios
+from bench.lib.payloads import API_KEY, CHAT_PATH, scenario_named, scenarios
 from bench.lib.processes import Launcher
 from bench.lib.report import log, ratio, rnd, spread, spread_text, table
 from bench.lib.sampling import CpuMeter
@@ -221,17 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with Launcher("paired-bench-") as launcher:
                 upstream = launcher.mock()
                 chosen = scenarios(args.identities)
-                if args.scenario not in chosen:
-                    raise SystemExit(f"--scenario: one of {', '.join(sorted(chosen))}")
-                scenario = chosen[args.scenario]
+                scenario = scenario_named(args.identities, args.scenario)
                 launcher.checked(upstream, "the mock upstream", scenario)
                 bare = launcher.bare(upstream, scenario)
-                redis = launcher.redis()
-                sides = []
-                for db, (name, cwd) in enumerate((("baseline", tree), ("change", ROOT))):
-                    config, _ = sidecar_config(launcher.folder(name), args.sidecar_config)
-                    url = redis.url.rpartition("/")[0] + f"/{db}"
-                    sides.append(launcher.sidecar(name, config, url, upstream, scenario, cwd=cwd))
+                trees = [("baseline", tree), ("change", ROOT)]
+                sides = launcher.sidecars(
+                    trees, args.sidecar_config, launcher.redis(), upstream, scenario
+                )
                 bodies = chosen["chat_body_identity"].write_bodies(
                     launcher.workdir / "bodies.jsonl"
                 )

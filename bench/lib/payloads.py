@@ -108,3 +108,11 @@ def scenarios(
 def chat(identities: int) -> Scenario:
     """The chat completion with a body identity: what every saturation run sends."""
     return scenarios(identities)["chat_body_identity"]
+
+
+def scenario_named(identities: int, name: str) -> Scenario:
+    """One of `scenarios`, by name; SystemExit naming the others when there is none."""
+    chosen = scenarios(identities)
+    if name not in chosen:
+        raise SystemExit(f"--scenario: one of {', '.join(sorted(chosen))}")
+    return chosen[name]

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from bench.lib.client import Target, probe_metered
+from bench.lib.config import sidecar_config
 from bench.lib.payloads import ADMIN_TOKEN, Scenario
 from bench.lib.report import log
 from sidecar.testing.redis_cluster import LocalCluster
@@ -373,6 +374,30 @@ class Launcher:
         except StartError:
             proc.stop(grace=3)  # it may hold a hung request open
             raise
+
+    def sidecars(
+        self,
+        trees: Sequence[tuple[str, Path]],
+        config_source: str | None,
+        redis: RedisServer,
+        upstream: Target,
+        probe: Scenario | None = None,
+        wrap: Sequence[str] = (),
+        timeout: float = START_TIMEOUT_S,
+    ) -> list[Target]:
+        """One sidecar per (name, source tree), in that order, each with the config made from
+        `config_source` and on its own database of `redis` (the first on 0): versions side
+        by side on one store without sharing a key."""
+        started = []
+        for db, (name, cwd) in enumerate(trees):
+            config, _ = sidecar_config(self.folder(name), config_source)
+            url = redis.url.rpartition("/")[0] + f"/{db}"
+            started.append(
+                self.sidecar(
+                    name, config, url, upstream, probe, cwd=cwd, wrap=wrap, timeout=timeout
+                )
+            )
+        return started
 
 
 def note(what: str, target: Target | None, **extra: Any) -> dict[str, Any]:

@@ -301,7 +301,7 @@ async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[
                 if not conn.is_connected:
                     await conn.connect()
                 # redis-py's send without its wait_for (a private method: redis is pinned to
-                # 8.1 in pyproject.toml, and every usage write goes through here).
+                # 8.1 in pyproject.toml; behind Sentinel every usage write goes through here).
                 await conn._send_packed_command([packed])
                 for _ in calls:
                     try:
