@@ -17,7 +17,7 @@ from sidecar.errors import Conflict, IdentityCreationLimited, StoreUnavailable
 from sidecar.identity import ngram
 from sidecar.identity.model import Identity, Profile, rfc3339
 from sidecar.store.connect import RedisClient
-from sidecar.store.errors import call, unavailable
+from sidecar.store.errors import call
 from sidecar.store.keys import Keys, xid_digest
 from sidecar.store.scripts import Script, batch, lua, pipeline
 
@@ -339,9 +339,7 @@ class IdentityRecords:
         if discard is None:
             # Packed, not through the client's pipeline: a body identity's profile is written
             # again every PROFILE_REFRESH_S by every process that sees it (bench.instr_bench).
-            (reply,) = await batch(self.client, self._merge, [(keys, args)])
-            if isinstance(reply, Exception):  # the script's own error
-                raise unavailable(reply) from reply
+            (reply,) = await batch(self.client, self._merge, [(keys, args)], raise_on_error=True)
         else:
 
             def queue(pipe: Any) -> None:

@@ -159,7 +159,7 @@ class Coalescer:
         if line is None or sha is None or not line.ready:
             return None
         with translated():
-            (future,) = line.send(resp(["EVALSHA", sha, len(keys), *keys, *args]))
+            (future,) = line.send(_packed(sha, [(keys, args)]))
         return future
 
     async def reply(
@@ -171,7 +171,7 @@ class Coalescer:
             result = await future
         if not isinstance(result, ResponseError):
             return result
-        if again and str(result).startswith("NOSCRIPT"):
+        if again and _lost_script(result):
             await self.script.load(self.client)  # the server restarted or was flushed
             resent = await self._write_when_open(keys, args)
             return await self.reply(resent, keys, args, again=False)
@@ -228,20 +228,32 @@ Call = tuple[list[str], list[Any]]  # a script call's keys and arguments
 
 
 async def batch(
-    client: RedisClient, script: Script, calls: Sequence[Call], line: HotLine | None = None
+    client: RedisClient,
+    script: Script,
+    calls: Sequence[Call],
+    line: HotLine | None = None,
+    *,
+    raise_on_error: bool = False,
 ) -> list[Any]:
     """Each call's reply, or its own error (a value, not raised), the calls written at once;
-    raises StoreUnavailable when the batch as a whole failed. The script is loaded first, and
-    the batch sent again once when the server had lost it. `line`: a single server's line of
-    the caller's own (HotLine.for_client), used instead of a pool connection."""
+    raises StoreUnavailable when the batch as a whole failed, and with `raise_on_error` when
+    any call failed (the others were applied). The script is loaded first, and the batch sent
+    again once when the server had lost it. `line`: a single server's line of the caller's
+    own (HotLine.for_client), used instead of a pool connection."""
     if script.sha is None:
         await script.load(client)
     if line is not None:
-        return await _on_line(client, script, calls, line)
-    if isinstance(client, RedisCluster):
-        return await _pipeline(client, script, calls)
-    with translated():
-        return await _direct(client, script, calls)
+        replies = await _on_line(client, script, calls, line)
+    elif isinstance(client, RedisCluster):
+        replies = await _pipeline(client, script, calls)
+    else:
+        with translated():
+            replies = await _direct(client, script, calls)
+    if raise_on_error:
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise unavailable(failed) from failed
+    return replies
 
 
 async def _on_line(
@@ -255,7 +267,7 @@ async def _on_line(
     for attempt in range(2):
         sha = script.sha
         assert sha is not None
-        packed = b"".join(resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls)
+        packed = _packed(sha, calls)
         with translated():
             # Opened (a pool connection taken) within the client's connect timeout, as any
             # connection is; the batch's own deadline starts once it is written.
@@ -275,7 +287,13 @@ async def _on_line(
     raise AssertionError("unreachable")
 
 
+def _packed(sha: str, calls: Sequence[Call]) -> bytes:
+    """The calls of one script, as EVALSHA commands in RESP, written at once."""
+    return b"".join(resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls)
+
+
 def _lost_script(reply: Any) -> bool:
+    """An error reply saying the server does not have the script (restarted or flushed)."""
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
@@ -290,9 +308,7 @@ async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[
         for attempt in range(2):
             sha = script.sha
             assert sha is not None
-            packed = b"".join(
-                resp(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls
-            )
+            packed = _packed(sha, calls)
             results: list[Any] = []
             # One deadline for the write and all the replies: the client's own, a timeout
             # context per reply, cost 3.3 us more per entry (bench.batch_bench), and its send

@@ -18,7 +18,7 @@ from ulid import ULID
 
 from sidecar.errors import StoreUnavailable
 from sidecar.store.connect import RedisClient
-from sidecar.store.errors import call, unavailable
+from sidecar.store.errors import call
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Call, Script, batch, pipeline
@@ -97,10 +97,7 @@ class Rankings:
             try:
                 # Packed, on the writer's line: through the client's command path these
                 # calls were a tenth of a lone request's instructions (bench.instr_bench).
-                replies = await batch(self.client, self._script, calls, self.line)
-                failed = next((r for r in replies if isinstance(r, Exception)), None)
-                if failed is not None:
-                    raise unavailable(failed) from failed
+                await batch(self.client, self._script, calls, self.line, raise_on_error=True)
             except StoreUnavailable as exc:
                 self.errors += 1
                 log.warning(

@@ -9,7 +9,6 @@ from typing import Any, Protocol
 
 from sidecar import ids
 from sidecar.store.connect import RedisClient
-from sidecar.store.errors import unavailable
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, batch
@@ -132,10 +131,8 @@ class UsageWriter:
         now = self.clock()
         floor = writer_floor(now)
         calls = [self._call(e, now, floor) for e in entries]
-        replies = await batch(self.client, self._record, calls, self.line)
-        failed = next((r for r in replies if isinstance(r, Exception)), None)
-        if failed is not None:  # the others applied: written again, they are no-ops
-            raise unavailable(failed) from failed
+        # A call that failed fails the write; the others applied: written again, no-ops.
+        replies = await batch(self.client, self._record, calls, self.line, raise_on_error=True)
         results = [int(r) for r in replies]
         # The counters are written: nothing below may raise, or they would be written again.
         for entry, result in zip(entries, results, strict=True):
