@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from sidecar.identity.model import Profile
+from sidecar.identity.model import Identity, Profile
 from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved, Source
 from sidecar.observe.counters import Counters
@@ -21,6 +21,9 @@ from sidecar.observe.counters import Counters
 Clock = Callable[[], float]
 
 PROFILE_REFRESH_S = 30.0
+# Known identities' profiles due to be written again wait this long, to go out together and
+# off the way of the requests that come right after theirs (`refresh_later`).
+REFRESH_DELAY_S = 0.05
 _WRITTEN_SIZE = 65_536
 _encode = msgspec.json.Encoder().encode
 
@@ -52,6 +55,7 @@ class Identifier:
         # again anyway, that profile)
         self._written: dict[str, tuple[bytes, float, Profile | None]] = {}
         self._inflight: dict[tuple[str, bytes], asyncio.Future[str]] = {}
+        self._due: dict[str, Resolved] = {}  # external id -> its latest stale body identity
 
     @property
     def remembered_profiles(self) -> int:
@@ -108,6 +112,44 @@ class Identifier:
         given = profile if isinstance(profile, Profile) else msgspec.convert(profile, Profile)
         return await self.identify(Resolved(external_id, Source.BODY, given))
 
+    def refresh_later(self, resolved: Resolved) -> bool:
+        """Queue a known identity's stale body profile (`stale`) for `refresh_due`; True when
+        none was queued before it, so that the caller runs `refresh_due` for all of them.
+
+        Its request was answered: the write need not hold it up, nor the requests that follow
+        (a client's next call comes as soon as it has the answer). Written together after
+        REFRESH_DELAY_S, a burst of them costs one round trip."""
+        first = not self._due
+        self._due[resolved.external_id] = resolved  # a later request's profile replaces it
+        return first
+
+    async def refresh_due(self) -> None:
+        """Write what `refresh_later` queued, REFRESH_DELAY_S from now, in one round trip; an
+        identity whose record is gone or changed hands is identified again. Raises
+        StoreUnavailable (each profile not written is written with its identity's next
+        request)."""
+        await asyncio.sleep(REFRESH_DELAY_S)
+        due = list(self._due.values())
+        self._due.clear()
+        known: list[tuple[Resolved, Profile]] = []
+        updates: list[tuple[str, str, Profile]] = []
+        again: list[Resolved] = []
+        for resolved in due:
+            identity_id = self.records.known_id(resolved.external_id)
+            if identity_id is None or resolved.profile is None:
+                again.append(resolved)
+            else:
+                known.append((resolved, resolved.profile))
+                updates.append((identity_id, resolved.external_id, resolved.profile))
+        written = await self.records.update_known(updates) if updates else []
+        for (resolved, profile), identity in zip(known, written, strict=True):
+            if identity is None:
+                again.append(resolved)
+            else:
+                self._wrote(resolved, _digest(profile), identity)
+        for resolved in again:
+            await self.identify(resolved)
+
     def forget(self, external_id: str) -> None:
         self.records.forget(external_id)
         self._written.pop(external_id, None)
@@ -131,6 +173,12 @@ class Identifier:
             resolved.external_id, resolved.profile, creator
         )
         self._created(created)
+        self._wrote(resolved, digest, identity)
+        return identity.id
+
+    def _wrote(self, resolved: Resolved, digest: bytes, identity: Identity) -> None:
+        """A body identity's profile is written: the policies see its tags and metadata, and
+        the same profile is not written again for PROFILE_REFRESH_S."""
         self.profiles.remember(resolved.external_id, identity.tags, identity.metadata)
         self._written[resolved.external_id] = (
             digest,
@@ -139,4 +187,3 @@ class Identifier:
         )
         if len(self._written) > _WRITTEN_SIZE:
             del self._written[next(iter(self._written))]
-        return identity.id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -328,25 +328,47 @@ class IdentityRecords:
         identity.id = owner.decode()
         return identity, False
 
+    async def update_known(
+        self, updates: Sequence[tuple[str, str, Profile]]
+    ) -> list[Identity | None]:
+        """Overwrite the given fields of identities whose `_id` is known, (`_id`, external id,
+        profile) each, in one round trip; None for one that is gone, or whose external id is
+        no longer its own. Raises StoreUnavailable (what Redis took is applied)."""
+        calls = [
+            (
+                [self.keys.identity(identity_id), self.keys.alias_names(identity_id)],
+                [self._now_ms(), "0", external_id, *_field_args(profile)],
+            )
+            for identity_id, external_id, profile in updates
+        ]
+        # Packed, not through the client's pipeline: a body identity's profile is written
+        # again every PROFILE_REFRESH_S by every process that sees it (bench.instr_bench).
+        replies = await batch(self.client, self._merge, calls, raise_on_error=True)
+        return [
+            await self._updated(identity_id, profile, reply)
+            for (identity_id, _, profile), reply in zip(updates, replies, strict=True)
+        ]
+
     async def _update(
         self, identity_id: str, external_id: str, profile: Profile, *, discard: str | None = None
     ) -> Identity | None:
         """Overwrite the given fields; `discard` names an unused candidate record to delete in
         the same round trip."""
-
+        if discard is None:
+            (identity,) = await self.update_known([(identity_id, external_id, profile)])
+            return identity
         keys = [self.keys.identity(identity_id), self.keys.alias_names(identity_id)]
         args = [self._now_ms(), "0", external_id, *_field_args(profile)]
-        if discard is None:
-            # Packed, not through the client's pipeline: a body identity's profile is written
-            # again every PROFILE_REFRESH_S by every process that sees it (bench.instr_bench).
-            (reply,) = await batch(self.client, self._merge, [(keys, args)], raise_on_error=True)
-        else:
 
-            def queue(pipe: Any) -> None:
-                pipe.delete(self.keys.identity(discard))
-                self._merge.queue(pipe, keys, args)
+        def queue(pipe: Any) -> None:
+            pipe.delete(self.keys.identity(discard))
+            self._merge.queue(pipe, keys, args)
 
-            reply = (await pipeline(self.client, queue, [self._merge]))[-1]
+        reply = (await pipeline(self.client, queue, [self._merge]))[-1]
+        return await self._updated(identity_id, profile, reply)
+
+    async def _updated(self, identity_id: str, profile: Profile, reply: Any) -> Identity | None:
+        """The record merge.lua answered, its search text indexed again when it changed."""
         status, _, record = reply
         if status in (b"missing", b"conflict"):
             return None

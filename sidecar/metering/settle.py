@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import msgspec
 
 from sidecar import ids, logs
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import SidecarError, StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
 from sidecar.metering import spans
@@ -143,8 +143,12 @@ class Settlement:
                 meter.decision.policy if meter.decision is not None else None,
                 error or spans.failure(status),
             )
-        if meter.refresh and self.identifier.stale(resolved):
-            self.background.spawn(self._refresh(resolved))
+        if (
+            meter.refresh
+            and self.identifier.stale(resolved)
+            and self.identifier.refresh_later(resolved)
+        ):
+            self.background.spawn(self._refresh())
         identity = meter.identity
         name = buckets.model_name(model)
         if isinstance(identity, asyncio.Task):
@@ -481,12 +485,12 @@ class Settlement:
                 out.append(Subject(subject_id, admission.owner, owner_policy))
         return out, admission.owner or None
 
-    async def _refresh(self, resolved: Resolved) -> None:
-        """Write a known identity's body profile, after its request was answered."""
+    async def _refresh(self) -> None:
+        """Write known identities' body profiles, queued after their requests were answered."""
         try:
-            await self.identifier.identify(resolved)
-        except StoreUnavailable as exc:  # the next request with it tries again
-            log.warning("profile of %s not written now: %s", resolved.external_id, exc)
+            await self.identifier.refresh_due()
+        except SidecarError as exc:  # unreachable, or a creation cap: each one's next request
+            log.warning("body profiles not written now: %s", exc)
 
     async def _when_known(
         self,

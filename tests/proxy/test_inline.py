@@ -11,6 +11,7 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.identity import identify
 from sidecar.testing.redis_server import free_port
 from tests.support.env import Env, MakeEnv
 from tests.support.traffic import MESSAGES, client, tokens
@@ -290,6 +291,40 @@ async def test_client_that_leaves_mid_stream_is_still_charged(env: Env) -> None:
             break
     metrics = found.json()["metrics"]
     assert (metrics["input_tokens"], metrics["output_tokens"]) == (33, 44)
+
+
+async def test_known_identities_stale_profiles_are_written_together_after_their_answers(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(identify, "REFRESH_DELAY_S", 1.0)  # both answers come within it
+    records = env.app.services.identifier.records
+    written: list[list[str]] = []
+    update_known = records.update_known
+
+    async def counted(updates: list[tuple[str, str, Any]]) -> Any:
+        written.append(sorted(external_id for _, external_id, _ in updates))
+        return await update_known(updates)
+
+    monkeypatch.setattr(records, "update_known", counted)
+
+    async def call(oai: openai.AsyncOpenAI, who: str, name: str) -> None:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            extra_body={"identity": {"id": who, "display_name": name}},
+        )
+
+    async with client(env) as oai:
+        await asyncio.gather(call(oai, "ann", "Ann"), call(oai, "bob", "Bob"))  # created
+        await env.settle()
+        assert written == []
+        await asyncio.gather(call(oai, "ann", "Ann B."), call(oai, "bob", "Bob B."))
+        assert written == []  # answered before anything was written
+        await env.settle()
+    assert written == [["ann", "bob"]]  # one round trip for both
+    for who, name in (("ann", "Ann B."), ("bob", "Bob B.")):
+        assert (await env.api.get(f"/v2/identities/{who}")).json()["display_name"] == name
+    assert (await env.metrics("ann"))["total_requests"] == 2
 
 
 async def test_body_over_the_limit_is_413(make_env: MakeEnv) -> None:
