@@ -22,7 +22,11 @@ log = logging.getLogger("sidecar.usage")
 Clock = Callable[[], float]
 Charges = Mapping[str, tuple[int, int]]  # rate-limit bucket key -> (amount, lifetime s)
 
-FLUSH_INTERVAL = 0.01  # inline usage waits at most this long to share a round trip (s)
+# Inline usage waits at most this long to share a round trip (s). Well within the 300 ms in which
+# usage must show; at 10 ms each flush (and Redis running it) fell between the upstream exchanges
+# of sequential requests often enough to add 6% to their p50 (bench.paired_bench, RESULTS.md).
+# What a process killed outright holds in memory, this long of usage at most, is lost.
+FLUSH_INTERVAL = 0.05
 MAX_PENDING = 100_000  # identity-hour-models held in memory (beyond: dropped, counted, logged)
 
 
@@ -68,6 +72,7 @@ class Recorder:
         # (_id or "" when unknown, external id or "", hour, model) -> what waits
         self._pending: dict[tuple[str, str, int, str], Entry] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # ends the flusher's wait early
         self._closing = False
         self._dropped = 0
         self.write_errors = 0
@@ -196,8 +201,10 @@ class Recorder:
             self._start()
 
     async def drain(self) -> None:
-        """Wait until everything added so far is written, or kept in the backlog, and the
-        top-spenders index has what was written."""
+        """Write what waits now, and wait until everything added so far is written, or kept
+        in the backlog, and the top-spenders index has what was written."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         while busy := [
             t for t in (self._flusher, self.writer.rankings.busy) if t is not None and not t.done()
         ]:
@@ -223,7 +230,7 @@ class Recorder:
         backlog = self.backlog
         while self._pending or backlog.pending or backlog.orphans_due():
             if not self._closing:
-                await asyncio.sleep(delay)
+                await self._pause(delay, wakeable=delay == FLUSH_INTERVAL)
             try:
                 if backlog.pending:
                     # Behind entries that wait already: in order, or a mark would skip them.
@@ -241,6 +248,20 @@ class Recorder:
                 delay = min(max(delay * 2, 0.05), 2.0)
                 continue
             delay = FLUSH_INTERVAL
+
+    async def _pause(self, delay: float, *, wakeable: bool) -> None:
+        """`asyncio.sleep(delay)`; `wakeable`: `drain` may end it early (not a backoff)."""
+        if not wakeable:
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        self._wake = wake = loop.create_future()
+        timer = loop.call_later(delay, _wake_up, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
 
     def _take(self) -> list[Entry]:
         """What waits in memory, each with its sequence number."""
@@ -287,3 +308,8 @@ class Recorder:
                 charges=entry.charges,
                 model=entry.model,
             )
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
