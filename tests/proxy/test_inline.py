@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -325,6 +326,29 @@ async def test_known_identities_stale_profiles_are_written_together_after_their_
     for who, name in (("ann", "Ann B."), ("bob", "Bob B.")):
         assert (await env.api.get(f"/v2/identities/{who}")).json()["display_name"] == name
     assert (await env.metrics("ann"))["total_requests"] == 2
+
+
+async def test_usage_shows_in_the_identitys_metrics_within_300_ms_of_the_answer(
+    env: Env,
+) -> None:
+    async with client(env) as oai:
+        for _ in range(3):
+            await oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=MESSAGES,
+                extra_body={"identity": {"id": "ann"}},
+                extra_headers=tokens(100, 20),
+            )
+    answered = time.monotonic()  # nothing waited for: the write behind must come by itself
+    shown = None
+    while time.monotonic() - answered < 0.3:
+        r = await env.api.get("/v2/identities/ann", params={"include_metrics": "true"})
+        if r.json()["metrics"]["total_requests"] == 3:
+            shown = time.monotonic() - answered
+            break
+        await asyncio.sleep(0.01)
+    assert shown is not None, "usage not in the identity's metrics 300 ms after the answer"
+    assert r.json()["metrics"]["input_tokens"] == 300
 
 
 async def test_body_over_the_limit_is_413(make_env: MakeEnv) -> None:
