@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from sidecar.usage import buckets
 from sidecar.usage import recorder as recorder_module
 from tests.support.clock import FakeClock
-from tests.support.usage import add, identities, recorder, requests_of
+from tests.support.usage import KEYS, add, identities, recorder, requests_of
 
 
 async def test_a_hook_report_retried_counts_once(
@@ -38,4 +39,31 @@ async def test_inline_usage_waits_to_share_a_write_and_drain_writes_it_at_once(
     await asyncio.wait_for(rec.drain(), timeout=5)  # not the flusher's 30 s
     assert (await requests_of(redis, ids["a"], clock))["requests"] == 3
     assert rec.waiting == 0
+    await rec.close()
+
+
+async def test_counters_stay_exact_past_what_a_double_holds(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Day, window-sum, hour and by-model counters through record.lua, across 2^52 and 2^53."""
+    ids = await identities(redis, clock, "whale")
+    rec = recorder(redis, clock, tmp_path)
+    total = 0
+    for cost in (2**52 - 1, 2, 2**53, 3, 7):  # under 2^52, across it, far past it
+        rec.add(
+            ids["whale"], {"r": 1, "c": cost}, source="body", external_id="whale", model="gpt-4o"
+        )
+        await rec.drain()
+        total += cost
+    day, hour = buckets.day(clock()), buckets.hour(clock())
+    days = await redis.hgetall(KEYS.usage_days(ids["whale"]))
+    assert (days[f"{day}:c".encode()], days[b"s:c"]) == (b"%d" % total, b"%d" % total)
+    assert (days[f"{day}:r".encode()], days[b"s:r"]) == (b"5", b"5")
+    hours = await redis.hgetall(KEYS.usage_hours(ids["whale"]) + str(hour))
+    assert (hours[b"c"], hours[b"r"]) == (b"%d" % total, b"5")
+    models = await redis.hgetall(KEYS.usage_models(ids["whale"]) + str(day))
+    slot = models[b"=gpt-4o"]
+    assert isinstance(slot, bytes)
+    assert (models[slot + b"c"], models[slot + b"r"]) == (b"%d" % total, b"5")
+    assert total == 2**53 + 2**52 + 11
     await rec.close()
