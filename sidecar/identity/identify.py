@@ -126,8 +126,8 @@ class Identifier:
     async def refresh_due(self) -> None:
         """Write what `refresh_later` queued, REFRESH_DELAY_S from now, in one round trip; an
         identity whose record is gone or changed hands is identified again. Raises
-        StoreUnavailable (each profile not written is written with its identity's next
-        request)."""
+        StoreUnavailable, or what `identify` raises: each profile not written stays due, and
+        is written with its identity's next request."""
         await asyncio.sleep(REFRESH_DELAY_S)
         due = list(self._due.values())
         self._due.clear()

@@ -489,7 +489,7 @@ class Settlement:
         """Write known identities' body profiles, queued after their requests were answered."""
         try:
             await self.identifier.refresh_due()
-        except SidecarError as exc:  # unreachable, or a creation cap: each one's next request
+        except SidecarError as exc:  # the store failed, or a creation cap: their next requests
             log.warning("body profiles not written now: %s", exc)
 
     async def _when_known(

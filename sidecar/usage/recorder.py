@@ -227,10 +227,11 @@ class Recorder:
     async def _run(self) -> None:
         logs.clear()  # started by some request, it writes for all of them
         delay = FLUSH_INTERVAL
+        backing_off = False
         backlog = self.backlog
         while self._pending or backlog.pending or backlog.orphans_due():
             if not self._closing:
-                await self._pause(delay, wakeable=delay == FLUSH_INTERVAL)
+                await self._pause(delay, wakeable=not backing_off)
             try:
                 if backlog.pending:
                     # Behind entries that wait already: in order, or a mark would skip them.
@@ -245,9 +246,9 @@ class Recorder:
                 log.warning("usage write failed (%s); kept for later", exc)
                 if self._closing:
                     return
-                delay = min(max(delay * 2, 0.05), 2.0)
+                delay, backing_off = min(max(delay * 2, 0.05), 2.0), True
                 continue
-            delay = FLUSH_INTERVAL
+            delay, backing_off = FLUSH_INTERVAL, False
 
     async def _pause(self, delay: float, *, wakeable: bool) -> None:
         """`asyncio.sleep(delay)`; `wakeable`: `drain` may end it early (not a backoff)."""
