@@ -242,13 +242,13 @@ async def batch(
     own (HotLine.for_client), used instead of a pool connection."""
     if script.sha is None:
         await script.load(client)
-    if line is not None:
-        replies = await _on_line(client, script, calls, line)
-    elif isinstance(client, RedisCluster):
-        replies = await _pipeline(client, script, calls)
+    if line is None and isinstance(client, RedisCluster):
+        replies = await _pipeline(client, script, calls)  # reloads a lost script itself
     else:
-        with translated():
-            replies = await _direct(client, script, calls)
+        replies = await _written(client, script, calls, line)
+        if any(_lost_script(r) for r in replies):
+            await script.load(client)  # the server restarted or was flushed
+            replies = await _written(client, script, calls, line)
     if raise_on_error:
         failed = next((r for r in replies if isinstance(r, Exception)), None)
         if failed is not None:
@@ -256,35 +256,36 @@ async def batch(
     return replies
 
 
-async def _on_line(
-    client: RedisClient, script: Script, calls: Sequence[Call], line: HotLine
+async def _written(
+    client: RedisClient, script: Script, calls: Sequence[Call], line: HotLine | None
 ) -> list[Any]:
-    """The calls on `line`, their replies matched in order as they arrive: no pool checkout
-    and release (a tenth of a lone request's instructions in all went to those of its usage
-    writes, bench.instr_bench), no read layers. The client's socket timeout bounds the whole
-    batch; a reply that comes after it is dropped."""
-    timeout = line.timeout
-    for attempt in range(2):
-        sha = script.sha
-        assert sha is not None
-        packed = _packed(sha, calls)
-        with translated():
-            # Opened (a pool connection taken) within the client's connect timeout, as any
-            # connection is; the batch's own deadline starts once it is written.
-            await line.open()
-            async with asyncio.timeout(timeout):
-                futures = line.send(packed, len(calls))
-                try:
-                    results = [await future for future in futures]
-                except BaseException:
-                    for future in futures:
-                        future.cancel()  # its reply, when it comes, is dropped
-                    raise
-        if attempt == 0 and any(_lost_script(r) for r in results):
-            await script.load(client)  # the server restarted or was flushed
-            continue
-        return results
-    raise AssertionError("unreachable")
+    """The calls written at once, on `line` or on a pool connection, and their replies."""
+    sha = script.sha
+    assert sha is not None
+    packed = _packed(sha, calls)
+    with translated():
+        if line is not None:
+            return await _on_line(packed, len(calls), line)
+        assert not isinstance(client, RedisCluster)  # a cluster's calls go by its pipeline
+        return await _direct(client, packed, len(calls))
+
+
+async def _on_line(packed: bytes, count: int, line: HotLine) -> list[Any]:
+    """`count` packed calls on `line`, their replies matched in order as they arrive: no pool
+    checkout and release (a tenth of a lone request's instructions in all went to those of its
+    usage writes, bench.instr_bench), no read layers. The client's socket timeout bounds the
+    whole batch; a reply that comes after it is dropped."""
+    # Opened (a pool connection taken) within the client's connect timeout, as any connection
+    # is; the batch's own deadline starts once it is written.
+    await line.open()
+    async with asyncio.timeout(line.timeout):
+        futures = line.send(packed, count)
+        try:
+            return [await future for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # its reply, when it comes, is dropped
+            raise
 
 
 def _packed(sha: str, calls: Sequence[Call]) -> bytes:
@@ -293,48 +294,42 @@ def _packed(sha: str, calls: Sequence[Call]) -> bytes:
 
 
 def _lost_script(reply: Any) -> bool:
-    """An error reply saying the server does not have the script (restarted or flushed)."""
-    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    """An error reply saying the server does not have the script (restarted or flushed):
+    redis-py's parser makes it a NoScriptError, hiredis's (the line's) keeps the code."""
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
 
 
-async def _direct(client: Redis, script: Script, calls: Sequence[Call]) -> list[Any]:
-    """On one connection of the pool, the calls written at once and their replies read in
-    order: what a pipeline does, without the client's per-command layers (its pipeline queues,
-    packs and parses each command through several calls). `bench.batch_bench`, the usage
-    writer's batches: 4.2 against 17.9 us of this process's CPU per entry."""
+async def _direct(client: Redis, packed: bytes, count: int) -> list[Any]:
+    """On one connection of the pool, `count` packed calls written at once and their replies
+    read in order: what a pipeline does, without the client's per-command layers (its pipeline
+    queues, packs and parses each command through several calls). `bench.batch_bench`, the
+    usage writer's batches: 4.2 against 17.9 us of this process's CPU per entry."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        for attempt in range(2):
-            sha = script.sha
-            assert sha is not None
-            packed = _packed(sha, calls)
-            results: list[Any] = []
-            # One deadline for the write and all the replies: the client's own, a timeout
-            # context per reply, cost 3.3 us more per entry (bench.batch_bench), and its send
-            # runs the write in a task of its own (asyncio.wait_for), for every batch.
-            async with asyncio.timeout(conn.socket_timeout):
-                if not conn.is_connected:
-                    await conn.connect()
-                # redis-py's send without its wait_for (a private method: redis is pinned to
-                # 8.1 in pyproject.toml; behind Sentinel every usage write goes through here).
-                await conn._send_packed_command([packed])
-                for _ in calls:
-                    try:
-                        results.append(await conn.read_response(timeout=math.inf))
-                    except ResponseError as exc:  # this call's own error; the rest go on
-                        results.append(exc)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                # The server restarted or was flushed.
-                script.sha = await client.script_load(script.source)
-                continue
-            return results
+        results: list[Any] = []
+        # One deadline for the write and all the replies: the client's own, a timeout context
+        # per reply, cost 3.3 us more per entry (bench.batch_bench), and its send runs the
+        # write in a task of its own (asyncio.wait_for), for every batch.
+        async with asyncio.timeout(conn.socket_timeout):
+            if not conn.is_connected:
+                await conn.connect()
+            # redis-py's send without its wait_for (a private method: redis is pinned to 8.1
+            # in pyproject.toml; behind Sentinel every usage write goes through here).
+            await conn._send_packed_command([packed])
+            for _ in range(count):
+                try:
+                    results.append(await conn.read_response(timeout=math.inf))
+                except ResponseError as exc:  # this call's own error; the rest go on
+                    results.append(exc)
+        return results
     except BaseException:
         await conn.disconnect()  # replies may be in flight: the connection is not reused
         raise
     finally:
         await pool.release(conn)
-    raise AssertionError("unreachable")
 
 
 async def _pipeline(client: RedisClient, script: Script, calls: Sequence[Call]) -> list[Any]:
