@@ -9,10 +9,10 @@ from sidecar.usage.pricing import Cost
 # - one hash of daily counters, fields "<day>:<counter>" (days since the epoch, UTC), kept
 #   RETENTION_DAYS, with the sums of the last METRICS_DAYS days maintained beside them as
 #   "s:<counter>" (lua/counters.lua): a 30-day metrics read is one small HMGET;
-# - one hash per UTC hour (hours since the epoch), kept HOUR_RETENTION hours, for the hourly
-#   series. Daily buckets are the record: they are what the 30-day metrics and the finance
-#   export read, and thirty of them cost one hash per identity. Hourly ones cost a key each,
-#   so they are kept for the recent past only.
+# - one hash per UTC hour (hours since the epoch) of the USAGE counters, kept HOUR_RETENTION
+#   hours, for the hourly series. Daily buckets are the record: they are what the 30-day
+#   metrics and the finance export read, and thirty of them cost one hash per identity. Hourly
+#   ones cost a key each, so they are kept for the recent past only.
 # Field names are short: they repeat in every bucket.
 REQUESTS = "r"
 ERRORS = "e"
@@ -32,6 +32,9 @@ BY_SOURCE = {
     "api_key": "sk",
     "anonymous": "sa",
 }
+# Their first letter, which no other counter starts with: lua/record.lua tells them apart by it
+# (a table to look them up in costs Redis more, built on every call, than the write it saves).
+BY_SOURCE_FIRST = "s"
 # What a request uses (or that it was refused), whoever it is for.
 USAGE = (
     REQUESTS,
@@ -113,6 +116,7 @@ def lua_constants() -> str:
     return (
         f"local COUNTERS = {{{names}}}\n"
         f"local KEPT = {{{kept}}}\n"
+        f"local BY_SOURCE_FIRST = '{BY_SOURCE_FIRST}'\n"
         f"local VIA = '{VIA}'\n"
         f"local WINDOW = {METRICS_DAYS}\n"
         f"local RETENTION = {RETENTION_DAYS}\n"

@@ -67,3 +67,29 @@ async def test_counters_stay_exact_past_what_a_double_holds(
     assert (models[slot + b"c"], models[slot + b"r"]) == (b"%d" % total, b"5")
     assert total == 2**53 + 2**52 + 11
     await rec.close()
+
+
+def test_requests_by_source_are_told_apart_by_their_first_letter() -> None:
+    """record.lua keeps them out of the hour buckets by it (buckets.BY_SOURCE_FIRST)."""
+    others = {*buckets.USAGE, *buckets.VIA_COUNTERS, *buckets.MODEL_COUNTERS}
+    assert all(c[0] == buckets.BY_SOURCE_FIRST for c in buckets.BY_SOURCE.values())
+    assert not any(c[0] == buckets.BY_SOURCE_FIRST for c in others)
+
+
+async def test_hour_buckets_hold_what_the_hourly_series_reads(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Every USAGE counter, and not the requests by source, which the day counters and the
+    window sums keep."""
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    counters = {c: n for n, c in enumerate(buckets.USAGE, start=1)}
+    rec.add(ids["a"], counters | {buckets.BY_SOURCE["header"]: 1}, source="header", external_id="a")
+    await rec.drain()
+    day, hour = buckets.day(clock()), buckets.hour(clock())
+    hours = await redis.hgetall(KEYS.usage_hours(ids["a"]) + str(hour))
+    assert hours == {c.encode(): b"%d" % n for c, n in counters.items()}
+    days = await redis.hgetall(KEYS.usage_days(ids["a"]))
+    assert (days[f"{day}:sh".encode()], days[b"s:sh"]) == (b"1", b"1")
+    assert days[f"{day}:c".encode()] == b"%d" % counters[buckets.COST]
+    await rec.close()

@@ -14,8 +14,9 @@ end
 -- Move the window sums forward to `today`: take out the days that left the window and
 -- delete the days past retention. Every write aligns first, so nothing older than the
 -- previous alignment's retention edge is left to delete.
-local function align(key, today)
-  local last = tonumber(redis.call('HGET', key, 's:day'))
+-- `last`: the hash's 's:day' (a number, or nil when it has none), when the caller read it
+-- already; align reads it itself otherwise.
+local function align_from(key, today, last)
   if last ~= nil and last >= today then return last end
   if last ~= nil then
     for day = last - WINDOW + 1, math.min(today - WINDOW, last) do
@@ -30,4 +31,8 @@ local function align(key, today)
   end
   redis.call('HSET', key, 's:day', today)
   return today
+end
+
+local function align(key, today)
+  return align_from(key, today, tonumber(redis.call('HGET', key, 's:day')))
 end
