@@ -1,4 +1,5 @@
-"""The top-spenders index: written after each usage write, read to order the identity list.
+"""The top-spenders index: written after the usage writes (at most once a second), read to
+order the identity list.
 
 Per UTC day and counter (requests, errors, nano-dollars), a sorted set of _id -> that day's
 total (Keys.top); a 30-day ranking is their union, built at most once a minute (Keys.ranking),
@@ -34,6 +35,11 @@ TOP_TTL_S = 31 * buckets.DAY + 3_600
 SORTS = ("cost", "requests", "error_rate")
 RANKING_TTL_S = 60  # a ranking is built at most once a minute: pages of one listing agree
 MAX_WAITING = 100_000  # (counter, day, _id) increments held for the next update
+# At most one update a second: an identity's increments add up in memory meanwhile, so a busy
+# one costs Redis a ZINCRBY per counter a second instead of one per usage write (every 100 ms),
+# which cost it a fifth as much as the usage writes themselves (bench/RESULTS.md). Rankings
+# are built from the sets at most once a minute: a second's delay shows nowhere.
+UPDATE_EVERY_S = 1.0
 _RANKED_BY = {"cost": buckets.COST, "requests": buckets.REQUESTS}
 
 
@@ -47,6 +53,9 @@ class Rankings:
         # (counter, day, _id) -> what the index still has to add.
         self._waiting: dict[tuple[str, int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._last = -UPDATE_EVERY_S  # the loop's time of the last update
+        self._wake: asyncio.Future[None] | None = None  # ends the wait before the next one
+        self._hurried = False  # drained: updates without waiting, until nothing waits
         self.errors = 0  # updates lost (failed, or too many waiting): ordering only
         self.line: HotLine | None = None  # the usage writer's, when it has one
 
@@ -68,7 +77,14 @@ class Rankings:
         if self._waiting and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._update())
 
+    def hurry(self) -> None:
+        """What waits is written now, and what comes next too, until nothing waits."""
+        self._hurried = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     async def drain(self, timeout_s: float | None = None) -> None:
+        self.hurry()
         if self._task is not None and not self._task.done():
             done, _ = await asyncio.wait([self._task], timeout=timeout_s)
             if not done:
@@ -80,31 +96,52 @@ class Rankings:
         return self._task if self._task is not None and not self._task.done() else None
 
     async def _update(self) -> None:
+        try:
+            while self._waiting:
+                await self._paced()
+                await self._write()
+        finally:
+            self._hurried = False
+
+    async def _paced(self) -> None:
+        """Until UPDATE_EVERY_S after the last update, unless hurried."""
+        loop = asyncio.get_running_loop()
+        wait = self._last + UPDATE_EVERY_S - loop.time()
+        if wait > 0 and not self._hurried:
+            self._wake = wake = loop.create_future()
+            timer = loop.call_later(wait, _wake_up, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self._wake = None
+        self._last = loop.time()
+
+    async def _write(self) -> None:
         """ZINCRBY the daily top sets, one script call per day. A failure is logged and
         counted, never retried: a retry could count twice, and the index only orders."""
-        while self._waiting:
-            waiting, self._waiting = self._waiting, {}
-            now = self.clock()
-            by_day: dict[int, list[str]] = {}
-            for (counter, day, identity_id), n in waiting.items():
-                by_day.setdefault(day, []).append(f"{counter} {identity_id} {n}")
-            calls: list[Call] = []
-            for day, increments in by_day.items():
-                keys = [self.keys.top(counter, day) for counter in RANKED]
-                # Relative to this process's clock, like the hour buckets' lifetime.
-                lifetime = max(1, int((day + 1) * buckets.DAY + TOP_TTL_S - now))
-                calls.append((keys, [" ".join(RANKED), lifetime, " ".join(increments)]))
-            try:
-                # Packed, on the writer's line: through the client's command path these
-                # calls were a tenth of a lone request's instructions (bench.instr_bench).
-                await batch(self.client, self._script, calls, self.line, raise_on_error=True)
-            except StoreUnavailable as exc:
-                self.errors += 1
-                log.warning(
-                    "top-spenders index not updated for %d counters (%s); list ordering only",
-                    len(waiting),
-                    exc,
-                )
+        waiting, self._waiting = self._waiting, {}
+        now = self.clock()
+        by_day: dict[int, list[str]] = {}
+        for (counter, day, identity_id), n in waiting.items():
+            by_day.setdefault(day, []).append(f"{counter} {identity_id} {n}")
+        calls: list[Call] = []
+        for day, increments in by_day.items():
+            keys = [self.keys.top(counter, day) for counter in RANKED]
+            # Relative to this process's clock, like the hour buckets' lifetime.
+            lifetime = max(1, int((day + 1) * buckets.DAY + TOP_TTL_S - now))
+            calls.append((keys, [" ".join(RANKED), lifetime, " ".join(increments)]))
+        try:
+            # Packed, on the writer's line: through the client's command path these
+            # calls were a tenth of a lone request's instructions (bench.instr_bench).
+            await batch(self.client, self._script, calls, self.line, raise_on_error=True)
+        except StoreUnavailable as exc:
+            self.errors += 1
+            log.warning(
+                "top-spenders index not updated for %d counters (%s); list ordering only",
+                len(waiting),
+                exc,
+            )
 
     async def remove(self, identity_id: str) -> None:
         """Out of every day's sets (and a day's margin each side) and today's rankings."""
@@ -202,3 +239,8 @@ def _pairs(reply: Any) -> list[tuple[bytes, float]]:
     if reply and not isinstance(reply[0], list | tuple):
         return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
     return [(member, float(score)) for member, score in reply]
+
+
+def _wake_up(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)

@@ -206,10 +206,10 @@ class Recorder:
         in the backlog, and the top-spenders index has what was written."""
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        while busy := [
-            t for t in (self._flusher, self.writer.rankings.busy) if t is not None and not t.done()
-        ]:
-            await asyncio.wait(busy)
+        rankings = self.writer.rankings
+        while busy := [t for t in (self._flusher, rankings.busy) if t is not None and not t.done()]:
+            rankings.hurry()  # again each time: the flusher's writes may have started its update
+            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self, grace_s: float = 5.0) -> None:
         """At shutdown: one more write of what waits, for at most `grace_s` seconds; what

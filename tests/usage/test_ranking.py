@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from sidecar.store.hotline import HotLine
@@ -12,6 +14,8 @@ from sidecar.store.keys import Keys
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
+from sidecar.usage import ranking as ranking_module
+from sidecar.usage.ranking import Rankings
 from tests.support.clock import FakeClock
 from tests.support.rankings import order, recorder_of, seed
 
@@ -89,6 +93,38 @@ async def test_the_index_counts_what_the_counters_counted_once(
         await recorder.record(ids["e"], {"r": 1, "c": 7}, request_id="req-1", external_id="e")
     await recorder.drain()
     assert await redis.zscore(KEYS.top("c", today), ids["e"]) == 7
+
+
+async def test_a_busy_identitys_index_increments_add_up_for_a_second(
+    redis: Redis, clock: FakeClock
+) -> None:
+    """One update a second at most: what comes meanwhile is added in memory and written
+    together, once the second is up or at once when drained."""
+    rankings = Rankings(redis, KEYS, clock)
+    writes: list[int] = []
+    real = ranking_module.batch
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        writes.append(len(args[2]))
+        return await real(*args, **kwargs)
+
+    today = buckets.day(clock())
+    top = KEYS.top("c", today)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ranking_module, "batch", counted)
+        rankings.add("id-a", clock(), {"r": 1, "c": 5})
+        await asyncio.sleep(0.05)  # the first of a while goes at once
+        assert (writes, await redis.zscore(top, "id-a")) == ([1], 5)
+        for _ in range(3):  # a second after it, these go together
+            rankings.add("id-a", clock(), {"r": 1, "c": 5})
+            await asyncio.sleep(0.05)
+        assert (writes, await redis.zscore(top, "id-a")) == ([1], 5)
+        await asyncio.sleep(1.0)
+        assert (writes, await redis.zscore(top, "id-a")) == ([1, 1], 20)
+        rankings.add("id-a", clock(), {"r": 1, "c": 5})
+        await asyncio.wait_for(rankings.drain(), timeout=0.5)  # no waiting out the second
+        assert (writes, await redis.zscore(top, "id-a")) == ([1, 1, 1], 25)
+        assert await redis.zscore(KEYS.top("r", today), "id-a") == 5
 
 
 async def test_a_failed_index_update_is_counted_not_written_again(
