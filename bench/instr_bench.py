@@ -1,7 +1,7 @@
 """Instructions per request, counted by callgrind: the sidecar against the bare pass-through.
 
     .venv/bin/python -m bench.instr_bench [--requests 300] [--repeats 2] \\
-        [--sidecar-config bench/limits-prefetch.toml] [--baseline REV|DIR]
+        [--sidecar-config bench/limits-prefetch.toml] [--baseline REV|DIR] [--redis]
 
 Timing on a shared machine drifts by more than most single changes move (bench.paired_bench's
 A/A floor is 1-3%); instructions executed do not. The bare pass-through and the sidecar (and,
@@ -13,11 +13,13 @@ counting on, `--requests` sequential requests on one keep-alive connection, `--p
 fraction of a percent, where requests back to back overlap their timers differently each run), the
 count dumped (`callgrind_control`), counting off again. The figure is the process's instructions
 over the requests answered, all of its work included: the event loop, the HTTP server, the
-upstream client, and what the sidecar does in the background for those requests.
+upstream client, and what the sidecar does in the background for those requests. With `--redis`
+the private Redis runs under callgrind too, and is counted over each sidecar's window: what that
+sidecar's requests cost the store shared by every sidecar (the bare pass-through uses none).
 
 What it is not: a latency or a throughput. Under callgrind a process runs some 50 times slower
 while timers keep their wall-clock periods, so work that runs on a timer (the usage writer's
-10 ms flush) is paid once per request, as under light traffic, where under load many requests
+100 ms flush) is paid once per request, as under light traffic, where under load many requests
 share it. Cache misses and system calls weigh nothing here. Use it to tell whether a
 change does less work, to a fraction of a percent, and the timed benchmarks for what it is worth.
 """
@@ -65,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
         help="between counted requests, so that what a request sets off ends before the next",
     )
     p.add_argument("--identities", type=cli.positive, default=100, help="bench identities")
+    p.add_argument(
+        "--redis", action="store_true", help="count Redis's instructions per request too"
+    )
     return p
 
 
@@ -112,20 +117,33 @@ def latest_total(folder: Path, pid: int, before: set[Path]) -> int:
     raise SystemExit(f"no callgrind dump for process {pid} in {folder}")
 
 
-def count(target: Target, folder: Path, scenario: Scenario, args: argparse.Namespace) -> int:
-    """Instructions per request of one counted run against `target`."""
+def count(
+    target: Target,
+    folder: Path,
+    scenario: Scenario,
+    args: argparse.Namespace,
+    store: int | None = None,
+) -> tuple[int, int | None]:
+    """Instructions per request of one counted run against `target`, and, when `store` (the
+    pid of a Redis under callgrind) is given, of that Redis over the same run."""
     client = LeanClient(target.port, timeout=REQUEST_TIMEOUT_S)
+    pids = [target.pid] if store is None else [target.pid, store]
     try:
         send(client, scenario, 0, args.warmup)
         time.sleep(0.5)  # what the warm-up left to do in the background, done uncounted
-        before = set(folder.glob(f"callgrind.out.{target.pid}.*"))
-        control(target.pid, "--instr=on")
-        control(target.pid, "--zero")
+        before = {pid: set(folder.glob(f"callgrind.out.{pid}.*")) for pid in pids}
+        for pid in pids:
+            control(pid, "--instr=on")
+            control(pid, "--zero")
         send(client, scenario, args.warmup, args.requests, args.pause_ms / 1000)
-        control(target.pid, "--dump")
-        control(target.pid, "--instr=off")
+        if store is not None:
+            time.sleep(1.5)  # the last usage write and index update, counted
+        for pid in pids:
+            control(pid, "--dump")
+            control(pid, "--instr=off")
         requests: int = args.requests
-        return round(latest_total(folder, target.pid, before) / requests)
+        totals = [round(latest_total(folder, pid, before[pid]) / requests) for pid in pids]
+        return totals[0], totals[1] if store is not None else None
     except ClientError as exc:
         raise SystemExit(f"port {target.port}: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -138,6 +156,14 @@ def summary(result: dict[str, Any]) -> str:
         [name, f"{spread(values)['median'] / 1000:,.0f}k", ", ".join(f"{v:,}" for v in values)]
         for name, values in per.items()
     ]
+    for name, values in result.get("redis_instructions_per_request", {}).items():
+        rows.append(
+            [
+                f"Redis, for {name}",
+                f"{spread(values)['median'] / 1000:,.0f}k",
+                ", ".join(f"{v:,}" for v in values),
+            ]
+        )
     lines = table(["target", "instructions / request", "per repeat"], rows)
     for name, values in result["ratios"].items():
         lines.append(f"{name}: {spread_text(spread(values), 4)}")
@@ -165,20 +191,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wrap = callgrind(dumps)
                 log("starting the bare pass-through and the sidecar(s) under callgrind")
                 targets = [launcher.bare(upstream, None, wrap, START_TIMEOUT_S)]
+                store = (
+                    launcher.redis(wrap=callgrind(dumps), timeout=START_TIMEOUT_S)
+                    if args.redis
+                    else None
+                )
                 targets += launcher.sidecars(
                     sides,
                     args.sidecar_config,
-                    launcher.redis(),
+                    store or launcher.redis(),
                     upstream,
                     None,
                     wrap,
                     START_TIMEOUT_S,
                 )
                 per: dict[str, list[int]] = {t.name: [] for t in targets}
+                in_redis: dict[str, list[int]] = {name: [] for name, _ in sides}
                 for repeat in range(args.repeats):
                     for target in targets:
-                        per[target.name].append(count(target, dumps, scenario, args))
-                        log(f"repeat {repeat + 1}: {target.name} {per[target.name][-1]:,}")
+                        pid = store.process.pid if store and store.process else None
+                        own, redis = count(
+                            target, dumps, scenario, args, pid if target.name != "bare" else None
+                        )
+                        per[target.name].append(own)
+                        if redis is not None:
+                            in_redis[target.name].append(redis)
+                        log(
+                            f"repeat {repeat + 1}: {target.name} {own:,}"
+                            + (f", Redis {redis:,}" if redis is not None else "")
+                        )
         ratios = {
             f"{name} / bare": [ratio(v, b, 4) for v, b in zip(per[name], per["bare"], strict=True)]
             for name, _ in sides
@@ -194,6 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "instructions_per_request": per,
             "ratios": ratios,
         }
+        if args.redis:
+            result["redis_instructions_per_request"] = in_redis
+            if args.baseline:
+                ratios["Redis: sidecar / baseline"] = [
+                    ratio(v, b, 4)
+                    for v, b in zip(in_redis["sidecar"], in_redis["baseline"], strict=True)
+                ]
         return cli.Outcome(result, summary(result))
 
     return cli.run(MODULE, "Instructions per request (callgrind)", args, argv, measure)

@@ -28,6 +28,33 @@ class Background:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
 
 
+class Nap:
+    """A sleep that `wake` ends early (the usage writer's flush interval, the index's pace):
+    a drain writes what waits at once instead of waiting the interval out."""
+
+    def __init__(self) -> None:
+        self._wake: asyncio.Future[None] | None = None
+
+    async def __call__(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = wake = loop.create_future()
+        timer = loop.call_later(delay, _woken, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            _woken(self._wake)
+
+
+def _woken(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
+
+
 async def keep_refreshed(
     refresh: Callable[[], Awaitable[Any]], interval: float, what: str, log: logging.Logger
 ) -> None:

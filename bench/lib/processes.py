@@ -327,8 +327,12 @@ class Launcher:
         wait_for("OTLP receiver", proc, lambda: port_open(port))
         return port
 
-    def redis(self, name: str = "redis", *extra: str) -> RedisServer:
-        server = RedisServer(self.folder(name), *extra)
+    def redis(
+        self, name: str = "redis", *extra: str, wrap: Sequence[str] = (), timeout: float = 10.0
+    ) -> RedisServer:
+        """A private redis-server; `wrap`: a command it runs under (a profiler), given
+        `timeout` to start."""
+        server = RedisServer(self.folder(name), *extra, wrap=wrap, start_s=timeout)
         self.stack.callback(server.kill)
         server.start()
         return server

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -31,10 +32,15 @@ def redis_binary() -> str:
 class RedisServer:
     """A private redis-server on a free loopback port, for tests that need a real one."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(
+        self, directory: Path, *extra: str, wrap: Sequence[str] = (), start_s: float = 10.0
+    ) -> None:
+        """`wrap`: a command it runs under (a profiler), given `start_s` to answer."""
         self.directory = directory
         self.port = free_port()
         self.extra = extra
+        self.wrap = list(wrap)
+        self.start_s = start_s
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +49,7 @@ class RedisServer:
 
     def start(self) -> None:
         args = [
+            *self.wrap,
             redis_binary(),
             "--port",
             str(self.port),
@@ -59,7 +66,7 @@ class RedisServer:
             *self.extra,
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.start_s
         while True:
             try:
                 with redis.Redis(port=self.port, socket_timeout=0.5) as client:

@@ -23,6 +23,7 @@ from sidecar.store.errors import call
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Call, Script, batch, pipeline
+from sidecar.tasks import Nap
 from sidecar.usage import buckets
 
 log = logging.getLogger("sidecar.usage")
@@ -54,7 +55,7 @@ class Rankings:
         self._waiting: dict[tuple[str, int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
         self._last = -UPDATE_EVERY_S  # the loop's time of the last update
-        self._wake: asyncio.Future[None] | None = None  # ends the wait before the next one
+        self._nap = Nap()  # the wait before the next update
         self._hurried = False  # drained: updates without waiting, until nothing waits
         self.errors = 0  # updates lost (failed, or too many waiting): ordering only
         self.line: HotLine | None = None  # the usage writer's, when it has one
@@ -80,8 +81,7 @@ class Rankings:
     def hurry(self) -> None:
         """What waits is written now, and what comes next too, until nothing waits."""
         self._hurried = True
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._nap.wake()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         self.hurry()
@@ -108,13 +108,7 @@ class Rankings:
         loop = asyncio.get_running_loop()
         wait = self._last + UPDATE_EVERY_S - loop.time()
         if wait > 0 and not self._hurried:
-            self._wake = wake = loop.create_future()
-            timer = loop.call_later(wait, _wake_up, wake)
-            try:
-                await wake
-            finally:
-                timer.cancel()
-                self._wake = None
+            await self._nap(wait)
         self._last = loop.time()
 
     async def _write(self) -> None:
@@ -239,8 +233,3 @@ def _pairs(reply: Any) -> list[tuple[bytes, float]]:
     if reply and not isinstance(reply[0], list | tuple):
         return [(reply[i], float(reply[i + 1])) for i in range(0, len(reply), 2)]
     return [(member, float(score)) for member, score in reply]
-
-
-def _wake_up(wake: asyncio.Future[None]) -> None:
-    if not wake.done():
-        wake.set_result(None)

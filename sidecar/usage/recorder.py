@@ -12,6 +12,7 @@ import msgspec
 from sidecar import logs
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
+from sidecar.tasks import Nap
 from sidecar.usage import buckets
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.spool import Entry, Spool
@@ -73,7 +74,7 @@ class Recorder:
         # (_id or "" when unknown, external id or "", hour, model) -> what waits
         self._pending: dict[tuple[str, str, int, str], Entry] = {}
         self._flusher: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[None] | None = None  # ends the flusher's wait early
+        self._nap = Nap()  # the flusher's wait, which `drain` ends early
         self._closing = False
         self._dropped = 0
         self.write_errors = 0
@@ -204,8 +205,7 @@ class Recorder:
     async def drain(self) -> None:
         """Write what waits now, and wait until everything added so far is written, or kept
         in the backlog, and the top-spenders index has what was written."""
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._nap.wake()
         rankings = self.writer.rankings
         while busy := [t for t in (self._flusher, rankings.busy) if t is not None and not t.done()]:
             rankings.hurry()  # again each time: the flusher's writes may have started its update
@@ -232,7 +232,8 @@ class Recorder:
         backlog = self.backlog
         while self._pending or backlog.pending or backlog.orphans_due():
             if not self._closing:
-                await self._pause(delay, wakeable=not backing_off)
+                # A backoff is not cut short by a drain.
+                await (asyncio.sleep(delay) if backing_off else self._nap(delay))
             try:
                 if backlog.pending:
                     # Behind entries that wait already: in order, or a mark would skip them.
@@ -250,20 +251,6 @@ class Recorder:
                 delay, backing_off = min(max(delay * 2, 0.05), 2.0), True
                 continue
             delay, backing_off = FLUSH_INTERVAL, False
-
-    async def _pause(self, delay: float, *, wakeable: bool) -> None:
-        """`asyncio.sleep(delay)`; `wakeable`: `drain` may end it early (not a backoff)."""
-        if not wakeable:
-            await asyncio.sleep(delay)
-            return
-        loop = asyncio.get_running_loop()
-        self._wake = wake = loop.create_future()
-        timer = loop.call_later(delay, _wake_up, wake)
-        try:
-            await wake
-        finally:
-            timer.cancel()
-            self._wake = None
 
     def _take(self) -> list[Entry]:
         """What waits in memory, each with its sequence number."""
@@ -310,8 +297,3 @@ class Recorder:
                 charges=entry.charges,
                 model=entry.model,
             )
-
-
-def _wake_up(wake: asyncio.Future[None]) -> None:
-    if not wake.done():
-        wake.set_result(None)
