@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
+from sidecar.store.scripts import batch
 from sidecar.testing.redis_server import free_port
 from sidecar.testing.serving import ApiClient
 from sidecar.usage import buckets
@@ -102,11 +103,10 @@ async def test_a_busy_identitys_index_increments_add_up_for_a_second(
     together, once the second is up or at once when drained."""
     rankings = Rankings(redis, KEYS, clock)
     writes: list[int] = []
-    real = ranking_module.batch
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         writes.append(len(args[2]))
-        return await real(*args, **kwargs)
+        return await batch(*args, **kwargs)
 
     today = buckets.day(clock())
     top = KEYS.top("c", today)
