@@ -37,9 +37,10 @@ SORTS = ("cost", "requests", "error_rate")
 RANKING_TTL_S = 60  # a ranking is built at most once a minute: pages of one listing agree
 MAX_WAITING = 100_000  # (counter, day, _id) increments held for the next update
 # At most one update a second: an identity's increments add up in memory meanwhile, so a busy
-# one costs Redis a ZINCRBY per counter a second instead of one per usage write (every 100 ms),
-# which cost it a fifth as much as the usage writes themselves (bench/RESULTS.md). Rankings
-# are built from the sets at most once a minute: a second's delay shows nowhere.
+# one costs Redis a ZINCRBY per counter a second instead of one per usage write (every 100 ms):
+# a seventh of Redis's time per request, when each request was a different identity's
+# (bench/RESULTS.md). Rankings are built from the sets at most once a minute: a second's delay
+# shows nowhere.
 UPDATE_EVERY_S = 1.0
 _RANKED_BY = {"cost": buckets.COST, "requests": buckets.REQUESTS}
 
