@@ -248,7 +248,7 @@ class Recorder:
                 log.warning("usage write failed (%s); kept for later", exc)
                 if self._closing:
                     return
-                delay, backing_off = min(max(delay * 2, 0.05), 2.0), True
+                delay, backing_off = min(delay * 2, 2.0), True  # 0.2 s, doubling, up to 2 s
                 continue
             delay, backing_off = FLUSH_INTERVAL, False
 
