@@ -126,15 +126,20 @@ class Quota:
 
     def _known_policy(self, resolved: Resolved) -> Policy | _Missing | None:
         """The policy, when what it depends on is at hand (no store read), else MISSING."""
-        policies = self.live.policies
+        live = self.live
+        policies = live.policies
         if not policies:
             return None
+        # What no policy matches on is not needed: with none matching on tags or metadata (ids
+        # and catch-alls only), the profile is never read, from the body or from the store.
+        tags: list[str] | None = None if live.match_tags else []
+        metadata: dict[str, Any] | None = None if live.match_keys else {}
         given = resolved.profile
-        tags: list[str] | None = None
-        metadata: dict[str, Any] | None = None
         if given is not None:
-            tags = given.tags if isinstance(given.tags, list) else None
-            metadata = given.metadata if isinstance(given.metadata, dict) else None
+            if tags is None and isinstance(given.tags, list):
+                tags = given.tags
+            if metadata is None and isinstance(given.metadata, dict):
+                metadata = given.metadata
         if tags is None or metadata is None:
             cached = self.profiles.get(resolved.external_id)
             if cached is None:

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from sidecar.quota.profiles import PROFILE_TTL_S
 from tests.support.clock import FakeClock
 from tests.support.env import MakeEnv
 from tests.support.limits import BODY, policy_file
@@ -100,3 +102,55 @@ async def test_openai_client_raises_and_its_retry_honours_retry_after(
         )
     assert response.http_response.status_code == 200
     assert time.monotonic() - began >= 0.9, "the client waited as retry-after asked"
+
+
+@pytest.mark.parametrize(
+    ("match", "read"),
+    [('ids = ["user_*"]', False), ('tags = ["pro"]', True), ('metadata = { plan = "pro" }', True)],
+)
+async def test_a_policy_set_matching_on_no_profile_field_reads_no_profile(
+    make_env: MakeEnv,
+    tmp_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    match: str,
+    read: bool,
+) -> None:
+    """An identity whose profile this process has forgotten is admitted without reading its
+    record when no policy matches on tags or metadata; when one does, the record is read."""
+    env = await make_env(
+        **policy_file(
+            tmp_path,
+            f"""
+[[policy]]
+name = "chosen"
+requests = ["100/minute"]
+match = {{ {match} }}
+
+[[policy]]
+name = "rest"
+requests = ["50/minute"]
+""",
+        )
+    )
+    records = env.app.services.quota.records
+    many = records.many
+    reads: list[list[str]] = []
+
+    async def counted(ids: list[str]) -> Any:
+        reads.append(ids)
+        return await many(ids)
+
+    monkeypatch.setattr(records, "many", counted)
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        headers = {"X-ORQ-IDENTITY-ID": "user_1"}
+        first = await client.post("/v1/chat/completions", json=BODY, headers=headers)
+        assert first.status_code == 200
+        reads.clear()
+        clock.now += PROFILE_TTL_S + 1  # the profile is no longer remembered
+        again = await client.post("/v1/chat/completions", json=BODY, headers=headers)
+    assert again.status_code == 200
+    assert bool(reads) is read
+    # The stored profile has no tags and no metadata: only the ids policy matches it.
+    expected = "100" if match.startswith("ids") else "50"
+    assert again.headers["x-ratelimit-limit-requests"] == expected
