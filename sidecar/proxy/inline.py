@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_from_bytes
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from sidecar import logs
 from sidecar.asgi import ClientGone, lowered, read_body, send_error, send_json
@@ -22,6 +24,7 @@ from sidecar.errors import (
     BadGateway,
     Forbidden,
     GatewayTimeout,
+    InvalidRequest,
     SidecarError,
     StoreUnavailable,
 )
@@ -73,6 +76,9 @@ _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up 
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
+# What a path's bytes may hold as they are (RFC 3986's pchar and "/"); any other byte goes
+# upstream percent-encoded, as the same byte.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 
 
 class InlineProxy:
@@ -123,7 +129,12 @@ class InlineProxy:
             return
         except ClientGone:
             return
-        metered, kind = self.metered(scope["method"], scope["path"])
+        path = scope["path"]
+        if "/." in path and _dot_segments(path):
+            message = "a path with a '.' or '..' segment is not forwarded"
+            await send_error(send, InvalidRequest(message, code="path_not_normalized"))
+            return
+        metered, kind = self.metered(scope["method"], path)
         if not metered:
             if self.deny_others and scope["method"] == "POST":
                 message = f"POST {scope['path']} is not a metered path, and this sidecar "
@@ -246,11 +257,7 @@ class InlineProxy:
         headers: list[tuple[str, str]],
         meter: Meter | None,
     ) -> None:
-        url = self.upstream.url + (scope.get("raw_path") or scope["path"].encode()).decode(
-            "latin-1"
-        )
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        url = URL(self.upstream.url + upstream_target(scope), encoded=True)
         status: int | None = None
         usage: Usage | None = None
         header_cost: str | None = None
@@ -328,6 +335,25 @@ class InlineProxy:
 
 
 Settle = Callable[[Usage | None], Awaitable[None]]
+
+
+def upstream_target(scope: HTTPScope) -> str:
+    """The path and query as the client sent them, byte for byte (a URL given to yarl as text
+    would have its dot segments removed and escapes decoded); a byte that is not ASCII, which
+    httptools refuses but another server might pass, goes percent-encoded."""
+    target = (scope.get("raw_path") or scope["path"].encode()) + (
+        b"?" + scope["query_string"] if scope.get("query_string") else b""
+    )
+    if not target.isascii():
+        target = quote_from_bytes(target, safe=_PATH_SAFE + "?").encode()
+    return target.decode("ascii")
+
+
+def _dot_segments(path: str) -> bool:
+    """Whether the (percent-decoded) path has a '.' or '..' segment: what the sidecar meters
+    is the path as sent, and an upstream that resolved such a segment would act on another
+    (`/v1/chat/completions/x/..` is not metered, and becomes `/v1/chat/completions/` there)."""
+    return any(segment in (".", "..") for segment in path.split("/"))
 
 
 async def _relay_stream(

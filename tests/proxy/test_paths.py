@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import httpx
 
+from sidecar.proxy.inline import upstream_target
 from tests.support.env import Env, MakeEnv
+from tests.support.limits import policy_file
+from tests.support.rawhttp import RawConnection
 
 BODY = {"model": "rerank-1", "query": "q", "documents": ["a", "b"]}
 
@@ -42,3 +48,58 @@ async def test_other_paths_deny_refuses_unmetered_posts_and_lets_reads_through(
             json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert chat.status_code == 200
+
+
+async def test_path_and_query_go_upstream_byte_for_byte(env: Env) -> None:
+    conn = await RawConnection.open(env.url)
+    try:
+        for target in ("/v1/models/%67pt-4o?a=%41&b=c%20d", "/v1/files//x;y"):
+            await conn.head("GET", target, {"content-length": "0"})
+            answered = await conn.answer(within=5)
+            assert answered.status < 500, answered.body
+    finally:
+        await conn.close()
+    seen = [(r.path, r.query) for r in env.mock.requests]
+    assert seen == [("/v1/models/%67pt-4o", "a=%41&b=c%20d"), ("/v1/files//x;y", "")]
+
+
+async def test_a_path_with_dot_segments_is_refused_not_resolved(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """`/v1/chat/completions/x/..` is no metered path as sent, but an upstream that resolved its
+    segments would serve a chat completion: unmetered, past every limit."""
+    env: Env = await make_env(
+        **policy_file(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n')
+    )
+    conn = await RawConnection.open(env.url)
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    headers["x-orq-identity-id"] = "walker"
+    try:
+        for target in (
+            "/v1/chat/completions/x/..",
+            "/v1/chat/completions/.",
+            "/v1/x/%2e%2e/chat/completions/%2E",
+            "/v1/./models",
+        ):
+            await conn.head("POST", target, headers)
+            await conn.send(body)
+            answered = await conn.answer(within=5)
+            assert answered.status == 400, (target, answered.body)
+            error = answered.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["code"] == "path_not_normalized"
+        # Names that only start with a dot are no dot segments.
+        await conn.head("GET", "/v1/.well-known/x..y", {"content-length": "0"})
+        assert (await conn.answer(within=5)).status != 400
+    finally:
+        await conn.close()
+    assert [r.path for r in env.mock.requests] == ["/v1/.well-known/x..y"]
+
+
+def test_a_byte_that_is_not_ascii_goes_upstream_percent_encoded() -> None:
+    scope: Any = {"path": "/v1/models/é", "raw_path": b"/v1/models/\xe9%41"}
+    scope["query_string"] = b"q=\xe9"
+    assert upstream_target(scope) == "/v1/models/%E9%41?q=%E9"
+    scope = {"path": "/v1/models", "raw_path": None, "query_string": b""}
+    assert upstream_target(scope) == "/v1/models"
