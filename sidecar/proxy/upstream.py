@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import aiohttp
+from yarl import URL
 
 
 class Upstream:
@@ -8,7 +9,9 @@ class Upstream:
     aiohttp session belongs to a running event loop), closed at shutdown."""
 
     def __init__(self, url: str | None, timeout_s: float, *, connections: int = 1024) -> None:
-        self.url = (url or "").rstrip("/")
+        # Encoded once as yarl would (a space in a configured path prefix, say): each request
+        # appends its path as sent to this, already encoded (see proxy.inline).
+        self.url = str(URL(url)).rstrip("/") if url else ""
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
         self.connections = connections
         self._session: aiohttp.ClientSession | None = None

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from sidecar.proxy.inline import upstream_target
+from sidecar.proxy.upstream import Upstream
 from tests.support.env import Env, MakeEnv
 from tests.support.limits import policy_file
 from tests.support.rawhttp import RawConnection
@@ -103,3 +104,9 @@ def test_a_byte_that_is_not_ascii_goes_upstream_percent_encoded() -> None:
     assert upstream_target(scope) == "/v1/models/%E9%41?q=%E9"
     scope = {"path": "/v1/models", "raw_path": None, "query_string": b""}
     assert upstream_target(scope) == "/v1/models"
+
+
+def test_the_configured_upstream_is_encoded_once_and_paths_appended_as_sent() -> None:
+    assert Upstream("http://up:4000/open ai/", 5).url == "http://up:4000/open%20ai"
+    assert Upstream("http://up:4000", 5).url == "http://up:4000"
+    assert Upstream(None, 5).url == ""
