@@ -93,9 +93,14 @@ async def test_a_path_with_dot_segments_is_refused_not_resolved(
         # Names that only start with a dot are no dot segments.
         await conn.head("GET", "/v1/.well-known/x..y", {"content-length": "0"})
         assert (await conn.answer(within=5)).status != 400
+        # None of the refused counted: the one request a minute is still there.
+        await conn.head("POST", "/v1/chat/completions", headers)
+        await conn.send(body)
+        assert (await conn.answer(within=5)).status == 200
     finally:
         await conn.close()
-    assert [r.path for r in env.mock.requests] == ["/v1/.well-known/x..y"]
+    paths = [r.path for r in env.mock.requests]
+    assert paths == ["/v1/.well-known/x..y", "/v1/chat/completions"]
 
 
 def test_a_byte_that_is_not_ascii_goes_upstream_percent_encoded() -> None:
