@@ -41,12 +41,19 @@ MODULE = "bench.idle_bench"
 SIDECARS = ("plain", "limits")
 
 
+def _gap(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 60_000:
+        raise argparse.ArgumentTypeError("must be between 0 and 60000 ms")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = cli.parser(MODULE, __doc__)
     p.add_argument("--repeats", type=cli.positive, default=3, help="measurements")
     p.add_argument("--identities", type=cli.positive, default=50, help="identities per round")
     p.add_argument("--rounds", type=cli.positive, default=3, help="counted rounds per repeat")
-    p.add_argument("--gap-ms", type=float, default=210.0, help="silence after each identity")
+    p.add_argument("--gap-ms", type=_gap, default=210.0, help="silence after each identity")
     p.add_argument(
         "--sidecar-config",
         default=str(ROOT / "bench" / "limits-prefetch.toml"),

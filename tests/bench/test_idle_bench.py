@@ -30,3 +30,9 @@ def test_idle_bench_end_to_end(tmp_path: Path, capfd: pytest.CaptureFixture[str]
 def test_a_missing_sidecar_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no such file"):
         idle_bench.main(["--sidecar-config", str(tmp_path / "none.toml")])
+
+
+def test_a_negative_gap_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        idle_bench.main(["--gap-ms", "-1"])
+    assert "must be between 0 and 60000 ms" in capsys.readouterr().err
