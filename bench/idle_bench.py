@@ -33,7 +33,7 @@ from bench.lib import cli
 from bench.lib.client import LeanClient, Target, rotated
 from bench.lib.config import ROOT, sidecar_config
 from bench.lib.meta import bare_description
-from bench.lib.payloads import CHAT_PATH, scenarios
+from bench.lib.payloads import CHAT_PATH, Scenario, scenarios
 from bench.lib.processes import Launcher
 from bench.lib.report import log, percentile, ratio, rnd, spread, spread_text, table
 
@@ -41,19 +41,17 @@ MODULE = "bench.idle_bench"
 SIDECARS = ("plain", "limits")
 
 
-def _gap(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 60_000:
-        raise argparse.ArgumentTypeError("must be between 0 and 60000 ms")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = cli.parser(MODULE, __doc__)
     p.add_argument("--repeats", type=cli.positive, default=3, help="measurements")
     p.add_argument("--identities", type=cli.positive, default=50, help="identities per round")
     p.add_argument("--rounds", type=cli.positive, default=3, help="counted rounds per repeat")
-    p.add_argument("--gap-ms", type=_gap, default=210.0, help="silence after each identity")
+    p.add_argument(
+        "--gap-ms",
+        type=cli.between(0, 60_000, "ms", "gap"),
+        default=210.0,
+        help="silence after each identity",
+    )
     p.add_argument(
         "--sidecar-config",
         default=str(ROOT / "bench" / "limits-prefetch.toml"),
@@ -63,10 +61,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def measure_idle(
-    targets: Sequence[Target], args: argparse.Namespace, rounds: int
+    targets: Sequence[Target], scenario: Scenario, args: argparse.Namespace, rounds: int
 ) -> dict[str, list[float]]:
     """Milliseconds per request and target, `rounds` rounds of every identity."""
-    scenario = scenarios(args.identities)["chat_body_identity"]
     clients = {t.name: LeanClient(t.port) for t in targets}
     took: dict[str, list[float]] = {t.name: [] for t in targets}
     try:
@@ -87,8 +84,10 @@ def measure_idle(
     return took
 
 
-def one_repeat(targets: Sequence[Target], args: argparse.Namespace) -> dict[str, Any]:
-    took = measure_idle(targets, args, args.rounds)
+def one_repeat(
+    targets: Sequence[Target], scenario: Scenario, args: argparse.Namespace
+) -> dict[str, Any]:
+    took = measure_idle(targets, scenario, args, args.rounds)
     ordered = {name: sorted(values) for name, values in took.items()}
     direct = {q: percentile(ordered["direct"], q) for q in (50, 90)}
     run: dict[str, Any] = {"requests": len(took["direct"])}
@@ -148,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sides.append(launcher.sidecar(name, config, url, upstream, scenario))
             targets = [upstream, bare, *sides]
             log(f"first round: {args.identities} identities created, not counted")
-            measure_idle(targets, args, 1)
+            measure_idle(targets, scenario, args, 1)
             runs = []
             for index in range(args.repeats):
                 log(f"repeat {index + 1}/{args.repeats}: {args.rounds} rounds")
-                runs.append(one_repeat(targets, args))
+                runs.append(one_repeat(targets, scenario, args))
             result: dict[str, Any] = {
                 "bare": bare_description(),
                 "identities": args.identities,

@@ -207,9 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 per: dict[str, list[int]] = {t.name: [] for t in targets}
                 in_redis: dict[str, list[int]] = {name: [] for name, _ in sides}
+                pid = store.process.pid if store and store.process else None
                 for repeat in range(args.repeats):
                     for target in targets:
-                        pid = store.process.pid if store and store.process else None
                         own, redis = count(
                             target, dumps, scenario, args, pid if target.name != "bare" else None
                         )

@@ -13,7 +13,6 @@ against the requests answered. Everything started here is stopped on exit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,13 +33,6 @@ EXPORTER = b"sidecar.observe.otel_export"
 SETTINGS = ("on", "off")
 
 
-def ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
-
-
 def received(port: int) -> dict[str, int]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as answer:
         counts: dict[str, int] = json.load(answer)
@@ -51,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = cli.parser(MODULE, __doc__)
     cli.wrk_arguments(p, repeats=5, duration=10, connections=False)
-    p.add_argument("--sample-ratio", type=ratio, default=1.0, help="[telemetry] sample_ratio")
+    p.add_argument(
+        "--sample-ratio",
+        type=cli.between(0, 1, name="ratio"),
+        default=1.0,
+        help="[telemetry] sample_ratio",
+    )
     p.add_argument("--limits", action="store_true", help="three limits per request")
     args = p.parse_args(argv)
 

@@ -32,6 +32,24 @@ def non_negative(text: str) -> int:
     return value
 
 
+def between(
+    low: float, high: float, unit: str = "", name: str = "number"
+) -> Callable[[str], float]:
+    """An argument type: a number from `low` to `high` (in `unit`, for the message); `name`
+    is what argparse calls a value that is no number."""
+
+    def check(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be between {low:g} and {high:g}" + (f" {unit}" if unit else "")
+            )
+        return value
+
+    check.__name__ = name
+    return check
+
+
 def interval(text: str) -> float:
     value = float(text)
     if not 0.05 <= value <= 60:

@@ -76,9 +76,9 @@ _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up 
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
-# What a path's bytes may hold as they are (RFC 3986's pchar and "/"); any other byte goes
-# upstream percent-encoded, as the same byte.
-_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+# What a path and query's bytes may hold as they are (RFC 3986's pchar, "/" and "?"); any other
+# byte goes upstream percent-encoded, as the same byte.
+_TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"
 
 
 class InlineProxy:
@@ -345,7 +345,7 @@ def upstream_target(scope: HTTPScope) -> str:
         b"?" + scope["query_string"] if scope.get("query_string") else b""
     )
     if not target.isascii():
-        target = quote_from_bytes(target, safe=_PATH_SAFE + "?").encode()
+        target = quote_from_bytes(target, safe=_TARGET_SAFE).encode()
     return target.decode("ascii")
 
 
