@@ -76,6 +76,7 @@ class Recorder:
         self._flusher: asyncio.Task[None] | None = None
         self._nap = Nap()  # the flusher's wait, which `drain` ends early
         self._closing = False
+        self._draining = 0  # drains under way: the flusher writes without waiting its interval
         self._dropped = 0
         self.write_errors = 0
 
@@ -205,16 +206,25 @@ class Recorder:
     async def drain(self) -> None:
         """Write what waits now, and wait until everything added so far is written, or kept
         in the backlog, and the top-spenders index has what was written."""
+        # A flusher started but not yet napping would not be woken: it skips its nap instead.
+        self._draining += 1
         self._nap.wake()
         rankings = self.writer.rankings
-        while busy := [t for t in (self._flusher, rankings.busy) if t is not None and not t.done()]:
-            rankings.hurry()  # again each time: the flusher's writes may have started its update
-            await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            while busy := [
+                t for t in (self._flusher, rankings.busy) if t is not None and not t.done()
+            ]:
+                # Again each time: the flusher's writes may have started an index update.
+                rankings.hurry()
+                await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._draining -= 1
 
     async def close(self, grace_s: float = 5.0) -> None:
         """At shutdown: one more write of what waits, for at most `grace_s` seconds; what
         Redis did not take goes to the spool, where a later process replays it."""
         self._closing = True
+        self._nap.wake()  # the last write now, not at the end of the flush interval
         if self._flusher is not None and not self._flusher.done():
             done, _ = await asyncio.wait([self._flusher], timeout=grace_s)
             if not done:
@@ -231,7 +241,7 @@ class Recorder:
         backing_off = False
         backlog = self.backlog
         while self._pending or backlog.pending or backlog.orphans_due():
-            if not self._closing:
+            if not self._closing and (backing_off or not self._draining):
                 # A backoff is not cut short by a drain.
                 await (asyncio.sleep(delay) if backing_off else self._nap(delay))
             try:

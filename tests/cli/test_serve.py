@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sidecar.cli import build_parser
 from sidecar.cli.serve import GC_YOUNG, protected_mode, settle_heap
 from sidecar.settings import parse
 from sidecar.testing.redis_server import free_port
@@ -161,14 +162,22 @@ def test_an_explicit_trust_any_on_a_public_address_starts_with_a_warning(tmp_pat
     assert any(line.startswith("sidecar listening on http://0.0.0.0") for line in lines), lines
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_serve_refuses_a_worker_count_below_one(tmp_path: Path, value: str) -> None:
-    result = sidecar("serve", "--workers", value, cwd=tmp_path)
+def test_serve_refuses_a_worker_count_below_one(tmp_path: Path) -> None:
+    result = sidecar("serve", "--workers", "0", cwd=tmp_path)
     assert result.returncode == 2
-    assert f"argument --workers: expected a whole number of at least 1, got '{value}'" in (
-        result.stderr
-    )
+    assert "argument --workers: expected a whole number of at least 1, got '0'" in result.stderr
     assert not (tmp_path / ".sidecar").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_the_worker_count_is_a_whole_number_of_at_least_one(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's refusal, before anything runs
+        build_parser().parse_args(["serve", "--workers", value])
+    assert exited.value.code == 2
+    expected = f"argument --workers: expected a whole number of at least 1, got '{value}'"
+    assert expected in capsys.readouterr().err
 
 
 def test_settle_heap_freezes_what_start_up_made_and_raises_the_young_threshold() -> None:

@@ -294,6 +294,7 @@ async def test_client_that_leaves_mid_stream_is_still_charged(env: Env) -> None:
     assert (metrics["input_tokens"], metrics["output_tokens"]) == (33, 44)
 
 
+@pytest.mark.slow  # waits out the profile refresh's second
 async def test_known_identities_stale_profiles_are_written_together_after_their_answers(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

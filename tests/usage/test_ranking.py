@@ -96,6 +96,7 @@ async def test_the_index_counts_what_the_counters_counted_once(
     assert await redis.zscore(KEYS.top("c", today), ids["e"]) == 7
 
 
+@pytest.mark.slow  # waits out a second
 async def test_a_busy_identitys_index_increments_add_up_for_a_second(
     redis: Redis, clock: FakeClock
 ) -> None:
@@ -137,7 +138,8 @@ async def test_a_failed_index_update_is_counted_not_written_again(
     recorder = recorder_of(api)
     rankings = recorder.writer.rankings
     # The index's node unreachable (nothing listens there); the counters' node answers.
-    unreachable = Redis(port=free_port(), socket_connect_timeout=1)
+    # As the sidecar connects (from a URL): refused at once, not retried with backoff.
+    unreachable = Redis.from_url(f"redis://127.0.0.1:{free_port()}")
     line = rankings.line
     assert line is not None  # a single server: the writer's line carries the index's calls
     rankings.client, rankings.line = unreachable, HotLine.for_client(unreachable)

@@ -42,6 +42,35 @@ async def test_inline_usage_waits_to_share_a_write_and_drain_writes_it_at_once(
     await rec.close()
 
 
+async def test_a_drain_just_after_an_add_does_not_wait_out_the_flush_interval(
+    redis: Redis, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher `add` starts has not begun its nap when `drain` comes straight after (no
+    await between them): it skips the nap rather than sleep the interval through."""
+    monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", 30.0)
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    for n in (1, 2):
+        add(rec, ids["a"], "a")
+        async with asyncio.timeout(5):  # in this task, as a caller awaits it (not wait_for's)
+            await rec.drain()
+        assert (await requests_of(redis, ids["a"], clock))["requests"] == n
+    await rec.close()
+
+
+async def test_close_writes_what_waits_without_waiting_out_the_flush_interval(
+    redis: Redis, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "FLUSH_INTERVAL", 30.0)
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    add(rec, ids["a"], "a", 2)
+    await asyncio.sleep(0.05)  # the flusher naps
+    await asyncio.wait_for(rec.close(grace_s=20), timeout=5)
+    assert (await requests_of(redis, ids["a"], clock))["requests"] == 2
+    assert rec.spool is not None and not rec.spool.pending  # written, not left to the spool
+
+
 async def test_counters_stay_exact_past_what_a_double_holds(
     redis: Redis, clock: FakeClock, tmp_path: Path
 ) -> None:
