@@ -196,6 +196,7 @@ def build(
         counters=counters,
         prefetch=settings.limits.prefetch,
     )
+    budgets.on_reset = limiter.void  # quota held ahead in the buckets a reset emptied ends
     quota = Quota(live, limiter, records, identifier, profiles, budgets)
     attribution = Attribution(
         settings.identity,

@@ -55,6 +55,10 @@ class Budgets:
         # budget _id -> external id of the last request checked against it (alerts name it)
         self._touched: dict[str, str] = {}
         self._lock = asyncio.Lock()
+        self._resets: dict[str, int] = {}  # budget _id -> how often it was reset, as loaded
+        # Told the buckets of the budgets reset since the last load (the limiter: it ends the
+        # quota this process held ahead in them).
+        self.on_reset: Callable[[list[str]], None] | None = None
 
     # -- in force: what admission reads (no I/O) ---------------------------------------------
 
@@ -142,6 +146,13 @@ class Budgets:
             return True
 
     def _install(self, loaded: Loaded) -> None:
+        emptied: list[str] = []  # the buckets of budgets reset since the last load
+        if self.generation >= 0:
+            now_ms = self._now_ms()
+            for budget in loaded.budgets:
+                if loaded.resets.get(budget.id, 0) != self._resets.get(budget.id, 0):
+                    emptied += self.store.bucket_keys(budget, now_ms)
+        self._resets = loaded.resets
         entries: dict[str, Entry] = {}
         by_identity: dict[str, list[Entry]] = {}
         by_tag: dict[str, list[Entry]] = {}
@@ -162,6 +173,8 @@ class Budgets:
         )
         self.generation = loaded.generation
         self.loads += 1
+        if emptied and self.on_reset is not None:
+            self.on_reset(emptied)
 
     async def watch(self, interval: float = REFRESH_S) -> None:
         """Keep the cache fresh: a GET of the generation per `interval`, a reload when moved."""

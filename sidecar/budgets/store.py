@@ -28,11 +28,13 @@ _decode = msgspec.json.Decoder(Budget).decode
 
 
 class Loaded(msgspec.Struct, frozen=True):
-    """Every budget, as of one generation, and how often each one's alerts were re-armed."""
+    """Every budget, as of one generation, how often each one's alerts were re-armed, and how
+    often each was reset."""
 
     generation: int
     budgets: list[Budget]
     arms: dict[str, int]
+    resets: dict[str, int]
 
 
 class BudgetStore:
@@ -117,7 +119,9 @@ class BudgetStore:
         budgets = await self.many(ids)
         raw_arms = await call(self.client.hgetall(self.keys.budget_arms))
         arms = {k.decode(): int(v) for k, v in raw_arms.items()}
-        return Loaded(generation, budgets, arms)
+        raw_resets = await call(self.client.hgetall(self.keys.budget_resets))
+        resets = {k.decode(): int(v) for k, v in raw_resets.items()}
+        return Loaded(generation, budgets, arms, resets)
 
     async def arm(self, budget_id: str) -> int:
         return int(await call(self.client.hget(self.keys.budget_arms, budget_id)) or 0)
@@ -220,15 +224,20 @@ class BudgetStore:
 
     async def reset(self, budget: Budget) -> bool:
         """The current period's consumption back to zero, and the alerts re-armed. The buckets
-        go first: a scan in between sees nothing to fire, never the old count re-armed."""
+        go first: a scan in between sees nothing to fire, never the old count re-armed. The
+        reservations of requests in flight go with them: each is then charged what it used,
+        in full, when it ends (settle.lua), where settling against its reservation would take
+        what it reserved off what requests after the reset were counted."""
         now_ms = int(self.clock() * 1000)
         keys = self.bucket_keys(budget, now_ms)
         if keys:
+            keys += [self.keys.reservations(budget.id), self.keys.reservations_expiry(budget.id)]
             await call(self.client.delete(*keys))  # one budget's keys: one slot
         args = [budget.id]
         rearm_keys = [
             self.keys.budget(budget.id),
             self.keys.budget_arms,
             self.keys.budget_generation,
+            self.keys.budget_resets,
         ]
         return bool(await self._rearm(self.client, rearm_keys, args))

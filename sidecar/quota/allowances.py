@@ -23,8 +23,13 @@ What this costs, and why it never over-admits:
   before its response ends, as without allowances.
 - A process that crashes leaves its unspent units counted until their window passes.
 - A limit whose amount changes (a policy reload, a budget's update) stops using allowances
-  taken under the old amount; a budget reset is not seen by another process's allowance, which
-  may admit up to what it holds for at most `MAX_HOLD_S` more.
+  taken under the old amount.
+- A budget reset empties buckets that allowances were counted in: each process ends (`void`)
+  what it holds in them when it sees the reset (the process that made it at once, the others
+  at their next look at the budgets, within budgets.REFRESH_S), neither spending nor giving
+  back any of it; a request it paid for is charged what it used, in full, when it ends. Until
+  a process sees the reset, what it admits from those allowances counts nowhere (at most what
+  it held), and what it is granted in the emptied buckets stays counted when ended unspent.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Allowance:
         "since",
         "starts_ms",
         "touched",
+        "void",
     )
 
     def __init__(
@@ -72,6 +78,7 @@ class Allowance:
         self.current = 0
         self.touched = 0.0  # monotonic time of the last grant or use; 0: given back
         self.since = 0.0  # monotonic time of the first grant
+        self.void = False  # ended by a reset of its bucket: nothing of it is given back
 
 
 class Lent(NamedTuple):
@@ -180,6 +187,15 @@ class Allowances:
             ):
                 back += self._drop(allowance)
         return back
+
+    def void(self, keys: list[str]) -> None:
+        """End the allowances of buckets a reset emptied: what they hold was counted there, so
+        none of it is spent any more, nor given back (see the module)."""
+        for key in keys:
+            allowance = self.held.get(key)
+            if allowance is not None:
+                self._drop(allowance)
+                allowance.void = True
 
     def _drop(self, allowance: Allowance) -> list[tuple[str, int, int]]:
         """Stop holding an allowance; what it has left, to give back."""

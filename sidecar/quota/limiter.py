@@ -652,17 +652,29 @@ class Limiter:
             if back:
                 await self._give_allowances(back)
 
+    def void(self, buckets: list[str]) -> None:
+        """Buckets a budget reset emptied: what this process holds ahead in them ends."""
+        if self.allowances is not None:
+            self.allowances.void(buckets)
+
     def settle_lent(
         self, decision: Decision, tokens: int, nanos: int
     ) -> list[tuple[str, int, int]]:
         """Settle a request admitted from allowances: the surplus of its reservation returns
         to the allowance it came from (or to its bucket, the allowance given back since); what
-        it used beyond comes from the allowance when that has room. Returns what is left to
-        `charge` at Redis before the response ends: (bucket, units, lifetime)."""
+        it used beyond comes from the allowance when that has room. One whose allowance a
+        budget reset ended is charged what it used, in full (its reservation went with the
+        reset). Returns what is left to `charge` at Redis before the response ends: (bucket,
+        units, lifetime)."""
         back: list[tuple[str, int, int]] = []
         more: list[tuple[str, int, int]] = []
         for allowance, dimension, held in decision.lent:
-            delta = (tokens if dimension is Dimension.TOKENS else nanos) - held
+            used = tokens if dimension is Dimension.TOKENS else nanos
+            if allowance.void:
+                if used > 0:
+                    more.append((allowance.key, used, allowance.lifetime))
+                continue
+            delta = used - held
             if not delta:
                 continue
             if allowance.touched and allowance.left >= delta:  # still held, with room

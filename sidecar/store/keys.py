@@ -193,6 +193,12 @@ class Keys:
         return f"{self._p}:{{budgets}}:arm"
 
     @property
+    def budget_resets(self) -> str:
+        # Hash: _id -> how often it was reset (each process ends the quota it held ahead for
+        # the buckets a reset emptied when it sees this move).
+        return f"{self._p}:{{budgets}}:reset"
+
+    @property
     def budget_generation(self) -> str:
         return f"{self._p}:{{budgets}}:gen"  # string counter: bumped by every change
 

@@ -297,3 +297,27 @@ async def test_a_hook_mode_reports_tokens_count_against_its_budget(make_env: Mak
         assert (await client.post("/hooks/usage", json=report)).status_code == 202
     got = (await env.api.get(f"/v2/budgets/{made['_id']}")).json()["consumption"]
     assert got["tokens"] == 550
+
+
+async def test_a_request_in_flight_across_a_reset_counts_what_it_used_after_it(
+    make_env: MakeEnv, redis: Redis
+) -> None:
+    """Its reservation was counted in the buckets the reset empties: it goes with them, and the
+    request is charged what it used, in full, when it ends (settled against the reservation, it
+    would take what it reserved off what the requests after the reset were counted)."""
+    env: Env = await make_env()
+    made = await budget(env, "identity", "ann", token_limit=100_000, period="one_time")
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        slow = asyncio.create_task(
+            send(client, "ann", **tokens(20, 10), **{"x-mock-latency-ms": "400"})
+        )
+        reservations = f"sidecar:rv:{{{made['_id']}}}"
+        while not await redis.hlen(reservations):  # noqa: ASYNC110 (until admitted, reserving)
+            await asyncio.sleep(0.01)
+        assert (await env.api.post(f"/v2/budgets/{made['_id']}/reset")).status_code == 200
+        assert not await redis.exists(reservations)
+        assert (await send(client, "ann", **tokens(20, 10))).status_code == 200
+        assert (await slow).status_code == 200
+    await env.settle()
+    r = await env.api.get(f"/v2/budgets/{made['_id']}")
+    assert r.json()["consumption"]["tokens"] == 2 * 30

@@ -543,3 +543,76 @@ def test_prefetch_at_its_bounds_is_valid(tmp_path: Path, value: int) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f"[limits]\nprefetch = {value}\n")
     assert load(str(path), env={}).limits.prefetch == value
+
+
+# -- budget resets -------------------------------------------------------------------------
+
+
+async def token_budget(env: Env, who: str, token_limit: int) -> str:
+    body = {"scope": {"kind": "identity", "target": who}, "token_limit": token_limit}
+    r = await env.api.post("/v2/budgets", json={**body, "period": "one_time"})
+    assert r.status_code == 201, r.text
+    budget_id: str = r.json()["_id"]
+    return budget_id
+
+
+async def budget_tokens(env: Env, budget_id: str) -> int:
+    r = await env.api.get(f"/v2/budgets/{budget_id}")
+    assert r.status_code == 200, r.text
+    tokens_used: int = r.json()["consumption"]["tokens"]
+    return tokens_used
+
+
+async def test_a_budget_reset_ends_what_allowances_held_before_it(
+    make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held units were counted in the buckets the reset empties: none of them is spent after
+    it (a request they paid for would count nowhere), nor given back (that would take off
+    what requests after the reset were counted)."""
+    hold(monkeypatch)
+    env = await make_env(**PREFETCH)
+    limiter = env.app.services.limiter
+    assert limiter.allowances is not None
+    budget_id = await token_budget(env, "reset", 100_000)
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for _ in range(6):
+            assert (await chat(client, "reset")).status_code == 200
+        assert limiter.ahead == 4 and limiter.allowances.held  # held ahead
+        r = await env.api.post(f"/v2/budgets/{budget_id}/reset")
+        assert r.status_code == 200 and r.json()["consumption"]["tokens"] == 0
+        assert not limiter.allowances.held  # what was held ended with the reset
+        for _ in range(6):
+            assert (await chat(client, "reset")).status_code == 200
+    await env.settle()
+    release(monkeypatch)
+    await asyncio.sleep(GIVEN_BACK_S + 0.3)  # what is held since the reset goes back
+    assert not limiter.allowances.held
+    assert await budget_tokens(env, budget_id) == 6 * USED  # what came after the reset
+
+
+@pytest.mark.slow
+async def test_a_budget_reset_ends_what_another_sidecar_held_before_it(
+    make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hold(monkeypatch)
+    first, second = await make_env(**PREFETCH), await make_env(**PREFETCH)
+    held = second.app.services.limiter.allowances
+    assert held is not None
+    budget_id = await token_budget(first, "shared", 100_000)
+    await second.app.services.budgets.refresh()
+    async with httpx.AsyncClient(base_url=second.url) as client:
+        for _ in range(3):
+            assert (await chat(client, "shared")).status_code == 200
+    assert held.held
+    assert (await first.api.post(f"/v2/budgets/{budget_id}/reset")).status_code == 200
+    # The second sees the reset at its next look at the budgets (within budgets.REFRESH_S).
+    await second.app.services.budgets.refresh()
+    assert not held.held
+    async with httpx.AsyncClient(base_url=first.url) as client:
+        for _ in range(4):
+            assert (await chat(client, "shared")).status_code == 200
+    await first.settle()
+    await second.settle()
+    release(monkeypatch)
+    await asyncio.sleep(GIVEN_BACK_S + 0.3)
+    assert await budget_tokens(first, budget_id) == 4 * USED
