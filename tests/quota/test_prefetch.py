@@ -563,6 +563,7 @@ async def budget_tokens(env: Env, budget_id: str) -> int:
     return tokens_used
 
 
+@pytest.mark.slow
 async def test_a_budget_reset_ends_what_allowances_held_before_it(
     make_env: MakeEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
