@@ -289,3 +289,46 @@ async def test_the_output_cap_is_added_only_where_a_token_limit_needs_it(
     uncapped, own = (json.loads(request.body) for request in env.mock.requests)
     assert uncapped.get("max_completion_tokens") == (300 if cap_output else None)
     assert own["max_tokens"] == 7 and "max_completion_tokens" not in own  # its own cap stands
+
+
+async def test_each_choice_asked_for_is_reserved(make_env: MakeEnv, tmp_path: Path) -> None:
+    """`n` choices of up to `max_tokens` each: a reservation of one choice's output let
+    requests through that together produce many times the limit."""
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["600/minute"]\n'))
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "n": 10}
+    headers = {"X-ORQ-IDENTITY-ID": "many", "x-mock-latency-ms": "300", **tokens(15, 500)}
+    async with httpx.AsyncClient(base_url=env.url, timeout=30) as client:
+        replies = await asyncio.gather(
+            *(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(5))
+        )
+    # Each reserves its input (about 40) and 10 x 50 of output: one fits in 600 at a time.
+    assert Counter(r.status_code for r in replies) == {200: 1, 429: 4}
+    (answered,) = (r for r in replies if r.status_code == 200)
+    assert await used(env, "many") == answered.json()["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_tokens", "100000"), ("n", "128"), ("max_completion_tokens", 1.5)]
+)
+async def test_a_reservation_field_that_is_not_a_whole_number_is_refused(
+    make_env: MakeEnv, tmp_path: Path, field: str, value: Any
+) -> None:
+    """A lax upstream would read it as a number and produce output nobody reserved."""
+    limits = 'requests = ["10/minute"]\ntokens = ["100000/minute"]\n'
+    env: Env = await make_env(**policy(tmp_path, limits))
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 10, field: value}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        r = await client.post(
+            "/v1/chat/completions", json=body, headers={"X-ORQ-IDENTITY-ID": "lax"}
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", field)
+        assert env.mock.requests == type(env.mock.requests)()  # nothing went upstream
+        ok = await client.post(
+            "/v1/chat/completions",
+            json={**body, field: 4},
+            headers={"X-ORQ-IDENTITY-ID": "lax", **tokens(5, 5)},
+        )
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["x-ratelimit-remaining-requests"] == "9"  # the refused one counted nothing
