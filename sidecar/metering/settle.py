@@ -56,6 +56,27 @@ class Meter:
     span: Span | None = None  # with [telemetry] enabled
     # What `settle` priced (the usage it was given, and its cost), for `answered` to reuse.
     priced: tuple[Usage | None, Cost | None] | None = None
+    upstream_status: int | None = None  # the upstream's answer's, once it came
+
+    def charges(self, usage: Usage | None, nanos: int | None) -> tuple[int, int]:
+        """What its token and cost limits are charged: the tokens and nano-dollars it used.
+        When the upstream answered a call the sidecar reads usage from (a status under 400)
+        without saying what it used (no usage in the answer, no cost header: a server that does
+        not report it, a stream that did not ask for it in a way the sidecar saw, a response
+        left to run in the background), what it reserved: the work was done and billed, and an
+        answer that hides its usage must not count as free. Nothing for an upstream failure or
+        no answer, nor for `extra_paths` (their answers are not read)."""
+        if usage is None and nanos is None:
+            status = self.upstream_status
+            if (
+                status is not None
+                and status < 400
+                and self.kind is not None
+                and self.reserve is not None
+            ):
+                return self.reserve.tokens, self.reserve.nanos
+            return 0, 0
+        return (usage.total_tokens if usage is not None else 0), nanos or 0
 
     @property
     def named(self) -> str:
@@ -164,8 +185,9 @@ class Settlement:
             if meter.charged and not meter.settled:
                 # Not settled before the response ended (it failed, or the client left): what
                 # upstream produced replaces the reservation now.
-                tokens = usage.total_tokens if usage is not None else 0
-                self.background.spawn(self._settle_later(meter, tokens, nanos))
+                known = nanos if usage is not None or header_cost is not None else None
+                tokens, charged = meter.charges(usage, known)
+                self.background.spawn(self._settle_later(meter, tokens, charged))
             if resolved.owner is not None:  # its key's owner, counted in turn (two levels)
                 owner_id = next(
                     (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
@@ -191,10 +213,9 @@ class Settlement:
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self.attribution.cost(meter.kind, model, usage, header_cost)
         meter.priced = (usage, cost)
-        tokens = usage.total_tokens if usage is not None else 0
+        tokens, nanos = meter.charges(usage, cost.nanos if cost is not None else None)
         limiter = self.quota.limiter
         meter.settled = True
-        nanos = cost.nanos if cost else 0
         if decision.lent:
             await self._settle_lent(meter, tokens, nanos)
             return
@@ -209,14 +230,10 @@ class Settlement:
                 return
         try:
             async with limiter.deadline():
-                await limiter.settle(
-                    decision.subjects, meter.request_id, tokens, cost.nanos if cost else 0
-                )
+                await limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
-            self.background.spawn(
-                self._settle_later(meter, tokens, cost.nanos if cost else 0, tried=True)
-            )
+            self.background.spawn(self._settle_later(meter, tokens, nanos, tried=True))
 
     def _covered(self, meter: Meter, tokens: int, nanos: int) -> bool:
         """Its reservation covers the actual, and is still held (well within its lease)."""

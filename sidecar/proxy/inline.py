@@ -136,6 +136,17 @@ class InlineProxy:
             return
         metered, kind = self.metered(scope["method"], path)
         if not metered:
+            if (
+                scope["method"] != "POST"
+                and _overrides_method(scope)
+                and self.metered("POST", path)[0]
+            ):
+                message = (
+                    f"{scope['method']} {path} asks for another method in a header; a metered "
+                    "path is forwarded only as a POST"
+                )
+                await send_error(send, InvalidRequest(message, code="method_override_refused"))
+                return
             if self.deny_others and scope["method"] == "POST":
                 message = f"POST {scope['path']} is not a metered path, and this sidecar "
                 await send_error(
@@ -274,6 +285,8 @@ class InlineProxy:
                 timeout=self.upstream.timeout,
             ) as upstream:
                 status = upstream.status
+                if meter is not None:
+                    meter.upstream_status = status
                 if self.counters is not None:
                     self.counters.upstream.observe(time.perf_counter() - started)
                 header_cost = upstream.headers.get("x-litellm-response-cost")
@@ -347,6 +360,15 @@ def upstream_target(scope: HTTPScope) -> str:
     if not target.isascii():
         target = quote_from_bytes(target, safe=_TARGET_SAFE).encode()
     return target.decode("ascii")
+
+
+# Headers some servers and gateways honour as the request's method: a GET to a metered path with
+# one that says POST would be an LLM call the sidecar neither metered nor limited.
+_METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+
+
+def _overrides_method(scope: HTTPScope) -> bool:
+    return any(name in _METHOD_OVERRIDES for name, _ in scope["headers"])
 
 
 def _dot_segments(path: str) -> bool:

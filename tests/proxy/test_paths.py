@@ -115,3 +115,30 @@ def test_the_configured_upstream_is_encoded_once_and_paths_appended_as_sent() ->
     assert Upstream("http://up:4000/open ai/", 5).url == "http://up:4000/open%20ai"
     assert Upstream("http://up:4000", 5).url == "http://up:4000"
     assert Upstream(None, 5).url == ""
+
+
+async def test_a_metered_path_asked_for_as_another_method_with_an_override_is_refused(
+    make_env: MakeEnv,
+) -> None:
+    """Some servers take X-HTTP-Method-Override (and its variants) as the method: a GET to the
+    chat path that says POST there would be a call nobody metered or limited."""
+    env: Env = await make_env(metering={"extra_paths": ["/v1/rerank"]})
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for method, path in (("GET", "/v1/chat/completions"), ("PUT", "/v1/rerank")):
+            for header in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+                r = await client.request(
+                    method, path, json=body, headers={header: "POST", "X-ORQ-IDENTITY-ID": "m"}
+                )
+                assert r.status_code == 400, (method, path, header, r.text)
+                error = r.json()["error"]
+                assert (error["type"], error["code"]) == (
+                    "invalid_request_error",
+                    "method_override_refused",
+                )
+        assert list(env.mock.requests) == []
+        # Without one, or to a path that is not metered, a read goes through as before.
+        plain = await client.get("/v1/chat/completions")
+        models = await client.get("/v1/models", headers={"X-HTTP-Method-Override": "POST"})
+    assert plain.status_code != 400 and models.status_code != 400
+    assert len(env.mock.requests) == 2

@@ -1,0 +1,153 @@
+"""An answer that does not say what it used is charged what its request reserved: the upstream
+did the work (and bills it), so a request whose answer hides its usage (a server that does not
+report it, a stream that did not ask for it in a form the sidecar rewrote, a response left to
+run in the background) does not count as free against token and cost limits. A failed call,
+or none, is charged nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from tests.support.env import Env, MakeEnv
+from tests.support.limits import limit_usage
+
+CHAT = "/v1/chat/completions"
+LIMIT = 100_000
+NO_USAGE = msgspec.json.encode(
+    {"id": "c1", "object": "chat.completion", "model": "gpt-4o", "choices": []}
+)
+WITH_USAGE = msgspec.json.encode(
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "model": "gpt-4o",
+        "choices": [],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+)
+SSE_NO_USAGE = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,'
+    b'"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+)
+
+
+class Upstream:
+    """Answers every request with the status, content type and body it is given."""
+
+    def __init__(self) -> None:
+        self.reply = (200, b"application/json", NO_USAGE)
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            status, kind, body = self.reply
+            writer.write(
+                b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, kind, len(body), body)
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    made = Upstream()
+    await made.start()
+    yield made
+    assert made.server is not None
+    made.server.close()
+    await made.server.wait_closed()
+
+
+async def limited(make_env: MakeEnv, tmp_path: Path, upstream: Upstream) -> Env:
+    path = tmp_path / "policies.toml"
+    path.write_text(f'[[policy]]\nname = "p"\ntokens = ["{LIMIT}/minute"]\n')
+    env: Env = await make_env(upstream_url=upstream.url, policies={"paths": [str(path)]})
+    return env
+
+
+async def ask(env: Env, who: str, stream: bool = False) -> httpx.Response:
+    body: dict[str, Any] = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100,
+    }
+    if stream:
+        body["stream"] = True
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        return await client.post(CHAT, json=body, headers={"X-ORQ-IDENTITY-ID": who})
+
+
+async def used(env: Env, who: str) -> int:
+    await env.settle()
+    (limit,) = (await limit_usage(env, who)).limits
+    return int(limit.used)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "body", "stream"),
+    [
+        (200, b"application/json", NO_USAGE, False),
+        (200, b"text/event-stream", SSE_NO_USAGE, True),
+    ],
+    ids=["json", "sse"],
+)
+async def test_an_answer_without_usage_is_charged_what_was_reserved(
+    make_env: MakeEnv,
+    tmp_path: Path,
+    upstream: Upstream,
+    status: int,
+    kind: bytes,
+    body: bytes,
+    stream: bool,
+) -> None:
+    env = await limited(make_env, tmp_path, upstream)
+    upstream.reply = (status, kind, body)
+    r = await ask(env, "hidden", stream)
+    assert r.status_code == 200, r.text
+    reserved = LIMIT - int(r.headers["x-ratelimit-remaining-tokens"])  # its reservation
+    assert reserved > 100  # its input estimate and max_tokens
+    assert await used(env, "hidden") == reserved
+
+
+async def test_an_answer_with_usage_is_charged_what_it_used(
+    make_env: MakeEnv, tmp_path: Path, upstream: Upstream
+) -> None:
+    env = await limited(make_env, tmp_path, upstream)
+    upstream.reply = (200, b"application/json", WITH_USAGE)
+    assert (await ask(env, "told")).status_code == 200
+    assert await used(env, "told") == 18
+
+
+async def test_a_failed_call_is_charged_nothing(
+    make_env: MakeEnv, tmp_path: Path, upstream: Upstream
+) -> None:
+    env = await limited(make_env, tmp_path, upstream)
+    upstream.reply = (500, b"application/json", b'{"error": {"message": "down"}}')
+    assert (await ask(env, "failed")).status_code == 500
+    assert await used(env, "failed") == 0
