@@ -92,7 +92,7 @@ class Limiter:
     async def open(self) -> None:
         """Open the hot line, if this store has one. Raises StoreUnavailable."""
         if self.line is not None:
-            with translated():
+            with translated(replied=False):
                 await self.line.open()
         if self.allowances is not None and self._sweeper is None:
             self._sweeper = asyncio.ensure_future(self._sweep())

@@ -23,15 +23,19 @@ def unavailable(exc: BaseException, what: str = "store") -> StoreUnavailable:
 
 
 class translated:
-    """Redis errors as StoreUnavailable; a call that succeeds tells the store's liveness.
+    """Redis errors as StoreUnavailable; a call that succeeds tells the store's liveness, unless
+    `replied` is False: what succeeds without the store's answer (a call written to a socket
+    buffer, a connection already open) says nothing of it. Counted as a sign of life, every
+    request written while the store hung kept every check in flight waiting (deadline.py).
 
     A class rather than a @contextmanager: it is entered several times on a limited request's
     path, and a generator-based one costs a generator and a helper object each time."""
 
-    __slots__ = ("what",)
+    __slots__ = ("replied", "what")
 
-    def __init__(self, what: str = "store") -> None:
+    def __init__(self, what: str = "store", replied: bool = True) -> None:
         self.what = what
+        self.replied = replied
 
     def __enter__(self) -> None:
         return None
@@ -43,7 +47,8 @@ class translated:
         tb: TracebackType | None,
     ) -> None:
         if exc is None:
-            STORE.answered()
+            if self.replied:
+                STORE.answered()
         elif isinstance(exc, DRIVER_ERRORS):
             raise unavailable(exc, self.what) from exc
 

@@ -158,7 +158,7 @@ class Coalescer:
         line, sha = self.line, self.script.sha
         if line is None or sha is None or not line.ready:
             return None
-        with translated():
+        with translated(replied=False):  # written, not answered
             (future,) = line.send(_packed(sha, [(keys, args)]))
         return future
 
@@ -182,7 +182,7 @@ class Coalescer:
         assert self.line is not None
         if self.script.sha is None:
             await self.script.load(self.client)
-        with translated():
+        with translated(replied=False):  # open already, or opened: its handshake told
             await self.line.open()
         future = self.write(keys, args)
         assert future is not None  # open, and no await since
