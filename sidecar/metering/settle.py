@@ -60,17 +60,17 @@ class Meter:
 
     def charges(self, usage: Usage | None, nanos: int | None) -> tuple[int, int]:
         """What its token and cost limits are charged: the tokens and nano-dollars it used.
-        When the upstream answered a call the sidecar reads usage from (a status under 400)
+        When the upstream answered a call the sidecar reads usage from with success (2xx)
         without saying what it used (no usage in the answer, no cost header: a server that does
         not report it, a stream that did not ask for it in a way the sidecar saw, a response
         left to run in the background), what it reserved: the work was done and billed, and an
-        answer that hides its usage must not count as free. Nothing for an upstream failure or
-        no answer, nor for `extra_paths` (their answers are not read)."""
+        answer that hides its usage must not count as free. Nothing for an upstream failure, a
+        redirect or no answer, nor for `extra_paths` (their answers are not read)."""
         if usage is None and nanos is None:
             status = self.upstream_status
             if (
                 status is not None
-                and status < 400
+                and 200 <= status < 300
                 and self.kind is not None
                 and self.reserve is not None
             ):

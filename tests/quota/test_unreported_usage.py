@@ -144,10 +144,13 @@ async def test_an_answer_with_usage_is_charged_what_it_used(
     assert await used(env, "told") == 18
 
 
-async def test_a_failed_call_is_charged_nothing(
-    make_env: MakeEnv, tmp_path: Path, upstream: Upstream
+@pytest.mark.parametrize(
+    ("status", "body"), [(500, b'{"error": {"message": "down"}}'), (307, b"")], ids=["500", "307"]
+)
+async def test_a_failed_or_redirected_call_is_charged_nothing(
+    make_env: MakeEnv, tmp_path: Path, upstream: Upstream, status: int, body: bytes
 ) -> None:
     env = await limited(make_env, tmp_path, upstream)
-    upstream.reply = (500, b"application/json", b'{"error": {"message": "down"}}')
-    assert (await ask(env, "failed")).status_code == 500
+    upstream.reply = (status, b"application/json", body)
+    assert (await ask(env, "failed")).status_code == status
     assert await used(env, "failed") == 0
