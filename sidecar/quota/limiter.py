@@ -324,25 +324,24 @@ class Limiter:
     ) -> tuple[bool, list[Packed], list[Any]]:
         """The admission at Redis: one script call (on a cluster, one per subject). Raises
         StoreUnavailable, or is cancelled by the check's deadline; what allowances paid for it
-        is then theirs again, and what a late answer grants is kept (`_late`)."""
+        is then theirs again, and a late answer is dealt with (`_late`)."""
         if self.one_slot and len(limited) > 1:
             return await self._admit_in_turn(limited, now_ms, request_id, reserve)
         pack = self._pack(limited, now_ms, request_id, reserve, portable)
-        # A call asking for allowances is written on the line and its reply's future shielded
-        # (no task): when the deadline gives up on it, a late answer still has what it grants
-        # kept (`_late`).
-        asking = self._calls.write(pack.keys, pack.args) if pack.args[7] else None
+        # Written on the line and its reply's future shielded (no task): when the deadline gives
+        # up on it, Redis may still run it, and its late answer is dealt with (`_late`).
+        sent = self._calls.write(pack.keys, pack.args)
         try:
-            if asking is not None:
-                await asyncio.shield(asking)
-                reply = await self._calls.reply(asking, pack.keys, pack.args)
-            else:
+            if sent is not None:
+                await asyncio.shield(sent)
+                reply = await self._calls.reply(sent, pack.keys, pack.args)
+            else:  # the line is not open
                 reply = await self._calls(pack.keys, pack.args)
         except BaseException:  # StoreUnavailable, or cancelled by the deadline
             if self.allowances is not None:
                 self._repay([pack])
-                if asking is not None and not asking.done():
-                    asking.add_done_callback(functools.partial(self._late, [pack], now_ms))
+            if sent is not None and not sent.done():
+                sent.add_done_callback(functools.partial(self._late, [pack], now_ms, request_id))
             raise
         return bool(reply[0]), [pack], [reply]
 
@@ -583,14 +582,70 @@ class Limiter:
                 lent.append(Lent(allowance, limit.dimension, pack.reserves[i]))
         return lent
 
-    def _late(self, packs: list[Packed], now_ms: int, asking: asyncio.Future[Any]) -> None:
-        """The reply to a check this process stopped waiting for: Redis ran it after all, and
-        what it granted is held (then used, or given back) rather than left counted."""
-        if asking.cancelled() or asking.exception() is not None:
+    def _late(
+        self, packs: list[Packed], now_ms: int, request_id: str, sent: asyncio.Future[Any]
+    ) -> None:
+        """The reply to a check this process stopped waiting for: Redis ran it after all. What
+        it granted is held (then used, or given back) rather than left counted; and with
+        `on_error = "deny"` the request was refused (503), so what it counted of its own is
+        given back (`_undo`): a refused request consumes nothing, an outage included. With
+        "allow" it went upstream unchecked, and its count stands."""
+        if sent.cancelled() or sent.exception() is not None:
             return
-        reply = asking.result()  # an error reply (the script did not run) is a value
-        if isinstance(reply, list) and reply[0]:
+        reply = sent.result()  # an error reply (the script did not run) is a value
+        if not isinstance(reply, list) or not reply[0]:
+            return
+        if self.allowances is not None:
             self._granted(packs, [reply], now_ms)
+        if self.on_error == "deny":
+            (pack,) = packs
+            task = asyncio.ensure_future(self._undo(pack, reply, request_id))
+            self._giving.add(task)
+            task.add_done_callback(self._giving.discard)
+
+    async def _undo(self, pack: Packed, reply: list[Any], request_id: str) -> None:
+        """Give back what admit.lua counted for a request that was refused after all: in each
+        limit an allowance did not pay, one request or its reservation; its reservation
+        records (only where one is still there: one that expired was given back already); its
+        concurrency slots. A failure is logged: what was not given back stays counted (a
+        reservation until it expires)."""
+        grants = reply[3] if len(reply) > 3 else None
+        # admit.lua records no reservation for a request granted allowances that this process
+        # settles itself (ARGV[10] '1'): its reservations are in the buckets only.
+        recorded = not (grants and all(int(g) > 0 for g in grants) and pack.args[9] == "1")
+        back: list[tuple[str, int, int]] = []
+        by_subject: dict[str, list[tuple[str, int, int]]] = {}
+        for i, (subject, limit) in enumerate(pack.limits):
+            if pack.prepaid[i]:
+                continue  # paid from an allowance: not counted by admit.lua
+            units = 1 if limit.dimension is Dimension.REQUESTS else pack.reserves[i]
+            if not units:
+                continue
+            entry = (pack.keys[2 * i], units, pack.lifetimes[i])
+            if limit.dimension is Dimension.REQUESTS or not recorded:
+                back.append(entry)
+            else:
+                by_subject.setdefault(subject.identity_id, []).append(entry)
+        leases = [(subject.identity_id, request_id) for subject, _ in pack.leases]
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                if recorded and pack.reserving:
+                    ids = [subject.identity_id for subject in pack.reserving]
+
+                    def queue(pipe: Any) -> None:
+                        for identity_id in ids:
+                            pipe.hdel(self.keys.reservations(identity_id), request_id)
+                            pipe.zrem(self.keys.reservations_expiry(identity_id), request_id)
+
+                    removed = await pipeline(self.client, queue)
+                    for n, identity_id in enumerate(ids):
+                        if removed[2 * n]:  # still there: not given back on expiry
+                            back += by_subject.get(identity_id, [])
+                if back:
+                    await self.charge([(key, -units, life) for key, units, life in back])
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("a refused request's late count not given back (%s)", type(exc).__name__)
+        await self.release(leases)
 
     def _granted(self, packs: list[Packed], replies: list[Any], now_ms: int) -> None:
         """Keep the allowances an admission was granted (admit.lua's fourth reply)."""

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
+from sidecar.quota import allowances
 from sidecar.store import errors
 from sidecar.store.deadline import STORE
 from sidecar.testing.redis_server import RedisServer
@@ -62,3 +64,99 @@ async def test_checks_fail_on_a_hung_store_while_requests_keep_coming(
     # cap (1 s here), which every request written meanwhile used to extend a check to.
     slowest = max(took for _, took in answered)
     assert slowest < 2 * TIMEOUT_S + 0.25, answered
+
+
+async def counts(client: Redis, part: str) -> int:
+    """What the one bucket of limits `part` (e.g. 'r:60') counts, 0 when there is none."""
+    keys = await client.keys(f"sidecar:rl:*:{part}:*")
+    assert len(keys) <= 1, keys
+    return int(await client.get(keys[0]) or 0) if keys else 0
+
+
+async def until_counted(client: Redis, part: str, expected: int, within_s: float = 3) -> None:
+    began = time.monotonic()
+    while (found := await counts(client, part)) != expected:
+        assert time.monotonic() - began < within_s, f"{part}: {found}, not {expected}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(("on_error", "kept"), [("deny", 0), ("allow", 1)])
+async def test_a_check_redis_ran_after_the_sidecar_gave_up_counts_only_if_it_was_let_through(
+    private_redis: RedisServer,
+    private_client: Redis,
+    make_env: MakeEnv,
+    tmp_path: Path,
+    on_error: str,
+    kept: int,
+) -> None:
+    """With `deny` the request was refused (503), and a refused request consumes nothing: what
+    Redis counted when it ran the check late is given back, its reservation with it. With
+    `allow` it went upstream, and its count stands."""
+    path = tmp_path / "policies.toml"
+    path.write_text(
+        '[[policy]]\nname = "p"\nrequests = ["1000/minute"]\ntokens = ["100000/hour"]\n'
+    )
+    env: Env = await make_env(
+        redis_client=private_client,
+        redis={"on_error": on_error, "timeout_ms": int(TIMEOUT_S * 1000)},
+        policies={"paths": [str(path)]},
+    )
+    headers = {"X-ORQ-IDENTITY-ID": "late", "x-mock-input-tokens": "5", "x-mock-output-tokens": "5"}
+    async with httpx.AsyncClient(base_url=env.url, timeout=10) as client:
+        assert (await client.post(CHAT, json=BODY, headers=headers)).status_code == 200
+        await env.settle()
+        assert (await counts(private_client, "r:60"), await counts(private_client, "t:3600")) == (
+            1,
+            10,
+        )
+        private_redis.pause()
+        try:
+            r = await client.post(CHAT, json=BODY, headers=headers)
+        finally:
+            private_redis.resume()
+    assert r.status_code == (503 if on_error == "deny" else 200)
+    await asyncio.sleep(0.3)  # Redis runs the check it had queued, and the sidecar answers it
+    await env.settle()
+    await until_counted(private_client, "r:60", 1 + kept)
+    if on_error == "deny":  # its reservation given back, and its record gone
+        await until_counted(private_client, "t:3600", 10)
+        for key in await private_client.keys("sidecar:rv:*"):
+            assert await private_client.hlen(key) == 0
+
+
+async def test_with_prefetch_what_a_refused_late_check_counted_is_given_back_too(
+    private_redis: RedisServer,
+    private_client: Redis,
+    make_env: MakeEnv,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy identity's checks ask for quota ahead; those Redis runs late are granted it (held,
+    then given back unused) and count their own request, which is given back: in the end the
+    bucket counts exactly the requests admitted."""
+    monkeypatch.setattr(allowances, "HOLD_S", 0.3)
+    path = tmp_path / "policies.toml"
+    path.write_text('[[policy]]\nname = "p"\nrequests = ["1000/minute"]\n')
+    env: Env = await make_env(
+        redis_client=private_client,
+        redis={"on_error": "deny", "timeout_ms": int(TIMEOUT_S * 1000)},
+        limits={"prefetch": 4},
+        policies={"paths": [str(path)]},
+    )
+    headers = {"X-ORQ-IDENTITY-ID": "busy"}
+    statuses = []
+    async with httpx.AsyncClient(base_url=env.url, timeout=10) as client:
+        for _ in range(3):  # the second and third ask for quota ahead
+            statuses.append((await client.post(CHAT, json=BODY, headers=headers)).status_code)
+        private_redis.pause()
+        try:
+            for _ in range(12):
+                r = await client.post(CHAT, json=BODY, headers=headers)
+                statuses.append(r.status_code)
+        finally:
+            private_redis.resume()
+    assert 503 in statuses
+    admitted = statuses.count(200)
+    assert len(env.mock.requests) == admitted
+    # What is held goes back once unused (HOLD_S), what late checks counted once answered.
+    await until_counted(private_client, "r:60", admitted, within_s=allowances.HOLD_S + 3)
