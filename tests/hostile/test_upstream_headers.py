@@ -5,9 +5,8 @@ A header value with bytes beyond ASCII (UTF-8 or not) is relayed byte for byte."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import msgspec
@@ -15,6 +14,7 @@ import pytest
 
 from sidecar.proxy import _headers
 from tests.support.env import Env, MakeEnv
+from tests.support.rawupstream import RawUpstream, response
 
 CHAT = "/v1/chat/completions"
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
@@ -61,53 +61,22 @@ RELAYED = {
 }
 
 
-class RawUpstream:
-    """An upstream on loopback that answers every request with the head it is given."""
+class HeaderUpstream(RawUpstream):
+    """Answers every request with the header line it is given, as JSON or SSE as asked."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.header = b"x-upstream: fine"
-        self.requests = 0
-        self.server: asyncio.Server | None = None
-        self.url = ""
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = msgspec.json.decode(await reader.readexactly(length)) if length else {}
-            self.requests += 1
-            sse = body.get("stream") is True
-            payload = SSE_BODY if sse else JSON_BODY
-            kind = b"text/event-stream" if sse else b"application/json"
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n%s\r\n\r\n%s" % (kind, len(payload), self.header, payload)
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+    def answer(self, body: dict[str, Any]) -> bytes:
+        if body.get("stream") is True:
+            return response(200, b"text/event-stream", SSE_BODY, self.header)
+        return response(200, b"application/json", JSON_BODY, self.header)
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[RawUpstream]:
-    upstream = RawUpstream()
+async def raw_upstream() -> AsyncIterator[HeaderUpstream]:
+    upstream = HeaderUpstream()
     await upstream.start()
     yield upstream
     await upstream.close()
@@ -141,7 +110,7 @@ def assert_bad_gateway(r: httpx.Response) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("case", list(UNRELAYABLE))
 async def test_a_header_the_server_cannot_write_is_a_502_and_the_usage_counts(
-    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, case: str, stream: bool
 ) -> None:
     env = await make_env(upstream_url=raw_upstream.url)
     raw_upstream.header = UNRELAYABLE[case]
@@ -161,7 +130,7 @@ async def test_a_header_the_server_cannot_write_is_a_502_and_the_usage_counts(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("case", list(MALFORMED))
 async def test_a_head_that_is_not_http_is_a_502(
-    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, case: str, stream: bool
 ) -> None:
     env = await make_env(upstream_url=raw_upstream.url)
     raw_upstream.header = MALFORMED[case]
@@ -175,7 +144,7 @@ async def test_a_head_that_is_not_http_is_a_502(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 @pytest.mark.parametrize("case", list(RELAYED))
 async def test_header_bytes_beyond_ascii_are_relayed_as_sent(
-    make_env: MakeEnv, raw_upstream: RawUpstream, case: str, stream: bool
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, case: str, stream: bool
 ) -> None:
     env = await make_env(upstream_url=raw_upstream.url)
     raw_upstream.header = b"x-upstream: " + RELAYED[case]
@@ -191,7 +160,7 @@ async def test_header_bytes_beyond_ascii_are_relayed_as_sent(
     "header", [UNRELAYABLE["soh in a value"], MALFORMED["nul in a value"]], ids=["soh", "nul"]
 )
 async def test_an_unmetered_answer_is_a_502_too(
-    make_env: MakeEnv, raw_upstream: RawUpstream, header: bytes
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, header: bytes
 ) -> None:
     env = await make_env(upstream_url=raw_upstream.url)
     raw_upstream.header = header
@@ -217,7 +186,7 @@ def test_names_checked_once_are_not_a_way_around_the_checks() -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_the_answer_carries_one_date_and_one_server_header(
-    make_env: MakeEnv, raw_upstream: RawUpstream, stream: bool
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, stream: bool
 ) -> None:
     """The sidecar's HTTP server writes its own Date and Server: the upstream's would make two
     of each (Date is a single-valued field)."""

@@ -6,8 +6,6 @@ or none, is charged nothing."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import pytest
 
 from tests.support.env import Env, MakeEnv
 from tests.support.limits import limit_usage
+from tests.support.rawupstream import RawUpstream, response
 
 CHAT = "/v1/chat/completions"
 LIMIT = 100_000
@@ -39,39 +38,15 @@ SSE_NO_USAGE = (
 )
 
 
-class Upstream:
+class Upstream(RawUpstream):
     """Answers every request with the status, content type and body it is given."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.reply = (200, b"application/json", NO_USAGE)
-        self.server: asyncio.Server | None = None
-        self.url = ""
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            status, kind, body = self.reply
-            writer.write(
-                b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, kind, len(body), body)
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    def answer(self, body: dict[str, Any]) -> bytes:
+        return response(*self.reply)
 
 
 @pytest.fixture
@@ -79,9 +54,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     made = Upstream()
     await made.start()
     yield made
-    assert made.server is not None
-    made.server.close()
-    await made.server.wait_closed()
+    await made.close()
 
 
 async def limited(make_env: MakeEnv, tmp_path: Path, upstream: Upstream) -> Env:

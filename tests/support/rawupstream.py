@@ -1,0 +1,60 @@
+"""An upstream on loopback that writes its answers byte for byte: for answers the mock upstream
+will not give (a header no HTTP server writes, an answer without usage, any status)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+
+
+class RawUpstream:
+    """Reads each request (one per connection), then writes what `answer` makes of its JSON
+    body, and closes. `requests`: how many it read."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    def answer(self, body: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = msgspec.json.decode(await reader.readexactly(length)) if length else {}
+            self.requests += 1
+            writer.write(self.answer(body))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def response(status: int, kind: bytes, body: bytes, *header_lines: bytes) -> bytes:
+    """An HTTP/1.1 answer that closes its connection."""
+    extra = b"".join(line + b"\r\n" for line in header_lines)
+    return (
+        b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n"
+        % (status, kind, len(body), extra)
+    ) + body
