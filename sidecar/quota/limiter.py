@@ -333,7 +333,8 @@ class Limiter:
         sent = self._calls.write(pack.keys, pack.args)
         try:
             if sent is not None:
-                await asyncio.shield(sent)
+                with translated(replied=False):  # a lost connection: StoreUnavailable
+                    await asyncio.shield(sent)
                 reply = await self._calls.reply(sent, pack.keys, pack.args)
             else:  # the line is not open
                 reply = await self._calls(pack.keys, pack.args)

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sidecar.quota import allowances
 from sidecar.store import errors
@@ -160,3 +161,28 @@ async def test_with_prefetch_what_a_refused_late_check_counted_is_given_back_too
     assert len(env.mock.requests) == admitted
     # What is held goes back once unused (HOLD_S), what late checks counted once answered.
     await until_counted(private_client, "r:60", admitted, within_s=allowances.HOLD_S + 3)
+
+
+@pytest.mark.parametrize("prefetch", [0, 4])
+async def test_a_check_whose_connection_is_lost_follows_on_error(
+    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefetch: int
+) -> None:
+    """The line's connection lost while a check waits: the store is unavailable (503 with
+    `deny`), never a 500."""
+    path = tmp_path / "policies.toml"
+    path.write_text('[[policy]]\nname = "p"\nrequests = ["1000/minute"]\n')
+    env: Env = await make_env(
+        redis={"on_error": "deny"}, limits={"prefetch": prefetch}, policies={"paths": [str(path)]}
+    )
+    calls = env.app.services.limiter._calls
+
+    def lost(keys: list[str], args: list[object]) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        future.set_exception(RedisConnectionError("connection to Redis lost: closed"))
+        return future
+
+    monkeypatch.setattr(calls, "write", lost)
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        r = await client.post(CHAT, json=BODY, headers={"X-ORQ-IDENTITY-ID": "lost"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "rate_limiter_unavailable"
