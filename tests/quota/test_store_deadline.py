@@ -125,6 +125,7 @@ async def test_a_check_redis_ran_after_the_sidecar_gave_up_counts_only_if_it_was
             assert await private_client.hlen(key) == 0
 
 
+@pytest.mark.slow  # waits out a hold
 async def test_with_prefetch_what_a_refused_late_check_counted_is_given_back_too(
     private_redis: RedisServer,
     private_client: Redis,
