@@ -153,6 +153,7 @@ class Settlement:
         counters, nanos = self._counters(
             resolved, meter.kind, model, usage, header_cost, failed, meter
         )
+        known = nanos if usage is not None or header_cost is not None else None  # None: unknown
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
         if meter.span is not None:
@@ -160,7 +161,7 @@ class Settlement:
                 meter,
                 status,
                 usage,
-                nanos if usage is not None or header_cost is not None else None,
+                known,
                 meter.decision.policy if meter.decision is not None else None,
                 error or spans.failure(status),
             )
@@ -185,7 +186,6 @@ class Settlement:
             if meter.charged and not meter.settled:
                 # Not settled before the response ended (it failed, or the client left): what
                 # upstream produced replaces the reservation now.
-                known = nanos if usage is not None or header_cost is not None else None
                 tokens, charged = meter.charges(usage, known)
                 self.background.spawn(self._settle_later(meter, tokens, charged))
             if resolved.owner is not None:  # its key's owner, counted in turn (two levels)

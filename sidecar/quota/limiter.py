@@ -333,9 +333,7 @@ class Limiter:
         sent = self._calls.write(pack.keys, pack.args)
         try:
             if sent is not None:
-                with translated(replied=False):  # a lost connection: StoreUnavailable
-                    await asyncio.shield(sent)
-                reply = await self._calls.reply(sent, pack.keys, pack.args)
+                reply = await self._calls.reply(sent, pack.keys, pack.args, shielded=True)
             else:  # the line is not open
                 reply = await self._calls(pack.keys, pack.args)
         except BaseException:  # StoreUnavailable, or cancelled by the deadline
@@ -533,9 +531,7 @@ class Limiter:
                 for subject in subjects:
                     if subject.policy.limited:
                         metrics.admitted(subject.policy)
-            leases = tuple(
-                (subject.identity_id, request_id) for pack in packs for subject, _ in pack.leases
-            )
+            leases = tuple(lease for pack in packs for lease in pack.leased(request_id))
             return Decision(
                 admitted=True,
                 policy=policy,
@@ -600,9 +596,7 @@ class Limiter:
             self._granted(packs, [reply], now_ms)
         if self.on_error == "deny":
             (pack,) = packs
-            task = asyncio.ensure_future(self._undo(pack, reply, request_id))
-            self._giving.add(task)
-            task.add_done_callback(self._giving.discard)
+            self._in_background(self._undo(pack, reply, request_id))
 
     async def _undo(self, pack: Packed, reply: list[Any], request_id: str) -> None:
         """Give back what admit.lua counted for a request that was refused after all: in each
@@ -627,7 +621,7 @@ class Limiter:
                 back.append(entry)
             else:
                 by_subject.setdefault(subject.identity_id, []).append(entry)
-        leases = [(subject.identity_id, request_id) for subject, _ in pack.leases]
+        leases = pack.leased(request_id)
         try:
             async with asyncio.timeout(self.timeout * 4):
                 if recorded and pack.reserving:
@@ -682,7 +676,11 @@ class Limiter:
             self._give_later(back)
 
     def _give_later(self, back: list[tuple[str, int, int]]) -> None:
-        task = asyncio.ensure_future(self._give_allowances(back))
+        self._in_background(self._give_allowances(back))
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Give-backs run off the request's path; `close` waits for them."""
+        task = asyncio.ensure_future(work)
         self._giving.add(task)
         task.add_done_callback(self._giving.discard)
 

@@ -52,6 +52,10 @@ class Packed:
         self.subjects: list[Subject] = []
         self.args: list[Any] = []
 
+    def leased(self, request_id: str) -> list[tuple[str, str]]:
+        """The concurrency slots an admission took: (identity _id, lease) per lease set."""
+        return [(subject.identity_id, request_id) for subject, _ in self.leases]
+
     def request_buckets(self) -> list[str]:
         """The buckets an admission counts one request in."""
         return [

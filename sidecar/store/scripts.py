@@ -163,18 +163,26 @@ class Coalescer:
         return future
 
     async def reply(
-        self, future: asyncio.Future[Any], keys: list[str], args: list[Any], again: bool = True
+        self,
+        future: asyncio.Future[Any],
+        keys: list[str],
+        args: list[Any],
+        again: bool = True,
+        *,
+        shielded: bool = False,
     ) -> Any:
         """The result of a call `write` sent; raises StoreUnavailable (and sends it again
-        once when the server had lost the script: a script that did not run changed nothing)."""
+        once when the server had lost the script: a script that did not run changed nothing).
+        `shielded`: a caller that gives up (cancelled) leaves the future to get its reply, for
+        a callback of its own to deal with."""
         with translated():
-            result = await future
+            result = await (asyncio.shield(future) if shielded else future)
         if not isinstance(result, ResponseError):
             return result
         if again and _lost_script(result):
             await self.script.load(self.client)  # the server restarted or was flushed
             resent = await self._write_when_open(keys, args)
-            return await self.reply(resent, keys, args, again=False)
+            return await self.reply(resent, keys, args, again=False, shielded=shielded)
         raise unavailable(result) from result
 
     async def _write_when_open(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:

@@ -30,7 +30,6 @@ _CAPS = {
     Kind.MESSAGES: ("max_tokens",),
     Kind.EMBEDDINGS: (),
 }
-_ANY_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # hook mode
 
 
 # Where a request's own output cap goes when it names none (see `cap_output`).
@@ -63,7 +62,9 @@ _CHOICES = {
     Kind.MESSAGES: (),
     Kind.EMBEDDINGS: (),
 }
-_ANY_CHOICES = ("n", "best_of")  # hook mode: the path is not known
+# Hook mode, where the path is not known: every kind's fields.
+_ANY_CAPS = tuple(dict.fromkeys(name for names in _CAPS.values() for name in names))
+_ANY_CHOICES = tuple(dict.fromkeys(name for names in _CHOICES.values() for name in names))
 
 
 def _cap(body: Mapping[str, Any], name: str) -> int | None:
@@ -80,15 +81,21 @@ def _cap(body: Mapping[str, Any], name: str) -> int | None:
     raise InvalidRequest(f"'{name}' must be a whole number of at least 0", param=name)
 
 
+def _largest(body: Mapping[str, Any], names: tuple[str, ...]) -> int | None:
+    """The largest of the whole numbers the request sets among `names`; None when it sets
+    none of them."""
+    most: int | None = None
+    for name in names:
+        value = _cap(body, name)
+        if value is not None and (most is None or value > most):
+            most = value
+    return most
+
+
 def choices(kind: Kind | None, body: Mapping[str, Any]) -> int:
     """How many outputs the request may produce: the largest of its `n` and `best_of`, at
     least 1."""
-    most = 1
-    for name in _CHOICES[kind] if kind is not None else _ANY_CHOICES:
-        value = _cap(body, name)
-        if value is not None and value > most:
-            most = value
-    return most
+    return max(1, _largest(body, _CHOICES[kind] if kind is not None else _ANY_CHOICES) or 1)
 
 
 def tokens(
@@ -100,9 +107,5 @@ def tokens(
     input_tokens = body_bytes // BYTES_PER_TOKEN + INPUT_OVERHEAD
     if kind is Kind.EMBEDDINGS:
         return input_tokens, 0
-    cap: int | None = None
-    for name in _CAPS[kind] if kind is not None else _ANY_CAPS:
-        value = _cap(body, name)
-        if value is not None and (cap is None or value > cap):
-            cap = value
+    cap = _largest(body, _CAPS[kind] if kind is not None else _ANY_CAPS)
     return input_tokens, (default_output if cap is None else cap) * choices(kind, body)
