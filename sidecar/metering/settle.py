@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 
@@ -26,6 +27,7 @@ from sidecar.quota.service import Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
 from sidecar.usage.buckets import UNPRICED, increments
+from sidecar.usage.extract import Unread, read
 from sidecar.usage.model import Kind, Usage
 from sidecar.usage.pricing import Cost
 from sidecar.usage.recorder import Recorded, Recorder
@@ -122,15 +124,9 @@ class Settlement:
         usage: Usage | None,
         header_cost: str | None,
         failed: bool,
-        meter: Meter | None = None,
     ) -> tuple[dict[str, int], int]:
-        """What the request adds to its identity's counters, and its cost in nano-dollars
-        (the one `settle` worked out for the same usage, when it did)."""
-        priced = meter.priced if meter is not None else None
-        if priced is not None and priced[0] is usage:
-            cost = priced[1]
-        else:
-            cost = self.attribution.cost(kind, model, usage, header_cost)
+        """What the request adds to its identity's counters, and its cost in nano-dollars."""
+        cost = self.attribution.cost(kind, model, usage, header_cost)
         counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
         if UNPRICED in counters and self.counters is not None:
             self.counters.unpriced(model)
@@ -140,31 +136,76 @@ class Settlement:
         self,
         meter: Meter,
         failed: bool,
-        usage: Usage | None,
+        usage: Usage | Unread | None,
         header_cost: str | None,
         *,
         status: int | None = None,
         error: str | None = None,
     ) -> None:
-        """An inline request is over (answered, failed or abandoned): count it. `status` is
-        what the client was answered (None: nothing), `error` why it failed, for its span."""
+        """An inline request is over (answered, failed or abandoned): its concurrency slot is
+        given back and a charge its limits still lack is made now; it is counted (its usage
+        read when `usage` is an answer left Unread, priced, added up) with the requests
+        answered around it (Recorder.later), or now when its span ends here. `status` is what
+        the client was answered (None: nothing), `error` why it failed, for its span."""
+        decision = meter.decision
+        if isinstance(meter.identity, str) and decision is not None:
+            if decision.leases:
+                self.background.spawn(self.quota.limiter.release(decision.leases))
+            if meter.charged and not meter.settled:
+                # Not settled before the response ended (it failed, or the client left): what
+                # upstream produced replaces the reservation now.
+                usage = read(usage)
+                cost = self._cost(meter, usage, header_cost)
+                known: int | None = None  # unknown, not free
+                if usage is not None or header_cost is not None:
+                    known = cost.nanos if cost is not None else 0
+                tokens, charged = meter.charges(usage, known)
+                self.background.spawn(self._settle_later(meter, tokens, charged))
+        at = self.recorder.clock()
+        if meter.span is not None:
+            self._count(meter, failed, usage, header_cost, at, status, error)
+        else:
+            self.recorder.later(partial(self._count, meter, failed, usage, header_cost, at))
+
+    def _cost(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> Cost | None:
+        """What the request cost (the one `settle` worked out for the same usage, when it
+        did)."""
+        priced = meter.priced
+        if priced is not None and priced[0] is usage:
+            return priced[1]
+        model = usage.model if usage is not None and usage.model else meter.model
+        cost = self.attribution.cost(meter.kind, model, usage, header_cost)
+        meter.priced = (usage, cost)
+        return cost
+
+    def _count(
+        self,
+        meter: Meter,
+        failed: bool,
+        unread: Usage | Unread | None,
+        header_cost: str | None,
+        at: float,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """What `answered` counts: the request in its identity's counters (and its key
+        owner's), at `at`."""
+        usage = read(unread)
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
-        counters, nanos = self._counters(
-            resolved, meter.kind, model, usage, header_cost, failed, meter
-        )
-        known = nanos if usage is not None or header_cost is not None else None  # None: unknown
+        cost = self._cost(meter, usage, header_cost)
+        counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
+        if UNPRICED in counters and self.counters is not None:
+            self.counters.unpriced(model)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
         if meter.span is not None:
-            self._trace(
-                meter,
-                status,
-                usage,
-                known,
-                meter.decision.policy if meter.decision is not None else None,
-                error or spans.failure(status),
-            )
+            known = None
+            if usage is not None or header_cost is not None:
+                known = cost.nanos if cost is not None else 0
+            decision = meter.decision
+            policy = decision.policy if decision is not None else None
+            self._trace(meter, status, usage, known, policy, error or spans.failure(status))
         if (
             meter.refresh
             and self.identifier.stale(resolved)
@@ -174,34 +215,27 @@ class Settlement:
         identity = meter.identity
         name = buckets.model_name(model)
         if isinstance(identity, asyncio.Task):
-            self.background.spawn(self._when_known(identity, resolved, counters, name))
-            self._via_owner(resolved, counters, None, {})
+            self.background.spawn(self._when_known(identity, resolved, counters, name, at))
+            self._via_owner(resolved, counters, None, {}, at)
             return
-        decision = meter.decision
         owner_id: str | None = None
-        if identity is not None and decision is not None:
-            limiter = self.quota.limiter
-            if decision.leases:
-                self.background.spawn(limiter.release(decision.leases))
-            if meter.charged and not meter.settled:
-                # Not settled before the response ended (it failed, or the client left): what
-                # upstream produced replaces the reservation now.
-                tokens, charged = meter.charges(usage, known)
-                self.background.spawn(self._settle_later(meter, tokens, charged))
-            if resolved.owner is not None:  # its key's owner, counted in turn (two levels)
-                owner_id = next(
-                    (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
-                    None,
-                )
+        decision = meter.decision
+        if identity is not None and decision is not None and resolved.owner is not None:
+            # Its key's owner, counted in turn (two levels).
+            owner_id = next(
+                (s.identity_id for s in decision.subjects if s.external_id == resolved.owner),
+                None,
+            )
         self.recorder.add(
             identity,
             counters,
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            at=at,
             model=name,
         )
-        self._via_owner(resolved, counters, owner_id, {})
+        self._via_owner(resolved, counters, owner_id, {}, at)
 
     async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
         """Before an inline response ends: when a token or cost limit applies, what the request
@@ -319,6 +353,7 @@ class Settlement:
         counters: dict[str, int],
         owner_id: str | None,
         charges: dict[str, tuple[int, int]],
+        at: float | None = None,
     ) -> None:
         """A request that carried a listed key for someone else counts for the key's owner
         too: in its VIA counters, and in its limits (`charges`, when two levels applied)."""
@@ -331,6 +366,7 @@ class Settlement:
             source="",
             external_id=owner,
             charges=charges,
+            at=at,
         )
 
     def refused(
@@ -515,6 +551,7 @@ class Settlement:
         resolved: Resolved,
         counters: dict[str, int],
         model: str,
+        at: float | None = None,
     ) -> None:
         identity_id: str | None
         try:
@@ -529,6 +566,7 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            at=at,
             model=model,
         )
 

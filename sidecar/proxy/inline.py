@@ -46,7 +46,7 @@ from sidecar.quota.decision import Decision
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.estimate import cap_output
-from sidecar.usage.extract import StreamUsage, extract_json, prepare_request
+from sidecar.usage.extract import StreamUsage, Unread, extract_json, prepare_request
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ _REQUEST_SKIP = frozenset(
 _TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
+_UNREAD = 64 * 1024  # an answer up to this size may wait to be read (Unread) with others
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 # What a path and query's bytes may hold as they are (RFC 3986's pchar, "/" and "?"); any other
@@ -270,7 +271,7 @@ class InlineProxy:
     ) -> None:
         url = URL(self.upstream.url + upstream_target(scope), encoded=True)
         status: int | None = None
-        usage: Usage | None = None
+        usage: Usage | Unread | None = None
         header_cost: str | None = None
         complete = False
         failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
@@ -412,7 +413,7 @@ async def _relay_json(
     kind: Kind,
     strip: bool,
     settle: Settle | None,
-) -> Usage | None:
+) -> Usage | Unread | None:
     """A JSON answer; its usage is settled (`settle`, when given) before the client has all
     of it. Without a settlement the usage is read once the client has the answer."""
     start: Any = {"type": "http.response.start", "status": upstream.status, "headers": headers}
@@ -421,7 +422,10 @@ async def _relay_json(
         if settle is None:
             await send(start)
             await send({"type": "http.response.body", "body": body, "more_body": False})
-            return extract_json(kind, body) if upstream.status < 400 else None
+            if upstream.status >= 400:
+                return None
+            # Read with the usage of other requests (Settlement.answered), when small.
+            return Unread(kind, body) if len(body) <= _UNREAD else extract_json(kind, body)
         usage = extract_json(kind, body) if upstream.status < 400 else None
         await settle(usage)
         await send(start)

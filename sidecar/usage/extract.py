@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -151,6 +151,19 @@ def extract_json(kind: Kind, body: bytes) -> Usage | None:
     if not isinstance(doc.usage, dict):
         return None
     return usage_from_mapping(kind, doc.usage, _model_name(doc.model))
+
+
+class Unread(NamedTuple):
+    """A JSON answer's body (status below 400) whose usage is read once the client has the
+    answer, with other requests' (see Recorder.later)."""
+
+    kind: Kind
+    body: bytes
+
+
+def read(usage: Usage | Unread | None) -> Usage | None:
+    """The usage, read from the body when it was left unread."""
+    return extract_json(usage.kind, usage.body) if isinstance(usage, Unread) else usage
 
 
 def cost_from_header(value: str | None) -> int | None:

@@ -4,6 +4,7 @@ to share a write, which `drain` makes at once."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -121,4 +122,70 @@ async def test_hour_buckets_hold_what_the_hourly_series_reads(
     days = await redis.hgetall(KEYS.usage_days(ids["a"]))
     assert (days[f"{day}:sh".encode()], days[b"s:sh"]) == (b"1", b"1")
     assert days[f"{day}:c".encode()] == b"%d" % counters[buckets.COST]
+    await rec.close()
+
+
+async def test_counts_left_for_later_run_together_within_the_tally_interval(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Recorder.later: what answered requests add is run in one go, TALLY_S after the first;
+    until then it counts as waiting."""
+    rec = recorder(redis, clock, tmp_path)
+    ran: list[int] = []
+    done = asyncio.Event()
+    for n in range(3):
+        rec.later(functools.partial(ran.append, n))
+    rec.later(done.set)
+    assert (ran, rec.waiting) == ([], 4)
+    await asyncio.sleep(recorder_module.TALLY_S / 2)
+    assert ran == []
+    async with asyncio.timeout(1):
+        await done.wait()
+    assert (ran, rec.waiting) == ([0, 1, 2], 0)
+    await rec.close()
+
+
+async def test_counts_left_for_later_run_at_once_when_many_wait(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    rec = recorder(redis, clock, tmp_path)
+    ran: list[int] = []
+    for n in range(recorder_module.MAX_LATER):
+        rec.later(functools.partial(ran.append, n))
+    assert ran == list(range(recorder_module.MAX_LATER))  # no wait for the interval
+    assert rec.waiting == 0
+    await rec.close()
+
+
+async def test_drain_and_close_run_the_counts_left_for_later_first(
+    redis: Redis, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "TALLY_S", 30.0)
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    rec.later(lambda: add(rec, ids["a"], "a", 2))
+    async with asyncio.timeout(5):
+        await rec.drain()
+    assert (await requests_of(redis, ids["a"], clock))["requests"] == 2
+    rec.later(lambda: add(rec, ids["a"], "a", 3))
+    async with asyncio.timeout(5):
+        await rec.close()
+    assert (await requests_of(redis, ids["a"], clock))["requests"] == 5
+
+
+async def test_a_count_that_fails_is_logged_and_the_others_still_run(
+    redis: Redis, clock: FakeClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = recorder(redis, clock, tmp_path)
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    rec.later(lambda: ran.append("before"))
+    rec.later(broken)
+    rec.later(lambda: ran.append("after"))
+    await rec.drain()
+    assert ran == ["before", "after"]
+    assert "usage of a request not recorded" in caplog.text
     await rec.close()

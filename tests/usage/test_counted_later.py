@@ -1,0 +1,72 @@
+"""Inline requests are counted with the others answered around them (Recorder.later), through
+the proxy: what they used, in the hour they were answered in, their concurrency slot given
+back at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from sidecar.usage import buckets
+from sidecar.usage import recorder as recorder_module
+from tests.support.clock import FakeClock
+from tests.support.env import Env, MakeEnv
+from tests.support.usage import KEYS
+
+MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
+
+
+def client(env: Env) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-upstream", max_retries=0)
+
+
+async def chat(env: Env, who: str, input_tokens: int = 10, **more: Any) -> None:
+    async with client(env) as oai:
+        await oai.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            extra_body={"identity": {"id": who}, **more},
+            extra_headers={"x-mock-input-tokens": str(input_tokens)},
+        )
+
+
+async def identity_id(env: Env, who: str) -> str:
+    r = await env.api.get(f"/v2/identities/{who}")
+    assert r.status_code == 200, r.text
+    found: str = r.json()["_id"]
+    return found
+
+
+async def test_usage_counts_in_the_hour_it_was_answered_though_counted_after(
+    make_env: MakeEnv, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "TALLY_S", 30.0)  # counted when the test drains
+    env = await make_env()
+    answered_in = buckets.hour(clock())
+    await chat(env, "late-counted", input_tokens=123)
+    await chat(env, "late-counted", input_tokens=77, stream=True)
+    assert env.app.services.recorder.waiting >= 2  # not counted yet
+    clock.advance(3600)  # the hour turns before the tally runs
+    await env.settle()
+    ref = await identity_id(env, "late-counted")
+    hours = await env.redis.hgetall(KEYS.usage_hours(ref) + str(answered_in))
+    assert hours[b"r"] == b"2"
+    assert hours[b"i"] == b"200"
+    assert not await env.redis.exists(KEYS.usage_hours(ref) + str(answered_in + 1))
+
+
+async def test_a_concurrency_slot_is_free_before_the_request_is_counted(
+    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "TALLY_S", 30.0)
+    path = tmp_path / "one-at-a-time.toml"
+    path.write_text('[[policy]]\nname = "one"\nconcurrency = 1\n', encoding="utf-8")
+    env = await make_env(policies={"paths": [str(path)]})
+    for _ in range(3):  # each after the last answer: the slot was given back with it
+        await chat(env, "one-at-a-time")
+    await env.settle()
+    metrics = await env.metrics("one-at-a-time")
+    assert (metrics["total_requests"], metrics["input_tokens"]) == (3, 30)
