@@ -376,8 +376,9 @@ class Settlement:
         decision: Decision,
         meter: Meter | None = None,
     ) -> None:
-        """A request the limits refused: counted as rate limited only. `meter`: an inline
-        request's, with its span."""
+        """A request the limits refused: counted as rate limited only, with the requests
+        answered around it (Recorder.later). `meter`: an inline request's, with its span,
+        which ends now."""
         if meter is not None and meter.span is not None:
             # The sidecar doing its job: as for any 4xx a server answers, the span's status
             # stays unset. The policy is the one that refused (the key owner's, maybe).
@@ -392,6 +393,10 @@ class Settlement:
                 decision.dimension.value if decision.dimension is not None else None,
                 by.external_id if by is not None else None,
             )
+        at = self.recorder.clock()
+        self.recorder.later(partial(self._count_refused, identity_id, resolved, at))
+
+    def _count_refused(self, identity_id: str | None, resolved: Resolved, at: float) -> None:
         counters = increments(
             source=resolved.source.value, failed=False, usage=None, cost=None, rate_limited=True
         )
@@ -403,8 +408,9 @@ class Settlement:
             source=resolved.source.value,
             external_id=resolved.external_id,
             profile=resolved.profile,
+            at=at,
         )
-        self._via_owner(resolved, counters, None, {})
+        self._via_owner(resolved, counters, None, {}, at)
 
     def unanswered(self, meter: Meter, status: int, error: str | None) -> None:
         """An inline request the sidecar answered with an error of its own before forwarding

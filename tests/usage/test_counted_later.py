@@ -70,3 +70,21 @@ async def test_a_concurrency_slot_is_free_before_the_request_is_counted(
     await env.settle()
     metrics = await env.metrics("one-at-a-time")
     assert (metrics["total_requests"], metrics["input_tokens"]) == (3, 30)
+
+
+async def test_a_refusal_counts_in_the_hour_it_was_refused_in_though_counted_after(
+    make_env: MakeEnv, clock: FakeClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder_module, "TALLY_S", 30.0)
+    path = tmp_path / "one.toml"
+    path.write_text('[[policy]]\nname = "one"\nrequests = ["1/hour"]\n', encoding="utf-8")
+    env = await make_env(policies={"paths": [str(path)]})
+    refused_in = buckets.hour(clock())
+    await chat(env, "refused-late")
+    with pytest.raises(openai.RateLimitError):
+        await chat(env, "refused-late")
+    clock.advance(3600)
+    await env.settle()
+    ref = await identity_id(env, "refused-late")
+    hours = await env.redis.hgetall(KEYS.usage_hours(ref) + str(refused_in))
+    assert (hours[b"r"], hours[b"rl"]) == (b"1", b"1")  # a refusal is not a request
