@@ -197,7 +197,15 @@ def build(
         prefetch=settings.limits.prefetch,
     )
     budgets.on_reset = limiter.void  # quota held ahead in the buckets a reset emptied ends
-    quota = Quota(live, limiter, records, identifier, profiles, budgets)
+    quota = Quota(
+        live,
+        limiter,
+        records,
+        identifier,
+        profiles,
+        budgets,
+        deny_unpriced=settings.limits.unpriced == "deny",
+    )
     attribution = Attribution(
         settings.identity,
         live,

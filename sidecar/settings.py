@@ -113,6 +113,9 @@ class LimitsSettings(_Section):
     # Requests' worth of quota a process may hold ahead per limit (0: every limited request is
     # checked at Redis). See sidecar/quota/allowances.py and docs/policies.md.
     prefetch: int = 0
+    # A request for a model the sidecar cannot price, when a cost limit applies to it: "allow"
+    # (its cost counts as the upstream reports it, else 0) or "deny" (403 model_unpriced).
+    unpriced: Literal["allow", "deny"] = "allow"
 
 
 class PricingSettings(_Section):

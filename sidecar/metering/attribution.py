@@ -100,7 +100,9 @@ class Attribution:
             Usage(input_tokens=input_tokens, output_tokens=output_tokens),
             None,
         )
-        return Reserve(input_tokens + output_tokens, cost.nanos if cost is not None else 0)
+        if cost is None or not cost.priced:
+            return Reserve(input_tokens + output_tokens, 0, priced=False)
+        return Reserve(input_tokens + output_tokens, cost.nanos)
 
     def cost(
         self, kind: Kind | None, model: str | None, usage: Usage | None, header_cost: str | None

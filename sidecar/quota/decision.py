@@ -68,6 +68,9 @@ class Reserve(NamedTuple):
 
     tokens: int
     nanos: int
+    # Whether its model has a price (an override or the catalogue): False, its cost is unknown
+    # (`nanos` 0) until the upstream reports one (see [limits] unpriced).
+    priced: bool = True
 
 
 class Decision(msgspec.Struct, kw_only=True):

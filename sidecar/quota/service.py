@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from sidecar.errors import StoreUnavailable
+from sidecar.errors import Forbidden, StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.records import IdentityRecords
 from sidecar.identity.resolve import Resolved, Source
@@ -96,8 +96,11 @@ class Quota:
         identifier: Identifier,
         profiles: PolicyProfiles,
         budgets: BudgetSubjects,
+        *,
+        deny_unpriced: bool = False,
     ) -> None:
         self.live = live
+        self.deny_unpriced = deny_unpriced
         self.limiter = limiter
         self.records = records
         self.identifier = identifier
@@ -253,6 +256,8 @@ class Quota:
         if known is not None:
             subjects = self._known_subjects(resolved, known)
             if subjects is not None:  # the common case: one store call, the check
+                if self.deny_unpriced:
+                    self._check_priced(subjects, reserve)
                 own = _own(subjects, known)
                 return known, await limiter.admit(subjects, request_id, own, reserve, portable)
         if known is None and not limiter.breaker.allow():
@@ -266,8 +271,30 @@ class Quota:
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
+        if self.deny_unpriced:
+            self._check_priced(subjects, reserve)
         own = _own(subjects, identity_id)
         return identity_id, await limiter.admit(subjects, request_id, own, reserve, portable)
+
+    def _check_priced(self, subjects: list[Subject], reserve: Reserve | None) -> None:
+        """With `[limits] unpriced = "deny"`: Forbidden when the request's model has no price
+        and a cost limit applies to it (whose it is: its identity's policy, its key owner's, a
+        budget). Its cost would count as 0 unless the upstream reported one: a way around the
+        cost limit. Checked before anything is counted."""
+        if reserve is None or reserve.priced:
+            return
+        for subject in subjects:
+            if any(limit.dimension is Dimension.COST for limit in subject.policy.limits):
+                whose = f"budget {subject.budget}" if subject.budget else subject.policy.name
+                if not subject.budget:
+                    whose = f"policy {whose}"
+                raise Forbidden(
+                    "this request's model has no price the sidecar knows, and a cost limit "
+                    f"({whose}) applies to identity {subject.external_id}: add the model to "
+                    "[pricing.models], or see [limits] unpriced",
+                    param="model",
+                    code="model_unpriced",
+                )
 
 
 def _own(subjects: list[Subject], identity_id: str) -> Policy | None:
