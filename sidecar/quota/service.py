@@ -285,9 +285,8 @@ class Quota:
             return
         for subject in subjects:
             if any(limit.dimension is Dimension.COST for limit in subject.policy.limits):
-                whose = f"budget {subject.budget}" if subject.budget else subject.policy.name
-                if not subject.budget:
-                    whose = f"policy {whose}"
+                budget = subject.budget
+                whose = f"budget {budget}" if budget else f"policy {subject.policy.name}"
                 raise Forbidden(
                     "this request's model has no price the sidecar knows, and a cost limit "
                     f"({whose}) applies to identity {subject.external_id}: add the model to "
