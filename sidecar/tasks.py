@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sidecar.errors import StoreUnavailable
 
@@ -26,6 +26,40 @@ class Background:
     async def wait(self, timeout_s: float | None = None) -> None:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
+
+
+T = TypeVar("T")
+
+
+class Batch(Generic[T]):
+    """Items gathered on the event loop and handed to `flush` together: `every_s` after the
+    first of them, or at once when `size` wait; `send` hands them over now."""
+
+    def __init__(self, size: int, every_s: float, flush: Callable[[list[T]], None]) -> None:
+        self.size = size
+        self.every_s = every_s
+        self._flush = flush
+        self.items: list[T] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, item: T) -> None:
+        items = self.items
+        items.append(item)
+        if len(items) >= self.size:
+            self.send()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.every_s, self.send)
+
+    def send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self.items = self.items, []
+        if items:
+            self._flush(items)
 
 
 class Nap:

@@ -24,6 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from sidecar.observe.otel_export import Config, Record, frame
 from sidecar.observe.tracing import Attributes
+from sidecar.tasks import Batch
 
 log = logging.getLogger("sidecar.telemetry")
 
@@ -111,8 +112,7 @@ class OtelTracer:
         self.ratio = TraceIdRatioBased(sample_ratio)
         self.ids = RandomIdGenerator()
         self.dropped = 0  # spans given up: the exporter was not running or not keeping up
-        self._records: list[Record] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._records: Batch[Record] = Batch(BATCH, SEND_EVERY_S, self._send)
         self._process: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._flushes: dict[int, asyncio.Future[None]] = {}
@@ -149,20 +149,9 @@ class OtelTracer:
         )
 
     def queue(self, record: Record) -> None:
-        records = self._records
-        records.append(record)
-        if len(records) >= BATCH:
-            self._send()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(SEND_EVERY_S, self._send)
+        self._records.add(record)
 
-    def _send(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        records, self._records = self._records, []
-        if not records:
-            return
+    def _send(self, records: list[Record]) -> None:
         stdin = self._process.stdin if self._process is not None else None
         if (
             stdin is None
@@ -241,7 +230,7 @@ class OtelTracer:
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Every span finished so far handed to the collector (or given up by the exporter);
         False when that did not happen within `timeout_s`."""
-        self._send()
+        self._records.send()
         stdin = self._process.stdin if self._process is not None else None
         if stdin is None or stdin.is_closing():
             return False
@@ -261,7 +250,7 @@ class OtelTracer:
         """What is queued goes out: the exporter exports it all, within a few export timeouts,
         then exits."""
         self._closing = True
-        self._send()
+        self._records.send()
         process = self._process
         if process is not None and process.stdin is not None:
             process.stdin.close()  # its end of input, once what is written is read

@@ -12,7 +12,7 @@ import msgspec
 from sidecar import logs
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
-from sidecar.tasks import Nap
+from sidecar.tasks import Batch, Nap
 from sidecar.usage import buckets
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.spool import Entry, Spool
@@ -82,8 +82,7 @@ class Recorder:
         self._draining = 0  # drains under way: the flusher writes without waiting its interval
         self._dropped = 0
         self.write_errors = 0
-        self._later: list[Callable[[], None]] = []  # see `later`
-        self._tally: asyncio.TimerHandle | None = None
+        self._later = Batch(MAX_LATER, TALLY_S, _run_all)  # see `later`
 
     @property
     def waiting(self) -> int:
@@ -205,24 +204,9 @@ class Recorder:
         the requests answered within TALLY_S, or at once when MAX_LATER wait; whatever waits
         is run first by `drain` and `close`. Run in one go, a request's accounting (its usage
         read, priced, added up) finds its code and data in the CPU's caches where, run after
-        each response, it finds them evicted by the HTTP work between: at saturation 7-12%
-        more requests per second (RESULTS.md)."""
-        self._later.append(count)
-        if len(self._later) >= MAX_LATER:
-            self._count_later()
-        elif self._tally is None:
-            self._tally = asyncio.get_running_loop().call_later(TALLY_S, self._count_later)
-
-    def _count_later(self) -> None:
-        if self._tally is not None:
-            self._tally.cancel()
-            self._tally = None
-        counts, self._later = self._later, []
-        for count in counts:
-            try:
-                count()
-            except Exception:
-                log.exception("usage of a request not recorded")
+        each response, it finds them evicted by the HTTP work between: at saturation 6% more
+        requests per second (bench.paired_bench, RESULTS.md)."""
+        self._later.add(count)
 
     def _start(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -236,7 +220,7 @@ class Recorder:
     async def drain(self) -> None:
         """Write what waits now, and wait until everything added so far is written, or kept
         in the backlog, and the top-spenders index has what was written."""
-        self._count_later()
+        self._later.send()
         # A flusher started but not yet napping would not be woken: it skips its nap instead.
         self._draining += 1
         self._nap.wake()
@@ -254,7 +238,7 @@ class Recorder:
     async def close(self, grace_s: float = 5.0) -> None:
         """At shutdown: one more write of what waits, for at most `grace_s` seconds; what
         Redis did not take goes to the spool, where a later process replays it."""
-        self._count_later()
+        self._later.send()
         self._closing = True
         self._nap.wake()  # the last write now, not at the end of the flush interval
         if self._flusher is not None and not self._flusher.done():
@@ -339,3 +323,11 @@ class Recorder:
                 charges=entry.charges,
                 model=entry.model,
             )
+
+
+def _run_all(counts: list[Callable[[], None]]) -> None:
+    for count in counts:
+        try:
+            count()
+        except Exception:
+            log.exception("usage of a request not recorded")
