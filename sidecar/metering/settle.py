@@ -119,18 +119,16 @@ class Settlement:
     def _counters(
         self,
         resolved: Resolved,
-        kind: Kind | None,
         model: str | None,
         usage: Usage | None,
-        header_cost: str | None,
+        cost: Cost | None,
         failed: bool,
-    ) -> tuple[dict[str, int], int]:
-        """What the request adds to its identity's counters, and its cost in nano-dollars."""
-        cost = self.attribution.cost(kind, model, usage, header_cost)
+    ) -> dict[str, int]:
+        """What the request adds to its identity's counters."""
         counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
         if UNPRICED in counters and self.counters is not None:
             self.counters.unpriced(model)
-        return counters, cost.nanos if cost is not None else 0
+        return counters
 
     def answered(
         self,
@@ -156,10 +154,7 @@ class Settlement:
                 # upstream produced replaces the reservation now.
                 usage = read(usage)
                 cost = self._cost(meter, usage, header_cost)
-                known: int | None = None  # unknown, not free
-                if usage is not None or header_cost is not None:
-                    known = cost.nanos if cost is not None else 0
-                tokens, charged = meter.charges(usage, known)
+                tokens, charged = meter.charges(usage, _known(usage, header_cost, cost))
                 self.background.spawn(self._settle_later(meter, tokens, charged))
         at = self.recorder.clock()
         if meter.span is not None:
@@ -194,15 +189,11 @@ class Settlement:
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self._cost(meter, usage, header_cost)
-        counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
-        if UNPRICED in counters and self.counters is not None:
-            self.counters.unpriced(model)
+        counters = self._counters(resolved, model, usage, cost, failed)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
         if meter.span is not None:
-            known = None
-            if usage is not None or header_cost is not None:
-                known = cost.nanos if cost is not None else 0
+            known = _known(usage, header_cost, cost)
             decision = meter.decision
             policy = decision.policy if decision is not None else None
             self._trace(meter, status, usage, known, policy, error or spans.failure(status))
@@ -468,7 +459,9 @@ class Settlement:
         is bumped. `carrier`: the report's headers, whose trace context its span continues."""
         received_ns = time.time_ns()
         failed = status >= 400
-        counters, nanos = self._counters(resolved, kind, model, usage, None, failed)
+        cost = self.attribution.cost(kind, model, usage, None)
+        counters = self._counters(resolved, model, usage, cost, failed)
+        nanos = cost.nanos if cost is not None else 0
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
         quota = self.quota
@@ -575,6 +568,13 @@ class Settlement:
             at=at,
             model=model,
         )
+
+
+def _known(usage: Usage | None, header_cost: str | None, cost: Cost | None) -> int | None:
+    """What a request cost in nano-dollars, None when nothing told (unknown, not free)."""
+    if usage is None and header_cost is None:
+        return None
+    return cost.nanos if cost is not None else 0
 
 
 def _made() -> str | None:
