@@ -286,15 +286,18 @@ class Settlement:
         more = limiter.settle_lent(decision, tokens, nanos)
         if not more:
             return
+        once = ids.ulid()  # the same for its retries: made once, whatever the replies
         try:
             async with limiter.deadline():
-                await limiter.charge(more)
+                await limiter.charge(more, once)
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
-            self.background.spawn(self._charge_later(meter, more))
+            self.background.spawn(self._charge_later(meter, more, once))
 
-    async def _charge_later(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
-        await self._retried(meter, lambda _: self.quota.limiter.charge(more))
+    async def _charge_later(
+        self, meter: Meter, more: list[tuple[str, int, int]], once: str
+    ) -> None:
+        await self._retried(meter, lambda _: self.quota.limiter.charge(more, once))
 
     async def _settle_later(
         self, meter: Meter, tokens: int, nanos: int, tried: bool = False
@@ -309,7 +312,7 @@ class Settlement:
         if decision.lent:  # what allowances cannot pay is charged at Redis
             more = limiter.settle_lent(decision, tokens, nanos)
             if more:
-                await self._charge_later(meter, more)
+                await self._charge_later(meter, more, ids.ulid())
             return
         # Should it fail, its reservation is given back when it expires; the actual is not
         # charged.

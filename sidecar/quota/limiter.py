@@ -42,6 +42,8 @@ from sidecar.store.scripts import Coalescer, Script, pipeline
 __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyUsage", "Subject"]
 
 log = logging.getLogger("sidecar.quota")
+# How long a charge's token is kept (Limiter.charge): well past its last retry (Settlement).
+CHARGE_ONCE_S = 120
 
 Clock = Callable[[], float]
 
@@ -741,11 +743,17 @@ class Limiter:
             self._give_later(back)
         return more
 
-    async def charge(self, more: list[tuple[str, int, int]]) -> None:
+    async def charge(self, more: list[tuple[str, int, int]], once: str | None = None) -> None:
         """Add units to buckets (see `settle_lent`; negative: give them back, see adjust.lua).
-        Raises StoreUnavailable."""
+        `once`: a token naming this charge, sent again with each retry of it: Redis makes it at
+        most once, though a lost reply leaves the sender not knowing whether it did. Raises
+        StoreUnavailable."""
         keys = [key for key, _, _ in more]
-        await self._adjust(self.client, keys, ["".join(f"{u} {life} " for _, u, life in more)])
+        args: list[Any] = ["".join(f"{u} {life} " for _, u, life in more)]
+        if once is not None:
+            keys.append(self.keys.charge(once))
+            args.append(CHARGE_ONCE_S)
+        await self._adjust(self.client, keys, args)
 
     def failed(self, exc: BaseException) -> None:
         """A step of a limit check did not get its answer from Redis in time."""

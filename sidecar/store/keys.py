@@ -117,6 +117,11 @@ class Keys:
         """Prefix of one limit's window buckets (append the bucket); see quota.policy."""
         return f"{self._p}:rl:{{{identity_id}}}:{part}:"  # string counters with a TTL
 
+    def charge(self, token: str) -> str:
+        # String: a charge with this token was made (quota/lua/adjust.lua); expires soon after
+        # its retries end.
+        return f"{self._p}:ch:{token}"
+
     def reservations(self, identity_id: str) -> str:
         # Hash: request id -> 'bucket amount ...' a token or cost limit reserved for it at
         # admission, replaced by the actual at completion (quota/lua/settle.lua).

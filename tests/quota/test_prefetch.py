@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar import cli
+from sidecar.errors import StoreUnavailable
 from sidecar.quota import allowances
 from sidecar.quota.limiter import SWEEP_S, Limiter
 from sidecar.settings import ConfigError, load
@@ -617,3 +618,37 @@ async def test_a_budget_reset_ends_what_another_sidecar_held_before_it(
     release(monkeypatch)
     await asyncio.sleep(GIVEN_BACK_S + 0.3)
     assert await budget_tokens(first, budget_id) == 4 * USED
+
+
+async def test_a_charge_beyond_an_allowance_retried_after_a_lost_reply_counts_once(
+    make_env: MakeEnv, tmp_path: Path, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request admitted ahead that used more than its allowance holds is charged the rest at
+    Redis. When Redis ran that charge but its reply was lost, the retry must not add it again."""
+    hold(monkeypatch)
+    env = await make_env(**PREFETCH, **policy(tmp_path, 'tokens = ["10000000/hour"]\n'))
+    limiter = env.app.services.limiter
+    charge = limiter.charge
+    lost: list[str | None] = []
+
+    async def reply_lost_once(more: list[tuple[str, int, int]], once: str | None = None) -> None:
+        await (charge(more) if once is None else charge(more, once))
+        if not lost and any(units > 0 for _, units, _ in more):  # a charge, not a give-back
+            lost.append(once)
+            raise StoreUnavailable("the reply was lost")
+
+    monkeypatch.setattr(limiter, "charge", reply_lost_once)
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for _ in range(2):  # the second asks for an allowance
+            assert (await chat(client, "over")).status_code == 200
+        assert await bucket(redis, "t:3600") == USED + 33 * RESERVED
+        big = await client.post(
+            "/v1/chat/completions",
+            content=CONTENT,
+            headers={"Content-Type": "application/json", "X-ORQ-IDENTITY-ID": "over"}
+            | tokens(100_000, 10),
+        )
+        assert big.status_code == 200
+    assert limiter.ahead == 1 and lost  # admitted ahead; its charge's first reply lost
+    await env.settle()
+    assert await bucket(redis, "t:3600") == USED + 33 * RESERVED + (100_000 + 10 - RESERVED)

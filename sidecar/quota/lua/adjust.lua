@@ -2,6 +2,9 @@
 -- KEYS the buckets; ARGV[1] per bucket 'amount lifetime ' (lifetime in s).
 -- A negative amount lowers a bucket that still exists, never below zero (a bucket that expired
 -- or was reset is left alone); a positive one creates the bucket, with its lifetime, if need be.
+-- With ARGV[2] (seconds), the last key marks this charge as made (SET NX, for that long): a
+-- charge sent again, not knowing whether Redis ran the first, then changes nothing (returns -1).
+if ARGV[2] and not redis.call('SET', KEYS[#KEYS], 1, 'NX', 'EX', ARGV[2]) then return -1 end
 local i = 0
 for amount, lifetime in string.gmatch(ARGV[1], '(%S+) (%S+)') do
   i = i + 1
