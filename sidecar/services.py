@@ -136,6 +136,7 @@ class Services:
     async def close(self) -> None:
         for task in self.loops:
             task.cancel()  # they end below (tasks.stop), once what they serve is closed
+        self.recorder.tally()  # before the wait: a count may start a task of its own
         await self.background.wait(SHUTDOWN_TASKS_S)
         # What Redis does not take within a few seconds waits in the spool for the next
         # process with this data dir.

@@ -208,6 +208,11 @@ class Recorder:
         requests per second (bench.paired_bench, RESULTS.md)."""
         self._later.add(count)
 
+    def tally(self) -> None:
+        """Run the counts left for `later` now (what they start in the background, such as
+        writing an identity first, the caller waits for)."""
+        self._later.send()
+
     def _start(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._run())
@@ -220,7 +225,7 @@ class Recorder:
     async def drain(self) -> None:
         """Write what waits now, and wait until everything added so far is written, or kept
         in the backlog, and the top-spenders index has what was written."""
-        self._later.send()
+        self.tally()
         # A flusher started but not yet napping would not be woken: it skips its nap instead.
         self._draining += 1
         self._nap.wake()
@@ -238,7 +243,7 @@ class Recorder:
     async def close(self, grace_s: float = 5.0) -> None:
         """At shutdown: one more write of what waits, for at most `grace_s` seconds; what
         Redis did not take goes to the spool, where a later process replays it."""
-        self._later.send()
+        self.tally()
         self._closing = True
         self._nap.wake()  # the last write now, not at the end of the flush interval
         if self._flusher is not None and not self._flusher.done():

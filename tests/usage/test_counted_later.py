@@ -4,17 +4,24 @@ back at once."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from redis.asyncio import Redis
 
+from sidecar.app import create_app
+from sidecar.settings import parse
+from sidecar.testing.redis_server import RedisServer
+from sidecar.testing.serving import serve
 from sidecar.usage import buckets
 from sidecar.usage import recorder as recorder_module
+from tests.support.auth import ADMIN_TOKEN
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
-from tests.support.usage import KEYS
+from tests.support.usage import KEYS, catalog, requests_of
 
 MESSAGES: Any = [{"role": "user", "content": "Say hi"}]
 
@@ -88,3 +95,29 @@ async def test_a_refusal_counts_in_the_hour_it_was_refused_in_though_counted_aft
     ref = await identity_id(env, "refused-late")
     hours = await env.redis.hgetall(KEYS.usage_hours(ref) + str(refused_in))
     assert (hours[b"r"], hours[b"rl"]) == (b"1", b"1")  # a refusal is not a request
+
+
+async def test_at_shutdown_what_a_count_left_for_later_starts_is_waited_for(
+    redis: Redis,
+    redis_server: RedisServer,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A count may start a task of its own (an identity still being written when its request
+    was answered): the shutdown runs the counts before it waits for such tasks, so that what
+    they add is written, not dropped after the recorder closed."""
+    monkeypatch.setattr(recorder_module, "TALLY_S", 30.0)
+    raw = {"redis": {"url": redis_server.url}, "server": {"data_dir": str(tmp_path)}}
+    app = create_app(parse(raw), admin_token=ADMIN_TOKEN, redis=redis, clock=clock)
+    services = app.services
+
+    async def written_late() -> None:
+        await asyncio.sleep(0.2)
+        services.recorder.add(None, {"r": 1}, source="header", external_id="written-late")
+
+    async with serve(app):
+        services.recorder.later(lambda: services.background.spawn(written_late()))
+    found = await catalog(redis, clock).get("written-late")
+    assert found is not None
+    assert (await requests_of(redis, found.id, clock))["requests"] == 1
