@@ -170,7 +170,8 @@ class Readings:
         )
         yield gauge(
             "sidecar_usage_waiting_entries",
-            "Usage entries (identity, hour and model) in memory, not yet written",
+            "Usage in memory, not yet written: entries (identity, hour and model) and requests "
+            "not yet counted",
             recorder.waiting,
         )
         yield gauge(
