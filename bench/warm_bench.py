@@ -30,6 +30,7 @@ from bench.lib import cli, config
 from bench.lib.payloads import ADMIN_TOKEN, IDENTITY_HEADER
 from bench.lib.processes import ROOT, Launcher
 from bench.lib.report import log, spread, spread_text, table
+from sidecar.testing.rawhttp import read_message
 
 MODULE = "bench.warm_bench"
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -44,13 +45,7 @@ def request(k: int) -> bytes:
 
 
 async def _answer(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    await reader.readexactly(length)
+    head, _ = await read_message(reader)
     return int(head.split(b" ", 2)[1])
 
 

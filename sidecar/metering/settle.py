@@ -235,9 +235,7 @@ class Settlement:
         decision = meter.decision
         if decision is None or not meter.charged or meter.settled:
             return
-        model = usage.model if usage is not None and usage.model else meter.model
-        cost = self.attribution.cost(meter.kind, model, usage, header_cost)
-        meter.priced = (usage, cost)
+        cost = self._cost(meter, usage, header_cost)
         tokens, nanos = meter.charges(usage, cost.nanos if cost is not None else None)
         limiter = self.quota.limiter
         meter.settled = True

@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 
+from sidecar.testing.rawhttp import read_message
+
 
 class RawUpstream:
     """Reads each request (one per connection), then writes what `answer` makes of its JSON
@@ -28,13 +30,8 @@ class RawUpstream:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            body = msgspec.json.decode(await reader.readexactly(length)) if length else {}
+            _, raw = await read_message(reader)
+            body = msgspec.json.decode(raw) if raw else {}
             self.requests += 1
             writer.write(self.answer(body))
             await writer.drain()
