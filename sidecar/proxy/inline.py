@@ -43,6 +43,7 @@ from sidecar.observe.tracing import Tracer
 from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
 from sidecar.quota.decision import Decision
+from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.estimate import cap_output
@@ -236,7 +237,7 @@ class InlineProxy:
             return write
 
     async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
-        headers = [(b"retry-after", b"%d" % decision.retry_after), *decision.headers]
+        headers = [(b"retry-after", b"%d" % decision.retry_after), *headers_of(decision)]
         await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
         identity_id = meter.identity if isinstance(meter.identity, str) else None
         self.settlement.refused(identity_id, meter.resolved, decision, meter)
@@ -276,6 +277,12 @@ class InlineProxy:
         complete = False
         failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
         started = time.perf_counter()
+        if meter is not None and meter.decision is not None and meter.decision.rows is not None:
+            # Its x-ratelimit-* headers, worked out while the upstream works: in the event
+            # loop's turn after the one that sends the request (its body may go in a task of
+            # aiohttp's, which this must not hold up).
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, headers_of, meter.decision)
         try:
             async with self.upstream.session.request(
                 scope["method"],
@@ -303,7 +310,7 @@ class InlineProxy:
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
-                    out_headers += meter.decision.headers
+                    out_headers += headers_of(meter.decision)
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end

@@ -254,6 +254,23 @@ async def test_headers_of_requests_admitted_ahead_count_what_was_used(
     assert shown == [100_000 - n * USED - RESERVED for n in range(4)]
 
 
+async def test_headers_of_authorizations_admitted_ahead_count_their_reservations(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    env = await make_env(**PREFETCH, **policy(tmp_path, 'tokens = ["100000/hour"]\n'))
+    shown = []
+    for _ in range(4):
+        r = await env.api.post(
+            "/hooks/authorize",
+            content=CONTENT,
+            headers={**HOOK, "Content-Type": "application/json", "X-ORQ-IDENTITY-ID": "hooked"},
+        )
+        shown.append(remaining_tokens(r))
+    assert env.app.services.limiter.ahead == 2  # the first two at Redis
+    # Nothing reported yet: each reservation counts, its own included.
+    assert shown == [100_000 - n * RESERVED for n in range(1, 5)]
+
+
 @pytest.mark.slow
 async def test_held_units_are_given_back_within_the_hold(
     make_env: MakeEnv, tmp_path: Path, redis: Redis, monkeypatch: pytest.MonkeyPatch
