@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
 
@@ -314,10 +315,7 @@ class InlineProxy:
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end
-
-                        async def settle(usage: Usage | None, meter: Meter = meter) -> None:
-                            await self.settlement.settle(meter, usage, header_cost)
-
+                        settle = partial(self.settlement.settle, meter, header_cost=header_cost)
                     relay = _relay_stream if sse else _relay_json
                     usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
                 else:
@@ -355,7 +353,8 @@ class InlineProxy:
         # drop the connection, so the client sees the failure.
 
 
-Settle = Callable[[Usage | None], Awaitable[None]]
+# What a response waits for before it ends (Settlement.settle): None, nothing.
+Settle = Callable[[Usage | None], Awaitable[None] | None]
 
 
 def upstream_target(scope: HTTPScope) -> str:
@@ -407,8 +406,9 @@ async def _relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     last = stream.flush()
     usage = stream.finish()
-    if settle is not None:
-        await settle(usage)
+    pending = settle(usage) if settle is not None else None
+    if pending is not None:
+        await pending
     await send({"type": "http.response.body", "body": last, "more_body": False})
     return usage
 
@@ -434,7 +434,9 @@ async def _relay_json(
             # Read with the usage of other requests (Settlement.answered), when small.
             return Unread(kind, body) if len(body) <= _UNREAD else extract_json(kind, body)
         usage = extract_json(kind, body) if upstream.status < 400 else None
-        await settle(usage)
+        pending = settle(usage)
+        if pending is not None:
+            await pending
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return usage
@@ -449,8 +451,9 @@ async def _relay_json(
     usage = None
     if size <= _JSON_CAP and upstream.status < 400:
         usage = extract_json(kind, b"".join(chunks))
-    if settle is not None:
-        await settle(usage)
+    pending = settle(usage) if settle is not None else None
+    if pending is not None:
+        await pending
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return usage
 
