@@ -94,13 +94,13 @@ class Attribution:
             kind, body, body_bytes, self.default_output_reserve
         )
         model = body.get("model")
-        cost = self.pricer.cost(
-            model=model if isinstance(model, str) else None,
-            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens),
-            kind=kind or Kind.CHAT,
-            at=self.clock(),
+        cost = self.cost(
+            kind,
+            model if isinstance(model, str) else None,
+            Usage(input_tokens=input_tokens, output_tokens=output_tokens),
+            None,
         )
-        if not cost.priced:
+        if cost is None or not cost.priced:
             return Reserve(input_tokens + output_tokens, 0, priced=False)
         return Reserve(input_tokens + output_tokens, cost.nanos)
 

@@ -18,7 +18,6 @@ from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Settlement
 from sidecar.quota.decision import Decision
 from sidecar.quota.limiter import Admission
-from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, RateLimitError, refusal
 
 log = logging.getLogger("sidecar.hooks")
@@ -99,7 +98,7 @@ class Authorizer:
             # (the request count the check took stays).
             await self.quota.limiter.release(decision.leases)
             raise _too_late(deadline)
-        out = list(headers_of(decision))
+        out = list(decision.headers)
         if not decision.admitted:
             if decision.store_failed:
                 raise StoreUnavailable(

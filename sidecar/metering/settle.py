@@ -228,30 +228,20 @@ class Settlement:
         )
         self._via_owner(resolved, counters, owner_id, {}, at)
 
-    def settle(
-        self, meter: Meter, usage: Usage | None, header_cost: str | None
-    ) -> Awaitable[None] | None:
+    async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
         """Before an inline response ends: when a token or cost limit applies, what the request
         used replaces what it reserved, in the store, so the client's next request (on any
-        sidecar) sees it. Cheap requests (no such limit) do nothing here. Returns what the
-        response must wait for before it ends (an exchange with Redis), None when nothing: a
-        request admitted from allowances that pay for what it used is settled here, at once,
-        with no coroutine (it is on every such response's path)."""
+        sidecar) sees it. Cheap requests (no such limit) do nothing here."""
         decision = meter.decision
         if decision is None or not meter.charged or meter.settled:
-            return None
+            return
         cost = self._cost(meter, usage, header_cost)
         tokens, nanos = meter.charges(usage, cost.nanos if cost is not None else None)
+        limiter = self.quota.limiter
         meter.settled = True
         if decision.lent:
-            # Settled against the allowances; what they cannot pay is charged at Redis.
-            more = self.quota.limiter.settle_lent(decision, tokens, nanos)
-            return self._charge(meter, more) if more else None
-        return self._settle(meter, decision, tokens, nanos)
-
-    async def _settle(self, meter: Meter, decision: Decision, tokens: int, nanos: int) -> None:
-        """`settle` at Redis, for a request admitted there."""
-        limiter = self.quota.limiter
+            await self._settle_lent(meter, tokens, nanos)
+            return
         if self._covered(meter, tokens, nanos):
             # What it reserved, already counted, is at least what it used: the settlement
             # is written now (ahead of any later admission of this process) and its reply
@@ -285,10 +275,15 @@ class Settlement:
             log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
             await self._settle_later(meter, tokens, nanos, tried=True)
 
-    async def _charge(self, meter: Meter, more: list[tuple[str, int, int]]) -> None:
-        """What the allowances a request was admitted from could not pay of what it used,
-        charged at Redis before its response ends (retried in the background on failure)."""
+    async def _settle_lent(self, meter: Meter, tokens: int, nanos: int) -> None:
+        """A request admitted from allowances: settled against them; what they cannot pay is
+        charged at Redis before the response ends (retried in the background on failure)."""
+        decision = meter.decision
+        assert decision is not None
         limiter = self.quota.limiter
+        more = limiter.settle_lent(decision, tokens, nanos)
+        if not more:
+            return
         once = ids.ulid()  # the same for its retries: made once, whatever the replies
         try:
             async with limiter.deadline():

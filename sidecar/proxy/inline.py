@@ -11,7 +11,6 @@ import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
 
@@ -44,7 +43,6 @@ from sidecar.observe.tracing import Tracer
 from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
 from sidecar.quota.decision import Decision
-from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.estimate import cap_output
@@ -238,7 +236,7 @@ class InlineProxy:
             return write
 
     async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
-        headers = [(b"retry-after", b"%d" % decision.retry_after), *headers_of(decision)]
+        headers = [(b"retry-after", b"%d" % decision.retry_after), *decision.headers]
         await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
         identity_id = meter.identity if isinstance(meter.identity, str) else None
         self.settlement.refused(identity_id, meter.resolved, decision, meter)
@@ -278,12 +276,6 @@ class InlineProxy:
         complete = False
         failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
         started = time.perf_counter()
-        if meter is not None and meter.decision is not None and meter.decision.rows is not None:
-            # Its x-ratelimit-* headers, worked out while the upstream works: in the event
-            # loop's turn after the one that sends the request (its body may go in a task of
-            # aiohttp's, which this must not hold up).
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, headers_of, meter.decision)
         try:
             async with self.upstream.session.request(
                 scope["method"],
@@ -311,11 +303,14 @@ class InlineProxy:
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
-                    out_headers += headers_of(meter.decision)
+                    out_headers += meter.decision.headers
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end
-                        settle = partial(self.settlement.settle, meter, header_cost=header_cost)
+
+                        async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                            await self.settlement.settle(meter, usage, header_cost)
+
                     relay = _relay_stream if sse else _relay_json
                     usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
                 else:
@@ -353,8 +348,7 @@ class InlineProxy:
         # drop the connection, so the client sees the failure.
 
 
-# What a response waits for before it ends (Settlement.settle): None, nothing.
-Settle = Callable[[Usage | None], Awaitable[None] | None]
+Settle = Callable[[Usage | None], Awaitable[None]]
 
 
 def upstream_target(scope: HTTPScope) -> str:
@@ -406,9 +400,8 @@ async def _relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     last = stream.flush()
     usage = stream.finish()
-    pending = settle(usage) if settle is not None else None
-    if pending is not None:
-        await pending
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": last, "more_body": False})
     return usage
 
@@ -434,9 +427,7 @@ async def _relay_json(
             # Read with the usage of other requests (Settlement.answered), when small.
             return Unread(kind, body) if len(body) <= _UNREAD else extract_json(kind, body)
         usage = extract_json(kind, body) if upstream.status < 400 else None
-        pending = settle(usage)
-        if pending is not None:
-            await pending
+        await settle(usage)
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return usage
@@ -451,9 +442,8 @@ async def _relay_json(
     usage = None
     if size <= _JSON_CAP and upstream.status < 400:
         usage = extract_json(kind, b"".join(chunks))
-    pending = settle(usage) if settle is not None else None
-    if pending is not None:
-        await pending
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return usage
 

@@ -73,11 +73,6 @@ class Reserve(NamedTuple):
     priced: bool = True
 
 
-# Per limit of an admission: (subject, limit, previous bucket's count, current bucket's count,
-# ms into the current bucket, ms left of it).
-Rows = list[tuple[Subject, Limit, int, int, int, int]]
-
-
 class Decision(msgspec.Struct, kw_only=True):
     admitted: bool
     policy: Policy | None = None  # the request's identity's
@@ -87,10 +82,6 @@ class Decision(msgspec.Struct, kw_only=True):
     dimension: Dimension | None = None  # what refused
     retry_after: int = 0  # whole seconds, >= 1 when refused
     headers: list[tuple[bytes, bytes]] = msgspec.field(default_factory=list)  # x-ratelimit-*
-    # The counts `headers` are worked out from, when that is left for later (an admission from
-    # allowances: a response's headers are worked out while the upstream works); read the
-    # headers with packing.headers_of.
-    rows: Rows | None = None
     # Concurrency slots to give back when the request ends: (identity _id, lease).
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says

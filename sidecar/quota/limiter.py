@@ -407,7 +407,7 @@ class Limiter:
             admitted=True,
             policy=policy,
             subjects=tuple(subjects),
-            rows=rows,  # its headers worked out later: packing.headers_of
+            headers=rate_headers(rows),
             # Settled here (`settle_lent`) unless the settlement may come elsewhere (recorded).
             lent=() if portable else tuple(lent),
             charged=bool(lent),  # a token or cost limit lent

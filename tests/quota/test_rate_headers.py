@@ -1,17 +1,19 @@
-"""The x-ratelimit-* headers worked out from a limit check's counts (packing.rate_headers), and
-a decision's headers left to be worked out later (packing.headers_of)."""
+"""The x-ratelimit-* headers worked out from a limit check's counts (packing.rate_headers)."""
 
 from __future__ import annotations
 
-from sidecar.quota.decision import Decision, Rows, Subject
-from sidecar.quota.packing import headers_of, rate_headers
-from sidecar.quota.policy import Dimension, Match, Policy, parse_limit
+from sidecar.quota.decision import Subject
+from sidecar.quota.packing import rate_headers
+from sidecar.quota.policy import Dimension, Limit, Match, Policy, parse_limit
 
 REQUESTS = parse_limit(Dimension.REQUESTS, "100/minute")
 TOKENS = parse_limit(Dimension.TOKENS, "10000/hour")
 COST = parse_limit(Dimension.COST, "5/day")
 POLICY = Policy("paid", Match(), (REQUESTS, TOKENS, COST), None, "test")
 SUBJECT = Subject("01ID", "user-1", POLICY)
+# Per limit: (subject, limit, previous bucket's count, current bucket's count, ms into the
+# current bucket, ms left of it).
+Rows = list[tuple[Subject, Limit, int, int, int, int]]
 
 
 def shown(rows: Rows) -> dict[str, str]:
@@ -57,15 +59,3 @@ def test_of_two_limits_of_a_dimension_the_one_with_the_least_left_is_shown() -> 
 def test_over_a_limit_shows_nothing_left_never_less() -> None:
     rows: Rows = [(SUBJECT, TOKENS, 0, 12_000, 1_000, 3_599_000)]
     assert shown(rows)["x-ratelimit-remaining-tokens"] == "0"
-
-
-def test_a_decision_s_headers_left_for_later_are_worked_out_once() -> None:
-    rows: Rows = [(SUBJECT, REQUESTS, 0, 1, 0, 60_000)]
-    decision = Decision(admitted=True, rows=rows)
-    assert decision.headers == []
-    first = headers_of(decision)
-    assert first == rate_headers(rows)
-    assert decision.rows is None
-    assert headers_of(decision) is first  # not worked out again
-    ready = Decision(admitted=True, headers=[(b"x-ratelimit-limit-requests", b"7")])
-    assert headers_of(ready) == [(b"x-ratelimit-limit-requests", b"7")]
