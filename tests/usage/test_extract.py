@@ -403,6 +403,9 @@ def test_stream_random_splits(kind: Kind, stream: bytes, expected: Usage) -> Non
         assert run(kind, pieces) == (stream, expected)
 
 
+# Every offset again, for each other framing: the slowest of the fast loop (`-m "not slow"`),
+# where the same splits with "\n" stay.
+@pytest.mark.slow
 @pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
 @pytest.mark.parametrize(("kind", "stream", "expected"), STREAMS)
 def test_stream_other_line_endings(
@@ -451,6 +454,7 @@ def test_strip_usage_chunk_byte_by_byte(kind: Kind, stream: bytes, expected: byt
     assert usage is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
 def test_strip_usage_chunk_other_line_endings(newline: bytes) -> None:
     stream = samples.CHAT_STREAM.replace(b"\n", newline)
