@@ -206,6 +206,7 @@ def build(
         profiles,
         budgets,
         deny_unpriced=settings.limits.unpriced == "deny",
+        opaque_one_at_a_time=settings.limits.opaque_input == "one_at_a_time",
     )
     attribution = Attribution(
         settings.identity,

@@ -116,6 +116,11 @@ class LimitsSettings(_Section):
     # A request for a model the sidecar cannot price, when a cost limit applies to it: "allow"
     # (its cost counts as the upstream reports it, else 0) or "deny" (403 model_unpriced).
     unpriced: Literal["allow", "deny"] = "allow"
+    # A request whose input its bytes do not carry (an image or file by URL or id, earlier
+    # turns by previous_response_id, a hosted search tool), when a token or cost limit applies
+    # to it: "allow" (as many at once as other limits let through) or "one_at_a_time" (one in
+    # flight per identity; another is refused 429 while it runs).
+    opaque_input: Literal["allow", "one_at_a_time"] = "allow"
 
 
 class PricingSettings(_Section):

@@ -123,6 +123,8 @@ on_error = "maybe"
     assert problems(path) == [f"{path}: redis.on_error: invalid enum value 'maybe'"]
     path = write(tmp_path, '[limits]\nunpriced = "free"\n')
     assert problems(path) == [f"{path}: limits.unpriced: invalid enum value 'free'"]
+    path = write(tmp_path, '[limits]\nopaque_input = "queue"\n')
+    assert problems(path) == [f"{path}: limits.opaque_input: invalid enum value 'queue'"]
     path = write(
         tmp_path, '[server]\nport = 70000\n[redis]\nurl = "http://nope"\nwarm_connections = 513\n'
     )

@@ -100,9 +100,10 @@ class Attribution:
             Usage(input_tokens=input_tokens, output_tokens=output_tokens),
             None,
         )
+        opaque = estimate.opaque(kind, body)
         if cost is None or not cost.priced:
-            return Reserve(input_tokens + output_tokens, 0, priced=False)
-        return Reserve(input_tokens + output_tokens, cost.nanos)
+            return Reserve(input_tokens + output_tokens, 0, priced=False, opaque=opaque)
+        return Reserve(input_tokens + output_tokens, cost.nanos, opaque=opaque)
 
     def cost(
         self, kind: Kind | None, model: str | None, usage: Usage | None, header_cost: str | None

@@ -23,7 +23,7 @@ from sidecar.observe.tracing import Span, Tracer
 from sidecar.quota.decision import Decision, Reserve, Subject
 from sidecar.quota.packing import covered
 from sidecar.quota.policy import Policy
-from sidecar.quota.service import Quota
+from sidecar.quota.service import OPAQUE, Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
 from sidecar.usage.buckets import UNPRICED, increments
@@ -519,15 +519,19 @@ class Settlement:
         quota = self.quota
         policy = await quota.policy_for(identity_id, resolved) if quota.active else None
         out = [Subject(identity_id, resolved.external_id, policy)] if policy is not None else []
-        if not quota.live.keys and not quota.budgets.active:
+        if not quota.live.keys and not quota.budgets.active and not quota.opaque_one_at_a_time:
             # Nothing but the identity could have been counted against (no listed key, no
-            # budget): no admission record to read, no round trip.
+            # budget, no lease for input the estimate cannot see): no admission record to
+            # read, no round trip.
             return out, None
         admission = await quota.limiter.recall(request_id)
         if admission is None:
             return out, None
         by_name = {p.name: p for p in quota.live.policies}
         for subject_id, name in admission.subjects:
+            if name == OPAQUE.name and subject_id.endswith(":opaque"):  # its lease, given back
+                out.append(Subject(subject_id, resolved.external_id, OPAQUE))
+                continue
             if name.startswith("budget:"):
                 budget = quota.budgets.subject(subject_id)
                 if budget is not None:  # else: deleted since

@@ -71,6 +71,9 @@ class Reserve(NamedTuple):
     # Whether its model has a price (an override or the catalogue): False, its cost is unknown
     # (`nanos` 0) until the upstream reports one (see [limits] unpriced).
     priced: bool = True
+    # Whether it brings in input its bytes do not carry (usage.estimate.opaque): its estimate
+    # may fall short by any amount (see [limits] opaque_input).
+    opaque: bool = False
 
 
 class Decision(msgspec.Struct, kw_only=True):

@@ -26,6 +26,10 @@ MISSING = _Missing()
 # A key owner that is a subject only so that it comes before the budgets among a request's
 # subjects (whom a request counts for beyond its identity is read in that order): no limits.
 _UNLIMITED = Policy("", Match(), (), None, "")
+# With `[limits] opaque_input = "one_at_a_time"`: a request whose input its bytes do not carry
+# counts against this too, under an id of its identity's own (`_opaque`), so that one such
+# request per identity is in flight at a time.
+OPAQUE = Policy("opaque_input", Match(), (), 1, "[limits] opaque_input")
 
 
 class RateLimitBody(msgspec.Struct):
@@ -59,6 +63,23 @@ def refusal(decision: Decision, external_id: str) -> RateLimitError:
         assert decision.policy is not None
         policy = decision.policy
     dimension = decision.dimension
+    if policy is OPAQUE:
+        return RateLimitError(
+            RateLimitBody(
+                message=(
+                    "Rate limit exceeded: one request at a time whose input the sidecar cannot "
+                    "estimate (an image or file by URL or id, previous_response_id, a hosted "
+                    f"tool) for identity {external_id} ([limits] opaque_input)"
+                ),
+                type="rate_limit_error",
+                code="concurrency_limit_exceeded",
+                param=None,
+                identity=external_id,
+                policy=OPAQUE.name,
+                dimension=dimension.value,
+                limit="1",
+            )
+        )
     if decision.binding is not None:
         text = decision.binding.text
         amount, per = _PER.split(text, maxsplit=1)
@@ -98,9 +119,11 @@ class Quota:
         budgets: BudgetSubjects,
         *,
         deny_unpriced: bool = False,
+        opaque_one_at_a_time: bool = False,
     ) -> None:
         self.live = live
         self.deny_unpriced = deny_unpriced
+        self.opaque_one_at_a_time = opaque_one_at_a_time
         self.limiter = limiter
         self.records = records
         self.identifier = identifier
@@ -258,6 +281,8 @@ class Quota:
             if subjects is not None:  # the common case: one store call, the check
                 if self.deny_unpriced:
                     self._check_priced(subjects, reserve)
+                if self.opaque_one_at_a_time and reserve is not None and reserve.opaque:
+                    subjects = _opaque(subjects, known, resolved)
                 own = _own(subjects, known)
                 return known, await limiter.admit(subjects, request_id, own, reserve, portable)
         if known is None and not limiter.breaker.allow():
@@ -273,6 +298,8 @@ class Quota:
             limiter.breaker.success()
         if self.deny_unpriced:
             self._check_priced(subjects, reserve)
+        if self.opaque_one_at_a_time and reserve is not None and reserve.opaque:
+            subjects = _opaque(subjects, identity_id, resolved)
         own = _own(subjects, identity_id)
         return identity_id, await limiter.admit(subjects, request_id, own, reserve, portable)
 
@@ -294,6 +321,16 @@ class Quota:
                     param="model",
                     code="model_unpriced",
                 )
+
+
+def _opaque(subjects: list[Subject], identity_id: str, resolved: Resolved) -> list[Subject]:
+    """`subjects`, and, when a token or cost limit applies to the request, the lease set of one
+    that lets one request with input its estimate cannot see be in flight per identity: its
+    estimate may fall short by any amount, and the SPEC bounds what concurrent requests may go
+    past a limit by one request's error."""
+    if not any(subject.policy.charged for subject in subjects):
+        return subjects
+    return [*subjects, Subject(f"{identity_id}:opaque", resolved.external_id, OPAQUE)]
 
 
 def _own(subjects: list[Subject], identity_id: str) -> Policy | None:

@@ -109,3 +109,77 @@ def tokens(
         return input_tokens, 0
     cap = _largest(body, _CAPS[kind] if kind is not None else _ANY_CAPS)
     return input_tokens, (default_output if cap is None else cap) * choices(kind, body)
+
+
+# Input a request refers to without carrying it, which its bytes do not count (see `opaque`).
+_RESPONSE_REFERENCES = ("previous_response_id", "conversation")
+# Tools the provider runs, which add what they find to the input (tool types, by prefix).
+_HOSTED_TOOLS = ("file_search", "web_search", "web_fetch", "mcp", "code_interpreter")
+_INLINE_SOURCES = ("base64", "text", "content")  # an Anthropic image's or document's
+
+
+def opaque(kind: Kind | None, body: Mapping[str, Any]) -> bool:
+    """Whether the request brings in input its bytes do not carry, so that its input estimate
+    may fall short by any amount: an image or a file by URL or by id (inline data is counted by
+    its bytes, which over-estimate it), the earlier turns or a stored prompt a Responses API
+    request names, or a hosted tool (web or file search, MCP) that adds what it finds. `kind`
+    None (hook mode, the path unknown): any kind's."""
+    if kind is Kind.EMBEDDINGS or kind is Kind.COMPLETIONS:
+        return False
+    if kind in (None, Kind.RESPONSES) and (
+        any(body.get(name) is not None for name in _RESPONSE_REFERENCES)
+        or isinstance(body.get("prompt"), dict)  # a stored prompt (a completion's is text)
+    ):
+        return True
+    if kind in (None, Kind.CHAT) and body.get("web_search_options") is not None:
+        return True
+    if kind is not Kind.CHAT and body.get("mcp_servers"):
+        return True
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(_hosted(tool) for tool in tools):
+        return True
+    for name in ("messages", "input"):
+        value = body.get(name)
+        if isinstance(value, list) and any(_refers(item) for item in value):
+            return True
+    return False
+
+
+def _hosted(tool: Any) -> bool:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    return isinstance(kind, str) and kind.startswith(_HOSTED_TOOLS)
+
+
+def _refers(item: Any) -> bool:
+    """A message (or a Responses input item) with a part that refers to input by URL or id."""
+    if not isinstance(item, dict):
+        return False
+    content = item.get("content")
+    parts = content if isinstance(content, list) else [item]
+    return any(_part_refers(part) for part in parts)
+
+
+def _part_refers(part: Any) -> bool:
+    if not isinstance(part, dict):
+        return False
+    kind = part.get("type")
+    if kind == "image_url":  # chat: {"image_url": {"url": ...}}
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        return not _inline(url)
+    if kind == "file":  # chat: {"file": {"file_id": ...} or {"file_data": ...}}
+        file = part.get("file")
+        return not isinstance(file, dict) or file.get("file_data") is None
+    if kind == "input_image":  # responses: image_url (a URL or data) or file_id
+        return part.get("file_id") is not None or not _inline(part.get("image_url"))
+    if kind == "input_file":  # responses: file_data, file_id or file_url
+        return part.get("file_data") is None
+    if kind in ("image", "document"):  # anthropic: {"source": {"type": "base64", "url", ...}}
+        source = part.get("source")
+        return not isinstance(source, dict) or source.get("type") not in _INLINE_SOURCES
+    return False
+
+
+def _inline(url: Any) -> bool:
+    """A data: URL: what it carries is in the request's bytes."""
+    return isinstance(url, str) and url[:5].lower() == "data:"

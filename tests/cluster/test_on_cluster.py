@@ -295,6 +295,46 @@ async def test_80_concurrent_against_20_per_minute_admit_exactly_20(
     assert (metrics["total_requests"], metrics["rate_limited_requests"]) == (20, 60)
 
 
+async def test_one_request_with_an_image_by_url_at_a_time_on_a_cluster(
+    fresh_cluster: LocalCluster, make_side: MakeSide, tmp_path: Path
+) -> None:
+    # Its one slot is a lease set of its own, on another slot than the identity's buckets: the
+    # limits are checked in turn, and a refusal gives back what the earlier ones took.
+    policies = tmp_path / "policies.toml"
+    policies.write_text('[[policy]]\nname = "p"\ntokens = ["100000/hour"]\n')
+    side = await make_side(
+        fresh_cluster.url,
+        policies={"paths": [str(policies)]},
+        limits={"opaque_input": "one_at_a_time"},
+    )
+    image = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://images.test/a.png"}}],
+        }
+    ]
+    async with httpx.AsyncClient(base_url=side.url, timeout=30) as client:
+        replies = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/chat/completions",
+                    json={"model": "gpt-4o", "messages": image, "max_tokens": 10},
+                    headers={"X-ORQ-IDENTITY-ID": "seer", "x-mock-latency-ms": "300"},
+                )
+                for _ in range(6)
+            )
+        )
+        assert Counter(r.status_code for r in replies) == {200: 1, 429: 5}
+        refused = next(r for r in replies if r.status_code == 429)
+        assert refused.json()["error"]["policy"] == "opaque_input"
+        again = await client.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": image, "max_tokens": 10},
+            headers={"X-ORQ-IDENTITY-ID": "seer"},
+        )
+        assert again.status_code == 200, again.text
+
+
 async def test_200_concurrent_never_over_admit(
     fresh_cluster: LocalCluster, make_side: MakeSide, tmp_path: Path
 ) -> None:

@@ -64,3 +64,72 @@ def test_cap_output_leaves_a_request_with_a_cap_alone_and_caps_one_without() -> 
     bare: dict[str, Any] = {"n": 3}
     assert estimate.cap_output(Kind.CHAT, bare, 100)
     assert bare == {"n": 3, "max_completion_tokens": 100}  # per choice, as reserved
+
+
+def _user(*parts: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": ["Look:", *parts]}]}
+
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (Kind.CHAT, _user({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}})),
+        (Kind.CHAT, _user({"type": "file", "file": {"file_id": "file-abc"}})),
+        (Kind.CHAT, {"messages": [], "web_search_options": {}}),
+        (Kind.RESPONSES, {"input": "and then?", "previous_response_id": "resp_1"}),
+        (Kind.RESPONSES, {"input": "hi", "conversation": "conv_1"}),
+        (Kind.RESPONSES, {"prompt": {"id": "pmpt_1"}}),
+        (Kind.RESPONSES, {"input": "news?", "tools": [{"type": "web_search_preview"}]}),
+        (Kind.RESPONSES, {"input": "q", "tools": [{"type": "file_search"}]}),
+        (
+            Kind.RESPONSES,
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+        ),
+        (
+            Kind.RESPONSES,
+            {"input": [{"type": "input_file", "file_url": "https://x.test/a.pdf"}]},
+        ),
+        (
+            Kind.MESSAGES,
+            _user({"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}),
+        ),
+        (Kind.MESSAGES, _user({"type": "document", "source": {"type": "file", "file_id": "f"}})),
+        (Kind.MESSAGES, {"messages": [], "tools": [{"type": "web_search_20250305"}]}),
+        (Kind.MESSAGES, {"messages": [], "mcp_servers": [{"url": "https://mcp.test"}]}),
+        # Hook mode (the path unknown): any kind's.
+        (None, {"input": "x", "previous_response_id": "resp_1"}),
+        (None, _user({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}})),
+    ],
+)
+def test_input_referred_to_by_url_id_or_hosted_tool_is_opaque(
+    kind: Kind | None, body: dict[str, Any]
+) -> None:
+    assert estimate.opaque(kind, body)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (Kind.CHAT, {"messages": [{"role": "user", "content": "plain text"}]}),
+        (Kind.CHAT, _user({"type": "text", "text": "more"})),
+        # Inline data is in the request's bytes, which over-estimate it.
+        (Kind.CHAT, _user({"type": "image_url", "image_url": {"url": PNG}})),
+        (Kind.CHAT, _user({"type": "file", "file": {"file_data": PNG}})),
+        (Kind.CHAT, _user({"type": "input_audio", "input_audio": {"data": "UklG"}})),
+        (Kind.CHAT, {"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        (Kind.RESPONSES, {"input": "hi", "previous_response_id": None}),
+        (Kind.RESPONSES, {"input": [{"type": "input_image", "image_url": PNG}]}),
+        (Kind.MESSAGES, _user({"type": "image", "source": {"type": "base64", "data": "iVBO"}})),
+        (Kind.MESSAGES, _user({"type": "document", "source": {"type": "text", "data": "a"}})),
+        (Kind.EMBEDDINGS, {"input": "https://x.test/a.png"}),
+        (Kind.COMPLETIONS, {"prompt": "p"}),
+        (None, {"prompt": "a completion's prompt, in hook mode"}),
+    ],
+)
+def test_input_carried_in_the_request_is_not_opaque(
+    kind: Kind | None, body: dict[str, Any]
+) -> None:
+    assert not estimate.opaque(kind, body)
