@@ -215,6 +215,7 @@ def build(
         aliases,
         clock,
         settings.limits.default_output_reserve,
+        find_opaque=settings.limits.opaque_input == "one_at_a_time",
     )
     usage_mover = UsageMover(redis, keys, usage_counters, rankings, clock)
     limits_mover = LimitsMover(redis, keys, live, clock)

@@ -38,9 +38,14 @@ class Attribution:
         aliases: Aliases,
         clock: Clock = time.time,
         default_output_reserve: int = 1024,
+        *,
+        find_opaque: bool = False,
     ) -> None:
         self.aliases = aliases
         self.default_output_reserve = default_output_reserve
+        # Whether a reservation says if the request's input is opaque ([limits] opaque_input):
+        # looked for only when it is used, as every limited request is reserved.
+        self.find_opaque = find_opaque
         self.header = config.header
         self.networks = Networks(config.trusted_networks)
         self.trust = Trust(config.trust_mode, bool(self.networks))
@@ -100,7 +105,7 @@ class Attribution:
             Usage(input_tokens=input_tokens, output_tokens=output_tokens),
             None,
         )
-        opaque = estimate.opaque(kind, body)
+        opaque = self.find_opaque and estimate.opaque(kind, body)
         if cost is None or not cost.priced:
             return Reserve(input_tokens + output_tokens, 0, priced=False, opaque=opaque)
         return Reserve(input_tokens + output_tokens, cost.nanos, opaque=opaque)
