@@ -17,6 +17,7 @@ import pytest
 from tests.support.auth import ADMIN_TOKEN
 from tests.support.env import Env, MakeEnv
 from tests.support.limits import policy_file
+from tests.support.prometheus import parse
 from tests.support.traffic import MESSAGES
 
 POLICIES = """
@@ -88,7 +89,13 @@ async def test_one_request_with_an_image_by_url_at_a_time_under_a_token_limit(
     # Its slot is free once the first has ended: the next goes through, and so does another
     # identity's meanwhile.
     await chat(env, "tok-1", IMAGE)
-    await at_once(chat(env, "tok-2", IMAGE), chat(env, "tok-3", IMAGE))
+    others = await at_once(chat(env, "tok-2", IMAGE), chat(env, "tok-3", IMAGE))
+    assert not any(isinstance(r, BaseException) for r in others), others
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        samples = parse((await client.get("/metrics")).text)
+    decisions = 'sidecar_limit_decisions_total{policy="opaque_input",dimension="concurrency",%s}'
+    assert samples[decisions % 'decision="admitted"'] == 4
+    assert samples[decisions % 'decision="refused"'] == 1
 
 
 async def test_by_default_and_without_a_token_or_cost_limit_they_run_at_once(
