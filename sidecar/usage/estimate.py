@@ -174,6 +174,8 @@ def _part_refers(part: Any) -> bool:
         return part.get("file_id") is not None or not _inline(part.get("image_url"))
     if kind == "input_file":  # responses: file_data, file_id or file_url
         return part.get("file_data") is None
+    if kind == "item_reference":  # responses: an earlier item, by id
+        return True
     if kind in ("image", "document"):  # anthropic: {"source": {"type": "base64", "url", ...}}
         source = part.get("source")
         return not isinstance(source, dict) or source.get("type") not in _INLINE_SOURCES

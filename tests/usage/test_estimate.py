@@ -92,6 +92,7 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
             Kind.RESPONSES,
             {"input": [{"type": "input_file", "file_url": "https://x.test/a.pdf"}]},
         ),
+        (Kind.RESPONSES, {"input": [{"type": "item_reference", "id": "msg_1"}]}),
         (
             Kind.MESSAGES,
             _user({"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}),
