@@ -15,7 +15,7 @@ no reservation counted. A whole number written as a float (`64.0`) is read as th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sidecar.errors import InvalidRequest
@@ -112,7 +112,6 @@ def tokens(
 
 
 # Input a request refers to without carrying it, which its bytes do not count (see `opaque`).
-_RESPONSE_REFERENCES = ("previous_response_id", "conversation")
 # Tools the provider runs, which add what they find to the input (tool types, by prefix).
 _HOSTED_TOOLS = ("file_search", "web_search", "web_fetch", "mcp", "code_interpreter")
 _INLINE_SOURCES = ("base64", "text", "content")  # an Anthropic image's or document's
@@ -123,63 +122,83 @@ def opaque(kind: Kind | None, body: Mapping[str, Any]) -> bool:
     may fall short by any amount: an image or a file by URL or by id (inline data is counted by
     its bytes, which over-estimate it), the earlier turns or a stored prompt a Responses API
     request names, or a hosted tool (web or file search, MCP) that adds what it finds. `kind`
-    None (hook mode, the path unknown): any kind's."""
+    None (hook mode, the path unknown): any kind's. On every limited request's path when
+    [limits] opaque_input uses it: loops, not generators (a text-only chat in about 1 µs)."""
     if kind is Kind.EMBEDDINGS or kind is Kind.COMPLETIONS:
         return False
-    if kind in (None, Kind.RESPONSES) and (
-        any(body.get(name) is not None for name in _RESPONSE_REFERENCES)
-        or isinstance(body.get("prompt"), dict)  # a stored prompt (a completion's is text)
-    ):
+    if kind is not Kind.CHAT:
+        if (
+            body.get("previous_response_id") is not None
+            or body.get("conversation") is not None
+            or isinstance(body.get("prompt"), dict)  # a stored prompt (a completion's is text)
+            or body.get("mcp_servers")
+        ):
+            return True
+    elif body.get("web_search_options") is not None:
         return True
-    if kind in (None, Kind.CHAT) and body.get("web_search_options") is not None:
-        return True
-    if kind is not Kind.CHAT and body.get("mcp_servers"):
+    if kind is None and body.get("web_search_options") is not None:
         return True
     tools = body.get("tools")
-    if isinstance(tools, list) and any(_hosted(tool) for tool in tools):
-        return True
+    if type(tools) is list:
+        for tool in tools:
+            tool_type = tool.get("type") if type(tool) is dict else None
+            if type(tool_type) is str and tool_type.startswith(_HOSTED_TOOLS):
+                return True
     for name in ("messages", "input"):
-        value = body.get(name)
-        if isinstance(value, list) and any(_refers(item) for item in value):
-            return True
+        items = body.get(name)
+        if type(items) is not list:
+            continue
+        for item in items:
+            if type(item) is not dict:
+                continue
+            content = item.get("content")
+            if type(content) is list:  # a message's parts
+                for part in content:
+                    if type(part) is dict and _refers(part):
+                        return True
+            elif _refers(item):  # a Responses input item of its own
+                return True
     return False
 
 
-def _hosted(tool: Any) -> bool:
-    kind = tool.get("type") if isinstance(tool, dict) else None
-    return isinstance(kind, str) and kind.startswith(_HOSTED_TOOLS)
+def _refers(part: dict[str, Any]) -> bool:
+    """Whether a content part (or a Responses input item) refers to input by URL or id."""
+    check = _PARTS.get(part.get("type"))
+    return check is not None and check(part)
 
 
-def _refers(item: Any) -> bool:
-    """A message (or a Responses input item) with a part that refers to input by URL or id."""
-    if not isinstance(item, dict):
-        return False
-    content = item.get("content")
-    parts = content if isinstance(content, list) else [item]
-    return any(_part_refers(part) for part in parts)
+def _image_url(part: dict[str, Any]) -> bool:  # chat: {"image_url": {"url": ...}}
+    image = part.get("image_url")
+    return not _inline(image.get("url") if isinstance(image, dict) else image)
 
 
-def _part_refers(part: Any) -> bool:
-    if not isinstance(part, dict):
-        return False
-    kind = part.get("type")
-    if kind == "image_url":  # chat: {"image_url": {"url": ...}}
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        return not _inline(url)
-    if kind == "file":  # chat: {"file": {"file_id": ...} or {"file_data": ...}}
-        file = part.get("file")
-        return not isinstance(file, dict) or file.get("file_data") is None
-    if kind == "input_image":  # responses: image_url (a URL or data) or file_id
-        return part.get("file_id") is not None or not _inline(part.get("image_url"))
-    if kind == "input_file":  # responses: file_data, file_id or file_url
-        return part.get("file_data") is None
-    if kind == "item_reference":  # responses: an earlier item, by id
-        return True
-    if kind in ("image", "document"):  # anthropic: {"source": {"type": "base64", "url", ...}}
-        source = part.get("source")
-        return not isinstance(source, dict) or source.get("type") not in _INLINE_SOURCES
-    return False
+def _file(part: dict[str, Any]) -> bool:  # chat: {"file": {"file_id": ...} or {"file_data": ...}}
+    file = part.get("file")
+    return not isinstance(file, dict) or file.get("file_data") is None
+
+
+def _input_image(part: dict[str, Any]) -> bool:  # responses: image_url (a URL or data) or file_id
+    return part.get("file_id") is not None or not _inline(part.get("image_url"))
+
+
+def _input_file(part: dict[str, Any]) -> bool:  # responses: file_data, file_id or file_url
+    return part.get("file_data") is None
+
+
+def _source(part: dict[str, Any]) -> bool:  # anthropic: {"source": {"type": "base64", ...}}
+    source = part.get("source")
+    return not isinstance(source, dict) or source.get("type") not in _INLINE_SOURCES
+
+
+_PARTS: dict[Any, Callable[[dict[str, Any]], bool]] = {
+    "image_url": _image_url,
+    "file": _file,
+    "input_image": _input_image,
+    "input_file": _input_file,
+    "item_reference": lambda _: True,  # responses: an earlier item, by id
+    "image": _source,
+    "document": _source,
+}
 
 
 def _inline(url: Any) -> bool:
