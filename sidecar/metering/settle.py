@@ -23,7 +23,7 @@ from sidecar.observe.tracing import Span, Tracer
 from sidecar.quota.decision import Decision, Reserve, Subject
 from sidecar.quota.packing import covered
 from sidecar.quota.policy import Policy
-from sidecar.quota.service import OPAQUE, Quota
+from sidecar.quota.service import OPAQUE, OPAQUE_SUFFIX, Quota
 from sidecar.tasks import Background
 from sidecar.usage import buckets
 from sidecar.usage.buckets import UNPRICED, increments
@@ -529,7 +529,7 @@ class Settlement:
             return out, None
         by_name = {p.name: p for p in quota.live.policies}
         for subject_id, name in admission.subjects:
-            if name == OPAQUE.name and subject_id.endswith(":opaque"):  # its lease, given back
+            if name == OPAQUE.name and subject_id.endswith(OPAQUE_SUFFIX):  # its lease, given back
                 out.append(Subject(subject_id, resolved.external_id, OPAQUE))
                 continue
             if name.startswith("budget:"):

@@ -30,6 +30,7 @@ _UNLIMITED = Policy("", Match(), (), None, "")
 # counts against this too, under an id of its identity's own (`_opaque`), so that one such
 # request per identity is in flight at a time.
 OPAQUE = Policy("opaque_input", Match(), (), 1, "[limits] opaque_input")
+OPAQUE_SUFFIX = ":opaque"  # its subject's id: the identity's _id and this
 
 
 class RateLimitBody(msgspec.Struct):
@@ -330,7 +331,7 @@ def _opaque(subjects: list[Subject], identity_id: str, resolved: Resolved) -> li
     past a limit by one request's error."""
     if not any(subject.policy.charged for subject in subjects):
         return subjects
-    return [*subjects, Subject(f"{identity_id}:opaque", resolved.external_id, OPAQUE)]
+    return [*subjects, Subject(identity_id + OPAQUE_SUFFIX, resolved.external_id, OPAQUE)]
 
 
 def _own(subjects: list[Subject], identity_id: str) -> Policy | None:

@@ -111,7 +111,6 @@ def tokens(
     return input_tokens, (default_output if cap is None else cap) * choices(kind, body)
 
 
-# Input a request refers to without carrying it, which its bytes do not count (see `opaque`).
 # Tools the provider runs, which add what they find to the input (tool types, by prefix).
 _HOSTED_TOOLS = ("file_search", "web_search", "web_fetch", "mcp", "code_interpreter")
 _INLINE_SOURCES = ("base64", "text", "content")  # an Anthropic image's or document's
@@ -126,17 +125,14 @@ def opaque(kind: Kind | None, body: Mapping[str, Any]) -> bool:
     [limits] opaque_input uses it: loops, not generators (a text-only chat in about 1 µs)."""
     if kind is Kind.EMBEDDINGS or kind is Kind.COMPLETIONS:
         return False
-    if kind is not Kind.CHAT:
-        if (
-            body.get("previous_response_id") is not None
-            or body.get("conversation") is not None
-            or isinstance(body.get("prompt"), dict)  # a stored prompt (a completion's is text)
-            or body.get("mcp_servers")
-        ):
-            return True
-    elif body.get("web_search_options") is not None:
+    if kind is not Kind.CHAT and (
+        body.get("previous_response_id") is not None
+        or body.get("conversation") is not None
+        or isinstance(body.get("prompt"), dict)  # a stored prompt (a completion's is text)
+        or body.get("mcp_servers")
+    ):
         return True
-    if kind is None and body.get("web_search_options") is not None:
+    if (kind is None or kind is Kind.CHAT) and body.get("web_search_options") is not None:
         return True
     tools = body.get("tools")
     if type(tools) is list:

@@ -120,6 +120,15 @@ def checks(limiter: Limiter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sent
 
 
+async def authorize(env: Env, who: str) -> httpx.Response:
+    """Hook mode's authorization of a chat completion reserving RESERVED tokens."""
+    return await env.api.post(
+        "/hooks/authorize",
+        content=CONTENT,
+        headers={**HOOK, "Content-Type": "application/json", "X-ORQ-IDENTITY-ID": who},
+    )
+
+
 def remaining_tokens(r: httpx.Response) -> int:
     assert r.status_code == 200, r.text
     return int(r.headers["x-ratelimit-remaining-tokens"])
@@ -260,12 +269,7 @@ async def test_headers_of_authorizations_admitted_ahead_count_their_reservations
     env = await make_env(**PREFETCH, **policy(tmp_path, 'tokens = ["100000/hour"]\n'))
     shown = []
     for _ in range(4):
-        r = await env.api.post(
-            "/hooks/authorize",
-            content=CONTENT,
-            headers={**HOOK, "Content-Type": "application/json", "X-ORQ-IDENTITY-ID": "hooked"},
-        )
-        shown.append(remaining_tokens(r))
+        shown.append(remaining_tokens(await authorize(env, "hooked")))
     assert env.app.services.limiter.ahead == 2  # the first two at Redis
     # Nothing reported yet: each reservation counts, its own included.
     assert shown == [100_000 - n * RESERVED for n in range(1, 5)]
@@ -430,11 +434,7 @@ async def test_hook_mode_reservations_taken_ahead_settle_on_any_sidecar(
     first, second = await two_sidecars(make_env, config)
     ids = []
     for _ in range(6):
-        r = await first.api.post(
-            "/hooks/authorize",
-            content=CONTENT,
-            headers={**HOOK, "Content-Type": "application/json", "X-ORQ-IDENTITY-ID": "hooked"},
-        )
+        r = await authorize(first, "hooked")
         assert r.status_code == 200, r.text
         ids.append(r.json()["request_id"])
     assert first.app.services.limiter.ahead == 4  # the first two at Redis, the second granted
