@@ -1,8 +1,9 @@
 """Quota a process holds ahead (`[limits] prefetch`): many admissions against one Redis exchange.
 
 An admission that goes to Redis may ask, per limit, for an *allowance*, when a request of the
-same identity went to Redis from this process within `HOLD_S` (a lone request asks for none: an
-identity that calls now and then would only have its allowance given back unused): up to `prefetch`
+same identity was admitted by this process within `HOLD_S`, at Redis or from an allowance (a lone
+request asks for none: an identity that calls now and then would only have its allowance given
+back unused): up to `prefetch`
 requests' worth (what this request needs, times `prefetch`) counted in the limit's current
 bucket at once, but never more than an eighth of what the limit has left (so near a limit's edge
 there is none, and every request is checked at Redis). Later requests of the same subjects are
@@ -99,12 +100,14 @@ class Allowances:
         # The same allowances by (identity _id, id(limit)): found without making the bucket's
         # key (the limit object is checked too, as an id can be reused once a policy is gone).
         self.by_limit: dict[tuple[str, int], Allowance] = {}
-        # When a request of an identity (its _id) last went to Redis from this process.
+        # When a request of an identity (its _id) last went to Redis from this process, or was
+        # admitted from its allowances (Limiter._admit_ahead notes it).
         self.asked: dict[str, float] = {}
 
     def wanted(self, identity_id: str) -> bool:
         """Whether a request of `identity_id` going to Redis asks for allowances: only when
-        another went there within HOLD_S (the identity is busy). Noted either way."""
+        another went there, or was admitted from allowances, within HOLD_S (the identity is
+        busy). Noted either way."""
         now = self.clock()
         last = self.asked.get(identity_id)
         self.asked[identity_id] = now
@@ -172,7 +175,7 @@ class Allowances:
         lifetime) for those with units left."""
         now = self.clock()
         idle, old = now - HOLD_S, now - MAX_HOLD_S
-        if only is None:  # identities not at Redis for HOLD_S are not busy any more
+        if only is None:  # identities not admitted for HOLD_S are not busy any more
             self.asked = {key: at for key, at in self.asked.items() if at >= idle}
         back = []
         held = self.held

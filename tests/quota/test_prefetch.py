@@ -199,7 +199,34 @@ def test_only_a_busy_identity_asks_for_allowances() -> None:
     assert not ahead.wanted("a")  # back after a pause: as lone as the first
     now[0] += HOLD_S + 0.01
     assert ahead.due(0) == []
-    assert ahead.asked == {}  # identities not at Redis for HOLD_S are forgotten
+    assert ahead.asked == {}  # identities not admitted for HOLD_S are forgotten
+
+
+async def test_an_identity_busy_on_its_allowances_asks_for_more_at_its_next_exchange(
+    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its allowance runs out more than HOLD_S after its last exchange, its requests all
+    # admitted from it meanwhile: it is busy, so its next exchange asks for more, and the
+    # requests after it are admitted in the process (were it lone, the next would go to Redis
+    # too).
+    monkeypatch.setattr(allowances, "HOLD_S", 0.3)
+    monkeypatch.setattr(allowances, "MAX_HOLD_S", 60.0)
+    env = await make_env(**PREFETCH, **policy(tmp_path, 'requests = ["1000/minute"]\n'))
+    limiter = env.app.services.limiter
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        sent = checks(limiter, monkeypatch)
+        for _ in range(2):  # the first asks for nothing, the second is granted 32
+            assert (await chat(client, "busy")).status_code == 200
+        assert len(sent) == 2
+        granted = time.monotonic()
+        for _ in range(32):  # spent, over more than HOLD_S
+            await asyncio.sleep(0.4 / 32)
+            assert (await chat(client, "busy")).status_code == 200
+        assert len(sent) == 2 and time.monotonic() - granted > 0.3
+        for _ in range(3):  # one exchange, granted 32 more
+            assert (await chat(client, "busy")).status_code == 200
+    assert len(sent) == 3
+    assert limiter.ahead == 32 + 2
 
 
 async def test_an_identity_that_calls_now_and_then_holds_nothing(
