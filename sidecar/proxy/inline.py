@@ -136,11 +136,20 @@ class InlineProxy:
             await send_error(send, InvalidRequest(message, code="path_not_normalized"))
             return
         metered, kind = self.metered(scope["method"], path)
+        if scope["method"] == "POST" and not _plain(path):
+            respelled, respelled_kind = self.metered("POST", _normalized(path))
+            if respelled and (not metered or respelled_kind is not kind):
+                message = (
+                    f"POST {path} is another metered path in another spelling (its case, a ';' "
+                    "parameter, a backslash, a trailing dot or space); send it as the API names it"
+                )
+                await send_error(send, InvalidRequest(message, code="path_not_normalized"))
+                return
         if not metered:
             if (
                 scope["method"] != "POST"
                 and _overrides_method(scope)
-                and self.metered("POST", path)[0]
+                and self.metered("POST", _normalized(path))[0]
             ):
                 message = (
                     f"{scope['method']} {path} asks for another method in a header; a metered "
@@ -370,6 +379,30 @@ _METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-http-method", b"x-
 
 def _overrides_method(scope: HTTPScope) -> bool:
     return any(name in _METHOD_OVERRIDES for name, _ in scope["headers"])
+
+
+def _plain(path: str) -> bool:
+    """Whether a lenient server reads the path as sent (`_normalized` would not change it): the
+    common case, told in a few scans."""
+    return (
+        path.islower()
+        and ";" not in path
+        and "\\" not in path
+        and "./" not in path
+        and " /" not in path
+        and not path.endswith((".", " "))
+    )
+
+
+def _normalized(path: str) -> str:
+    """The path as a lenient server may read it: case folded, backslashes as slashes, each
+    segment without its `;` parameters and trailing dots and spaces. A POST whose path is not
+    metered as sent but is once so read is refused (`/v1/Chat/Completions`,
+    `/v1/chat/completions;x`), and so is one metered as another kind (`/v1/chat;x/completions`
+    is a completion as sent, a chat completion so read): an upstream that read it so would
+    serve a call nobody metered, or metered as what it is not."""
+    folded = path.lower().replace("\\", "/")
+    return "/".join(segment.split(";", 1)[0].rstrip(". ") for segment in folded.split("/"))
 
 
 def _dot_segments(path: str) -> bool:

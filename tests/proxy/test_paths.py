@@ -103,6 +103,65 @@ async def test_a_path_with_dot_segments_is_refused_not_resolved(
     assert paths == ["/v1/.well-known/x..y", "/v1/chat/completions"]
 
 
+async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """`/v1/Chat/Completions` is no metered path as sent, but an upstream that folds case (or
+    drops `;` parameters, reads a backslash as a slash, trims trailing dots) would serve a chat
+    completion: unmetered, past every limit."""
+    env: Env = await make_env(
+        **policy_file(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n')
+    )
+    conn = await RawConnection.open(env.url)
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    headers["x-orq-identity-id"] = "speller"
+    azure = {**headers, "x-orq-identity-id": "deployer"}
+    try:
+        for target in (
+            "/v1/Chat/Completions",
+            "/V1/CHAT/COMPLETIONS",
+            "/v1/chat/completions;x=1",
+            "/v1/chat;a/completions",
+            "/v1/chat/completions%3B",
+            "/v1%5Cchat%5Ccompletions",
+            "/v1/chat/completions.",
+            "/v1/chat/completions%20",
+            "/v1/Embeddings",
+            "/v1/MESSAGES",
+        ):
+            await conn.head("POST", target, headers)
+            await conn.send(body)
+            answered = await conn.answer(within=5)
+            assert answered.status == 400, (target, answered.body)
+            error = answered.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["code"] == "path_not_normalized"
+        # A read in another case, a POST that is no metered path in any spelling, and a
+        # deployment's name in capitals before a metered path as the API names it, go through.
+        await conn.head("POST", "/openai/deployments/GPT-4o/chat/completions", azure)
+        await conn.send(body)
+        assert (await conn.answer(within=5)).status == 200
+        await conn.head("GET", "/v1/Chat/Completions", {"content-length": "0"})
+        assert (await conn.answer(within=5)).status != 400
+        await conn.head("POST", "/v1/files;x", headers)
+        await conn.send(body)
+        assert (await conn.answer(within=5)).status != 400
+        # None of the refused counted: the one request a minute is still there.
+        await conn.head("POST", "/v1/chat/completions", headers)
+        await conn.send(body)
+        assert (await conn.answer(within=5)).status == 200
+    finally:
+        await conn.close()
+    paths = [r.path for r in env.mock.requests]
+    assert paths == [
+        "/openai/deployments/GPT-4o/chat/completions",
+        "/v1/Chat/Completions",
+        "/v1/files;x",
+        "/v1/chat/completions",
+    ]
+
+
 def test_a_byte_that_is_not_ascii_goes_upstream_percent_encoded() -> None:
     scope: Any = {"path": "/v1/models/é", "raw_path": b"/v1/models/\xe9%41"}
     scope["query_string"] = b"q=\xe9"
@@ -125,7 +184,11 @@ async def test_a_metered_path_asked_for_as_another_method_with_an_override_is_re
     env: Env = await make_env(metering={"extra_paths": ["/v1/rerank"]})
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     async with httpx.AsyncClient(base_url=env.url) as client:
-        for method, path in (("GET", "/v1/chat/completions"), ("PUT", "/v1/rerank")):
+        for method, path in (
+            ("GET", "/v1/chat/completions"),
+            ("PUT", "/v1/rerank"),
+            ("GET", "/v1/Chat/Completions"),
+        ):
             for header in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
                 r = await client.request(
                     method, path, json=body, headers={header: "POST", "X-ORQ-IDENTITY-ID": "m"}
