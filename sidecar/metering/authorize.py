@@ -18,6 +18,7 @@ from sidecar.metering.attribution import Attribution
 from sidecar.metering.settle import Settlement
 from sidecar.quota.decision import Decision
 from sidecar.quota.limiter import Admission
+from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, RateLimitError, refusal
 
 log = logging.getLogger("sidecar.hooks")
@@ -98,7 +99,7 @@ class Authorizer:
             # (the request count the check took stays).
             await self.quota.limiter.release(decision.leases)
             raise _too_late(deadline)
-        out = list(decision.headers)
+        out = list(headers_of(decision))
         if not decision.admitted:
             if decision.store_failed:
                 raise StoreUnavailable(

@@ -43,6 +43,7 @@ from sidecar.observe.tracing import Tracer
 from sidecar.proxy._headers import Unrelayable, relayed
 from sidecar.proxy.upstream import Upstream
 from sidecar.quota.decision import Decision
+from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, refusal
 from sidecar.settings import Settings
 from sidecar.usage.estimate import cap_output
@@ -245,7 +246,7 @@ class InlineProxy:
             return write
 
     async def _refuse(self, send: Send, meter: Meter, decision: Decision) -> None:
-        headers = [(b"retry-after", b"%d" % decision.retry_after), *decision.headers]
+        headers = [(b"retry-after", b"%d" % decision.retry_after), *headers_of(decision)]
         await send_json(send, 429, _encode(refusal(decision, meter.resolved.external_id)), headers)
         identity_id = meter.identity if isinstance(meter.identity, str) else None
         self.settlement.refused(identity_id, meter.resolved, decision, meter)
@@ -285,12 +286,16 @@ class InlineProxy:
         complete = False
         failure: SidecarError | None = None  # the sidecar's own answer, when it gave one
         started = time.perf_counter()
+        data: bytes | aiohttp.payload.Payload | None = body or None
+        decision = meter.decision if meter is not None else None
+        if body and decision is not None and decision.rows is not None:
+            data = _ThenHeaders(body, decision)
         try:
             async with self.upstream.session.request(
                 scope["method"],
                 url,
                 headers=headers,
-                data=body or None,
+                data=data,
                 allow_redirects=False,
                 timeout=self.upstream.timeout,
             ) as upstream:
@@ -312,7 +317,7 @@ class InlineProxy:
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
-                    out_headers += meter.decision.headers
+                    out_headers += headers_of(meter.decision)
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end
@@ -358,6 +363,26 @@ class InlineProxy:
 
 
 Settle = Callable[[Usage | None], Awaitable[None]]
+
+
+class _ThenHeaders(aiohttp.payload.BytesPayload):
+    """A request body whose decision's x-ratelimit-* headers are worked out once it is written:
+    while the upstream works, in the task aiohttp writes it from, rather than before the
+    request leaves."""
+
+    def __init__(self, body: bytes, decision: Decision) -> None:
+        super().__init__(body)
+        self.decision = decision
+
+    async def write_with_length(
+        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        await super().write_with_length(writer, content_length)
+        try:
+            headers_of(self.decision)
+        except Exception:
+            # Not as an upstream that cannot be written to: tried again when the answer comes.
+            log.exception("x-ratelimit-* headers not worked out")
 
 
 def upstream_target(scope: HTTPScope) -> str:

@@ -85,6 +85,9 @@ class Decision(msgspec.Struct, kw_only=True):
     dimension: Dimension | None = None  # what refused
     retry_after: int = 0  # whole seconds, >= 1 when refused
     headers: list[tuple[bytes, bytes]] = msgspec.field(default_factory=list)  # x-ratelimit-*
+    # Admitted from allowances: the figures `headers` are worked out from, on first use
+    # (packing.headers_of), which the proxy makes once the request is on its way upstream.
+    rows: list[tuple[Subject, Limit, int, int, int, int]] | None = None
     # Concurrency slots to give back when the request ends: (identity _id, lease).
     leases: tuple[tuple[str, str], ...] = ()
     store_failed: bool = False  # Redis did not answer; `admitted` is what on_error says

@@ -410,7 +410,7 @@ class Limiter:
             admitted=True,
             policy=policy,
             subjects=tuple(subjects),
-            headers=rate_headers(rows),
+            rows=rows,
             # Settled here (`settle_lent`) unless the settlement may come elsewhere (recorded).
             lent=() if portable else tuple(lent),
             charged=bool(lent),  # a token or cost limit lent

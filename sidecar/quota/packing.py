@@ -9,7 +9,7 @@ from typing import Any
 from sidecar import money
 from sidecar.quota import windows
 from sidecar.quota.allowances import Allowance
-from sidecar.quota.decision import Reserve, Subject
+from sidecar.quota.decision import Decision, Reserve, Subject
 from sidecar.quota.policy import Dimension, Limit
 
 # How admit.lua is told each limit's dimension; the script's prelude gets them from here.
@@ -104,6 +104,15 @@ def rate_headers(
             headers.append((names[1], b"%d" % remaining))  # floor: never negative
         headers.append((names[2], windows.duration(reset).encode()))
     return headers
+
+
+def headers_of(decision: Decision) -> list[tuple[bytes, bytes]]:
+    """A decision's x-ratelimit-* headers: an admission from allowances left its figures
+    (`rows`), worked out here on first use."""
+    rows = decision.rows
+    if rows is not None:
+        decision.headers, decision.rows = rate_headers(rows), None
+    return decision.headers
 
 
 _NAMES = {

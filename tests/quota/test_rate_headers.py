@@ -1,9 +1,13 @@
-"""The x-ratelimit-* headers worked out from a limit check's counts (packing.rate_headers)."""
+"""The x-ratelimit-* headers worked out from a limit check's counts (packing.rate_headers), and
+when: an admission from allowances leaves its counts, worked out while the upstream works."""
 
 from __future__ import annotations
 
-from sidecar.quota.decision import Subject
-from sidecar.quota.packing import rate_headers
+from typing import Any, cast
+
+from sidecar.proxy.inline import _ThenHeaders
+from sidecar.quota.decision import Decision, Subject
+from sidecar.quota.packing import headers_of, rate_headers
 from sidecar.quota.policy import Dimension, Limit, Match, Policy, parse_limit
 
 REQUESTS = parse_limit(Dimension.REQUESTS, "100/minute")
@@ -59,3 +63,30 @@ def test_of_two_limits_of_a_dimension_the_one_with_the_least_left_is_shown() -> 
 def test_over_a_limit_shows_nothing_left_never_less() -> None:
     rows: Rows = [(SUBJECT, TOKENS, 0, 12_000, 1_000, 3_599_000)]
     assert shown(rows)["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_an_admission_from_allowances_leaves_its_figures_worked_out_on_first_use() -> None:
+    rows: Rows = [(SUBJECT, REQUESTS, 0, 10, 1_000, 59_000)]
+    decision = Decision(admitted=True, subjects=(SUBJECT,), rows=rows)
+    assert decision.headers == []
+    first = headers_of(decision)
+    assert first == rate_headers(rows) and decision.rows is None
+    assert headers_of(decision) is first  # worked out once
+    made = Decision(admitted=True, headers=[(b"x-ratelimit-limit-requests", b"1")])
+    assert headers_of(made) == [(b"x-ratelimit-limit-requests", b"1")]
+
+
+async def test_the_proxy_works_them_out_once_the_request_body_is_written() -> None:
+    rows: Rows = [(SUBJECT, REQUESTS, 0, 10, 1_000, 59_000)]
+    decision = Decision(admitted=True, subjects=(SUBJECT,), rows=rows)
+    written: list[bytes] = []
+
+    class Writer:
+        async def write(self, chunk: bytes) -> None:
+            assert decision.rows is not None  # not before the body is on its way
+            written.append(bytes(chunk))
+
+    body = _ThenHeaders(b'{"model": "m"}', decision)
+    await body.write_with_length(cast("Any", Writer()), None)
+    assert b"".join(written) == b'{"model": "m"}'
+    assert decision.rows is None and decision.headers == rate_headers(rows)
