@@ -141,8 +141,8 @@ class InlineProxy:
             respelled, respelled_kind = self.metered("POST", _normalized(path))
             if respelled and (not metered or respelled_kind is not kind):
                 message = (
-                    f"POST {path} is another metered path in another spelling (its case, a ';' "
-                    "parameter, a backslash, a trailing dot or space); send it as the API names it"
+                    f"POST {path} is a metered path spelled otherwise (its case, a ';' parameter, "
+                    "a backslash, a trailing dot or space): send it as the API names it"
                 )
                 await send_error(send, InvalidRequest(message, code="path_not_normalized"))
                 return
