@@ -1,16 +1,16 @@
 """Quota a process holds ahead (`[limits] prefetch`): many admissions against one Redis exchange.
 
-An admission that goes to Redis may ask, per limit, for an *allowance*, when a request of the
-same identity was admitted by this process within `HOLD_S`, at Redis or from an allowance (a lone
-request asks for none: an identity that calls now and then would only have its allowance given
-back unused): up to `prefetch`
-requests' worth (what this request needs, times `prefetch`) counted in the limit's current
-bucket at once, but never more than an eighth of what the limit has left (so near a limit's edge
-there is none, and every request is checked at Redis). Later requests of the same subjects are
-admitted from the allowances this process holds, with no exchange, when every one of their
-limits has room in one; they count for every other sidecar already (the allowance is in the
-bucket). What is left of an allowance goes back to its bucket when it has not been used or topped
-up for `HOLD_S`, once it is `MAX_HOLD_S` old, when its bucket ends, or when the process stops.
+An admission that goes to Redis may ask, per limit, for an *allowance*, when a request of the same
+identity was admitted by this process within `HOLD_S`, at Redis or from an allowance (a lone
+request asks for none: an identity that calls now and then would only have its allowance given back
+unused): up to `prefetch` requests' worth (what this request needs, times `prefetch`) counted in
+the limit's current bucket at once, but never more than an eighth of what the limit has left (so
+near a limit's edge there is none, and every request is checked at Redis). Later requests of the
+same subjects are admitted from the allowances this process holds, with no exchange, when every one
+of their limits has room in one; they count for every other sidecar already (the allowance is in
+the bucket). What is left of an allowance goes back to its bucket when it has not been used or
+topped up for `HOLD_S`, once it is `MAX_HOLD_S` old, when its bucket ends, or when the process
+stops.
 
 What this costs, and why it never over-admits:
 - Units in an allowance were counted when the limit had room for them; spending them later in the
