@@ -64,6 +64,30 @@ async def test_path_and_query_go_upstream_byte_for_byte(env: Env) -> None:
     assert seen == [("/v1/models/%67pt-4o", "a=%41&b=c%20d"), ("/v1/files//x;y", "")]
 
 
+async def answered(
+    conn: RawConnection, method: str, target: str, headers: dict[str, str], body: bytes = b""
+) -> int:
+    """The status `target` answers `method` with."""
+    await conn.head(method, target, headers)
+    if body:
+        await conn.send(body)
+    return (await conn.answer(within=5)).status
+
+
+async def refused_as_not_normalized(
+    conn: RawConnection, targets: tuple[str, ...], headers: dict[str, str], body: bytes
+) -> None:
+    """POST `body` to each target: each is answered 400 `path_not_normalized`."""
+    for target in targets:
+        await conn.head("POST", target, headers)
+        await conn.send(body)
+        answered = await conn.answer(within=5)
+        assert answered.status == 400, (target, answered.body)
+        error = answered.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["code"] == "path_not_normalized"
+
+
 async def test_a_path_with_dot_segments_is_refused_not_resolved(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
@@ -77,26 +101,17 @@ async def test_a_path_with_dot_segments_is_refused_not_resolved(
     headers = {"content-type": "application/json", "content-length": str(len(body))}
     headers["x-orq-identity-id"] = "walker"
     try:
-        for target in (
+        targets = (
             "/v1/chat/completions/x/..",
             "/v1/chat/completions/.",
             "/v1/x/%2e%2e/chat/completions/%2E",
             "/v1/./models",
-        ):
-            await conn.head("POST", target, headers)
-            await conn.send(body)
-            answered = await conn.answer(within=5)
-            assert answered.status == 400, (target, answered.body)
-            error = answered.json()["error"]
-            assert error["type"] == "invalid_request_error"
-            assert error["code"] == "path_not_normalized"
+        )
+        await refused_as_not_normalized(conn, targets, headers, body)
         # Names that only start with a dot are no dot segments.
-        await conn.head("GET", "/v1/.well-known/x..y", {"content-length": "0"})
-        assert (await conn.answer(within=5)).status != 400
+        assert await answered(conn, "GET", "/v1/.well-known/x..y", {"content-length": "0"}) != 400
         # None of the refused counted: the one request a minute is still there.
-        await conn.head("POST", "/v1/chat/completions", headers)
-        await conn.send(body)
-        assert (await conn.answer(within=5)).status == 200
+        assert await answered(conn, "POST", "/v1/chat/completions", headers, body) == 200
     finally:
         await conn.close()
     paths = [r.path for r in env.mock.requests]
@@ -118,7 +133,7 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
     headers["x-orq-identity-id"] = "speller"
     azure = {**headers, "x-orq-identity-id": "deployer"}
     try:
-        for target in (
+        targets = (
             "/v1/Chat/Completions",
             "/V1/CHAT/COMPLETIONS",
             "/v1/chat/completions;x=1",
@@ -129,28 +144,16 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
             "/v1/chat/completions%20",
             "/v1/Embeddings",
             "/v1/MESSAGES",
-        ):
-            await conn.head("POST", target, headers)
-            await conn.send(body)
-            answered = await conn.answer(within=5)
-            assert answered.status == 400, (target, answered.body)
-            error = answered.json()["error"]
-            assert error["type"] == "invalid_request_error"
-            assert error["code"] == "path_not_normalized"
+        )
+        await refused_as_not_normalized(conn, targets, headers, body)
         # A read in another case, a POST that is no metered path in any spelling, and a
         # deployment's name in capitals before a metered path as the API names it, go through.
-        await conn.head("POST", "/openai/deployments/GPT-4o/chat/completions", azure)
-        await conn.send(body)
-        assert (await conn.answer(within=5)).status == 200
-        await conn.head("GET", "/v1/Chat/Completions", {"content-length": "0"})
-        assert (await conn.answer(within=5)).status != 400
-        await conn.head("POST", "/v1/files;x", headers)
-        await conn.send(body)
-        assert (await conn.answer(within=5)).status != 400
+        deployed = "/openai/deployments/GPT-4o/chat/completions"
+        assert await answered(conn, "POST", deployed, azure, body) == 200
+        assert await answered(conn, "GET", "/v1/Chat/Completions", {"content-length": "0"}) != 400
+        assert await answered(conn, "POST", "/v1/files;x", headers, body) != 400
         # None of the refused counted: the one request a minute is still there.
-        await conn.head("POST", "/v1/chat/completions", headers)
-        await conn.send(body)
-        assert (await conn.answer(within=5)).status == 200
+        assert await answered(conn, "POST", "/v1/chat/completions", headers, body) == 200
     finally:
         await conn.close()
     paths = [r.path for r in env.mock.requests]
