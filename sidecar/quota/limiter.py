@@ -530,7 +530,6 @@ class Limiter:
                 for (subject, _), cap, held in zip(pack.leases, pack.caps, in_use, strict=True):
                     if int(held) >= int(cap):
                         refusing.append((subject, None, 1000))
-        headers = rate_headers(rows)
         if admitted:
             if metrics is not None:
                 for subject in subjects:
@@ -541,7 +540,7 @@ class Limiter:
                 admitted=True,
                 policy=policy,
                 subjects=tuple(subjects),
-                headers=headers,
+                rows=rows,  # its headers worked out when used (packing.headers_of)
                 leases=leases,
                 lent=tuple(lent),
                 charged=charged(subjects),
@@ -560,7 +559,7 @@ class Limiter:
             refused_by=by,
             binding=binding,
             dimension=dimension,
-            headers=headers,
+            headers=rate_headers(rows),
             retry_after=max(1, math.ceil(wait / 1000)),
             charged=charged(subjects),
         )
