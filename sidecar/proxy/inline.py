@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import logging
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
@@ -410,7 +411,8 @@ def _plain(path: str) -> bool:
     """Whether a lenient server reads the path as sent (`_normalized` would not change it): the
     common case, told in a few scans."""
     return (
-        path.islower()
+        path.isascii()
+        and path.islower()
         and ";" not in path
         and "\\" not in path
         and "./" not in path
@@ -420,13 +422,15 @@ def _plain(path: str) -> bool:
 
 
 def _normalized(path: str) -> str:
-    """The path as a lenient server may read it: case folded, backslashes as slashes, each
-    segment without its `;` parameters and trailing dots and spaces. A POST whose path is not
-    metered as sent but is once so read is refused (`/v1/Chat/Completions`,
-    `/v1/chat/completions;x`), and so is one metered as another kind (`/v1/chat;x/completions`
-    is a completion as sent, a chat completion so read): an upstream that read it so would
-    serve a call nobody metered, or metered as what it is not."""
-    folded = path.lower().replace("\\", "/")
+    """The path as a lenient server may read it: in Unicode's compatibility form (fullwidth
+    letters as ASCII ones), case folded (U+017F, a long s, as `s`: .NET's case-insensitive
+    matching reads it so), backslashes as slashes, each segment without its `;` parameters and
+    trailing dots and spaces. A POST whose path is not metered as sent but is once so read is
+    refused (`/v1/Chat/Completions`, `/v1/chat/completions;x`), and so is one metered as
+    another kind (`/v1/chat;x/completions` is a completion as sent, a chat completion so read):
+    an upstream that read it so would serve a call nobody metered, or metered as what it is
+    not."""
+    folded = unicodedata.normalize("NFKC", path).casefold().replace("\\", "/")
     return "/".join(segment.split(";", 1)[0].rstrip(". ") for segment in folded.split("/"))
 
 

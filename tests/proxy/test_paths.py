@@ -144,6 +144,8 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
             "/v1/chat/completions%20",
             "/v1/Embeddings",
             "/v1/MESSAGES",
+            "/v1/chat/completion%C5%BF",  # U+017F, a long s: an S to .NET's ignore-case
+            "/v1/chat/%EF%BD%83ompletions",  # U+FF43, a fullwidth c
         )
         await refused_as_not_normalized(conn, targets, headers, body)
         # A read in another case, a POST that is no metered path in any spelling, and a
