@@ -198,6 +198,7 @@ def build(
         prefetch=settings.limits.prefetch,
     )
     budgets.on_reset = limiter.void  # quota held ahead in the buckets a reset emptied ends
+    one_opaque_at_a_time = settings.limits.opaque_input == "one_at_a_time"
     quota = Quota(
         live,
         limiter,
@@ -206,7 +207,7 @@ def build(
         profiles,
         budgets,
         deny_unpriced=settings.limits.unpriced == "deny",
-        opaque_one_at_a_time=settings.limits.opaque_input == "one_at_a_time",
+        opaque_one_at_a_time=one_opaque_at_a_time,
     )
     attribution = Attribution(
         settings.identity,
@@ -215,7 +216,7 @@ def build(
         aliases,
         clock,
         settings.limits.default_output_reserve,
-        find_opaque=settings.limits.opaque_input == "one_at_a_time",
+        find_opaque=one_opaque_at_a_time,
     )
     usage_mover = UsageMover(redis, keys, usage_counters, rankings, clock)
     limits_mover = LimitsMover(redis, keys, live, clock)

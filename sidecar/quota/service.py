@@ -280,10 +280,7 @@ class Quota:
         if known is not None:
             subjects = self._known_subjects(resolved, known)
             if subjects is not None:  # the common case: one store call, the check
-                if self.deny_unpriced:
-                    self._check_priced(subjects, reserve)
-                if self.opaque_one_at_a_time and reserve is not None and reserve.opaque:
-                    subjects = _opaque(subjects, known, resolved)
+                subjects = self._checked(subjects, known, resolved, reserve)
                 own = _own(subjects, known)
                 return known, await limiter.admit(subjects, request_id, own, reserve, portable)
         if known is None and not limiter.breaker.allow():
@@ -297,12 +294,25 @@ class Quota:
             return known, limiter.unavailable(None)
         if known is None:
             limiter.breaker.success()
+        subjects = self._checked(subjects, identity_id, resolved, reserve)
+        own = _own(subjects, identity_id)
+        return identity_id, await limiter.admit(subjects, request_id, own, reserve, portable)
+
+    def _checked(
+        self,
+        subjects: list[Subject],
+        identity_id: str,
+        resolved: Resolved,
+        reserve: Reserve | None,
+    ) -> list[Subject]:
+        """What is settled before a request's limits are checked: its model priced where a
+        cost limit needs it (`_check_priced`), and the subjects it counts against with the
+        one-at-a-time lease of opaque input (`_opaque`) when that applies."""
         if self.deny_unpriced:
             self._check_priced(subjects, reserve)
         if self.opaque_one_at_a_time and reserve is not None and reserve.opaque:
-            subjects = _opaque(subjects, identity_id, resolved)
-        own = _own(subjects, identity_id)
-        return identity_id, await limiter.admit(subjects, request_id, own, reserve, portable)
+            return _opaque(subjects, identity_id, resolved)
+        return subjects
 
     def _check_priced(self, subjects: list[Subject], reserve: Reserve | None) -> None:
         """With `[limits] unpriced = "deny"`: Forbidden when the request's model has no price

@@ -20,6 +20,7 @@ from sidecar.store.keys import Keys
 from sidecar.testing.redis_cluster import LocalCluster
 from tests.support.clock import FakeClock
 from tests.support.cluster import MakeSide, create, eventually, gpt_4o_nanos
+from tests.support.limits import policy_file
 from tests.support.traffic import MESSAGES, tokens
 
 
@@ -300,11 +301,9 @@ async def test_one_request_with_an_image_by_url_at_a_time_on_a_cluster(
 ) -> None:
     # Its one slot is a lease set of its own, on another slot than the identity's buckets: the
     # limits are checked in turn, and a refusal gives back what the earlier ones took.
-    policies = tmp_path / "policies.toml"
-    policies.write_text('[[policy]]\nname = "p"\ntokens = ["100000/hour"]\n')
     side = await make_side(
         fresh_cluster.url,
-        policies={"paths": [str(policies)]},
+        **policy_file(tmp_path, '[[policy]]\nname = "p"\ntokens = ["100000/hour"]\n'),
         limits={"opaque_input": "one_at_a_time"},
     )
     image = [
