@@ -13,7 +13,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote_from_bytes, unquote
 
 import aiohttp
 import msgspec
@@ -180,7 +180,7 @@ class InlineProxy:
         self, scope: HTTPScope, send: Send, body: bytes, kind: Kind | None, started_ns: int
     ) -> tuple[Meter | None, bytes]:
         """Resolve and check a metered request; None when it was refused (answered here)."""
-        headers = lowered(scope)
+        headers = lowered(scope, self.attribution.single_headers)
         payload = parse_object(body)
         client = scope.get("client")
         resolved = self.attribution.resolve(payload, headers, client[0] if client else None)
@@ -417,21 +417,27 @@ def _plain(path: str) -> bool:
         and "\\" not in path
         and "./" not in path
         and " /" not in path
+        and "//" not in path
+        and "%" not in path
         and not path.endswith((".", " "))
     )
 
 
 def _normalized(path: str) -> str:
-    """The path as a lenient server may read it: in Unicode's compatibility form (fullwidth
-    letters as ASCII ones), case folded (U+017F, a long s, as `s`: .NET's case-insensitive
-    matching reads it so), backslashes as slashes, each segment without its `;` parameters and
-    trailing dots and spaces. A POST whose path is not metered as sent but is once so read is
-    refused (`/v1/Chat/Completions`, `/v1/chat/completions;x`), and so is one metered as
-    another kind (`/v1/chat;x/completions` is a completion as sent, a chat completion so read):
-    an upstream that read it so would serve a call nobody metered, or metered as what it is
-    not."""
-    folded = unicodedata.normalize("NFKC", path).casefold().replace("\\", "/")
-    return "/".join(segment.split(";", 1)[0].rstrip(". ") for segment in folded.split("/"))
+    """The path as a lenient server may read it: percent-decoded once more (the server decodes
+    what the sidecar decoded already: `%252F` is a slash there), in Unicode's compatibility
+    form (fullwidth letters as ASCII ones), case folded (U+017F, a long s, as `s`: .NET's
+    case-insensitive matching reads it so), backslashes as slashes, each segment without its
+    `;` parameters and trailing dots and spaces, and empty segments dropped (nginx merges
+    slashes). A POST whose path is not metered as sent but is once so read is refused
+    (`/v1/Chat/Completions`, `/v1/chat/completions;x`, `/v1/chat//completions`), and so is one
+    metered as another kind (`/v1/chat;x/completions` is a completion as sent, a chat
+    completion so read): an upstream that read it so would serve a call nobody metered, or
+    metered as what it is not."""
+    decoded = unquote(path) if "%" in path else path
+    folded = unicodedata.normalize("NFKC", decoded).casefold().replace("\\", "/")
+    segments = (segment.split(";", 1)[0].rstrip(". ") for segment in folded.split("/"))
+    return "/" + "/".join(segment for segment in segments if segment)
 
 
 def _dot_segments(path: str) -> bool:

@@ -122,8 +122,8 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
     """`/v1/Chat/Completions` is no metered path as sent, but an upstream that folds case (or
-    drops `;` parameters, reads a backslash as a slash, trims trailing dots) would serve a chat
-    completion: unmetered, past every limit."""
+    drops `;` parameters, reads a backslash as a slash, trims trailing dots, merges slashes,
+    decodes once more) would serve a chat completion: unmetered, past every limit."""
     env: Env = await make_env(
         **policy_file(tmp_path, '[[policy]]\nname = "one"\nrequests = ["1/minute"]\n')
     )
@@ -146,12 +146,19 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
             "/v1/MESSAGES",
             "/v1/chat/completion%C5%BF",  # U+017F, a long s: an S to .NET's ignore-case
             "/v1/chat/%EF%BD%83ompletions",  # U+FF43, a fullwidth c
+            "/v1/chat//completions",  # one slash to nginx (merge_slashes)
+            "/v1/chat/%2Fcompletions",
+            "/v1/chat%252Fcompletions",  # a slash to a server that decodes once more
+            "/v1%255Cchat%255Ccompletions",
         )
         await refused_as_not_normalized(conn, targets, headers, body)
         # A read in another case, a POST that is no metered path in any spelling, and a
         # deployment's name in capitals before a metered path as the API names it, go through.
         deployed = "/openai/deployments/GPT-4o/chat/completions"
         assert await answered(conn, "POST", deployed, azure, body) == 200
+        # A slash too many where the path is metered as sent is metered, as the same kind.
+        doubled = {**headers, "x-orq-identity-id": "doubler"}
+        assert await answered(conn, "POST", "//v1/chat/completions/", doubled, body) == 200
         assert await answered(conn, "GET", "/v1/Chat/Completions", {"content-length": "0"}) != 400
         assert await answered(conn, "POST", "/v1/files;x", headers, body) != 400
         # None of the refused counted: the one request a minute is still there.
@@ -161,10 +168,12 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
     paths = [r.path for r in env.mock.requests]
     assert paths == [
         "/openai/deployments/GPT-4o/chat/completions",
+        "//v1/chat/completions/",
         "/v1/Chat/Completions",
         "/v1/files;x",
         "/v1/chat/completions",
     ]
+    assert (await env.metrics("doubler"))["total_requests"] == 1
 
 
 def test_a_byte_that_is_not_ascii_goes_upstream_percent_encoded() -> None:
