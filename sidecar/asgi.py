@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from sidecar.errors import PayloadTooLarge, RequestTimeout, SidecarError
+from sidecar.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, SidecarError
 
 if TYPE_CHECKING:
     from litestar.types import HTTPScope, Receive, Send
@@ -108,9 +108,21 @@ def content_length(scope: HTTPScope) -> int | None:
     return None
 
 
-def lowered(scope: HTTPScope) -> dict[str, str]:
-    """The request's headers by lower-case name (the last of repeated ones)."""
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+def lowered(scope: HTTPScope, single: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The request's headers by lower-case name (the last of repeated ones). InvalidRequest
+    (400, `ambiguous_header`) when one named in `single` comes more than once with different
+    values: the sidecar would read one and a server after it perhaps the other."""
+    raw = scope["headers"]
+    if not isinstance(raw, list):  # uvicorn's is; ASGI asks for an iterable
+        raw = list(raw)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    if len(headers) < len(raw):  # a name repeated: rare
+        for name in single.intersection(headers):
+            wanted = name.encode("latin-1")
+            if len({value for key, value in raw if key.lower() == wanted}) > 1:
+                message = f"the {name} header is sent more than once, with different values"
+                raise InvalidRequest(message, param=name, code="ambiguous_header")
+    return headers
 
 
 async def read_body(scope: HTTPScope, receive: Receive, limit: int, deadline_s: float) -> bytes:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.asgi import TICK_S, body_deadlines, read_body
-from sidecar.errors import PayloadTooLarge, RequestTimeout
+from sidecar.asgi import TICK_S, body_deadlines, lowered, read_body
+from sidecar.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 SCOPE: Any = {"type": "http", "headers": [(b"content-length", b"5")]}
 
@@ -115,3 +115,22 @@ async def test_a_body_still_coming_is_read_under_its_deadline() -> None:
     nothing_yet.parts.append(b"hi")
     nothing_yet.message_event.set()
     assert await reading == b"hi"
+
+
+def test_a_header_named_single_is_refused_when_repeated_with_different_values() -> None:
+    scope: Any = {
+        "headers": [
+            (b"x-api-key", b"a"),
+            (b"accept", b"x"),
+            (b"accept", b"y"),
+            (b"X-Api-Key", b"a"),
+        ]
+    }
+    single = frozenset({"x-api-key"})
+    # Repeated alike, or repeated but not single-valued: the last of each.
+    assert lowered(scope, single) == {"x-api-key": "a", "accept": "y"}
+    scope["headers"].append((b"x-api-key", b"b"))
+    with pytest.raises(InvalidRequest) as refused:
+        lowered(scope, single)
+    assert (refused.value.code, refused.value.param) == ("ambiguous_header", "x-api-key")
+    assert lowered(scope) == {"x-api-key": "b", "accept": "y"}  # nothing named: the last

@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from sidecar import logs, money
 from sidecar.api.deps import AuthorizerDep, LimiterDep, SettlementDep
+from sidecar.asgi import lowered
 from sidecar.errors import InvalidRequest
 from sidecar.identity import model
 from sidecar.identity.model import InvalidField
@@ -118,7 +119,7 @@ def _cost(value: float | str | None) -> int | None:
 
 
 async def _authorize(request: Request[Any, Any, Any], authorizer: AuthorizerDep) -> Response[Any]:
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = lowered(request.scope, authorizer.attribution.single_headers)
     peer = request.client.host if request.client is not None else None
     decided = await authorizer.decide(await request.body(), headers, peer)
     out = {k.decode("latin-1"): v.decode("latin-1") for k, v in decided.headers}

@@ -43,6 +43,20 @@ class MissingIdentity(Exception):
     """No identity on a request, and `identity.required` is set."""
 
 
+# The headers an API key travels in besides `Authorization: Bearer` (see api_key), and all of
+# them: a request that repeats one with different values is refused (asgi.lowered).
+_KEY_HEADERS = ("x-api-key", "api-key")
+KEY_HEADERS = frozenset({"authorization", *_KEY_HEADERS})
+
+
+class AmbiguousKey(Exception):
+    """A request carries two different API keys (a 400); `param` names the second's header."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(param)
+        self.param = param
+
+
 class ClaimRefused(Exception):
     """A caller claimed an identity it may not claim (a 403); `param` names the claim."""
 
@@ -170,11 +184,21 @@ def _parsed(raw: dict[str, Any], param: str) -> Resolved:
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
+    """The API key a request carries: OpenAI's bearer token, Anthropic's `x-api-key` or Azure
+    OpenAI's `api-key`. AmbiguousKey when two of them hold different keys: the upstream bills
+    the one it reads, in an order of its own, so the request could be billed to one key and
+    attributed (and limited) as the other's."""
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("x-api-key") or None
+    key = token.strip() if scheme.lower() == "bearer" else ""
+    for name in _KEY_HEADERS:
+        other = headers.get(name)
+        if other:
+            if not key:
+                key = other
+            elif other != key:
+                raise AmbiguousKey(name)
+    return key or None
 
 
 def key_digest(key: str) -> str:

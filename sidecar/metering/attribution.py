@@ -9,6 +9,8 @@ from sidecar.identity.aliases import Aliases
 from sidecar.identity.caller import Networks
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import (
+    KEY_HEADERS,
+    AmbiguousKey,
     Caller,
     ClaimRefused,
     MissingIdentity,
@@ -47,6 +49,8 @@ class Attribution:
         # looked for only when it is used, as every limited request is reserved.
         self.find_opaque = find_opaque
         self.header = config.header
+        # Named once per request at most: the key's and the identity header (asgi.lowered).
+        self.single_headers = KEY_HEADERS | {config.header.lower()}
         self.networks = Networks(config.trusted_networks)
         self.trust = Trust(config.trust_mode, bool(self.networks))
         self.live = live
@@ -85,6 +89,13 @@ class Attribution:
                 "the sidecar's [identity] trust settings",
                 param=exc.param,
                 code="identity_not_allowed",
+            ) from None
+        except AmbiguousKey as exc:
+            raise InvalidRequest(
+                f"this request carries two different API keys ({exc.param} and another "
+                "header): send one",
+                param=exc.param,
+                code="ambiguous_api_key",
             ) from None
         except MissingIdentity:
             raise Unauthorized(

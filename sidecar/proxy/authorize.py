@@ -35,10 +35,10 @@ class RawAuthorize:
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
-        headers = lowered(scope)
         client = scope.get("client")
         peer = client[0] if client else None
         try:
+            headers = lowered(scope, self.authorizer.attribution.single_headers)
             if not await self.signins.verify(
                 headers.get("x-sidecar-token"),
                 self.expected,

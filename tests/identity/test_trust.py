@@ -219,3 +219,55 @@ async def test_creation_cap_without_a_key_counts_per_client_address(
     assert len(listed_ids) == 10
     keys = await env.redis.keys("sidecar:id:*")
     assert len(keys) == 10  # refused candidates left no record behind
+
+
+def ambiguous(r: httpx.Response, code: str, param: str) -> None:
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
+
+
+async def test_a_request_with_two_different_api_keys_is_refused_not_attributed_to_either(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """An Anthropic upstream bills `x-api-key`, an OpenAI one the bearer token, Azure
+    `api-key`, and a server given a header twice reads the first or the last: a request whose
+    key the sidecar read otherwise would be limited as an unlisted key's (anonymous) and billed
+    to the listed one."""
+    env: Env = await make_env(
+        identity={"trust": "keys"},
+        api_keys=listed(),
+        **policies(tmp_path, '[[policy]]\nname = "p"\nrequests = ["1/minute"]\n'),
+    )
+    messages = {"model": "claude-3-5-haiku-latest", "max_tokens": 8, "messages": BODY["messages"]}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        first = await client.post("/v1/messages", json=messages, headers={"x-api-key": KEY})
+        assert first.status_code == 200, first.text  # the owner's one request a minute
+        walk = {"authorization": f"Bearer {OTHER_KEY}", "x-api-key": KEY}
+        r = await client.post("/v1/messages", json=messages, headers=walk)
+        ambiguous(r, "ambiguous_api_key", "x-api-key")
+        r = await client.post(
+            "/v1/messages", json=messages, headers={"api-key": OTHER_KEY, "x-api-key": KEY}
+        )
+        ambiguous(r, "ambiguous_api_key", "api-key")
+        twice = [("x-api-key", KEY), ("x-api-key", OTHER_KEY)]
+        ambiguous(
+            await client.post("/v1/messages", json=messages, headers=twice),
+            "ambiguous_header",
+            "x-api-key",
+        )
+        claims = [(HEADER, "tenant"), (HEADER, "someone-else"), ("x-api-key", KEY)]
+        r = await client.post("/v1/chat/completions", json=BODY, headers=claims)
+        ambiguous(r, "ambiguous_header", HEADER.lower())
+        # The same key twice, or in Azure's header alone, is the owner's: its minute is used.
+        same = {"authorization": f"Bearer {KEY}", "x-api-key": KEY}
+        for headers in (same, {"api-key": KEY}, [("x-api-key", KEY), ("x-api-key", KEY)]):
+            r = await client.post("/v1/messages", json=messages, headers=headers)
+            assert r.status_code == 429, r.text
+        token = env.api.headers["authorization"].split(" ", 1)[1]
+        hook = await client.post(
+            "/hooks/authorize", json=BODY, headers={"x-sidecar-token": token, **walk}
+        )
+        ambiguous(hook, "ambiguous_api_key", "x-api-key")
+    assert len(env.mock.requests) == 1
+    assert (await env.metrics("tenant"))["total_requests"] == 1
