@@ -1,5 +1,6 @@
 """A metered request's body: a JSON object whatever its Content-Type says, nested at most
-MAX_DEPTH levels. Anything else is a 400 (never a 500, never forwarded unmetered)."""
+MAX_DEPTH levels, naming what the sidecar reads as the API spells it. Anything else is a 400
+(never a 500, never forwarded unmetered)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,34 @@ from sidecar.errors import InvalidRequest
 MAX_DEPTH = 64
 _decode = msgspec.json.Decoder().decode
 _NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+# The top-level names of a metered body the sidecar reads to attribute, price, reserve or count
+# it. A server that matches names regardless of case (Go's encoding/json, .NET's Newtonsoft)
+# reads `MAX_TOKENS` (or `stream` with U+017F for its s, `max_tokens` with a Kelvin sign for its
+# k) as one of them, where the sidecar reads nothing or the lower-case twin: a reservation, a
+# price or an output cap the upstream does not keep to.
+READ_NAMES = frozenset(
+    {
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "identity",
+        "orq",
+        "contact",
+        "user",
+        "metadata",
+        "prompt",
+        "tools",
+        "web_search_options",
+        "previous_response_id",
+        "conversation",
+        "mcp_servers",
+    }
+)
 
 
 def _shallow(body: bytes) -> bool:
@@ -60,6 +89,14 @@ def parse_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     if not _shallow(body) and _deeper(value):
         raise _too_deep()
+    for name in value:
+        if not (name.isascii() and name.islower()) and name.casefold() in READ_NAMES:
+            folded = name.casefold()
+            message = (
+                f"the body names {name!r}, which a server matching names regardless of case "
+                f"reads as {folded!r}: send it as {folded!r}"
+            )
+            raise InvalidRequest(message, param=name, code="field_not_normalized")
     return value
 
 

@@ -378,3 +378,33 @@ async def test_a_known_identitys_changed_profile_is_written_once_its_answer_is_o
             record = (await env.api.get("/v2/identities/ann")).json()
             assert record["display_name"] == name
     assert (await env.metrics("ann"))["total_requests"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"MAX_TOKENS": 100_000},  # Go's encoding/json reads it as max_tokens
+        {"max_completion_tokens": 1, "Max_Completion_Tokens": 100_000},
+        {"Model": "o1-pro"},
+        {"\u017ftream": True},  # U+017F, a long s, folds to an s
+        {"N": 128},
+    ],
+)
+async def test_a_body_naming_what_the_sidecar_reads_in_another_case_is_400(
+    env: Env, redis: Redis, extra: dict[str, Any]
+) -> None:
+    """An upstream that matches names regardless of case would keep to an output cap, a
+    model or a number of choices the sidecar did not reserve or price."""
+    async with client(env) as oai:
+        with pytest.raises(openai.BadRequestError) as info:
+            await oai.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,
+                extra_body={**extra, "identity": {"id": "folder"}},
+            )
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"]) == ("field_not_normalized", list(extra)[-1])
+    assert len(env.mock.requests) == 0
+    await env.settle()
+    assert await redis.dbsize() == 0

@@ -1,0 +1,32 @@
+"""A metered body as the sidecar takes it: a JSON object, not too deep, naming what the sidecar
+reads as the API spells it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.errors import InvalidRequest
+from sidecar.jsonbody import MAX_DEPTH, READ_NAMES, parse_object
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"not json", "invalid_json"),
+        (b"[1, 2]", "invalid_json"),
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "invalid_json"),
+        (b'{"a": ' + b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1) + b"}", "json_too_deep"),
+        (b'{"model": "m", "MAX_TOKENS": 9}', "field_not_normalized"),
+        ('{"max_to\u212aens": 9}'.encode(), "field_not_normalized"),  # a Kelvin sign
+    ],
+)
+def test_what_is_refused(body: bytes, code: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        parse_object(body)
+    assert refused.value.code == code
+
+
+def test_names_the_sidecar_does_not_read_may_take_any_case() -> None:
+    body = b'{"model": "m", "dataSources": [], "Temperature": 1, "\xc3\xa9t\xc3\xa9": 1}'
+    assert parse_object(body) == {"model": "m", "dataSources": [], "Temperature": 1, "été": 1}
+    assert all(name.isascii() and name.islower() for name in READ_NAMES)
