@@ -143,7 +143,8 @@ class InlineProxy:
             if respelled and (not metered or respelled_kind is not kind):
                 message = (
                     f"POST {path} is a metered path spelled otherwise (its case, a ';' parameter, "
-                    "a backslash, a trailing dot or space): send it as the API names it"
+                    "a backslash, a trailing dot or space, a slash too many, an escape): send it "
+                    "as the API names it"
                 )
                 await send_error(send, InvalidRequest(message, code="path_not_normalized"))
                 return
