@@ -37,7 +37,6 @@ from sidecar.store.deadline import StoreDeadline
 from sidecar.store.errors import call, translated
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
-from sidecar.store.poll import Poller
 from sidecar.store.scripts import Coalescer, Script, pipeline
 
 __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyUsage", "Subject"]
@@ -83,11 +82,8 @@ class Limiter:
         # On a single server admissions and settlements share one pipelined connection (in
         # that order at Redis); elsewhere many share a round trip under load (a Coalescer).
         self.line = HotLine.for_client(client)
-        # A request waits for its admission, and for its settlement unless covered (see
-        # Settlement.settle): the loop polls for their replies (store.poll).
-        self.poller = Poller()
-        self._calls = Coalescer(client, self._admit, self.line, self.poller)
-        self._settles = Coalescer(client, self._settle, self.line, self.poller)
+        self._calls = Coalescer(client, self._admit, self.line)
+        self._settles = Coalescer(client, self._settle, self.line)
         self._records = Coalescer(client, self._record_script, self.line)
         self._pinging: asyncio.Future[None] | None = None
         # Quota held ahead (`[limits] prefetch`, see allowances.py): on one server only.
@@ -337,8 +333,6 @@ class Limiter:
         # Written on the line and its reply's future shielded (no task): when the deadline gives
         # up on it, Redis may still run it, and its late answer is dealt with (`_late`).
         sent = self._calls.write(pack.keys, pack.args)
-        if sent is not None:
-            self.poller.watch(sent)
         try:
             if sent is not None:
                 reply = await self._calls.reply(sent, pack.keys, pack.args, shielded=True)

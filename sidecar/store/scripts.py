@@ -15,7 +15,6 @@ from redis.exceptions import NoScriptError, ResponseError
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import translated, unavailable
 from sidecar.store.hotline import HotLine
-from sidecar.store.poll import Poller
 
 
 @functools.cache
@@ -119,20 +118,11 @@ class Coalescer:
     then go out together, as one pipeline. Under load many limit checks share a round trip (and
     its system calls and connection checkout); a lone call pays nothing for it."""
 
-    def __init__(
-        self,
-        client: RedisClient,
-        script: Script,
-        line: HotLine | None = None,
-        poller: Poller | None = None,
-    ) -> None:
-        """`line`: when given, calls go out on it, each at once (it pipelines by itself).
-        `poller`: keeps the event loop polling while the reply of a call made and waited for
-        (`written`) is pending."""
+    def __init__(self, client: RedisClient, script: Script, line: HotLine | None = None) -> None:
+        """`line`: when given, calls go out on it, each at once (it pipelines by itself)."""
         self.client = client
         self.script = script
         self.line = line
-        self.poller = poller
         self._busy = False
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,8 +149,6 @@ class Coalescer:
         future = self.write(keys, args)
         if future is None:
             future = await self._write_when_open(keys, args)
-        if self.poller is not None:
-            self.poller.watch(future)
         return await self.reply(future, keys, args)
 
     def write(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any] | None:

@@ -696,28 +696,3 @@ async def test_a_charge_beyond_an_allowance_retried_after_a_lost_reply_counts_on
     assert limiter.ahead == 1 and lost  # admitted ahead; its charge's first reply lost
     await env.settle()
     assert await bucket(redis, "t:3600") == USED + 33 * RESERVED + (100_000 + 10 - RESERVED)
-
-
-async def test_the_loop_polls_for_replies_a_request_waits_for_only(
-    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An admission at Redis is polled for (store.poll); one from allowances waits for
-    nothing, so nothing is polled for."""
-    hold(monkeypatch)
-    env = await make_env(**PREFETCH, **policy(tmp_path, 'requests = ["1000/minute"]\n'))
-    limiter = env.app.services.limiter
-    sent = checks(limiter, monkeypatch)
-    watched: list[asyncio.Future[Any]] = []
-    watch = limiter.poller.watch
-
-    def counted(future: asyncio.Future[Any]) -> None:
-        watched.append(future)
-        watch(future)
-
-    monkeypatch.setattr(limiter.poller, "watch", counted)
-    async with httpx.AsyncClient(base_url=env.url) as client:
-        for _ in range(10):
-            assert (await chat(client, "polled")).status_code == 200
-    assert len(sent) == 2  # the first alone, the second granted allowances for the rest
-    assert len(watched) == 2
-    assert limiter.ahead == 8
