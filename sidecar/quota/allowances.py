@@ -113,6 +113,12 @@ class Allowances:
         self.asked[identity_id] = now
         return last is not None and now - last < HOLD_S
 
+    def busy(self, identity_id: str, now: float) -> None:
+        """A request of `identity_id` was admitted from its allowances at `now` (this clock's):
+        when they run out or go back for their age, its next exchange asks for more (a lone
+        request's would not, and the one after would go to Redis too)."""
+        self.asked[identity_id] = now
+
     def find(self, identity_id: str, limit: Limit, now_ms: int, need: int) -> Allowance | None:
         """The allowance of `limit`'s current bucket for `identity_id`, when it can pay `need`."""
         allowance = self.by_limit.get((identity_id, id(limit)))

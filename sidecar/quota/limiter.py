@@ -392,9 +392,7 @@ class Limiter:
         rows = []
         lent = []
         now = ahead.clock()
-        # Busy: when its allowances run out or go back for their age, its next exchange asks
-        # for more (a lone request's would not, and the one after would go to Redis too).
-        ahead.asked[limited[0].identity_id] = now
+        ahead.busy(limited[0].identity_id, now)
         for allowance, need, subject, limit, elapsed, left in taken:
             allowance.touched = now
             used = allowance.current - allowance.left
