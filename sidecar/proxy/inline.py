@@ -495,9 +495,11 @@ async def _relay_json(
                 return None
             # Read with the usage of other requests (Settlement.answered), when small.
             return Unread(kind, body) if len(body) <= _UNREAD else extract_json(kind, body)
+        # The head goes out first: the client reads it while the usage is settled, and has
+        # the whole answer only once it is.
+        await send(start)
         usage = extract_json(kind, body) if upstream.status < 400 else None
         await settle(usage)
-        await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return usage
     await send(start)
