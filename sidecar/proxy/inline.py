@@ -324,8 +324,8 @@ class InlineProxy:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end
 
-                        async def settle(usage: Usage | None, meter: Meter = meter) -> None:
-                            await self.settlement.settle(meter, usage, header_cost)
+                        async def settle(usage: Usage | None, meter: Meter = meter) -> After:
+                            return await self.settlement.settle(meter, usage, header_cost)
 
                     relay = _relay_stream if sse else _relay_json
                     usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
@@ -364,7 +364,9 @@ class InlineProxy:
         # drop the connection, so the client sees the failure.
 
 
-Settle = Callable[[Usage | None], Awaitable[None]]
+# What is left of a settlement once the answer is out (Settlement.settle), or None.
+After = Callable[[], None] | None
+Settle = Callable[[Usage | None], Awaitable[After]]
 
 
 class _ThenHeaders(aiohttp.payload.BytesPayload):
@@ -469,9 +471,10 @@ async def _relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     last = stream.flush()
     usage = stream.finish()
-    if settle is not None:
-        await settle(usage)
+    after = await settle(usage) if settle is not None else None
     await send({"type": "http.response.body", "body": last, "more_body": False})
+    if after is not None:
+        after()
     return usage
 
 
@@ -499,8 +502,10 @@ async def _relay_json(
         # the whole answer only once it is.
         await send(start)
         usage = extract_json(kind, body) if upstream.status < 400 else None
-        await settle(usage)
+        after = await settle(usage)
         await send({"type": "http.response.body", "body": body, "more_body": False})
+        if after is not None:
+            after()
         return usage
     await send(start)
     chunks: list[bytes] = []
@@ -513,9 +518,10 @@ async def _relay_json(
     usage = None
     if size <= _JSON_CAP and upstream.status < 400:
         usage = extract_json(kind, b"".join(chunks))
-    if settle is not None:
-        await settle(usage)
+    after = await settle(usage) if settle is not None else None
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if after is not None:
+        after()
     return usage
 
 
