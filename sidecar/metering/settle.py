@@ -228,54 +228,35 @@ class Settlement:
         )
         self._via_owner(resolved, counters, owner_id, {}, at)
 
-    async def settle(
-        self, meter: Meter, usage: Usage | None, header_cost: str | None
-    ) -> Callable[[], None] | None:
+    async def settle(self, meter: Meter, usage: Usage | None, header_cost: str | None) -> None:
         """Before an inline response ends: when a token or cost limit applies, what the request
-        used replaces what it reserved, in the store, so that once the client has the answer
-        its next request (on any sidecar) counts it. Cheap requests (no such limit) do nothing
-        here. Returns what is left to do once the answer is out, or None: see `_covered`."""
+        used replaces what it reserved, in the store, so the client's next request (on any
+        sidecar) sees it. Cheap requests (no such limit) do nothing here."""
         decision = meter.decision
         if decision is None or not meter.charged or meter.settled:
-            return None
+            return
         cost = self._cost(meter, usage, header_cost)
         tokens, nanos = meter.charges(usage, cost.nanos if cost is not None else None)
         limiter = self.quota.limiter
         meter.settled = True
         if decision.lent:
             await self._settle_lent(meter, tokens, nanos)
-            return None
+            return
         if self._covered(meter, tokens, nanos):
             # What it reserved, already counted, is at least what it used: the settlement
-            # only gives some of it back, and need not hold the answer up. It is written once
-            # the answer is out, still ahead of any later admission of this process (the
-            # line keeps their order), and its reply not waited for: a write that wakes an
-            # idle Redis costs its writer 0.1 ms on the VMs measured (docs/benchmarks.md).
-            return partial(self._settle_covered, meter, tokens, nanos)
+            # is written now (ahead of any later admission of this process) and its reply
+            # not waited for; a failure is retried as below.
+            written = limiter.settle_written(decision.subjects, meter.request_id, tokens, nanos)
+            if written is not None:
+                self.background.spawn(self._confirm(meter, written, tokens, nanos))
+                await limiter.written()  # on its way to Redis before the response ends
+                return
         try:
             async with limiter.deadline():
                 await limiter.settle(decision.subjects, meter.request_id, tokens, nanos)
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("limits of %s not charged now (%s); retrying", meter.named, exc)
             self.background.spawn(self._settle_later(meter, tokens, nanos, tried=True))
-        return None
-
-    def _settle_covered(self, meter: Meter, tokens: int, nanos: int) -> None:
-        """A covered request's settlement (see `settle`), once its answer is out; a failure
-        is retried in the background, as one not covered."""
-        decision = meter.decision
-        assert decision is not None
-        limiter = self.quota.limiter
-        try:
-            written = limiter.settle_written(decision.subjects, meter.request_id, tokens, nanos)
-        except StoreUnavailable as exc:  # the write failed: Redis may have it, or not
-            log.warning("limits of %s not settled now (%s); retrying", meter.named, exc)
-            self.background.spawn(self._settle_later(meter, tokens, nanos, tried=True))
-            return
-        if written is None:  # the line is not open
-            self.background.spawn(self._settle_later(meter, tokens, nanos))
-        else:
-            self.background.spawn(self._confirm(meter, written, tokens, nanos))
 
     def _covered(self, meter: Meter, tokens: int, nanos: int) -> bool:
         """Its reservation covers the actual, and is still held (well within its lease)."""

@@ -324,8 +324,8 @@ class InlineProxy:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end
 
-                        async def settle(usage: Usage | None, meter: Meter = meter) -> After:
-                            return await self.settlement.settle(meter, usage, header_cost)
+                        async def settle(usage: Usage | None, meter: Meter = meter) -> None:
+                            await self.settlement.settle(meter, usage, header_cost)
 
                     relay = _relay_stream if sse else _relay_json
                     usage = await relay(upstream, send, out_headers, kind, meter.strip, settle)
@@ -364,9 +364,7 @@ class InlineProxy:
         # drop the connection, so the client sees the failure.
 
 
-# What is left of a settlement once the answer is out (Settlement.settle), or None.
-After = Callable[[], None] | None
-Settle = Callable[[Usage | None], Awaitable[After]]
+Settle = Callable[[Usage | None], Awaitable[None]]
 
 
 class _ThenHeaders(aiohttp.payload.BytesPayload):
@@ -471,10 +469,9 @@ async def _relay_stream(
             await send({"type": "http.response.body", "body": out, "more_body": True})
     last = stream.flush()
     usage = stream.finish()
-    after = await settle(usage) if settle is not None else None
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": last, "more_body": False})
-    if after is not None:
-        after()
     return usage
 
 
@@ -502,10 +499,8 @@ async def _relay_json(
         # the whole answer only once it is.
         await send(start)
         usage = extract_json(kind, body) if upstream.status < 400 else None
-        after = await settle(usage)
+        await settle(usage)
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        if after is not None:
-            after()
         return usage
     await send(start)
     chunks: list[bytes] = []
@@ -518,10 +513,9 @@ async def _relay_json(
     usage = None
     if size <= _JSON_CAP and upstream.status < 400:
         usage = extract_json(kind, b"".join(chunks))
-    after = await settle(usage) if settle is not None else None
+    if settle is not None:
+        await settle(usage)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-    if after is not None:
-        after()
     return usage
 
 
