@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from sidecar.identity.resolve import Resolved, Source
+from sidecar.proxy.inline import InlineProxy
 from sidecar.quota.decision import Reserve, Subject
 from tests.support.clock import FakeClock
 from tests.support.env import Env, MakeEnv
@@ -332,3 +333,57 @@ async def test_a_reservation_field_that_is_not_a_whole_number_is_refused(
         )
     assert ok.status_code == 200, ok.text
     assert ok.headers["x-ratelimit-remaining-requests"] == "9"  # the refused one counted nothing
+
+
+async def test_a_limited_answers_head_goes_out_before_its_settlement_and_its_body_after(
+    make_env: MakeEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settlement comes between the head (which the client reads meanwhile) and the body:
+    the client has the whole answer only once its usage counts, whether it used less than it
+    reserved (the rest given back) or more (charged). Either way the count is the actual."""
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["100000/minute"]\n'))
+    events: list[str] = []
+    limiter = env.app.services.limiter
+    written, settled = limiter.settle_written, limiter.settle
+
+    def settle_written(*args: Any, **kwargs: Any) -> Any:
+        events.append("given back")
+        return written(*args, **kwargs)
+
+    async def settle(*args: Any, **kwargs: Any) -> None:
+        events.append("charged")
+        await settled(*args, **kwargs)
+
+    monkeypatch.setattr(limiter, "settle_written", settle_written)
+    monkeypatch.setattr(limiter, "settle", settle)
+    answer = InlineProxy.__call__
+
+    async def traced(self: InlineProxy, scope: Any, receive: Any, send: Any) -> None:
+        async def noted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                events.append("head")
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                events.append("answered")
+            await send(message)
+
+        await answer(self, scope, receive, noted)
+
+    monkeypatch.setattr(InlineProxy, "__call__", traced)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 30}
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for who, usage, order in (
+            ("under", tokens(20, 30), ["head", "given back", "answered"]),
+            ("over", tokens(5000, 30), ["head", "charged", "answered"]),  # above the estimate
+        ):
+            events.clear()
+            r = await client.post(
+                "/v1/chat/completions", json=body, headers={"X-ORQ-IDENTITY-ID": who, **usage}
+            )
+            assert r.status_code == 200, r.text
+            assert events == order
+    for who, actual in (("under", 50), ("over", 5030)):
+        for _ in range(30):
+            if await used(env, who) == actual:
+                break
+            await asyncio.sleep(0.01)
+        assert await used(env, who) == actual
