@@ -7,6 +7,7 @@ import pytest
 
 from sidecar.errors import InvalidRequest
 from sidecar.jsonbody import MAX_DEPTH, READ_NAMES, parse_object
+from sidecar.usage import estimate
 
 
 @pytest.mark.parametrize(
@@ -30,3 +31,11 @@ def test_names_the_sidecar_does_not_read_may_take_any_case() -> None:
     body = b'{"model": "m", "dataSources": [], "Temperature": 1, "\xc3\xa9t\xc3\xa9": 1}'
     assert parse_object(body) == {"model": "m", "dataSources": [], "Temperature": 1, "été": 1}
     assert all(name.isascii() and name.islower() for name in READ_NAMES)
+
+
+def test_every_field_the_reservation_reads_is_one_whose_case_is_checked() -> None:
+    """READ_NAMES is written out by hand beside the modules that read the fields: the
+    estimate's output caps and choices, the output cap the sidecar adds, and the usage option a
+    stream is given must stay in it, or a respelled one passes unreserved."""
+    read = {*estimate._ANY_CAPS, *estimate._ANY_CHOICES, *estimate.OUTPUT_CAP.values()}
+    assert read | {"stream", "stream_options", "model"} <= READ_NAMES
