@@ -31,6 +31,7 @@ _UNLIMITED = Policy("", Match(), (), None, "")
 # request per identity is in flight at a time.
 OPAQUE = Policy("opaque_input", Match(), (), 1, "[limits] opaque_input")
 OPAQUE_SUFFIX = ":opaque"  # its subject's id: the identity's _id and this
+CHOSEN_MAX = 65_536  # identities whose policy choice is kept (Quota._chosen_by_id)
 
 
 class RateLimitBody(msgspec.Struct):
@@ -132,6 +133,12 @@ class Quota:
         self.budgets = budgets
         self._reserving_for: object = None
         self._reserving = False
+        # external id -> its policy, while no policy matches on tags or metadata (the choice
+        # then depends on the id alone), for the policies `_chosen_from` names (a reload
+        # starts it again): on every limited request's path, where matching id globs costs
+        # several times the rest of the choice.
+        self._chosen: dict[str, Policy | None] = {}
+        self._chosen_from: object = None
 
     @property
     def active(self) -> bool:
@@ -157,6 +164,8 @@ class Quota:
         policies = live.policies
         if not policies:
             return None
+        if not (live.match_tags or live.match_keys):
+            return self._chosen_by_id(policies, resolved.external_id)
         # What no policy matches on is not needed: with none matching on tags or metadata (ids
         # and catch-alls only), the profile is never read, from the body or from the store.
         tags: list[str] | None = None if live.match_tags else []
@@ -174,6 +183,18 @@ class Quota:
             tags = cached[0] if tags is None else tags
             metadata = cached[1] if metadata is None else metadata
         return choose(policies, resolved.external_id, tags, metadata)
+
+    def _chosen_by_id(self, policies: tuple[Policy, ...], external_id: str) -> Policy | None:
+        """The policy of an identity when no policy matches on tags or metadata: the
+        profile is never read, from the body or from the store."""
+        chosen = self._chosen
+        if self._chosen_from is not policies or len(chosen) >= CHOSEN_MAX:
+            chosen.clear()
+            self._chosen_from = policies
+        policy = chosen.get(external_id, MISSING)
+        if isinstance(policy, _Missing):
+            policy = chosen[external_id] = choose(policies, external_id, [], {})
+        return policy
 
     async def policy_for(self, identity_id: str, resolved: Resolved) -> Policy | None:
         """The first policy matching the identity as stored, with what this request's body
