@@ -77,6 +77,7 @@ class AlertSender:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT_S),
             headers={"user-agent": f"llm-identity-sidecar/{__version__}"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # each delivery stands alone
         )
 
     async def close(self) -> None:

@@ -28,6 +28,10 @@ class Upstream:
             ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            # One client forwards for every caller: a cookie the upstream sets (a CDN's, a
+            # gateway's session) is its caller's, relayed to it, and never kept here to go out
+            # with anyone's next request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
