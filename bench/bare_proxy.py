@@ -106,6 +106,7 @@ class BareProxy:
                     ),
                     auto_decompress=False,
                     skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+                    cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no one's cookies
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
