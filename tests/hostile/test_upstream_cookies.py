@@ -7,15 +7,13 @@ named by host; not from an IP address, which is why the test names its upstream 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
-from sidecar.testing.rawhttp import read_message
 from tests.support.env import MakeEnv
 from tests.support.rawupstream import RawUpstream, response
 
@@ -39,31 +37,20 @@ class CookieUpstream(RawUpstream):
         super().__init__()
         self.cookies: list[bytes | None] = []
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head, _ = await read_message(reader)
-            headers = {}
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-            cookie, who = headers.get(b"cookie"), headers.get(b"x-orq-identity-id", b"?")
-            self.cookies.append(cookie)
-            writer.write(
-                response(
-                    200,
-                    b"application/json",
-                    ANSWER,
-                    b"set-cookie: __cf_bm=" + who + b"; Path=/; HttpOnly",
-                    b"set-cookie: session=" + who + b"-secret; Path=/",
-                )
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    def answer_to(self, head: bytes, body: dict[str, Any]) -> bytes:
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        self.cookies.append(headers.get(b"cookie"))
+        who = headers.get(b"x-orq-identity-id", b"?")
+        return response(
+            200,
+            b"application/json",
+            ANSWER,
+            b"set-cookie: __cf_bm=" + who + b"; Path=/; HttpOnly",
+            b"set-cookie: session=" + who + b"-secret; Path=/",
+        )
 
 
 @pytest.fixture

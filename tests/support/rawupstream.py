@@ -24,16 +24,21 @@ class RawUpstream:
     def answer(self, body: dict[str, Any]) -> bytes:
         raise NotImplementedError
 
+    def answer_to(self, head: bytes, body: dict[str, Any]) -> bytes:
+        """The answer to a request with this head (request line and headers, as sent) and
+        JSON body: `answer`'s, unless a test needs the head."""
+        return self.answer(body)
+
     async def start(self) -> None:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            _, raw = await read_message(reader)
+            head, raw = await read_message(reader)
             body = msgspec.json.decode(raw) if raw else {}
             self.requests += 1
-            writer.write(self.answer(body))
+            writer.write(self.answer_to(head, body))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
