@@ -74,6 +74,7 @@ _REQUEST_SKIP = frozenset(
 )
 # Replaced by the sidecar's own when it traces the request (its span is the parent upstream).
 _TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
+_RATE = b"x-ratelimit-"  # an upstream's, replaced by a limited identity's own
 _JSON_CAP = 64 * 1024 * 1024  # a JSON response is kept for usage extraction up to this size
 _WHOLE = 1024 * 1024  # a response up to this size with a known length is read, then sent whole
 _UNREAD = 64 * 1024  # an answer up to this size may wait to be read (Unread) with others
@@ -319,7 +320,13 @@ class InlineProxy:
                     usage = await _unrelayed_usage(upstream, kind, sse)
                     return
                 if meter is not None and meter.decision is not None:
-                    out_headers += headers_of(meter.decision)
+                    ours = headers_of(meter.decision)
+                    if ours:
+                        # A limited identity's x-ratelimit-* headers are its limits': the
+                        # upstream's (an OpenAI organisation's) would come twice under one
+                        # name, with another meaning.
+                        out_headers = [h for h in out_headers if not h[0].startswith(_RATE)]
+                        out_headers += ours
                 if meter and kind is not None:
                     settle: Settle | None = None
                     if meter.charged:  # its token and cost limits are charged before its end

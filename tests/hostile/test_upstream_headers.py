@@ -1,11 +1,13 @@
 """An upstream answer whose head the sidecar cannot relay (a control character in a header value,
 a header name that is not a token, a line that is not HTTP) is a 502 with the JSON error shape,
 streaming or not, never a 500 or a cut connection; what the upstream produced is still counted.
-A header value with bytes beyond ASCII (UTF-8 or not) is relayed byte for byte."""
+A header value with bytes beyond ASCII (UTF-8 or not) is relayed byte for byte. A limited
+identity's `x-ratelimit-*` headers are its own, the upstream's of that kind dropped."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 
 from sidecar.proxy import _headers
 from tests.support.env import Env, MakeEnv
+from tests.support.limits import policy_file
 from tests.support.rawupstream import RawUpstream, response
 
 CHAT = "/v1/chat/completions"
@@ -199,3 +202,25 @@ async def test_the_answer_carries_one_date_and_one_server_header(
     assert len(r.headers.get_list("date")) == 1
     assert "2024" not in r.headers["date"]
     assert len(r.headers.get_list("server")) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_limited_identitys_rate_headers_are_its_own_and_an_unlimited_ones_the_upstreams(
+    make_env: MakeEnv, raw_upstream: HeaderUpstream, tmp_path: Path, stream: bool
+) -> None:
+    # An OpenAI organisation's headers, as its answers carry them.
+    raw_upstream.header = (
+        b"x-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-requests: 9999\r\n"
+        b"x-ratelimit-limit-tokens: 2000000"
+    )
+    text = '[[policy]]\nname = "p"\nmatch = { ids = ["limited-*"] }\nrequests = ["5/minute"]\n'
+    env = await make_env(upstream_url=raw_upstream.url, **policy_file(tmp_path, text))
+    r = await ask(env, "limited-1", stream)
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-ratelimit-limit-requests") == ["5"]
+    assert r.headers.get_list("x-ratelimit-remaining-requests") == ["4"]
+    assert "x-ratelimit-limit-tokens" not in r.headers  # the organisation's, not this identity's
+    r = await ask(env, "free-1", stream)
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("x-ratelimit-limit-requests") == ["10000"]
+    assert r.headers.get_list("x-ratelimit-limit-tokens") == ["2000000"]
