@@ -134,11 +134,11 @@ class Quota:
         self._reserving_for: object = None
         self._reserving = False
         # external id -> its policy, while no policy matches on tags or metadata (the choice
-        # then depends on the id alone), for the policies `_chosen_from` names (a reload
-        # starts it again): on every limited request's path, where matching id globs costs
-        # several times the rest of the choice.
+        # then depends on the id alone), kept for the policies of `_chosen_at` (a reload starts
+        # it again, as PolicyProfiles does): on every limited request's path, where matching id
+        # globs costs several times the rest of the choice.
         self._chosen: dict[str, Policy | None] = {}
-        self._chosen_from: object = None
+        self._chosen_at = live.generation
 
     @property
     def active(self) -> bool:
@@ -164,10 +164,10 @@ class Quota:
         policies = live.policies
         if not policies:
             return None
-        if not (live.match_tags or live.match_keys):
-            return self._chosen_by_id(policies, resolved.external_id)
         # What no policy matches on is not needed: with none matching on tags or metadata (ids
         # and catch-alls only), the profile is never read, from the body or from the store.
+        if not (live.match_tags or live.match_keys):
+            return self._chosen_by_id(policies, resolved.external_id)
         tags: list[str] | None = None if live.match_tags else []
         metadata: dict[str, Any] | None = None if live.match_keys else {}
         given = resolved.profile
@@ -185,12 +185,11 @@ class Quota:
         return choose(policies, resolved.external_id, tags, metadata)
 
     def _chosen_by_id(self, policies: tuple[Policy, ...], external_id: str) -> Policy | None:
-        """The policy of an identity when no policy matches on tags or metadata: the
-        profile is never read, from the body or from the store."""
+        """The policy of an identity when no policy matches on tags or metadata."""
         chosen = self._chosen
-        if self._chosen_from is not policies or len(chosen) >= CHOSEN_MAX:
+        if self._chosen_at != self.live.generation or len(chosen) >= CHOSEN_MAX:
             chosen.clear()
-            self._chosen_from = policies
+            self._chosen_at = self.live.generation
         policy = chosen.get(external_id, MISSING)
         if isinstance(policy, _Missing):
             policy = chosen[external_id] = choose(policies, external_id, [], {})
