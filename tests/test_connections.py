@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sidecar.app import create_app
-from sidecar.connections import MAX_HEADER_BYTES
+from sidecar.connections import MAX_HEADER_BYTES, HeadWithBody
 from sidecar.mock import start_mock
 from sidecar.settings import parse
 from sidecar.testing.redis_server import RedisServer
@@ -294,3 +294,95 @@ async def test_at_the_cap_with_none_idle_new_connections_are_closed(
     later = await connect(url)
     await later.send(HEALTHZ)
     assert (await later.response())[0] == 200
+
+
+class Recorded(asyncio.Transport):
+    """A transport that keeps what was written, one entry per system call it would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.calls.append(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.calls.append(b"".join(list_of_data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_responses_head_goes_out_with_its_body_in_one_write() -> None:
+    sent = Recorded()
+    transport = HeadWithBody(sent, asyncio.get_running_loop())
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert sent.calls == []
+    transport.write(b"{}")
+    assert sent.calls == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    transport.write(b"more")  # later writes go as they come
+    assert sent.calls[1:] == [b"more"]
+    await asyncio.sleep(0)  # the flush at the end of the turn finds nothing left to write
+    assert len(sent.calls) == 2
+
+
+async def test_a_head_without_its_body_goes_out_at_the_end_of_the_event_loops_turn() -> None:
+    sent = Recorded()
+    transport = HeadWithBody(sent, asyncio.get_running_loop())
+    transport.write(b"HEAD")
+    await asyncio.sleep(0)
+    assert sent.calls == [b"HEAD"]
+    transport.write(b"event 1")
+    assert sent.calls == [b"HEAD", b"event 1"]
+    # Closed with its head held: the head is written first.
+    sent = Recorded()
+    transport = HeadWithBody(sent, asyncio.get_running_loop())
+    transport.write(b"HEAD")
+    transport.close()
+    assert sent.calls == [b"HEAD"]
+    assert sent.closed
+    await asyncio.sleep(0)
+    assert sent.calls == [b"HEAD"]
+
+
+@pytest.mark.slow
+async def test_a_streams_head_does_not_wait_for_its_first_event(
+    start: Start, connect: Open
+) -> None:
+    url = await start()
+    conn = await connect(url)
+    body = json.loads(CHAT) | {"stream": True}
+    payload = json.dumps(body).encode()
+    await conn.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: sidecar\r\n"
+        b"content-type: application/json\r\nx-mock-chunks: 3\r\n"
+        b"x-mock-chunk-delay-ms: 1500\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    sent = time.monotonic()
+    async with asyncio.timeout(10):
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"text/event-stream" in head
+    assert time.monotonic() - sent < 1.0  # the first event comes 1.5 s after the head
+    async with asyncio.timeout(20):
+        rest = await conn.reader.readuntil(b"0\r\n\r\n")
+    assert b"[DONE]" in rest
+
+
+async def test_head_requests_and_a_request_after_them_are_answered_in_order(
+    start: Start, connect: Open
+) -> None:
+    url = await start()
+    conn = await connect(url)
+    head_request = b"HEAD /healthz HTTP/1.1\r\nhost: sidecar\r\n\r\n"
+    await conn.send(head_request + HEALTHZ)
+    async with asyncio.timeout(10):
+        first = await conn.reader.readuntil(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 ")  # the HEAD answer's head, no body after it
+    status, _, body = await conn.response()
+    assert status == 200
+    assert json.loads(body)
