@@ -13,6 +13,8 @@ away. So the HTTP protocol (httptools, as `serve` runs it) is subclassed here:
   closed. Headers larger than MAX_HEADER_BYTES are answered 431.
 - At most `max_connections` are open. Beyond that the connection idle the longest (kept alive,
   between requests) is closed to make room; when none is idle the new one is closed at once.
+
+And a response's head is written with its first body bytes, in one system call (HeadWithBody).
 """
 
 from __future__ import annotations
