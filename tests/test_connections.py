@@ -21,6 +21,7 @@ from sidecar.settings import parse
 from sidecar.testing.redis_server import RedisServer
 from sidecar.testing.serving import serve
 from tests.support.auth import ADMIN_TOKEN
+from tests.support.rawupstream import RawUpstream
 
 DEADLINE = 0.5
 # How late a close may come on a busy 2-core machine shared with other test runs.
@@ -38,15 +39,17 @@ async def start(
     """A sidecar in front of the mock upstream, with these `[server]` settings; its URL."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def started(**server: Any) -> str:
-            mock = await start_mock()
-            stack.push_async_callback(mock.close)
+        async def started(upstream: str | None = None, **server: Any) -> str:
+            if upstream is None:
+                mock = await start_mock()
+                stack.push_async_callback(mock.close)
+                upstream = mock.url
             data_dir = str(tmp_path_factory.mktemp("data"))
             settings = parse(
                 {
                     "redis": {"url": redis_server.url, "timeout_ms": 2000},
                     "server": {"data_dir": data_dir, **server},
-                    "upstream": {"url": mock.url, "timeout_s": 10},
+                    "upstream": {"url": upstream, "timeout_s": 10},
                 }
             )
             app = create_app(settings, admin_token=ADMIN_TOKEN, redis=redis)
@@ -349,28 +352,51 @@ async def test_a_head_without_its_body_goes_out_at_the_end_of_the_event_loops_tu
     assert sent.calls == [b"HEAD"]
 
 
-@pytest.mark.slow
+class SlowFirstEvent(RawUpstream):
+    """A stream whose head comes at once and whose first event comes FIRST_EVENT_S later."""
+
+    def parts_to(self, head: bytes, body: dict[str, Any]) -> list[tuple[float, bytes]]:
+        start = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        )
+        event = b'data: {"id":"c","object":"chat.completion.chunk","choices":[]}\n\n'
+        last = b"data: [DONE]\n\n"
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (event, last)) + b"0\r\n\r\n"
+        return [(0.0, start), (FIRST_EVENT_S, chunks)]
+
+
+FIRST_EVENT_S = 1.0
+
+
 async def test_a_streams_head_does_not_wait_for_its_first_event(
     start: Start, connect: Open
 ) -> None:
-    url = await start()
-    conn = await connect(url)
-    body = json.loads(CHAT) | {"stream": True}
-    payload = json.dumps(body).encode()
-    await conn.send(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: sidecar\r\n"
-        b"content-type: application/json\r\nx-mock-chunks: 3\r\n"
-        b"x-mock-chunk-delay-ms: 1500\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload)
-    )
-    sent = time.monotonic()
-    async with asyncio.timeout(10):
-        head = await conn.reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert b"text/event-stream" in head
-    assert time.monotonic() - sent < 1.0  # the first event comes 1.5 s after the head
-    async with asyncio.timeout(20):
-        rest = await conn.reader.readuntil(b"0\r\n\r\n")
-    assert b"[DONE]" in rest
+    upstream = SlowFirstEvent()
+    await upstream.start()
+    try:
+        url = await start(upstream=upstream.url)
+        conn = await connect(url)
+        payload = json.dumps(json.loads(CHAT) | {"stream": True}).encode()
+        await conn.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: sidecar\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(payload), payload)
+        )
+        sent = time.monotonic()
+        async with asyncio.timeout(10):
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+        got_head = time.monotonic()
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"text/event-stream" in head
+        async with asyncio.timeout(10):
+            rest = await conn.reader.readuntil(b"0\r\n\r\n")
+        assert b"[DONE]" in rest
+        # The head came when the upstream's did, not with the event a second later.
+        assert got_head - sent < FIRST_EVENT_S / 2
+        assert time.monotonic() - sent >= FIRST_EVENT_S
+    finally:
+        await upstream.close()
 
 
 async def test_head_requests_and_a_request_after_them_are_answered_in_order(

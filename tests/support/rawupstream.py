@@ -29,6 +29,11 @@ class RawUpstream:
         JSON body: `answer`'s, unless a test needs the head."""
         return self.answer(body)
 
+    def parts_to(self, head: bytes, body: dict[str, Any]) -> list[tuple[float, bytes]]:
+        """The answer in parts, each written after a pause (seconds): `answer_to`'s at once,
+        unless a test needs it to come in pieces."""
+        return [(0.0, self.answer_to(head, body))]
+
     async def start(self) -> None:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
@@ -38,8 +43,11 @@ class RawUpstream:
             head, raw = await read_message(reader)
             body = msgspec.json.decode(raw) if raw else {}
             self.requests += 1
-            writer.write(self.answer_to(head, body))
-            await writer.drain()
+            for pause, part in self.parts_to(head, body):
+                if pause:
+                    await asyncio.sleep(pause)
+                writer.write(part)
+                await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
