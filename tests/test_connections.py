@@ -1,5 +1,6 @@
-"""The header deadline and the connection cap, from outside: raw sockets against the sidecar
-served as `sidecar serve` serves it (sidecar.testing.serving uses the same protocol)."""
+"""The header deadline, the connection cap and a response's head written with its body, from
+outside: raw sockets against the sidecar served as `sidecar serve` serves it
+(sidecar.testing.serving uses the same protocol); HeadWithBody alone, on a recording transport."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ Start = Callable[..., Awaitable[str]]
 async def start(
     redis: Redis, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Start]:
-    """A sidecar in front of the mock upstream, with these `[server]` settings; its URL."""
+    """A sidecar in front of the mock upstream (or `upstream`), with these `[server]` settings;
+    its URL."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def started(upstream: str | None = None, **server: Any) -> str:
