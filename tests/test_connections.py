@@ -374,9 +374,7 @@ FIRST_EVENT_S = 1.0
 async def test_a_streams_head_does_not_wait_for_its_first_event(
     start: Start, connect: Open
 ) -> None:
-    upstream = SlowFirstEvent()
-    await upstream.start()
-    try:
+    async with SlowFirstEvent() as upstream:
         url = await start(upstream=upstream.url)
         conn = await connect(url)
         payload = json.dumps(json.loads(CHAT) | {"stream": True}).encode()
@@ -397,8 +395,6 @@ async def test_a_streams_head_does_not_wait_for_its_first_event(
         # The head came when the upstream's did, not with the event a second later.
         assert got_head - sent < FIRST_EVENT_S / 2
         assert time.monotonic() - sent >= FIRST_EVENT_S
-    finally:
-        await upstream.close()
 
 
 async def test_head_requests_and_a_request_after_them_are_answered_in_order(

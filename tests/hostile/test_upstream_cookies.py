@@ -55,10 +55,8 @@ class CookieUpstream(RawUpstream):
 
 @pytest.fixture
 async def cookie_upstream() -> AsyncIterator[CookieUpstream]:
-    upstream = CookieUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.close()
+    async with CookieUpstream() as upstream:
+        yield upstream
 
 
 async def test_a_cookie_an_upstream_sets_for_one_client_never_reaches_the_upstream_again(

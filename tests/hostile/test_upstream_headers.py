@@ -79,10 +79,8 @@ class HeaderUpstream(RawUpstream):
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[HeaderUpstream]:
-    upstream = HeaderUpstream()
-    await upstream.start()
-    yield upstream
-    await upstream.close()
+    async with HeaderUpstream() as upstream:
+        yield upstream
 
 
 def chat(who: str, stream: bool) -> dict[str, object]:

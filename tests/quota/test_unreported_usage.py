@@ -51,10 +51,8 @@ class Upstream(RawUpstream):
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
-    made = Upstream()
-    await made.start()
-    yield made
-    await made.close()
+    async with Upstream() as made:
+        yield made
 
 
 async def limited(make_env: MakeEnv, tmp_path: Path, upstream: Upstream) -> Env:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 
@@ -59,6 +59,13 @@ class RawUpstream:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def response(status: int, kind: bytes, body: bytes, *header_lines: bytes) -> bytes:
