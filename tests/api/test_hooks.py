@@ -73,6 +73,22 @@ async def test_invalid_identity_is_400_and_writes_nothing(env: Env, redis: Redis
     assert await redis.dbsize() == 0
 
 
+async def test_a_body_naming_a_cap_twice_is_400_and_writes_nothing(env: Env, redis: Redis) -> None:
+    """The proxy that asks forwards the body as it came: an upstream that keeps the first of two
+    names would keep to a cap the decision did not reserve."""
+    r = await env.api.post(
+        "/hooks/authorize",
+        content=b'{"model": "gpt-4o", "max_tokens": 100000, "max_tokens": 1}',
+        headers={**HOOK, "content-type": "application/json", "x-orq-identity-id": "twice"},
+    )
+    assert r.status_code == 400
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+        "field_repeated",
+        "max_tokens",
+    )
+    assert await redis.dbsize() == 0
+
+
 async def test_usage_counts_once_per_request_id(env: Env) -> None:
     auth = (await authorize(env, {"identity": {"id": "reporter"}})).json()
     usage = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}

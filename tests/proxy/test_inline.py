@@ -352,6 +352,27 @@ async def test_usage_shows_in_the_identitys_metrics_within_300_ms_of_the_answer(
     assert r.json()["metrics"]["input_tokens"] == 300
 
 
+async def test_a_body_naming_a_cap_twice_is_400_and_goes_nowhere(env: Env, redis: Redis) -> None:
+    """msgspec keeps the last of two names, a server on simdjson's on-demand API the first: one
+    would keep to a cap of 100,000 tokens where the sidecar reserved one. Sent with a header
+    identity, whose body the sidecar would otherwise forward as it came."""
+    body = b'{"model": "gpt-4o", "messages": [], "max_tokens": 100000, "max_tokens": 1}'
+    async with httpx.AsyncClient(base_url=env.url) as raw:
+        r = await raw.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json", "x-orq-identity-id": "twice"},
+        )
+    assert r.status_code == 400
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+        "field_repeated",
+        "max_tokens",
+    )
+    assert len(env.mock.requests) == 0
+    await env.settle()
+    assert await redis.dbsize() == 0
+
+
 async def test_body_over_the_limit_is_413(make_env: MakeEnv) -> None:
     env = await make_env(server={"max_body_bytes": 4096})
     async with httpx.AsyncClient(base_url=env.url) as raw:
