@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from sidecar import money
+from sidecar.errors import InvalidRequest
 from sidecar.usage.model import Kind, Usage
 
 # A count above this is garbage rather than usage; it also keeps sums exact and far from int64.
@@ -172,14 +173,24 @@ def cost_from_header(value: str | None) -> int | None:
 
 
 def prepare_request(kind: Kind, body: dict[str, Any]) -> bool:
-    if kind not in (Kind.CHAT, Kind.COMPLETIONS) or body.get("stream") is not True:
+    """Ask a chat or completions stream for its usage (`stream_options.include_usage`, which
+    OpenAI's streams carry only when asked); True when the body changed. Raises InvalidRequest
+    (400) for a `stream` that is not true, false or null, and for a stream's `stream_options`
+    that is not an object or null: a lax server (pydantic's, LiteLLM's truth test) streams on
+    `"stream": "true"` or `1`, and drops options it cannot read, and the stream would then come
+    without its usage, whose tokens and cost the sidecar could not count."""
+    stream = body.get("stream")
+    if stream is not None and type(stream) is not bool:
+        raise InvalidRequest("'stream' must be true or false", param="stream")
+    if kind not in (Kind.CHAT, Kind.COMPLETIONS) or stream is not True:
         return False
     options = body.get("stream_options")
     if options is None:
         body["stream_options"] = {"include_usage": True}
         return True
-    # A malformed stream_options is the upstream's to reject; we do not rewrite it.
-    if not isinstance(options, dict) or options.get("include_usage") is True:
+    if type(options) is not dict:
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    if options.get("include_usage") is True:
         return False
     options["include_usage"] = True
     return True

@@ -352,6 +352,35 @@ async def test_usage_shows_in_the_identitys_metrics_within_300_ms_of_the_answer(
     assert r.json()["metrics"]["input_tokens"] == 300
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stream": "true"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"stream": True, "stream_options": "yes"}, "stream_options"),
+    ],
+)
+async def test_a_stream_the_sidecar_could_not_ask_for_usage_is_400(
+    env: Env, redis: Redis, extra: dict[str, Any], param: str
+) -> None:
+    """A lax upstream (pydantic's coercion, LiteLLM's truth test) streams on `"stream": "true"`
+    and drops options it cannot read: the stream would come without usage, its tokens and cost
+    counted as none."""
+    async with client(env) as oai:
+        with pytest.raises(openai.BadRequestError) as info:
+            await oai.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,
+                extra_body={**extra, "identity": {"id": "lax"}},
+            )
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == param
+    assert len(env.mock.requests) == 0
+    await env.settle()
+    assert await redis.dbsize() == 0
+
+
 async def test_a_body_naming_a_cap_twice_is_400_and_goes_nowhere(env: Env, redis: Redis) -> None:
     """msgspec keeps the last of two names, a server on simdjson's on-demand API the first: one
     would keep to a cap of 100,000 tokens where the sidecar reserved one. Sent with a header

@@ -11,6 +11,7 @@ import openai.types.responses
 import pydantic
 import pytest
 
+from sidecar.errors import InvalidRequest
 from sidecar.usage.extract import (
     StreamUsage,
     cost_from_header,
@@ -316,8 +317,7 @@ def test_prepare_request_keeps_other_stream_options() -> None:
         (Kind.CHAT, {"stream": True, "stream_options": {"include_usage": True}}),
         (Kind.CHAT, {"stream": False}),
         (Kind.CHAT, {}),
-        (Kind.CHAT, {"stream": "true"}),
-        (Kind.CHAT, {"stream": True, "stream_options": "yes"}),
+        (Kind.CHAT, {"stream": None, "stream_options": "yes"}),
         (Kind.RESPONSES, {"stream": True}),
         (Kind.MESSAGES, {"stream": True}),
         (Kind.EMBEDDINGS, {"stream": True}),
@@ -327,6 +327,25 @@ def test_prepare_request_leaves_alone(kind: Kind, body: dict[str, Any]) -> None:
     before = repr(body)
     assert prepare_request(kind, body) is False
     assert repr(body) == before
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        # A lax server streams on these, without the usage the sidecar would have asked for.
+        (Kind.CHAT, {"stream": "true"}, "stream"),
+        (Kind.CHAT, {"stream": 1}, "stream"),
+        (Kind.MESSAGES, {"stream": "yes"}, "stream"),
+        (Kind.CHAT, {"stream": True, "stream_options": "yes"}, "stream_options"),
+        (Kind.COMPLETIONS, {"stream": True, "stream_options": []}, "stream_options"),
+    ],
+)
+def test_prepare_request_refuses_a_stream_it_could_not_ask_for_usage(
+    kind: Kind, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        prepare_request(kind, body)
+    assert refused.value.param == param
 
 
 # --- streams -------------------------------------------------------------------------------------
