@@ -64,7 +64,7 @@ class Meter:
         """What its token and cost limits are charged: the tokens and nano-dollars it used.
         When the upstream answered a call the sidecar reads usage from with success (2xx)
         without saying what it used (no usage in the answer, no cost header: a server that does
-        not report it, a stream that did not ask for it in a way the sidecar saw, a response
+        not report it, or leaves it out of a stream the sidecar asked it of, a response
         left to run in the background), what it reserved: the work was done and billed, and an
         answer that hides its usage must not count as free. Nothing for an upstream failure, a
         redirect or no answer, nor for `extra_paths` (their answers are not read)."""
