@@ -192,6 +192,18 @@ class Settlement:
         counters = self._counters(resolved, model, usage, cost, failed)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
+            upstream = meter.upstream_status
+            if (
+                usage is None
+                and cost is None
+                and not failed
+                and meter.kind is not None
+                and upstream is not None
+                and 200 <= upstream < 300
+            ):
+                # Counted as a request without tokens or cost: shown, not hidden (the
+                # answer's usage was left out, or could not be read).
+                self.counters.unread(meter.kind.value)
         if meter.span is not None:
             known = _known(usage, header_cost, cost)
             decision = meter.decision

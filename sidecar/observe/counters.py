@@ -56,6 +56,8 @@ class Counters:
         self.decisions: dict[tuple[str, str, str], int] = {}
         self.unpriced_models: dict[str, int] = {}
         self.metered: dict[str, int] = {}  # identity source -> metered requests
+        # kind -> metered answers of success whose usage could not be read
+        self.usage_unread: dict[str, int] = {}
         self.identities_created = 0  # by traffic: ids seen for the first time
         self.upstream = Histogram(UPSTREAM_BUCKETS)
         self.limit_check = Histogram(REDIS_BUCKETS)
@@ -95,6 +97,9 @@ class Counters:
 
     def metered_request(self, source: str) -> None:
         self.metered[source] = self.metered.get(source, 0) + 1
+
+    def unread(self, kind: str) -> None:
+        self.usage_unread[kind] = self.usage_unread.get(kind, 0) + 1
 
     def unpriced(self, model: str | None) -> None:
         name = (model or "unknown")[:_MAX_LABEL]

@@ -26,6 +26,9 @@ from sidecar.observe.counters import (
     Counters,
     Histogram,
 )
+from sidecar.usage.model import Kind
+
+KINDS = tuple(kind.value for kind in Kind)  # every metered kind, each shown from 0
 
 if TYPE_CHECKING:
     from sidecar.observe.tracing import Tracer
@@ -97,6 +100,17 @@ class CounterFamilies:
         for model, n in sorted(counters.unpriced_models.items()):
             unpriced.add_metric([model], n)
         yield unpriced
+
+        unread = CounterMetricFamily(
+            "sidecar_usage_unread_requests",
+            "Metered answers of success (2xx) whose usage could not be read (none in the "
+            "answer, no cost header): counted as requests without tokens or cost; a limited "
+            "identity's limits are charged what the request reserved",
+            labels=["kind"],
+        )
+        for kind in KINDS:
+            unread.add_metric([kind], counters.usage_unread.get(kind, 0))
+        yield unread
 
         metered = CounterMetricFamily(
             "sidecar_metered_requests",

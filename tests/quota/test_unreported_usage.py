@@ -1,8 +1,8 @@
 """An answer that does not say what it used is charged what its request reserved: the upstream
 did the work (and bills it), so a request whose answer hides its usage (a server that does not
-report it, a stream that did not ask for it in a form the sidecar rewrote, a response left to
-run in the background) does not count as free against token and cost limits. A failed call,
-or none, is charged nothing."""
+report it, or leaves it out of a stream the sidecar asked it of, a response left to run in the
+background) does not count as free against token and cost limits. A failed call, or none, is
+charged nothing. Such answers are counted apart in /metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.env import Env, MakeEnv
 from tests.support.limits import limit_usage
+from tests.support.prometheus import parse
 from tests.support.rawupstream import RawUpstream, response
 
 CHAT = "/v1/chat/completions"
@@ -125,3 +126,31 @@ async def test_a_failed_or_redirected_call_is_charged_nothing(
     upstream.reply = (status, b"application/json", body)
     assert (await ask(env, "failed")).status_code == status
     assert await used(env, "failed") == 0
+
+
+async def unread(env: Env) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        samples = parse((await client.get("/metrics")).text)
+    return {k: v for k, v in samples.items() if k.startswith("sidecar_usage_unread_requests")}
+
+
+async def test_answers_whose_usage_could_not_be_read_are_counted_apart(
+    make_env: MakeEnv, upstream: Upstream
+) -> None:
+    """An identity without token or cost limits is counted a request without tokens or cost:
+    the metric shows how many, by kind, where the identity's metrics cannot."""
+    env: Env = await make_env(upstream_url=upstream.url)
+    for reply, stream in [
+        ((200, b"application/json", NO_USAGE), False),
+        ((200, b"text/event-stream", SSE_NO_USAGE), True),
+        ((200, b"application/json", WITH_USAGE), False),
+        ((500, b"application/json", b'{"error": {"message": "down"}}'), False),
+    ]:
+        upstream.reply = reply
+        assert (await ask(env, "unread", stream)).status_code == reply[0]
+    await env.settle()
+    counted = await unread(env)
+    assert counted.pop('sidecar_usage_unread_requests_total{kind="chat"}') == 2
+    assert len(counted) == 4 and set(counted.values()) == {0}  # every other kind, from 0
+    metrics = await env.metrics("unread")
+    assert (metrics["total_requests"], metrics["total_tokens"]) == (4, 18)
