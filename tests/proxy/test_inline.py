@@ -352,6 +352,20 @@ async def test_usage_shows_in_the_identitys_metrics_within_300_ms_of_the_answer(
     assert r.json()["metrics"]["input_tokens"] == 300
 
 
+async def refused_unsent(env: Env, redis: Redis, extra: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion with `extra` in its body, refused with 400: its error, once it is
+    sure that nothing went upstream and nothing was written."""
+    async with client(env) as oai:
+        with pytest.raises(openai.BadRequestError) as info:
+            await oai.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_body=extra)
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert len(env.mock.requests) == 0
+    await env.settle()
+    assert await redis.dbsize() == 0
+    return error
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
@@ -366,19 +380,8 @@ async def test_a_stream_the_sidecar_could_not_ask_for_usage_is_400(
     """A lax upstream (pydantic's coercion, LiteLLM's truth test) streams on `"stream": "true"`
     and drops options it cannot read: the stream would come without usage, its tokens and cost
     counted as none."""
-    async with client(env) as oai:
-        with pytest.raises(openai.BadRequestError) as info:
-            await oai.chat.completions.create(
-                model="gpt-4o",
-                messages=MESSAGES,
-                extra_body={**extra, "identity": {"id": "lax"}},
-            )
-    error = info.value.body
-    assert isinstance(error, dict)
+    error = await refused_unsent(env, redis, {**extra, "identity": {"id": "lax"}})
     assert error["param"] == param
-    assert len(env.mock.requests) == 0
-    await env.settle()
-    assert await redis.dbsize() == 0
 
 
 async def test_a_body_naming_a_cap_twice_is_400_and_goes_nowhere(env: Env, redis: Redis) -> None:
@@ -445,16 +448,5 @@ async def test_a_body_naming_what_the_sidecar_reads_in_another_case_is_400(
 ) -> None:
     """An upstream that matches names regardless of case would keep to an output cap, a
     model or a number of choices the sidecar did not reserve or price."""
-    async with client(env) as oai:
-        with pytest.raises(openai.BadRequestError) as info:
-            await oai.chat.completions.create(
-                model="gpt-4o",
-                messages=MESSAGES,
-                extra_body={**extra, "identity": {"id": "folder"}},
-            )
-    error = info.value.body
-    assert isinstance(error, dict)
+    error = await refused_unsent(env, redis, {**extra, "identity": {"id": "folder"}})
     assert (error["code"], error["param"]) == ("field_not_normalized", list(extra)[-1])
-    assert len(env.mock.requests) == 0
-    await env.settle()
-    assert await redis.dbsize() == 0
