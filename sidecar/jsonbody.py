@@ -107,9 +107,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
     repeats = False
     for name in value:
         if name in UPSTREAM_READ_NAMES:
-            # Named twice in the bytes, and twice as a key: see _named_twice (inlined).
-            if not repeats and body.count(_QUOTED[name]) > 1:
-                repeats = len(_AS_KEY[name].findall(body)) > 1
+            repeats = repeats or _named_twice(body, name)
         elif not (name.isascii() and name.islower()) and name.casefold() in READ_NAMES:
             folded = name.casefold()
             message = (

@@ -69,16 +69,23 @@ class Meter:
         answer that hides its usage must not count as free. Nothing for an upstream failure, a
         redirect or no answer, nor for `extra_paths` (their answers are not read)."""
         if usage is None and nanos is None:
-            status = self.upstream_status
-            if (
-                status is not None
-                and 200 <= status < 300
-                and self.kind is not None
-                and self.reserve is not None
-            ):
+            if self.hides_usage(usage, nanos) and self.reserve is not None:
                 return self.reserve.tokens, self.reserve.nanos
             return 0, 0
         return (usage.total_tokens if usage is not None else 0), nanos or 0
+
+    def hides_usage(self, usage: Usage | None, nanos: int | None) -> bool:
+        """Whether the upstream answered a call the sidecar reads usage from with success (2xx)
+        and told nothing of what it used (`nanos`: what a cost header or the usage priced
+        said, None when nothing did)."""
+        status = self.upstream_status
+        return (
+            usage is None
+            and nanos is None
+            and self.kind is not None
+            and status is not None
+            and 200 <= status < 300
+        )
 
     @property
     def named(self) -> str:
@@ -190,22 +197,13 @@ class Settlement:
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self._cost(meter, usage, header_cost)
         counters = self._counters(resolved, model, usage, cost, failed)
+        known = _known(usage, header_cost, cost)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
-            upstream = meter.upstream_status
-            if (
-                usage is None
-                and cost is None
-                and not failed
-                and meter.kind is not None
-                and upstream is not None
-                and 200 <= upstream < 300
-            ):
-                # Counted as a request without tokens or cost: shown, not hidden (the
-                # answer's usage was left out, or could not be read).
+            if not failed and meter.kind is not None and meter.hides_usage(usage, known):
+                # Counted as a request without tokens or cost: shown, not hidden.
                 self.counters.unread(meter.kind.value)
         if meter.span is not None:
-            known = _known(usage, header_cost, cost)
             decision = meter.decision
             policy = decision.policy if decision is not None else None
             self._trace(meter, status, usage, known, policy, error or spans.failure(status))
