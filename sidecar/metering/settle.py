@@ -130,9 +130,16 @@ class Settlement:
         usage: Usage | None,
         cost: Cost | None,
         failed: bool,
+        unreported: bool = False,
     ) -> dict[str, int]:
         """What the request adds to its identity's counters."""
-        counters = increments(source=resolved.source.value, failed=failed, usage=usage, cost=cost)
+        counters = increments(
+            source=resolved.source.value,
+            failed=failed,
+            usage=usage,
+            cost=cost,
+            unreported=unreported,
+        )
         if UNPRICED in counters and self.counters is not None:
             self.counters.unpriced(model)
         return counters
@@ -196,12 +203,13 @@ class Settlement:
         resolved = meter.resolved
         model = usage.model if usage is not None and usage.model else meter.model
         cost = self._cost(meter, usage, header_cost)
-        counters = self._counters(resolved, model, usage, cost, failed)
         known = _known(usage, header_cost, cost)
+        # Counted as a request without tokens or cost, and as one whose usage is unknown.
+        unreported = not failed and meter.kind is not None and meter.hides_usage(usage, known)
+        counters = self._counters(resolved, model, usage, cost, failed, unreported)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)
-            if not failed and meter.kind is not None and meter.hides_usage(usage, known):
-                # Counted as a request without tokens or cost: shown, not hidden.
+            if unreported and meter.kind is not None:
                 self.counters.unread(meter.kind.value)
         if meter.span is not None:
             decision = meter.decision

@@ -24,6 +24,10 @@ REASONING = "rs"
 COST = "c"  # nano-dollars
 RATE_LIMITED = "rl"
 UNPRICED = "up"
+# Metered answers of success that told nothing of what they used (no usage, no cost header): a
+# server that does not report it, a Responses call left in the background. Counted as requests
+# without tokens or cost, and here, so that whose usage is unknown shows.
+UNREPORTED = "ur"
 # Requests by the source that named their identity (identity.resolve.Source values).
 BY_SOURCE = {
     "body": "sb",
@@ -47,6 +51,7 @@ USAGE = (
     COST,
     RATE_LIMITED,
     UNPRICED,
+    UNREPORTED,
 )
 # Every counter, in the order the Lua prelude (lua_prelude) lists them.
 COUNTERS = (*USAGE, *BY_SOURCE.values())
@@ -76,6 +81,7 @@ MODEL_COUNTERS = (
     REASONING,
     COST,
     UNPRICED,
+    UNREPORTED,
 )
 MODEL_NAME = "="
 MODEL_COUNT = "\x1fn"
@@ -206,13 +212,17 @@ def increments(
     usage: Usage | None,
     cost: Cost | None,
     rate_limited: bool = False,
+    unreported: bool = False,
 ) -> dict[str, int]:
-    """What one request adds to its identity's counters (zeros left out)."""
+    """What one request adds to its identity's counters (zeros left out); `unreported`: it was
+    answered with success and nothing told what it used (see UNREPORTED)."""
     if rate_limited:
         return {RATE_LIMITED: 1}
     out = {REQUESTS: 1, BY_SOURCE[source]: 1}
     if failed:
         out[ERRORS] = 1
+    if unreported:
+        out[UNREPORTED] = 1
     if usage is not None:
         if usage.input_tokens:
             out[INPUT] = usage.input_tokens

@@ -39,6 +39,7 @@ class Point(msgspec.Struct, kw_only=True):
     cost_nanos: int
     rate_limited_requests: int
     unpriced_requests: int
+    unreported_requests: int  # answered with success, nothing told what they used
 
 
 class Series(msgspec.Struct, kw_only=True):
@@ -57,7 +58,7 @@ def rfc3339(epoch_s: int) -> str:
 
 
 def _point(start_s: int, values: list[bytes | None]) -> Point:
-    r, e, i, ci, cw, o, rs, c, rl, up = (int(v) if v else 0 for v in values)
+    r, e, i, ci, cw, o, rs, c, rl, up, ur = (int(v) if v else 0 for v in values)
     return Point(
         start=rfc3339(start_s),
         requests=r,
@@ -72,6 +73,7 @@ def _point(start_s: int, values: list[bytes | None]) -> Point:
         cost_nanos=c,
         rate_limited_requests=rl,
         unpriced_requests=up,
+        unreported_requests=ur,
     )
 
 

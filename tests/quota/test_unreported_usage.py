@@ -2,7 +2,8 @@
 did the work (and bills it), so a request whose answer hides its usage (a server that does not
 report it, or leaves it out of a stream the sidecar asked it of, a response left to run in the
 background) does not count as free against token and cost limits. A failed call, or none, is
-charged nothing. Such answers are counted apart in /metrics."""
+charged nothing. Such answers are counted apart: in /metrics, and in the identity's counters
+(`unreported_requests`)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,19 @@ async def test_answers_whose_usage_could_not_be_read_are_counted_apart(
     assert len(counted) == 4 and set(counted.values()) == {0}  # every other kind, from 0
     metrics = await env.metrics("unread")
     assert (metrics["total_requests"], metrics["total_tokens"]) == (4, 18)
+    # Whose usage is unknown shows in the identity's own counters: its series, the usage
+    # export (per identity and per model) and its usage by model; the 500 is an error, not one.
+    r = await env.api.get("/v2/identities/unread/metrics")
+    points = r.json()["series"]["points"]
+    assert sum(p["unreported_requests"] for p in points) == 2
+    r = await env.api.get("/v2/usage")
+    (row,) = r.json()["data"]
+    assert (row["requests"], row["errors"], row["unreported_requests"]) == (4, 1, 2)
+    r = await env.api.get("/v2/usage", params={"group_by": "model"})
+    (row,) = r.json()["data"]
+    assert (row["model"], row["unreported_requests"]) == ("gpt-4o", 2)
+    r = await env.api.get("/v2/usage", params={"format": "csv"})
+    header, line = r.text.splitlines()
+    assert header.split(",")[-1] == "unreported_requests" and line.split(",")[-1] == "2"
+    r = await env.api.get("/v2/identities/unread/metrics", params={"group_by": "model"})
+    assert [m["unreported_requests"] for m in r.json()["data"]] == [2]

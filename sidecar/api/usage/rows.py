@@ -9,23 +9,11 @@ import msgspec
 from sidecar import money
 from sidecar.usage import buckets
 
-# Counters summed per identity, tag or cohort, in the order of the rows' fields after the
-# group's own.
-COUNTERS = (
-    buckets.REQUESTS,
-    buckets.ERRORS,
-    buckets.INPUT,
-    buckets.CACHED_INPUT,
-    buckets.CACHE_WRITE,
-    buckets.OUTPUT,
-    buckets.REASONING,
-    buckets.COST,
-    buckets.UNPRICED,
-    buckets.RATE_LIMITED,
-)
+# Counters summed per identity, tag or cohort (`counts` names them); per model the same
+# without rate-limited requests (a refused request reached no model): buckets.MODEL_COUNTERS,
+# COUNTERS[:-1].
+COUNTERS = (*buckets.MODEL_COUNTERS, buckets.RATE_LIMITED)
 WIDTH = len(COUNTERS)
-# Per model the same without rate-limited requests (a refused request reached no model):
-# buckets.MODEL_COUNTERS is COUNTERS[:-1].
 
 
 class IdentityUsage(msgspec.Struct, kw_only=True):
@@ -42,6 +30,8 @@ class IdentityUsage(msgspec.Struct, kw_only=True):
     cost_usd: str  # exact: nano-dollars as a decimal string
     unpriced_requests: int
     rate_limited_requests: int
+    # Answered with success without telling what they used: counted without tokens or cost.
+    unreported_requests: int
 
 
 class TagUsage(msgspec.Struct, kw_only=True):
@@ -57,6 +47,7 @@ class TagUsage(msgspec.Struct, kw_only=True):
     cost_usd: str
     unpriced_requests: int
     rate_limited_requests: int
+    unreported_requests: int
 
 
 class CohortUsage(msgspec.Struct, kw_only=True):
@@ -72,6 +63,7 @@ class CohortUsage(msgspec.Struct, kw_only=True):
     cost_usd: str
     unpriced_requests: int
     rate_limited_requests: int
+    unreported_requests: int
 
 
 class ModelUsage(msgspec.Struct, kw_only=True):
@@ -86,6 +78,7 @@ class ModelUsage(msgspec.Struct, kw_only=True):
     reasoning_tokens: int
     cost_usd: str
     unpriced_requests: int
+    unreported_requests: int
 
 
 class IdentityModelUsage(msgspec.Struct, kw_only=True):
@@ -102,6 +95,7 @@ class IdentityModelUsage(msgspec.Struct, kw_only=True):
     reasoning_tokens: int
     cost_usd: str
     unpriced_requests: int
+    unreported_requests: int
 
 
 class OneModelUsage(msgspec.Struct, kw_only=True):
@@ -117,6 +111,7 @@ class OneModelUsage(msgspec.Struct, kw_only=True):
     reasoning_tokens: int
     cost_usd: str
     unpriced_requests: int
+    unreported_requests: int
 
 
 class UsageRow(msgspec.Struct, kw_only=True):
@@ -143,6 +138,7 @@ class UsageRow(msgspec.Struct, kw_only=True):
     cost_usd: str
     unpriced_requests: int
     rate_limited_requests: int | None = None
+    unreported_requests: int
 
 
 class UsageExport(msgspec.Struct, kw_only=True):
@@ -166,9 +162,10 @@ def counts(sums: list[int]) -> dict[str, Any]:
         "reasoning_tokens": sums[6],
         "cost_usd": money.exact(sums[7]),
         "unpriced_requests": sums[8],
+        "unreported_requests": sums[9],
     }
     if len(sums) > len(buckets.MODEL_COUNTERS):
-        out["rate_limited_requests"] = sums[9]
+        out["rate_limited_requests"] = sums[10]
     return out
 
 
