@@ -19,6 +19,7 @@ from tests.support.env import Env, MakeEnv
 from tests.support.limits import limit_usage
 from tests.support.prometheus import parse
 from tests.support.rawupstream import RawUpstream, response
+from tests.support.ui import sign_in
 
 CHAT = "/v1/chat/completions"
 LIMIT = 100_000
@@ -171,3 +172,7 @@ async def test_answers_whose_usage_could_not_be_read_are_counted_apart(
     assert header.split(",")[-1] == "unreported_requests" and line.split(",")[-1] == "2"
     r = await env.api.get("/v2/identities/unread/metrics", params={"group_by": "model"})
     assert [m["unreported_requests"] for m in r.json()["data"]] == [2]
+    async with httpx.AsyncClient(base_url=env.url) as browser:
+        await sign_in(browser)
+        page = (await browser.get("/ui/identities/unread")).text
+    assert '<div class="card" id="metric-unreported"><b>2</b>' in page

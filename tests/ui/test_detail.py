@@ -50,6 +50,7 @@ async def test_identity_page_shows_profile_metrics_chart_limits_and_sources(
     # gpt-4o: 3 * (1000 * $2.50/M + 500 * $10/M) = $0.0225
     assert '<div class="card" id="metric-cost"><b>$0.0225</b>' in page
     assert '<div class="card" id="metric-tokens"><b>4,500</b>' in page
+    assert 'id="metric-unreported"' not in page  # every answer told its usage
     # The chart: 30 days, today's bars hold today's usage.
     cost_chart = page[page.index('id="chart-cost"') : page.index('id="chart-tokens"')]
     days = re.findall(r'data-day="([0-9-]+)" data-value="([0-9.]+)"', cost_chart)
