@@ -471,6 +471,10 @@ async def _relay_stream(
     # A client that leaves keeps costing: read to the end so the usage is known (the server's
     # send is a no-op once the client is gone).
     async for chunk in upstream.content.iter_any():
+        if stream.passes(chunk):  # sent, then read: the client need not wait for the reading
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            stream.feed(chunk)
+            continue
         out = stream.feed(chunk)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})

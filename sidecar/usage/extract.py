@@ -260,6 +260,14 @@ class StreamUsage:
         # with usage named one (most do), not while the answer streams to the client.
         self._later: list[bytes] = []
 
+    def passes(self, chunk: bytes) -> bool:
+        """Whether `feed(chunk)` would give `chunk` back as it is (nothing held before it, it
+        ends an event, and no usage chunk in it to drop): it can then go to the client before
+        it is read (a stream's first bytes do not wait for it)."""
+        return not self._strip or (
+            not self._hold and chunk.endswith(_CERTAIN_ENDS) and not _live_usage(chunk)
+        )
+
     def feed(self, chunk: bytes) -> bytes:
         hold = self._hold
         buf = hold + chunk if hold else chunk

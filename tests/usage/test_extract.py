@@ -353,9 +353,18 @@ def test_prepare_request_refuses_a_stream_it_could_not_ask_for_usage(
 
 def run(kind: Kind, pieces: list[bytes], *, strip: bool = False) -> tuple[bytes, Usage | None]:
     stream = StreamUsage(kind, strip_usage_chunk=strip)
-    out = [stream.feed(piece) for piece in pieces]
+    out = [fed(stream, piece) for piece in pieces]
     out.append(stream.flush())
     return b"".join(out), stream.finish()
+
+
+def fed(stream: StreamUsage, piece: bytes) -> bytes:
+    """`stream.feed(piece)`, holding `passes` to its word: a piece it lets through before it is
+    read is given back as it is."""
+    passes = stream.passes(piece)
+    out = stream.feed(piece)
+    assert out == piece or not passes, piece
+    return out
 
 
 STREAMS = [
@@ -485,7 +494,9 @@ def test_strip_usage_chunk_other_line_endings(newline: bytes) -> None:
 def test_strip_forwards_complete_events_at_once() -> None:
     stream = StreamUsage(Kind.CHAT, strip_usage_chunk=True)
     first = samples.CHAT_EVENTS[0]
+    assert stream.passes(first)  # sent before it is read
     assert stream.feed(first) is first
+    assert not stream.passes(samples.CHAT_EVENTS[1] + b"data: {")  # an event not over
     # Only the unfinished event is held back.
     second = samples.CHAT_EVENTS[1]
     assert stream.feed(second + b"data: {") == second
