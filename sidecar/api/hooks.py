@@ -87,7 +87,8 @@ class HookController(Controller):
             raise InvalidRequest(exc.message, param=exc.param) from None
         external_id = settlement.attribution.aliases.canonical(external_id)
         logs.bind(external_id, report.request_id)
-        kind = kind_for_path(report.path or "") or Kind.CHAT
+        metered = kind_for_path(report.path or "")
+        kind = metered or Kind.CHAT
         usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()
         upstream_cost = _cost(report.cost_usd)
         if upstream_cost is not None:
@@ -103,6 +104,10 @@ class HookController(Controller):
             # but not for the store's full socket timeout.
             within_s=max(limiter.timeout, REPORT_TIMEOUT_S),
             sourced=report.source is not None,
+            # Neither usage nor cost, for a kind whose answers tell it (not an extra path's).
+            hidden=not report.usage
+            and upstream_cost is None
+            and (metered is not None or report.path is None),
             # The span of the request continues the trace the report is part of.
             carrier={k: v for k in TRACE_CONTEXT if (v := request.headers.get(k)) is not None},
         )

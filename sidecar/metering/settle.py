@@ -471,15 +471,20 @@ class Settlement:
         status: int,
         within_s: float,
         sourced: bool = True,
+        hidden: bool = False,
         carrier: Mapping[str, str] | None = None,
     ) -> Recorded:
         """A hook-mode usage report: counted now, once per request id. `status` is the one
         upstream answered; `sourced` false: the report named no source, so no source counter
-        is bumped. `carrier`: the report's headers, whose trace context its span continues."""
+        is bumped; `hidden`: it gave neither usage nor cost for a kind whose answers tell them, so
+        a success is counted as unreported and charged what its authorization reserved, as
+        inline (Meter.charges).
+        `carrier`: the report's headers, whose trace context its span continues."""
         received_ns = time.time_ns()
         failed = status >= 400
+        unreported = hidden and 200 <= status < 300
         cost = self.attribution.cost(kind, model, usage, None)
-        counters = self._counters(resolved, model, usage, cost, failed)
+        counters = self._counters(resolved, model, usage, cost, failed, unreported)
         nanos = cost.nanos if cost is not None else 0
         if not sourced:
             counters.pop(buckets.BY_SOURCE[resolved.source.value], None)
@@ -510,7 +515,10 @@ class Settlement:
                 async with asyncio.timeout(within_s):
                     # The slots authorize took, if any, are free again.
                     await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
-                    await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
+                    if unreported:  # what it reserved stands: not free for hiding its usage
+                        await quota.limiter.settle(subjects, request_id, None, None)
+                    else:
+                        await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("limits of report %s not charged: %s", request_id, exc)
         if owner is not None and (recorded.counted or recorded.spooled):
@@ -520,6 +528,8 @@ class Settlement:
             self._via_owner(with_owner, counters, owner_id, {})
         if self.counters is not None and not recorded.duplicate:
             self.counters.metered_request(resolved.source.value)
+            if unreported:
+                self.counters.unread(kind.value)
         if self.tracer is not None and not recorded.duplicate:  # one span per request
             start_ns = spans.authorized_ns(request_id, received_ns)
             span = self.tracer.start(spans.name(kind, model), carrier or {}, start_ns, server=False)

@@ -770,28 +770,31 @@ class Limiter:
         self,
         subject: Subject,
         request_id: str,
-        tokens: int,
-        nanos: int,
+        tokens: int | None,
+        nanos: int | None,
         now_ms: int,
         again: Reserve | None = None,
     ) -> tuple[list[str], list[Any]]:
         """`again`: this settles a request again whose earlier attempt Redis may have run, and
         which reserved this: a subject that reserved is then settled only while its
-        reservation is there (the earlier attempt took it), so it is never counted twice."""
+        reservation is there (the earlier attempt took it), so it is never counted twice.
+        `tokens` and `nanos` None: what it used is not known, and what it reserved stands."""
         keys = [
             self.keys.reservations(subject.identity_id),
             self.keys.reservations_expiry(subject.identity_id),
         ]
         parts = []
         for limit in subject.policy.limits:
-            amount = {Dimension.TOKENS: tokens, Dimension.COST: nanos}.get(limit.dimension)
-            if amount is None:
+            dimension = limit.dimension
+            if dimension is not Dimension.TOKENS and dimension is not Dimension.COST:
                 continue
+            amount = tokens if dimension is Dimension.TOKENS else nanos
             current, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
             lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
             keys.append(current)
             parts.append(
-                f"{amount} {lifetime} {self.keys.limit(subject.identity_id, limit.key_part)} "
+                f"{'=' if amount is None else amount} {lifetime} "
+                f"{self.keys.limit(subject.identity_id, limit.key_part)} "
             )
         reserving = again is not None and any(
             reserved(limit, again) > 0 for limit in subject.policy.limits
@@ -802,13 +805,15 @@ class Limiter:
         self,
         subjects: Sequence[Subject],
         request_id: str,
-        tokens: int,
-        nanos: int,
+        tokens: int | None,
+        nanos: int | None,
         again: Reserve | None = None,
     ) -> None:
         """What an answered request used replaces what it reserved, in every token and cost
         limit of its subjects (the actual is charged where nothing was reserved, or the
-        reservation expired): durable before the client has the whole response. On one server
+        reservation expired; with `tokens` and `nanos` None, what it used is not known and
+        its reservation stands as its charge): durable before the client has the whole
+        response. On one server
         that is one script call for all the subjects; on a cluster, one per subject, each atomic
         in its own slot. Concurrent settlements share round trips (a Coalescer, as admissions
         do). `again`: what the request reserved, when an earlier attempt may have been run
@@ -823,8 +828,8 @@ class Limiter:
         self,
         subjects: Sequence[Subject],
         request_id: str,
-        tokens: int,
-        nanos: int,
+        tokens: int | None,
+        nanos: int | None,
         again: Reserve | None = None,
     ) -> list[tuple[list[str], list[Any]]]:
         """The settle.lua calls for the paying subjects: one on one server, as at admission;

@@ -270,6 +270,53 @@ async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
         assert await used(env, "h") == 30  # settled once
 
 
+@pytest.mark.parametrize(
+    ("status", "extra", "charged", "unreported"),
+    [
+        (200, {}, "reserved", 1),  # a success that told nothing: its reservation stands
+        (200, {"usage": {}}, "reserved", 1),  # an empty usage object tells nothing either
+        (200, {"cost_usd": 0.001}, 0, 0),  # a cost was told: no tokens
+        (500, {}, 0, 0),  # a failure uses nothing
+        (200, {"path": "/v1/rerank"}, 0, 0),  # an extra path's answers need not tell usage
+    ],
+    ids=["nothing", "empty", "cost", "failed", "extra-path"],
+)
+async def test_a_hook_report_without_usage_is_charged_its_reservation(
+    make_env: MakeEnv,
+    tmp_path: Path,
+    status: int,
+    extra: dict[str, Any],
+    charged: int | str,
+    unreported: int,
+) -> None:
+    """As inline (an answer that hides its usage is charged what it reserved): a report of
+    success without usage or cost does not make the request free against token limits, and is
+    counted as unreported."""
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["100000/hour"]\n'))
+    token = env.api.headers["authorization"].split(" ", 1)[1]
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20}
+    async with httpx.AsyncClient(base_url=env.url, headers={"x-sidecar-token": token}) as hooks:
+        first = await hooks.post("/hooks/authorize", json=body, headers={"x-orq-identity-id": "h"})
+        assert first.status_code == 200
+        reserved = await used(env, "h")
+        assert reserved > 20
+        report = {
+            "request_id": first.json()["request_id"],
+            "identity": "h",
+            "model": "gpt-4o",
+            "status": status,
+            **extra,
+        }
+        assert (await hooks.post("/hooks/usage", json=report)).status_code == 202
+        assert await used(env, "h") == (reserved if charged == "reserved" else charged)
+        assert (await hooks.post("/hooks/usage", json=report)).json()["duplicate"] is True
+        assert await used(env, "h") == (reserved if charged == "reserved" else charged)
+    await env.settle()
+    r = await env.api.get("/v2/usage")
+    (row,) = r.json()["data"]
+    assert (row["requests"], row["unreported_requests"]) == (1, unreported)
+
+
 @pytest.mark.parametrize("cap_output", [True, False])
 async def test_the_output_cap_is_added_only_where_a_token_limit_needs_it(
     make_env: MakeEnv, tmp_path: Path, cap_output: bool
