@@ -224,7 +224,9 @@ def build(
     background = Background()
     tracer = _tracer(settings)
     settlement = Settlement(attribution, identifier, quota, recorder, background, counters, tracer)
-    authorizer = Authorizer(attribution, identifier, quota, settlement)
+    authorizer = Authorizer(
+        attribution, identifier, quota, settlement, cap_output=settings.limits.cap_output
+    )
     proxy = InlineProxy(
         settings, upstream, attribution, identifier, quota, settlement, counters, tracer
     )

@@ -80,6 +80,8 @@ _NOT_FORWARDED = frozenset(
 )
 # The inference calls, metered as inline mode meters them: by path, else by LiteLLM's call type.
 _METERED_PATHS = ("/completions", "/responses", "/embeddings", "/messages")
+# Where a request names its output cap (any API's).
+_OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _METERED_CALLS = frozenset(
     {
         "completion",
@@ -258,6 +260,7 @@ class SidecarCallback(CustomLogger):
             if trace:
                 grant["trace"] = trace
             request_metadata(data)[METADATA_KEY] = grant
+            cap_output(data, call_type, answer)
             return data
         error = _error(answer)
         status = answer.status_code
@@ -380,6 +383,24 @@ def metered(data: Mapping[str, Any], call_type: str) -> bool:
     if path is not None:
         return path.rstrip("/").endswith(_METERED_PATHS)
     return call_type in _METERED_CALLS
+
+
+def cap_output(data: dict[str, Any], call_type: str, answer: httpx.Response) -> None:
+    """Give a request the output cap the sidecar reserved it for (`output_cap`: it named none, and
+    a token or cost limit reserved for it), as the sidecar does inline: otherwise its answer could
+    run past what was reserved, and concurrent requests past the limit. LiteLLM maps `max_tokens`
+    to each provider's own field; the Responses API's is `max_output_tokens`."""
+    try:
+        cap = answer.json().get("output_cap")
+    except (ValueError, AttributeError):
+        return
+    if type(cap) is not int or cap < 1 or any(data.get(name) is not None for name in _OUTPUT_CAPS):
+        return
+    path = (request_path(data) or "").rstrip("/")
+    if path.endswith("/embeddings") or "embedding" in call_type:
+        return  # no output to cap (hook mode does not know the path, so the sidecar offers one)
+    responses = path.endswith("/responses") if path else "responses" in call_type
+    data["max_output_tokens" if responses else "max_tokens"] = cap
 
 
 def client_body(data: Mapping[str, Any]) -> dict[str, Any]:

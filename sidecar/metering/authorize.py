@@ -20,6 +20,7 @@ from sidecar.quota.decision import Decision
 from sidecar.quota.limiter import Admission
 from sidecar.quota.packing import headers_of
 from sidecar.quota.service import Quota, RateLimitError, refusal
+from sidecar.usage.estimate import names_output_cap
 
 log = logging.getLogger("sidecar.hooks")
 
@@ -28,6 +29,8 @@ log = logging.getLogger("sidecar.hooks")
 # the request through, or refused it): a decision it would not see must count nothing. Only a
 # trusted caller may set it: a proxy that passes client headers to the hook must drop a client's.
 DEADLINE_HEADER = "x-sidecar-deadline"
+# The answer's `output_cap`, for a proxy that copies response headers (it cannot change the body).
+OUTPUT_CAP_HEADER = b"x-sidecar-output-cap"
 
 
 class DeadlineExceeded(SidecarError):
@@ -45,6 +48,10 @@ class Authorization(msgspec.Struct):
     request_id: str
     identity: HookIdentity
     policy: str | None = None
+    # With `[limits] cap_output`: the output cap the request was reserved for, when it named none
+    # and a token or cost limit reserved for it. A caller that can change the body (the LiteLLM
+    # callback) sets it, as inline mode does, so that the reservation is an upper bound.
+    output_cap: int | None = None
 
 
 class Decided(NamedTuple):
@@ -60,11 +67,14 @@ class Authorizer:
         identifier: Identifier,
         quota: Quota,
         settlement: Settlement,
+        *,
+        cap_output: bool = False,
     ) -> None:
         self.attribution = attribution
         self.identifier = identifier
         self.quota = quota
         self.settlement = settlement
+        self.cap_output = cap_output
         self.header = attribution.header.lower().encode("latin-1")
 
     async def decide(self, raw: bytes, headers: dict[str, str], peer: str | None) -> Decided:
@@ -127,7 +137,11 @@ class Authorizer:
         out += [(self.header, header_id), (b"x-sidecar-request-id", request_id.encode())]
         policy = decision.policy.name if decision.policy is not None else None
         identity = HookIdentity(resolved.external_id, resolved.source.value)
-        return Decided(200, Authorization(request_id, identity, policy), out)
+        cap = None
+        if self.cap_output and decision.charged and not names_output_cap(None, body or {}):
+            cap = self.attribution.default_output_reserve
+            out.append((OUTPUT_CAP_HEADER, b"%d" % cap))
+        return Decided(200, Authorization(request_id, identity, policy, cap), out)
 
 
 def _deadline(headers: Mapping[str, str]) -> float | None:

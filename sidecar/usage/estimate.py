@@ -54,6 +54,12 @@ def cap_output(kind: Kind | None, body: dict[str, Any], cap: int) -> bool:
     return True
 
 
+def names_output_cap(kind: Kind | None, body: Mapping[str, Any]) -> bool:
+    """Whether the request sets an output cap its kind reads (any kind's in hook mode, where the
+    path is not known). Raises InvalidRequest (see the module)."""
+    return _largest(body, _CAPS[kind] if kind is not None else _ANY_CAPS) is not None
+
+
 # How many choices a request asks for (OpenAI's chat and completions); each has its own output cap.
 _CHOICES = {
     Kind.CHAT: ("n",),

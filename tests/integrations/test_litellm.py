@@ -404,6 +404,56 @@ async def test_the_sidecars_limits_reach_the_client_429_and_retry_after_included
     assert (metrics["total_requests"], metrics["rate_limited_requests"]) == (1, 1)
 
 
+async def test_a_token_limited_request_without_a_cap_is_given_the_one_it_was_reserved_for(
+    make_env: MakeEnv, make_lite: LiteFactory, tmp_path: Path
+) -> None:
+    """As inline (`[limits] cap_output`): the callback sets the output cap the sidecar reserved
+    for, so that the reservation is an upper bound; a request's own cap is left as it is."""
+    policies = tmp_path / "policies.toml"
+    policies.write_text('[[policy]]\nname = "metered"\ntokens = ["1000000/minute"]\n')
+    limited = await make_env(
+        policies={"paths": [str(policies)]}, limits={"default_output_reserve": 300}
+    )
+    lite = await make_lite(on=limited)
+    who = {"X-ORQ-IDENTITY-ID": "capped", **tokens(3, 1)}
+    await lite.client.chat.completions.create(model="gpt-4o", messages=HELLO, extra_headers=who)
+    await lite.client.chat.completions.create(
+        model="gpt-4o", messages=HELLO, max_tokens=7, extra_headers=who
+    )
+    await lite.settle(successes=2)
+    uncapped, own = (request.json() for request in lite.env.mock.requests)
+    assert uncapped["max_tokens"] == 300
+    assert own["max_tokens"] == 7
+
+
+@pytest.mark.parametrize(
+    ("url", "call_type", "data", "set_as"),
+    [
+        ("http://x/v1/chat/completions", "acompletion", {}, "max_tokens"),
+        ("http://x/v1/responses", "aresponses", {}, "max_output_tokens"),
+        (None, "aresponses", {}, "max_output_tokens"),
+        ("http://x/v1/embeddings", "aembedding", {}, None),  # no output to cap
+        (None, "aembedding", {}, None),
+        ("http://x/v1/chat/completions", "acompletion", {"max_completion_tokens": 5}, None),
+    ],
+)
+def test_the_output_cap_goes_where_the_api_reads_it(
+    url: str | None, call_type: str, data: dict[str, Any], set_as: str | None
+) -> None:
+    request: dict[str, Any] = {"model": "m", **data}
+    if url is not None:
+        request["proxy_server_request"] = {"url": url}
+    before = dict(request)
+    integration.cap_output(request, call_type, httpx.Response(200, json={"output_cap": 300}))
+    added = {k: v for k, v in request.items() if k not in before}
+    assert added == ({} if set_as is None else {set_as: 300})
+    # An answer that names no cap, or not a number, changes nothing.
+    for answer in ({"output_cap": None}, {"output_cap": "300"}, {}):
+        again = dict(before)
+        integration.cap_output(again, call_type, httpx.Response(200, json=answer))
+        assert again == before
+
+
 # -- the sidecar unavailable -------------------------------------------------------------------
 
 

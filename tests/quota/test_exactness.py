@@ -339,6 +339,39 @@ async def test_the_output_cap_is_added_only_where_a_token_limit_needs_it(
     assert own["max_tokens"] == 7 and "max_completion_tokens" not in own  # its own cap stands
 
 
+@pytest.mark.parametrize(
+    ("policy_line", "limits", "body", "cap"),
+    [
+        ('tokens = ["100000/minute"]', {"default_output_reserve": 300}, {}, 300),
+        ('cost_usd = ["100/day"]', {}, {}, 1024),
+        ('tokens = ["100000/minute"]', {}, {"max_tokens": 7}, None),  # its own cap
+        ('tokens = ["100000/minute"]', {}, {"max_output_tokens": 7}, None),  # any kind's
+        ('requests = ["100/minute"]', {}, {}, None),  # nothing reserved
+        ('tokens = ["100000/minute"]', {"cap_output": False}, {}, None),
+    ],
+    ids=["tokens", "cost", "own-cap", "responses-cap", "requests-only", "off"],
+)
+async def test_authorize_names_the_output_cap_it_reserved_for(
+    make_env: MakeEnv,
+    tmp_path: Path,
+    policy_line: str,
+    limits: dict[str, Any],
+    body: dict[str, Any],
+    cap: int | None,
+) -> None:
+    """Hook mode cannot change the body: `/hooks/authorize` names the cap a request without one
+    was reserved for (`output_cap`, and a header for proxies that copy them), for the caller
+    to set as inline mode does."""
+    env: Env = await make_env(limits=limits, **policy(tmp_path, policy_line + "\n"))
+    token = env.api.headers["authorization"].split(" ", 1)[1]
+    request = {"model": "gpt-4o", "messages": MESSAGES, **body}
+    async with httpx.AsyncClient(base_url=env.url, headers={"x-sidecar-token": token}) as hooks:
+        r = await hooks.post("/hooks/authorize", json=request, headers={"x-orq-identity-id": "c"})
+    assert r.status_code == 200, r.text
+    assert r.json()["output_cap"] == cap
+    assert r.headers.get("x-sidecar-output-cap") == (None if cap is None else str(cap))
+
+
 async def test_each_choice_asked_for_is_reserved(make_env: MakeEnv, tmp_path: Path) -> None:
     """`n` choices of up to `max_tokens` each: a reservation of one choice's output let
     requests through that together produce many times the limit."""
