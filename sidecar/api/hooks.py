@@ -104,10 +104,8 @@ class HookController(Controller):
             # but not for the store's full socket timeout.
             within_s=max(limiter.timeout, REPORT_TIMEOUT_S),
             sourced=report.source is not None,
-            # Neither usage nor cost, for a kind whose answers tell it (not an extra path's).
-            hidden=not report.usage
-            and upstream_cost is None
-            and (metered is not None or report.path is None),
+            # No usage, for a kind whose answers tell it (not an extra path's).
+            untold=not report.usage and (metered is not None or report.path is None),
             # The span of the request continues the trace the report is part of.
             carrier={k: v for k in TRACE_CONTEXT if (v := request.headers.get(k)) is not None},
         )

@@ -66,26 +66,27 @@ class Meter:
         without saying what it used (no usage in the answer, no cost header: a server that does
         not report it, or leaves it out of a stream the sidecar asked it of, a response
         left to run in the background), what it reserved: the work was done and billed, and an
-        answer that hides its usage must not count as free. Nothing for an upstream failure, a
-        redirect or no answer, nor for `extra_paths` (their answers are not read)."""
-        if usage is None and nanos is None:
-            if self.hides_usage(usage, nanos) and self.reserve is not None:
-                return self.reserve.tokens, self.reserve.nanos
-            return 0, 0
-        return (usage.total_tokens if usage is not None else 0), nanos or 0
+        answer that hides its usage must not count as free; one that told its cost only (a cost
+        header, no usage) is charged that cost and the tokens it reserved. Nothing for an
+        upstream failure, a redirect or no answer, nor for `extra_paths` (their answers are not
+        read)."""
+        if usage is not None:
+            return usage.total_tokens, nanos or 0
+        reserve = self.reserve if self._succeeded() else None
+        if reserve is None:
+            return 0, nanos or 0
+        return reserve.tokens, reserve.nanos if nanos is None else nanos
 
     def hides_usage(self, usage: Usage | None, nanos: int | None) -> bool:
         """Whether the upstream answered a call the sidecar reads usage from with success (2xx)
         and told nothing of what it used (`nanos`: what a cost header or the usage priced
         said, None when nothing did)."""
+        return usage is None and nanos is None and self._succeeded()
+
+    def _succeeded(self) -> bool:
+        """The upstream answered a call the sidecar reads usage from with success (2xx)."""
         status = self.upstream_status
-        return (
-            usage is None
-            and nanos is None
-            and self.kind is not None
-            and status is not None
-            and 200 <= status < 300
-        )
+        return self.kind is not None and status is not None and 200 <= status < 300
 
     @property
     def named(self) -> str:
@@ -471,18 +472,19 @@ class Settlement:
         status: int,
         within_s: float,
         sourced: bool = True,
-        hidden: bool = False,
+        untold: bool = False,
         carrier: Mapping[str, str] | None = None,
     ) -> Recorded:
         """A hook-mode usage report: counted now, once per request id. `status` is the one
         upstream answered; `sourced` false: the report named no source, so no source counter
-        is bumped; `hidden`: it gave neither usage nor cost for a kind whose answers tell them, so
-        a success is counted as unreported and charged what its authorization reserved, as
-        inline (Meter.charges).
+        is bumped; `untold`: it gave no usage for a kind whose answers tell it, so a success is
+        charged the tokens its authorization reserved (and their cost, when it gave none either:
+        then it counts as unreported), as inline (Meter.charges).
         `carrier`: the report's headers, whose trace context its span continues."""
         received_ns = time.time_ns()
         failed = status >= 400
-        unreported = hidden and 200 <= status < 300
+        no_usage = untold and 200 <= status < 300
+        unreported = no_usage and usage.cost_nanos is None
         cost = self.attribution.cost(kind, model, usage, None)
         counters = self._counters(resolved, model, usage, cost, failed, unreported)
         nanos = cost.nanos if cost is not None else 0
@@ -515,10 +517,14 @@ class Settlement:
                 async with asyncio.timeout(within_s):
                     # The slots authorize took, if any, are free again.
                     await quota.limiter.release([(s.identity_id, request_id) for s in subjects])
-                    if unreported:  # what it reserved stands: not free for hiding its usage
-                        await quota.limiter.settle(subjects, request_id, None, None)
-                    else:
-                        await quota.limiter.settle(subjects, request_id, usage.total_tokens, nanos)
+                    # What it reserved stands where it did not say what it used (None): not
+                    # free for hiding its usage.
+                    await quota.limiter.settle(
+                        subjects,
+                        request_id,
+                        None if no_usage else usage.total_tokens,
+                        None if unreported else nanos,
+                    )
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("limits of report %s not charged: %s", request_id, exc)
         if owner is not None and (recorded.counted or recorded.spooled):

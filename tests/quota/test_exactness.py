@@ -275,7 +275,7 @@ async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
     [
         (200, {}, "reserved", 1),  # a success that told nothing: its reservation stands
         (200, {"usage": {}}, "reserved", 1),  # an empty usage object tells nothing either
-        (200, {"cost_usd": 0.001}, 0, 0),  # a cost was told: no tokens
+        (200, {"cost_usd": 0.001}, "reserved", 0),  # a cost told, not the tokens
         (500, {}, 0, 0),  # a failure uses nothing
         (200, {"path": "/v1/rerank"}, 0, 0),  # an extra path's answers need not tell usage
     ],

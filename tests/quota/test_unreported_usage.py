@@ -42,11 +42,12 @@ SSE_NO_USAGE = (
 
 
 class Upstream(RawUpstream):
-    """Answers every request with the status, content type and body it is given."""
+    """Answers every request with the status, content type and body it is given (and header
+    lines, when given)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.reply = (200, b"application/json", NO_USAGE)
+        self.reply: tuple[Any, ...] = (200, b"application/json", NO_USAGE)
 
     def answer(self, body: dict[str, Any]) -> bytes:
         return response(*self.reply)
@@ -107,6 +108,25 @@ async def test_an_answer_without_usage_is_charged_what_was_reserved(
     reserved = LIMIT - int(r.headers["x-ratelimit-remaining-tokens"])  # its reservation
     assert reserved > 100  # its input estimate and max_tokens
     assert await used(env, "hidden") == reserved
+
+
+async def test_an_answer_that_tells_its_cost_only_is_charged_the_tokens_it_reserved(
+    make_env: MakeEnv, tmp_path: Path, upstream: Upstream
+) -> None:
+    """A cost header without usage tells the cost, not the tokens: the tokens it reserved are
+    charged (not none), and the cost it told."""
+    path = tmp_path / "policies.toml"
+    path.write_text(
+        f'[[policy]]\nname = "p"\ntokens = ["{LIMIT}/minute"]\ncost_usd = ["100/day"]\n'
+    )
+    env: Env = await make_env(upstream_url=upstream.url, policies={"paths": [str(path)]})
+    upstream.reply = (200, b"application/json", NO_USAGE, b"x-litellm-response-cost: 0.25")
+    r = await ask(env, "costed")
+    assert r.status_code == 200, r.text
+    reserved = LIMIT - int(r.headers["x-ratelimit-remaining-tokens"])
+    await env.settle()
+    tokens, cost = (await limit_usage(env, "costed")).limits
+    assert (int(tokens.used), int(cost.used)) == (reserved, 250_000_000)  # nano-dollars
 
 
 async def test_an_answer_with_usage_is_charged_what_it_used(
