@@ -231,6 +231,25 @@ async def _writers(redis: Redis, client: httpx.AsyncClient, url: str, ids: list[
     return writers
 
 
+async def _both_serving(redis: Redis, client: httpx.AsyncClient, url: str) -> None:
+    """Unlimited requests, 20 at a time, until the usage of both workers shows: /readyz answers
+    once one of them is up, and on a loaded machine the other may still be starting (it then
+    serves none of a short run, which proves nothing about two)."""
+    warm = [f"warm-{n}" for n in range(20)]
+    async with asyncio.timeout(30):
+        while True:
+            replies = await asyncio.gather(
+                *(
+                    client.post(url + "/v1/chat/completions", json=BODY, headers=_headers(w, 0))
+                    for w in warm
+                )
+            )
+            assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+            await asyncio.sleep(0.3)  # their usage written (every 100 ms)
+            if len(await _writers(redis, client, url, warm)) == WORKERS:
+                return
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_limits_and_usage_are_exact_across_two_workers_and_sigterm_drains_both(
@@ -241,6 +260,7 @@ async def test_limits_and_usage_are_exact_across_two_workers_and_sigterm_drains_
     seen = {w: Seen() for w in who}
     async with _client() as client:
         await served.ready(client)
+        await _both_serving(redis, client, url)
         await asyncio.gather(
             *(_until_refused(client, url, w, seen[w]) for w in who for _ in range(PER_IDENTITY))
         )

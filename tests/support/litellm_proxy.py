@@ -125,6 +125,9 @@ class LiteLLMProxy:
 
     async def aclose(self) -> None:
         await close_litellm_async_clients()  # type: ignore[no-untyped-call]
+        # Closed, but still cached: a later test's router for the same upstream would be handed
+        # a closed client ("Cannot send a request, as the client has been closed").
+        litellm.in_memory_llm_clients_cache.flush_cache()  # type: ignore[no-untyped-call]
 
     def _build_app(self) -> FastAPI:
         app = FastAPI()
