@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -247,19 +249,28 @@ async def test_a_client_that_leaves_is_charged_what_upstream_produced(
     assert await used(env, "leaver") == 90
 
 
-async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
-    make_env: MakeEnv, tmp_path: Path
-) -> None:
-    env: Env = await make_env(**policy(tmp_path, 'tokens = ["100/hour"]\n'))
+@asynccontextmanager
+async def authorized(
+    make_env: MakeEnv, tmp_path: Path, limit: str
+) -> AsyncIterator[tuple[Env, httpx.AsyncClient, str, int]]:
+    """A sidecar whose policy limits tokens to `limit`, a client of its hooks, and one request
+    of identity `h` authorized there (`max_tokens` 20): its request id and what it reserved."""
+    env: Env = await make_env(**policy(tmp_path, f'tokens = ["{limit}"]\n'))
     token = env.api.headers["authorization"].split(" ", 1)[1]
     body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20}
     async with httpx.AsyncClient(base_url=env.url, headers={"x-sidecar-token": token}) as hooks:
         first = await hooks.post("/hooks/authorize", json=body, headers={"x-orq-identity-id": "h"})
         assert first.status_code == 200
-        reserved = await used(env, "h")
+        yield env, hooks, first.json()["request_id"], int(await used(env, "h"))
+
+
+async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    async with authorized(make_env, tmp_path, "100/hour") as (env, hooks, request_id, reserved):
         assert 20 < reserved <= 100
         report = {
-            "request_id": first.json()["request_id"],
+            "request_id": request_id,
             "identity": "h",
             "model": "gpt-4o",
             "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
@@ -292,16 +303,10 @@ async def test_a_hook_report_without_usage_is_charged_its_reservation(
     """As inline (an answer that hides its usage is charged what it reserved): a report of
     success without usage or cost does not make the request free against token limits, and is
     counted as unreported."""
-    env: Env = await make_env(**policy(tmp_path, 'tokens = ["100000/hour"]\n'))
-    token = env.api.headers["authorization"].split(" ", 1)[1]
-    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20}
-    async with httpx.AsyncClient(base_url=env.url, headers={"x-sidecar-token": token}) as hooks:
-        first = await hooks.post("/hooks/authorize", json=body, headers={"x-orq-identity-id": "h"})
-        assert first.status_code == 200
-        reserved = await used(env, "h")
+    async with authorized(make_env, tmp_path, "100000/hour") as (env, hooks, request_id, reserved):
         assert reserved > 20
         report = {
-            "request_id": first.json()["request_id"],
+            "request_id": request_id,
             "identity": "h",
             "model": "gpt-4o",
             "status": status,
