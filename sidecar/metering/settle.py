@@ -206,7 +206,7 @@ class Settlement:
         cost = self._cost(meter, usage, header_cost)
         known = _known(usage, header_cost, cost)
         # Counted as a request without tokens or cost, and as one whose usage is unknown.
-        unreported = not failed and meter.kind is not None and meter.hides_usage(usage, known)
+        unreported = not failed and meter.hides_usage(usage, known)
         counters = self._counters(resolved, model, usage, cost, failed, unreported)
         if self.counters is not None:
             self.counters.metered_request(resolved.source.value)

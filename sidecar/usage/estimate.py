@@ -45,11 +45,8 @@ def cap_output(kind: Kind | None, body: dict[str, Any], cap: int) -> bool:
     """Give a request that names no output cap this one (the output its reservation counted);
     True when the body changed. Embeddings and unknown paths are left alone."""
     name = OUTPUT_CAP.get(kind) if kind is not None else None
-    if kind is None or name is None:
+    if kind is None or name is None or names_output_cap(kind, body):
         return False
-    for field in _CAPS[kind]:
-        if _cap(body, field) is not None:
-            return False
     body[name] = cap
     return True
 
