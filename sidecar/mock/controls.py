@@ -36,6 +36,18 @@ class Body(msgspec.Struct):
     metadata: Any = None
     previous_response_id: Any = None
     store: Any = None
+    n: Any = None
+    best_of: Any = None
+    prompt: Any = None
+
+
+def outputs(body: Body) -> int:
+    """How many outputs of up to the request's cap a real upstream may produce: each choice
+    (`n`, a completion's `best_of`) of each prompt (a completion's `prompt` as a list)."""
+    choices = max((v for v in (body.n, body.best_of) if type(v) is int), default=1)
+    prompt = body.prompt
+    prompts = sum(type(p) is not int for p in prompt) if type(prompt) is list else 1
+    return max(1, choices) * max(1, prompts)
 
 
 decode_body = msgspec.json.Decoder(Body).decode

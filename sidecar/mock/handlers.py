@@ -21,6 +21,7 @@ from sidecar.mock.controls import (
     decode_body,
     include_usage,
     model_name,
+    outputs,
     parse_controls,
     response_echo,
 )
@@ -141,7 +142,8 @@ class Router:
         if completion is None:
             completion = min(max(limit, 0), 64) if type(limit) is int else 16
         elif type(limit) is int:
-            completion = min(completion, max(limit, 0))  # as a real upstream, never past the cap
+            # As a real upstream: never past the cap, for each output asked for.
+            completion = min(completion, max(limit, 0) * outputs(body))
         if ctl is not self._defaults:
             prompt = max(prompt, ctl.cached + ctl.cache_write)
             completion = max(completion, ctl.reasoning)

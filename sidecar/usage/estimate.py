@@ -3,10 +3,12 @@ token and cost limits of a limited identity, replaced by the actual once it is a
 
 Input: the request body's length in bytes / 3, plus 16. A token is rarely shorter than 3 bytes
 of JSON (English runs about 4 characters a token; the body also holds keys, quotes and roles,
-which are not tokens), so this over-estimates, which is the direction a reservation may err in.
+which are not tokens), so this over-estimates, which is the direction a reservation may err in;
+token ids sent as numbers (`[1,2,3]`, two bytes a token) count one each on top.
 Output: the request's own cap (`max_tokens`, `max_completion_tokens`, `max_output_tokens`), else
 `[limits] default_output_reserve`, for each choice asked for (`n`; a completion's `best_of`, all of
-which are generated and billed); an embedding produces none.
+which are generated and billed) of each prompt sent (a completion's `prompt` as a list); an
+embedding produces none.
 
 What the estimate reads must be a whole number (or null, or absent): anything else is refused
 (400), not guessed at. An upstream that reads `"max_tokens": "100000"` or `"n": "128"` as numbers
@@ -101,17 +103,45 @@ def choices(kind: Kind | None, body: Mapping[str, Any]) -> int:
     return max(1, _largest(body, _CHOICES[kind] if kind is not None else _ANY_CHOICES) or 1)
 
 
+def _parts(value: Any) -> tuple[int, int]:
+    """(prompts, token ids) of a completion's `prompt` or an embedding's `input`: a string, a
+    list of strings, a list of token ids, or a list of lists of token ids. Each element that is
+    not a token id is a prompt of its own; a list of token ids alone is one."""
+    if type(value) is not list:
+        return 1, 0
+    prompts = ids = 0
+    for part in value:
+        if type(part) is int:
+            ids += 1
+        else:
+            prompts += 1
+            if type(part) is list:
+                ids += len(part)
+    return max(1, prompts), ids
+
+
 def tokens(
     kind: Kind | None, body: Mapping[str, Any], body_bytes: int, default_output: int
 ) -> tuple[int, int]:
     """(input, output) tokens the request may use at most. Output: the largest cap it sets of
     those its kind reads (every kind's in hook mode, where the path is not known), times its
-    choices. Raises InvalidRequest (see the module)."""
+    choices, times its prompts (a completion's `prompt` may be a list of them, each answered
+    with its own choices). Input: its bytes (see the module), plus one for each token id it
+    sends as a number: `[1,2,3]` is two bytes a token, which the bytes alone would count short.
+    Raises InvalidRequest (see the module)."""
     input_tokens = body_bytes // BYTES_PER_TOKEN + INPUT_OVERHEAD
-    if kind is Kind.EMBEDDINGS:
-        return input_tokens, 0
+    if kind is Kind.CHAT or kind is Kind.MESSAGES or kind is Kind.RESPONSES:
+        prompts = 1
+    else:  # completions, embeddings, or the path not known (hook mode)
+        prompts, ids = _parts(body.get("prompt"))
+        if kind is not Kind.COMPLETIONS:
+            ids += _parts(body.get("input"))[1]
+        input_tokens += ids
+        if kind is Kind.EMBEDDINGS:
+            return input_tokens, 0
     cap = _largest(body, _CAPS[kind] if kind is not None else _ANY_CAPS)
-    return input_tokens, (default_output if cap is None else cap) * choices(kind, body)
+    output = (default_output if cap is None else cap) * choices(kind, body) * prompts
+    return input_tokens, output
 
 
 # Tools the provider runs, which add what they find to the input (tool types, by prefix).

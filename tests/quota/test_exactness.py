@@ -393,6 +393,35 @@ async def test_each_choice_asked_for_is_reserved(make_env: MakeEnv, tmp_path: Pa
     assert await used(env, "many") == answered.json()["usage"]["total_tokens"]
 
 
+async def test_each_prompt_of_a_completion_is_reserved(make_env: MakeEnv, tmp_path: Path) -> None:
+    """A completion's `prompt` may be a list of prompts, each answered with up to `max_tokens`
+    (times its choices): a reservation of one prompt's output let requests through that
+    together produced many times the limit."""
+    env: Env = await make_env(**policy(tmp_path, 'tokens = ["2500/minute"]\n'))
+    client = openai.AsyncOpenAI(base_url=env.url + "/v1", api_key="sk-x", max_retries=0)
+    headers = {"X-ORQ-IDENTITY-ID": "prompts", "x-mock-latency-ms": "300", **tokens(15, 2000)}
+
+    async def one() -> int | None:
+        try:
+            answer = await client.completions.create(
+                model="gpt-3.5-turbo-instruct",
+                prompt=["Say hi"] * 40,
+                max_tokens=50,
+                extra_headers=headers,
+            )
+        except openai.RateLimitError:
+            return None
+        assert answer.usage is not None
+        return answer.usage.total_tokens
+
+    answers = await asyncio.gather(*(one() for _ in range(5)))
+    await client.close()
+    # Each reserves its input (about 140) and 40 x 50 of output: one fits in 2,500 at a time,
+    # and it uses 2,015 (the mock, as a real upstream, produces 50 for each of the 40).
+    assert sorted(answers, key=str) == [2015, None, None, None, None]
+    assert await used(env, "prompts") == 2015
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("max_tokens", "100000"), ("n", "128"), ("max_completion_tokens", 1.5)]
 )

@@ -38,15 +38,43 @@ def test_input_is_the_bytes_over_three_plus_overhead() -> None:
         (Kind.CHAT, {"max_tokens": 50, "n": 0}, 50),  # at least one
         (Kind.CHAT, {"max_tokens": None, "n": None}, DEFAULT),  # null: not set
         (Kind.CHAT, {"max_tokens": 64.0, "n": 2.0}, 128),  # whole numbers as floats
+        # A completion's prompts, each with its own choices (a list of token ids is one).
+        (Kind.COMPLETIONS, {"max_tokens": 10, "prompt": ["a", "b", "c"]}, 30),
+        (Kind.COMPLETIONS, {"max_tokens": 10, "n": 2, "prompt": [[1, 2], [3]]}, 40),
+        (Kind.COMPLETIONS, {"max_tokens": 10, "prompt": [1, 2, 3]}, 10),
+        (Kind.COMPLETIONS, {"max_tokens": 10, "prompt": "a"}, 10),
+        (Kind.COMPLETIONS, {"max_tokens": 10, "prompt": []}, 10),
+        (Kind.CHAT, {"max_tokens": 10, "prompt": ["a", "b"]}, 10),  # not a chat field
         # Hook mode: the path is not known, so every kind's fields count.
         (None, {"max_output_tokens": 5000, "max_tokens": 10}, 5000),
         (None, {"max_tokens": 10, "best_of": 3, "n": 2}, 30),
+        (None, {"max_tokens": 10, "prompt": ["a", "b"]}, 20),
+        (None, {"max_output_tokens": 10, "prompt": {"id": "pmpt_1"}}, 10),  # a stored prompt
     ],
 )
 def test_output_is_the_largest_cap_times_the_choices(
     kind: Kind | None, body: dict[str, Any], expected: int
 ) -> None:
     assert output(kind, body) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "ids"),
+    [
+        (Kind.COMPLETIONS, {"prompt": [1] * 90}, 90),
+        (Kind.COMPLETIONS, {"prompt": [[1] * 40, [2] * 50, "text"]}, 90),
+        (Kind.EMBEDDINGS, {"input": [[1] * 60, [2] * 30]}, 90),
+        (Kind.EMBEDDINGS, {"input": [1] * 90}, 90),
+        (None, {"input": [1] * 40, "prompt": [2] * 50}, 90),
+        (Kind.CHAT, {"prompt": [1] * 90}, 0),  # not read there
+        (Kind.EMBEDDINGS, {"input": ["a", "b"]}, 0),
+    ],
+)
+def test_token_ids_sent_as_numbers_count_one_each_beside_the_bytes(
+    kind: Kind | None, body: dict[str, Any], ids: int
+) -> None:
+    """`[1,1,1]` is two bytes a token: the bytes over three alone would count it short."""
+    assert estimate.tokens(kind, body, 300, DEFAULT)[0] == 300 // 3 + 16 + ids
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "n"])
