@@ -44,8 +44,17 @@ class MissingIdentity(Exception):
 
 
 # The headers an API key travels in besides `Authorization: Bearer` (see api_key), and all of
-# them: a request that repeats one with different values is refused (asgi.lowered).
-_KEY_HEADERS = ("x-api-key", "api-key")
+# them: a request that repeats one with different values is refused (asgi.lowered). Anthropic's,
+# Azure OpenAI's, Google AI Studio's, LiteLLM's own and Azure API Management's: LiteLLM's proxy
+# authenticates a caller by any of them, and a key the sidecar did not read there would be
+# billed to its owner and limited as no one's.
+_KEY_HEADERS = (
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-litellm-api-key",
+    "ocp-apim-subscription-key",
+)
 KEY_HEADERS = frozenset({"authorization", *_KEY_HEADERS})
 
 
@@ -184,16 +193,19 @@ def _parsed(raw: dict[str, Any], param: str) -> Resolved:
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
-    """The API key a request carries: OpenAI's bearer token, Anthropic's `x-api-key` or Azure
-    OpenAI's `api-key`. AmbiguousKey when two of them hold different keys: the upstream bills
-    the one it reads, in an order of its own, so the request could be billed to one key and
-    attributed (and limited) as the other's."""
+    """The API key a request carries: OpenAI's bearer token, or one of the other headers keys
+    travel in (`_KEY_HEADERS`), whose value may also begin `Bearer ` (LiteLLM strips it).
+    AmbiguousKey when two of them hold different keys: the upstream bills the one it reads, in
+    an order of its own, so the request could be billed to one key and attributed (and
+    limited) as the other's."""
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     key = token.strip() if scheme.lower() == "bearer" else ""
     for name in _KEY_HEADERS:
         other = headers.get(name)
         if other:
+            if other[:7].lower() == "bearer ":
+                other = other[7:].strip()
             if not key:
                 key = other
             elif other != key:

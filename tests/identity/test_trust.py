@@ -227,6 +227,32 @@ def ambiguous(r: httpx.Response, code: str, param: str) -> None:
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
 
 
+@pytest.mark.parametrize(
+    "header", ["x-goog-api-key", "x-litellm-api-key", "Ocp-Apim-Subscription-Key"]
+)
+async def test_a_key_in_any_header_litellm_authenticates_by_is_its_owners(
+    make_env: MakeEnv, tmp_path: Path, header: str
+) -> None:
+    """LiteLLM's proxy reads a caller's key from these too: one the sidecar did not read there
+    was billed to its owner and counted as no one's, past the owner's limits."""
+    env: Env = await make_env(
+        identity={"trust": "keys"},
+        api_keys=listed(),
+        **policies(tmp_path, '[[policy]]\nname = "p"\nrequests = ["1/minute"]\n'),
+    )
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        first = await client.post("/v1/chat/completions", json=BODY, headers={header: KEY})
+        assert first.status_code == 200, first.text
+        again = {"authorization": "Bearer junk", header: f"Bearer {KEY}"}
+        r = await client.post("/v1/chat/completions", json=BODY, headers=again)
+        ambiguous(r, "ambiguous_api_key", header.lower())
+        for headers in ({header: KEY}, {header: f"Bearer {KEY}", "x-api-key": KEY}):
+            r = await client.post("/v1/chat/completions", json=BODY, headers=headers)
+            assert r.status_code == 429, r.text  # the owner's one request a minute, used
+    assert len(env.mock.requests) == 1
+    assert (await env.metrics("tenant"))["total_requests"] == 1
+
+
 async def test_a_request_with_two_different_api_keys_is_refused_not_attributed_to_either(
     make_env: MakeEnv, tmp_path: Path
 ) -> None:
