@@ -17,7 +17,7 @@ from sidecar.errors import InvalidRequest
 from sidecar.identity import model
 from sidecar.identity.model import InvalidField
 from sidecar.identity.resolve import Resolved, Source
-from sidecar.usage.extract import usage_from_mapping
+from sidecar.usage.extract import check_reported, usage_from_mapping
 from sidecar.usage.model import Kind, Usage, kind_for_path
 
 REPORT_TIMEOUT_S = 1.0
@@ -89,6 +89,8 @@ class HookController(Controller):
         logs.bind(external_id, report.request_id)
         metered = kind_for_path(report.path or "")
         kind = metered or Kind.CHAT
+        if report.usage:
+            check_reported(report.usage)
         usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()
         upstream_cost = _cost(report.cost_usd)
         if upstream_cost is not None:

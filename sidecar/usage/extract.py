@@ -24,6 +24,58 @@ def _count(value: object) -> int:
     return 0
 
 
+# The counts a usage object's readers below take, at its top level and in its detail objects
+# (every name there that ends in `_tokens`, and cache_creation's counts by TTL).
+_TOP_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "prompt_cache_hit_tokens",
+)
+_DETAILS = (
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    "input_tokens_details",
+    "output_tokens_details",
+    "cache_creation",
+)
+
+
+def check_reported(raw: dict[str, Any], param: str = "usage") -> None:
+    """Raise InvalidRequest naming the first count in a usage object a caller reports (hook
+    mode) that is not a whole number from 0 to 2**53 - 1 (null is absent), a detail object that
+    is not an object, or a cost that is not a non-negative number of dollars. An upstream's
+    answer is read leniently (such a count reads as 0: the answer has gone to its client); a
+    report is refused instead, counting nothing, so that a garbled one cannot release its
+    request's reservation as if it had used nothing."""
+    for name in _TOP_COUNTS:
+        _check_count(raw.get(name), f"{param}.{name}")
+    for group in _DETAILS:
+        details = raw.get(group)
+        if details is None:
+            continue
+        if type(details) is not dict:
+            raise InvalidRequest(f"{param}.{group} must be an object", param=f"{param}.{group}")
+        for name, value in details.items():
+            if name.endswith("_tokens"):
+                _check_count(value, f"{param}.{group}.{name}")
+    for name in ("cost", "total_cost"):
+        value = raw.get(name)
+        if value is not None and money.from_number(value) is None:
+            message = f"{param}.{name} must be a non-negative number of dollars"
+            raise InvalidRequest(message, param=f"{param}.{name}")
+
+
+def _check_count(value: object, param: str) -> None:
+    if value is None or _count(value) or (value == 0 and type(value) in (int, float)):
+        return
+    raise InvalidRequest(f"{param} must be a whole number from 0 to 2**53 - 1", param=param)
+
+
 def _mapping(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 

@@ -148,6 +148,25 @@ async def test_usage_with_the_proxy_cost_and_anthropic_shape(env: Env) -> None:
         {"request_id": "x", "identity": "a", "usage": [1, 2]},
         {"request_id": "x", "identity": "", "status": 200},
         {"request_id": "x", "identity": "a", "extra": True},
+        # Counts and costs in the usage object that are not whole numbers of at least 0.
+        *(
+            {"request_id": "x", "identity": "a", "usage": {"prompt_tokens": 10, name: value}}
+            for name, value in (
+                ("completion_tokens", -5000),
+                ("completion_tokens", 10**30),
+                ("completion_tokens", 2**53),
+                ("completion_tokens", "1500"),
+                ("completion_tokens", 1500.5),
+                ("completion_tokens", True),
+                ("output_tokens", [1]),
+                ("prompt_tokens_details", {"cached_tokens": -1}),
+                ("prompt_tokens_details", 3),
+                ("cache_creation", {"ephemeral_5m_input_tokens": "7"}),
+                ("cost", -0.5),
+                ("cost", "0.5"),
+                ("total_cost", 10**400),
+            )
+        ),
     ],
 )
 async def test_bad_usage_reports_are_400(env: Env, redis: Redis, fields: dict[str, Any]) -> None:
@@ -155,6 +174,30 @@ async def test_bad_usage_reports_are_400(env: Env, redis: Redis, fields: dict[st
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert await redis.dbsize() == 0
+
+
+async def test_a_garbled_report_counts_nothing_and_leaves_the_reservation(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """A report of a negative or unreadable count was read as 0 tokens: its request's
+    reservation was given back as if it had used nothing."""
+    policy = '[[policy]]\nname = "t"\ntokens = ["10000/minute"]\n'
+    env = await make_env(**policy_file(tmp_path, policy))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+    auth = await authorize(env, body, **{"x-orq-identity-id": "garbled"})
+    assert auth.status_code == 200, auth.text
+    held = 10000 - int(auth.headers["x-ratelimit-remaining-tokens"])
+    assert held > 500
+    fields = {"request_id": auth.json()["request_id"], "identity": "garbled", "model": "gpt-4o"}
+    bad = await report(env, **fields, usage={"prompt_tokens": 10, "completion_tokens": -5000})
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == "usage.completion_tokens"
+    again = await authorize(env, body, **{"x-orq-identity-id": "garbled"})
+    assert 10000 - int(again.headers["x-ratelimit-remaining-tokens"]) == 2 * held  # still held
+    good = await report(env, **fields, usage={"prompt_tokens": 10, "completion_tokens": 40})
+    assert good.status_code == 202 and good.json()["counted"], good.text
+    metrics = await env.metrics("garbled")
+    assert (metrics["input_tokens"], metrics["output_tokens"]) == (10, 40)
 
 
 async def test_hook_authorize_refuses_with_429(make_env: MakeEnv, tmp_path: Path) -> None:
