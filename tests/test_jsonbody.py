@@ -30,6 +30,10 @@ from sidecar.usage import estimate
             b'{"stream": true, "stream_options": {"include_usage": false, "include_usage": true}}',
             "field_repeated",
         ),
+        # The end user, where the body goes upstream with it.
+        (b'{"model": "m", "user": "victim", "user": "acme-1"}', "field_repeated"),
+        (b'{"metadata": {"user_id": "victim", "user_id": "acme-1"}}', "field_repeated"),
+        (b'{"metadata": {"user_id": "victim"}, "metadata": {"user_id": "a"}}', "field_repeated"),
     ],
 )
 def test_what_is_refused(body: bytes, code: str) -> None:
@@ -52,6 +56,9 @@ def test_names_the_sidecar_does_not_read_may_take_any_case() -> None:
         b' "parameters": {"properties": {"model": {}, "n": {}}}}}]}',
         # "user" as a value, beside the field of that name.
         b'{"model": "m", "user": "u", "messages": [{"role": "user", "content": "hi"}]}',
+        # "user_id" in a tool's schema, beside the end user's.
+        b'{"model": "m", "metadata": {"user_id": "u"}, "tools": [{"input_schema": '
+        b'{"properties": {"user_id": {}}}}]}',
         # Escapes in values only; a name no upstream acts on for the sidecar, twice.
         b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \\u0061"}]}',
         b'{"model": "m", "temperature": 1, "temperature": 0}',

@@ -156,6 +156,22 @@ async def test_user_fields_are_a_claim_under_the_same_rules(make_env: MakeEnv) -
     assert record["external_id"] == "end-7"
     # The upstream still gets `user`: it is the client's own field.
     assert env.mock.requests[0].json()["user"] == "end-7"
+    # So a claim named twice is refused: the sidecar would check the last, and an upstream that
+    # keeps the first (or a gateway's per-user budgets) would read the other.
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        for twice in (
+            b'"user": "other-7", "user": "end-7"',
+            b'"metadata": {"user_id": "other-7", "user_id": "end-7"}',
+        ):
+            body = b'{"model": "gpt-4o", "messages": [], "max_tokens": 5, ' + twice + b"}"
+            r = await client.post(
+                "/v1/chat/completions",
+                content=body,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "field_repeated"
+    assert len(env.mock.requests) == 1
 
 
 async def test_hooks_apply_the_same_rules(make_env: MakeEnv) -> None:
