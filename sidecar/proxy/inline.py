@@ -427,6 +427,9 @@ def _plain(path: str) -> bool:
         and " /" not in path
         and "//" not in path
         and "%" not in path
+        and "?" not in path
+        and "#" not in path
+        and path.isprintable()
         and not path.endswith((".", " "))
     )
 
@@ -436,16 +439,24 @@ def _normalized(path: str) -> str:
     what the sidecar decoded already: `%252F` is a slash there), in Unicode's compatibility
     form (fullwidth letters as ASCII ones), case folded (U+017F, a long s, as `s`: .NET's
     case-insensitive matching reads it so), backslashes as slashes, each segment without its
-    `;` parameters and trailing dots and spaces, and empty segments dropped (nginx merges
+    `;` parameters and trailing dots, spaces and control characters, cut at a `?` or `#` that
+    came encoded, and empty segments dropped (nginx merges
     slashes). A POST whose path is not metered as sent but is once so read is refused
     (`/v1/Chat/Completions`, `/v1/chat/completions;x`, `/v1/chat//completions`), and so is one
     metered as another kind (`/v1/chat;x/completions` is a completion as sent, a chat
     completion so read): an upstream that read it so would serve a call nobody metered, or
     metered as what it is not."""
     decoded = unquote(path) if "%" in path else path
+    # A `?` or `#` that arrived encoded ends the path for a server that decodes before it splits.
+    decoded = decoded.split("?", 1)[0].split("#", 1)[0]
     folded = unicodedata.normalize("NFKC", decoded).casefold().replace("\\", "/")
-    segments = (segment.split(";", 1)[0].rstrip(". ") for segment in folded.split("/"))
+    segments = (segment.split(";", 1)[0].rstrip(_TRIMMED) for segment in folded.split("/"))
     return "/" + "/".join(segment for segment in segments if segment)
+
+
+# Trimmed from the end of a segment by lenient servers: dots, spaces and the other whitespace
+# and control characters (`/v1/chat/completions%09`: a tab).
+_TRIMMED = ". " + "".join(map(chr, range(32))) + "\x7f"
 
 
 def _dot_segments(path: str) -> bool:

@@ -150,6 +150,11 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
             "/v1/chat/%2Fcompletions",
             "/v1/chat%252Fcompletions",  # a slash to a server that decodes once more
             "/v1%255Cchat%255Ccompletions",
+            "/v1/chat/completions%09",  # a tab, trimmed as whitespace
+            "/v1/chat/completions%00",
+            "/v1/chat/completions%20%0D",
+            "/v1/chat/completions%3Fx=1",  # a `?` to a server that decodes before it splits
+            "/v1/chat/completions%23",
         )
         await refused_as_not_normalized(conn, targets, headers, body)
         # A read in another case, a POST that is no metered path in any spelling, and a
