@@ -89,9 +89,12 @@ class HookController(Controller):
         logs.bind(external_id, report.request_id)
         metered = kind_for_path(report.path or "")
         kind = metered or Kind.CHAT
+        told = None
         if report.usage:
             check_reported(report.usage)
-        usage = usage_from_mapping(kind, report.usage, report.model) if report.usage else Usage()
+            # None for one without an input or output count (a total alone): as none given.
+            told = usage_from_mapping(kind, report.usage, report.model)
+        usage = told or Usage()
         upstream_cost = _cost(report.cost_usd)
         if upstream_cost is not None:
             usage = msgspec.structs.replace(usage, cost_nanos=upstream_cost)
@@ -107,7 +110,7 @@ class HookController(Controller):
             within_s=max(limiter.timeout, REPORT_TIMEOUT_S),
             sourced=report.source is not None,
             # No usage, for a kind whose answers tell it (not an extra path's).
-            untold=not report.usage and (metered is not None or report.path is None),
+            untold=told is None and (metered is not None or report.path is None),
             # The span of the request continues the trace the report is part of.
             carrier={k: v for k in TRACE_CONTEXT if (v := request.headers.get(k)) is not None},
         )

@@ -48,21 +48,13 @@ _DETAILS = (
 def check_reported(raw: dict[str, Any], param: str = "usage") -> None:
     """Raise InvalidRequest naming the first count in a usage object a caller reports (hook
     mode) that is not a whole number from 0 to 2**53 - 1 (null is absent), a detail object that
-    is not an object, or a cost that is not a non-negative number of dollars. An upstream's
-    answer is read leniently (such a count reads as 0: the answer has gone to its client); a
-    report is refused instead, counting nothing, so that a garbled one cannot release its
-    request's reservation as if it had used nothing."""
-    for name in _TOP_COUNTS:
-        _check_count(raw.get(name), f"{param}.{name}")
-    for group in _DETAILS:
-        details = raw.get(group)
-        if details is None:
-            continue
-        if type(details) is not dict:
-            raise InvalidRequest(f"{param}.{group} must be an object", param=f"{param}.{group}")
-        for name, value in details.items():
-            if name.endswith("_tokens"):
-                _check_count(value, f"{param}.{group}.{name}")
+    is not an object, or a cost that is not a non-negative number of dollars: a report is
+    refused, counting nothing, so that a garbled one cannot release its request's reservation
+    as if it had used nothing."""
+    bad = unreadable(raw)
+    if bad is not None:
+        what = "an object" if bad in _DETAILS else "a whole number from 0 to 2**53 - 1"
+        raise InvalidRequest(f"{param}.{bad} must be {what}", param=f"{param}.{bad}")
     for name in ("cost", "total_cost"):
         value = raw.get(name)
         if value is not None and money.from_number(value) is None:
@@ -70,10 +62,31 @@ def check_reported(raw: dict[str, Any], param: str = "usage") -> None:
             raise InvalidRequest(message, param=f"{param}.{name}")
 
 
-def _check_count(value: object, param: str) -> None:
-    if value is None or _count(value) or (value == 0 and type(value) in (int, float)):
-        return
-    raise InvalidRequest(f"{param} must be a whole number from 0 to 2**53 - 1", param=param)
+def unreadable(raw: dict[str, Any]) -> str | None:
+    """The first count a usage object holds that is not a whole number from 0 to 2**53 - 1
+    (null is absent), or detail object that is not an object, by its path; None when every one
+    it holds can be read."""
+    for name in _TOP_COUNTS:
+        value = raw.get(name)
+        if value is not None and not _is_count(value):
+            return name
+    for group in _DETAILS:
+        details = raw.get(group)
+        if details is None:
+            continue
+        if type(details) is not dict:
+            return group
+        for name, value in details.items():
+            if name.endswith("_tokens") and value is not None and not _is_count(value):
+                return f"{group}.{name}"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    if type(value) is int:
+        return 0 <= value <= _MAX_COUNT
+    # Some gateways serialise counts as 12.0; is_integer() is False for nan and inf.
+    return type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT
 
 
 def _mapping(value: object) -> dict[str, Any]:
@@ -169,7 +182,17 @@ def _from_anthropic(raw: dict[str, Any], model: str | None) -> Usage:
     )
 
 
-def usage_from_mapping(kind: Kind, raw: dict[str, Any], model: str | None) -> Usage:
+# An input or output count: a usage object without one readable tells nothing of either.
+_MAIN_COUNTS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
+
+
+def usage_from_mapping(kind: Kind, raw: dict[str, Any], model: str | None) -> Usage | None:
+    """The usage an object tells; None when it cannot be read: a count that is not one (a
+    string, a fraction, a negative, a number past 2**53; see `unreadable`), or no input or
+    output count at all (`{}`, a total alone). Such an answer is one whose usage is not known,
+    charged what it reserved and counted as unreported (Meter.charges), not a free one."""
+    if unreadable(raw) is not None or not any(raw.get(n) is not None for n in _MAIN_COUNTS):
+        return None
     # The usage object's own keys decide its shape first: a gateway may answer an Anthropic-style
     # path with an OpenAI-shaped body or the reverse. The kind settles the ambiguous cases.
     chat_shaped = "prompt_tokens" in raw or "completion_tokens" in raw

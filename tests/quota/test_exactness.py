@@ -286,11 +286,12 @@ async def test_hook_mode_reserves_at_authorize_and_settles_on_report(
     [
         (200, {}, "reserved", 1),  # a success that told nothing: its reservation stands
         (200, {"usage": {}}, "reserved", 1),  # an empty usage object tells nothing either
+        (200, {"usage": {"total_tokens": 9}}, "reserved", 1),  # nor a total alone
         (200, {"cost_usd": 0.001}, "reserved", 0),  # a cost told, not the tokens
         (500, {}, 0, 0),  # a failure uses nothing
         (200, {"path": "/v1/rerank"}, 0, 0),  # an extra path's answers need not tell usage
     ],
-    ids=["nothing", "empty", "cost", "failed", "extra-path"],
+    ids=["nothing", "empty", "total", "cost", "failed", "extra-path"],
 )
 async def test_a_hook_report_without_usage_is_charged_its_reservation(
     make_env: MakeEnv,

@@ -35,6 +35,31 @@ WITH_USAGE = msgspec.json.encode(
         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
     }
 )
+# Usage objects that say nothing that can be read as what was used.
+UNREADABLE = [
+    {},
+    {"total_tokens": 310},
+    {"prompt_tokens": "10", "completion_tokens": "300"},
+    {"prompt_tokens": 10.5, "completion_tokens": 299.5},
+    {"prompt_tokens": 10, "completion_tokens": 10**16},
+    {"prompt_tokens": 10, "completion_tokens": -300},
+    {"prompt_tokens": 10, "completion_tokens": 300, "prompt_tokens_details": "cached"},
+]
+
+
+def with_usage(usage: Any) -> bytes:
+    return msgspec.json.encode(
+        {"id": "c1", "object": "chat.completion", "model": "gpt-4o", "choices": [], "usage": usage}
+    )
+
+
+def sse_with_usage(usage: Any) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+    return SSE_NO_USAGE.replace(
+        b"data: [DONE]", b"data: " + msgspec.json.encode(chunk) + b"\n\ndata: [DONE]"
+    )
+
+
 SSE_NO_USAGE = (
     b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,'
     b'"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
@@ -108,6 +133,27 @@ async def test_an_answer_without_usage_is_charged_what_was_reserved(
     reserved = LIMIT - int(r.headers["x-ratelimit-remaining-tokens"])  # its reservation
     assert reserved > 100  # its input estimate and max_tokens
     assert await used(env, "hidden") == reserved
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("usage", UNREADABLE, ids=range(len(UNREADABLE)))
+async def test_an_answer_whose_usage_cannot_be_read_is_charged_what_was_reserved(
+    make_env: MakeEnv, tmp_path: Path, upstream: Upstream, usage: Any, stream: bool
+) -> None:
+    """A usage object whose counts are strings, fractions, negatives or past 2**53, or that has
+    no input or output count (`{}`, a total alone), was read as 0 tokens: a free request."""
+    env = await limited(make_env, tmp_path, upstream)
+    body = sse_with_usage(usage) if stream else with_usage(usage)
+    kind = b"text/event-stream" if stream else b"application/json"
+    upstream.reply = (200, kind, body)
+    r = await ask(env, "garbled", stream)
+    assert r.status_code == 200, r.text
+    reserved = LIMIT - int(r.headers["x-ratelimit-remaining-tokens"])
+    assert reserved > 100
+    assert await used(env, "garbled") == reserved
+    r = await env.api.get("/v2/usage")
+    (row,) = r.json()["data"]
+    assert (row["requests"], row["unreported_requests"], row["output_tokens"]) == (1, 1, 0)
 
 
 async def test_an_answer_that_tells_its_cost_only_is_charged_the_tokens_it_reserved(
