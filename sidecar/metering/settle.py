@@ -13,7 +13,7 @@ from functools import partial
 import msgspec
 
 from sidecar import ids, logs
-from sidecar.errors import SidecarError, StoreUnavailable
+from sidecar.errors import Conflict, SidecarError, StoreUnavailable
 from sidecar.identity.identify import Identifier
 from sidecar.identity.resolve import Resolved
 from sidecar.metering import spans
@@ -496,6 +496,13 @@ class Settlement:
         subjects: list[Subject] = []
         try:
             async with asyncio.timeout(within_s):
+                if not await self.recorder.claim(request_id, resolved.external_id):
+                    raise Conflict(
+                        f"request_id {request_id!r} was reported for another identity: a "
+                        "request counts once, for the identity its first report named",
+                        param="identity",
+                        code="reported_for_another_identity",
+                    )
                 identity_id = await self.identifier.identify(resolved)
                 subjects, owner = await self._admitted(resolved, identity_id, request_id)
         except (StoreUnavailable, TimeoutError) as exc:

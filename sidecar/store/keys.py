@@ -134,6 +134,13 @@ class Keys:
     def leases(self, identity_id: str) -> str:
         return f"{self._p}:cc:{{{identity_id}}}"  # sorted set: request id -> lease expiry (ms)
 
+    def report_claim(self, request_id: str) -> str:
+        # String with a TTL: the digest of the external id the first usage report of this
+        # request id named (hook mode); one naming another is refused. Not an identity's key:
+        # a report must find it from its request id alone.
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
+        return f"{self._p}:rc:{digest}"
+
     def request(self, identity_id: str, request_id: str) -> str:
         # String with a TTL: a usage report with this request id was counted.
         digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]

@@ -16,7 +16,7 @@ from sidecar.tasks import Batch, Nap
 from sidecar.usage import buckets
 from sidecar.usage.backlog import Backlog
 from sidecar.usage.spool import Entry, Spool
-from sidecar.usage.writer import COUNTED, DUPLICATE, ERASED, Identities, UsageWriter
+from sidecar.usage.writer import COUNTED, DUPLICATE, ERASED, Identities, UsageWriter, claim
 
 log = logging.getLogger("sidecar.usage")
 
@@ -97,6 +97,11 @@ class Recorder:
     @property
     def dropped(self) -> int:
         return self._dropped + self.backlog.dropped
+
+    async def claim(self, request_id: str, external_id: str) -> bool:
+        """See writer.claim. Raises StoreUnavailable."""
+        writer = self.writer
+        return await claim(writer.client, writer.keys, request_id, external_id)
 
     async def record(
         self,

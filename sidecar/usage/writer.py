@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from sidecar import ids
 from sidecar.store.connect import RedisClient
+from sidecar.store.errors import call
 from sidecar.store.hotline import HotLine
 from sidecar.store.keys import Keys
 from sidecar.store.scripts import Script, batch
@@ -41,6 +43,18 @@ def writer_floor(now: float) -> str:
     older than that are pruned (ULIDs sort by their creation time). Its time part alone: a
     whole ULID draws random bits from the kernel, on every usage write."""
     return ids.time_part(int(max(0.0, now - WRITER_MARK_TTL) * 1000))
+
+
+async def claim(client: RedisClient, keys: Keys, request_id: str, external_id: str) -> bool:
+    """Whether a usage report of `request_id` may count for `external_id`: the first claims the
+    request id for its identity (for IDEMPOTENCY_TTL), and a later one must name the same (a
+    retry), so that a request is counted once, under one identity, whatever its reports name.
+    Raises StoreUnavailable."""
+    key = keys.report_claim(request_id)
+    whose = hashlib.sha256(external_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    if await call(client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL)):
+        return True
+    return bool(await call(client.get(key)) == whose.encode())
 
 
 class UsageWriter:

@@ -109,6 +109,21 @@ async def test_usage_counts_once_per_request_id(env: Env) -> None:
         120,
         30,
     )
+    # Once per request id, not per identity it names: a report of it under another identity
+    # (or the same id in another case, another identity) is refused and counts nothing.
+    for other in ("someone-else", "REPORTER"):
+        r = await report(env, **{**fields, "identity": other})
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "conflict_error",
+            "reported_for_another_identity",
+            "identity",
+        )
+    again = await report(env, **fields)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    listed = (await env.api.get("/v2/identities?limit=10")).json()["data"]
+    assert [i["external_id"] for i in listed] == ["reporter"]
 
 
 async def test_usage_with_the_proxy_cost_and_anthropic_shape(env: Env) -> None:
