@@ -171,6 +171,12 @@ class Settlement:
                 cost = self._cost(meter, usage, header_cost)
                 tokens, charged = meter.charges(usage, _known(usage, header_cost, cost))
                 self.background.spawn(self._settle_later(meter, tokens, charged))
+            elif decision.unchecked:
+                # Let through unchecked while the store was down: charged once it is back.
+                usage = read(usage)
+                cost = self._cost(meter, usage, header_cost)
+                tokens, charged = meter.charges(usage, _known(usage, header_cost, cost))
+                self.quota.limiter.owe(decision.unchecked, tokens, charged)
         at = self.recorder.clock()
         if meter.span is not None:
             self._count(meter, failed, usage, header_cost, at, status, error)

@@ -98,6 +98,9 @@ class Decision(msgspec.Struct, kw_only=True):
     # set by the limiter, which has just read their limits (a __post_init__ working it out
     # costs more than the rest of the decision's making).
     charged: bool = False
+    # Let through unchecked (the store down, on_error = "allow"): the subjects whose token and
+    # cost limits are charged what it used once the store is back (Limiter.owe).
+    unchecked: tuple[Subject, ...] = ()
 
 
 def charged(subjects: Sequence[Subject]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
+from sidecar import ids
 from sidecar.errors import StoreUnavailable
 from sidecar.observe.counters import Counters
 from sidecar.quota import windows
@@ -44,6 +45,9 @@ __all__ = ["Admission", "Breaker", "Decision", "LimitUsage", "Limiter", "PolicyU
 log = logging.getLogger("sidecar.quota")
 # How long a charge's token is kept (Limiter.charge): well past its last retry (Settlement).
 CHARGE_ONCE_S = 120
+# How long what requests admitted unchecked used is tried to be charged: within CHARGE_ONCE_S,
+# so that a retry after a lost reply is still known to be one.
+OWED_FOR_S = 100.0
 
 Clock = Callable[[], float]
 
@@ -90,6 +94,10 @@ class Limiter:
         self.allowances = Allowances(prefetch) if prefetch > 0 and not self.one_slot else None
         self._sweeper: asyncio.Task[None] | None = None
         self._giving: set[asyncio.Task[None]] = set()
+        # What requests admitted unchecked used (see `owe`): per identity _id, bucket ->
+        # [units, lifetime], charged by one task while the store does not take it.
+        self._owed: dict[str, dict[str, list[int]]] = {}
+        self._paying: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Open the hot line, if this store has one. Raises StoreUnavailable."""
@@ -112,6 +120,9 @@ class Limiter:
                     await self._give_allowances(back)
             if self._giving:
                 await asyncio.wait(self._giving, timeout=self.timeout * 4)
+        if self._paying is not None and not self._paying.done():
+            await asyncio.wait([self._paying], timeout=self.timeout * 4)
+            self._paying.cancel()
         if self.line is not None:
             await self.line.aclose()
 
@@ -274,7 +285,7 @@ class Limiter:
                     await self.written()  # its reservations recorded before it is answered
                 return decision
         if not self.breaker.allow():
-            return self.unavailable(policy)
+            return self.unavailable(policy, limited)
         request_id = made(request_id)
         now_ms = int(self.clock() * 1000)
         metrics = self.metrics
@@ -302,7 +313,7 @@ class Limiter:
                             self._repay(packs)
         except (StoreUnavailable, TimeoutError) as exc:
             self.failed(exc)
-            return self.unavailable(policy)
+            return self.unavailable(policy, limited)
         if metrics is not None:
             metrics.limit_check.observe(time.perf_counter() - started)
         self.breaker.success()
@@ -761,10 +772,74 @@ class Limiter:
         self.breaker.failure()
         log.warning("limit check failed (%s); on_error=%s", type(exc).__name__, self.on_error)
 
-    def unavailable(self, policy: Policy | None) -> Decision:
+    def unavailable(self, policy: Policy | None, subjects: Sequence[Subject] = ()) -> Decision:
+        """The store did not answer: `on_error` decides. Let through, the request's token and
+        cost limits among `subjects` are charged what it used once the store is back (`owe`)."""
+        allow = self.on_error == "allow"
+        unchecked = tuple(s for s in subjects if s.policy.charged) if allow else ()
         return Decision(
-            admitted=self.on_error == "allow", policy=policy, store_failed=True, retry_after=1
+            admitted=allow,
+            policy=policy,
+            store_failed=True,
+            retry_after=1,
+            unchecked=unchecked,
         )
+
+    def owe(self, subjects: Sequence[Subject], tokens: int, nanos: int) -> None:
+        """Charge the token and cost limits of `subjects` what a request admitted unchecked
+        (the store down, `on_error = "allow"`) used, in the buckets of now, once the store takes
+        it: let through unchecked, its usage still counts for every later admission, so that an
+        identity's limits hold again once the store is back rather than admitting its amount
+        again on top of what went through meanwhile. Tried for OWED_FOR_S at most (each batch
+        made once: a retry after a lost reply changes nothing). Its request count is not
+        charged: a check Redis ran late counted it already, and one never sent cannot be told
+        from it."""
+        now_ms = int(self.clock() * 1000)
+        for subject in subjects:
+            owed = self._owed.setdefault(subject.identity_id, {})
+            for limit in subject.policy.limits:
+                dimension = limit.dimension
+                units = (
+                    tokens
+                    if dimension is Dimension.TOKENS
+                    else nanos
+                    if dimension is Dimension.COST
+                    else 0
+                )
+                if units <= 0:
+                    continue
+                bucket, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
+                lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                entry = owed.get(bucket)
+                if entry is None:
+                    owed[bucket] = [units, lifetime]
+                else:
+                    entry[0] += units
+            if not owed:
+                del self._owed[subject.identity_id]
+        if self._owed and (self._paying is None or self._paying.done()):
+            self._paying = asyncio.ensure_future(self._pay())
+
+    async def _pay(self) -> None:
+        """Charge what is owed, one identity at a time (its buckets share a cluster slot),
+        each batch under one token until the store takes it or OWED_FOR_S pass."""
+        while self._owed:
+            identity_id, owed = self._owed.popitem()
+            more = [(bucket, units, lifetime) for bucket, (units, lifetime) in owed.items()]
+            once = f"{{{identity_id}}}{ids.ulid()}"  # in the identity's slot
+            given_up = time.monotonic() + OWED_FOR_S
+            delay = 0.1
+            while True:
+                try:
+                    async with self.deadline():
+                        await self.charge(more, once)
+                    break
+                except (StoreUnavailable, TimeoutError) as exc:
+                    if time.monotonic() + delay > given_up:
+                        log.error("usage admitted unchecked not charged to limits: %s", exc)
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 2.0)
 
     def _settle_call(
         self,

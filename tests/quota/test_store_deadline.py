@@ -125,6 +125,48 @@ async def test_a_check_redis_ran_after_the_sidecar_gave_up_counts_only_if_it_was
             assert await private_client.hlen(key) == 0
 
 
+async def test_what_requests_let_through_unchecked_used_is_charged_once_the_store_is_back(
+    private_redis: RedisServer, private_client: Redis, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """With `allow`, requests go upstream unchecked while the store is down; what they used
+    was never charged, so once it was back the identity's token limit admitted its amount
+    again on top of what went through meanwhile."""
+    path = tmp_path / "policies.toml"
+    path.write_text('[[policy]]\nname = "p"\ntokens = ["100000/minute"]\n')
+    env: Env = await make_env(
+        redis_client=private_client,
+        redis={"on_error": "allow", "timeout_ms": int(TIMEOUT_S * 1000)},
+        limits={"cap_output": False, "default_output_reserve": 10},
+        policies={"paths": [str(path)]},
+    )
+    # Each reserves about 40 tokens and uses 505: what a late check reserved cannot make up for it.
+    headers = {
+        "X-ORQ-IDENTITY-ID": "down",
+        "x-mock-input-tokens": "5",
+        "x-mock-output-tokens": "500",
+    }
+    async with httpx.AsyncClient(base_url=env.url, timeout=10) as client:
+        assert (await client.post(CHAT, json=BODY, headers=headers)).status_code == 200
+        await env.settle()
+        assert await counts(private_client, "t:60") == 505
+        private_redis.pause()
+        try:
+            for _ in range(8):
+                r = await client.post(CHAT, json=BODY, headers=headers)
+                assert r.status_code == 200, r.text
+                assert "x-ratelimit-limit-tokens" not in r.headers  # not checked
+        finally:
+            private_redis.resume()
+    began = time.monotonic()
+    while (found := await counts(private_client, "t:60")) < 9 * 505:
+        assert time.monotonic() - began < 5, found
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    reservations = found - 9 * 505  # those of the checks Redis ran late, given back at expiry
+    assert 0 <= reservations < 8 * 60  # charged once, not again by a retry
+    assert await counts(private_client, "t:60") == found
+
+
 @pytest.mark.slow  # waits out a hold
 async def test_with_prefetch_what_a_refused_late_check_counted_is_given_back_too(
     private_redis: RedisServer,
