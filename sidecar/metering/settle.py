@@ -540,6 +540,13 @@ class Settlement:
                     )
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("limits of report %s not charged: %s", request_id, exc)
+        elif recorded.spooled and not failed and not no_usage:
+            # Counted when the store is back; what it used is charged to the limits the
+            # process knows apply once the store takes it (the reservation authorize took, if
+            # any, is given back when it expires).
+            owed = quota.charged_known(resolved)
+            if owed:
+                quota.limiter.owe(owed, usage.total_tokens, nanos)
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
             owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)

@@ -256,6 +256,14 @@ class Quota:
                 out.append(Subject(owner_id, owner.external_id, _UNLIMITED))
         return out + budgets
 
+    def charged_known(self, resolved: Resolved) -> list[Subject]:
+        """The subjects with token or cost limits that `resolved` counts against, as far as
+        the process knows them without a store read ([] when it does not know enough): what
+        a usage report the store could not take is charged later (Limiter.owe)."""
+        known = self.identifier.known_id(resolved) if self.active else None
+        subjects = self._known_subjects(resolved, known) if known is not None else None
+        return [s for s in subjects or () if s.policy.charged]
+
     def _known_subjects(self, resolved: Resolved, identity_id: str) -> list[Subject] | None:
         """`subjects`, when everything it needs is at hand without a store read."""
         policy = self._known_policy(resolved)

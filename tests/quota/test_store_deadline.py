@@ -167,6 +167,42 @@ async def test_what_requests_let_through_unchecked_used_is_charged_once_the_stor
     assert await counts(private_client, "t:60") == found
 
 
+async def test_a_usage_report_kept_while_the_store_is_down_is_charged_once_it_is_back(
+    private_redis: RedisServer, private_client: Redis, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """A hook report the store could not take was counted in the identity's metrics later,
+    but never charged to its limits."""
+    path = tmp_path / "policies.toml"
+    path.write_text('[[policy]]\nname = "p"\ntokens = ["100000/minute"]\n')
+    env: Env = await make_env(
+        redis_client=private_client,
+        redis={"timeout_ms": int(TIMEOUT_S * 1000)},
+        policies={"paths": [str(path)]},
+    )
+    token = env.api.headers["authorization"].split(" ", 1)[1]
+    body = {**BODY, "max_tokens": 20}
+    async with httpx.AsyncClient(base_url=env.url, headers={"x-sidecar-token": token}) as hooks:
+        auth = await hooks.post("/hooks/authorize", json=body, headers={"x-orq-identity-id": "k"})
+        assert auth.status_code == 200, auth.text
+        reserved = await counts(private_client, "t:60")
+        assert reserved > 20
+        report = {
+            "request_id": auth.json()["request_id"],
+            "identity": "k",
+            "model": "gpt-4o",
+            "usage": {"prompt_tokens": 400, "completion_tokens": 600},
+        }
+        private_redis.pause()
+        try:
+            kept = await hooks.post("/hooks/usage", json=report)
+        finally:
+            private_redis.resume()
+    assert kept.status_code == 202 and kept.json()["spooled"] is True, kept.text
+    await until_counted(private_client, "t:60", reserved + 1000, within_s=5)
+    await env.settle()
+    assert (await env.metrics("k"))["total_tokens"] == 1000  # counted once, too
+
+
 @pytest.mark.slow  # waits out a hold
 async def test_with_prefetch_what_a_refused_late_check_counted_is_given_back_too(
     private_redis: RedisServer,
