@@ -111,11 +111,22 @@ def content_length(scope: HTTPScope) -> int | None:
 def lowered(scope: HTTPScope, single: frozenset[str] = frozenset()) -> dict[str, str]:
     """The request's headers by lower-case name (the last of repeated ones). InvalidRequest
     (400, `ambiguous_header`) when one named in `single` comes more than once with different
-    values: the sidecar would read one and a server after it perhaps the other."""
+    values, or spelled with underscores for its dashes: the sidecar would read one and a server
+    after it perhaps the other."""
     raw = scope["headers"]
     if not isinstance(raw, list):  # uvicorn's is; ASGI asks for an iterable
         raw = list(raw)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    if single and "_" in "".join(headers):  # rare
+        for name in headers:
+            dashed = name.replace("_", "-")
+            if dashed != name and dashed in single:
+                message = (
+                    f"the {name} header is {dashed} to a server that maps headers to variables "
+                    f"(CGI, WSGI: both are HTTP_{dashed.upper().replace('-', '_')}), which the "
+                    f"sidecar does not read as {dashed}: send it as {dashed}"
+                )
+                raise InvalidRequest(message, param=name, code="ambiguous_header")
     if len(headers) < len(raw):  # a name repeated: rare
         for name in single.intersection(headers):
             wanted = name.encode("latin-1")

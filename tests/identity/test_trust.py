@@ -301,6 +301,14 @@ async def test_a_request_with_two_different_api_keys_is_refused_not_attributed_t
         claims = [(HEADER, "tenant"), (HEADER, "someone-else"), ("x-api-key", KEY)]
         r = await client.post("/v1/chat/completions", json=BODY, headers=claims)
         ambiguous(r, "ambiguous_header", HEADER.lower())
+        # A key or a claim with underscores for dashes: a CGI or WSGI server reads it as the
+        # header the sidecar did not read.
+        for underscored in (
+            {"x_api_key": OTHER_KEY, "x-api-key": KEY},
+            {"X_ORQ_IDENTITY_ID": "someone-else", "x-api-key": KEY},
+        ):
+            r = await client.post("/v1/chat/completions", json=BODY, headers=underscored)
+            ambiguous(r, "ambiguous_header", next(iter(underscored)).lower())
         # The same key twice, or in Azure's header alone, is the owner's: its minute is used.
         same = {"authorization": f"Bearer {KEY}", "x-api-key": KEY}
         for headers in (same, {"api-key": KEY}, [("x-api-key", KEY), ("x-api-key", KEY)]):
