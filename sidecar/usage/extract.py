@@ -15,13 +15,22 @@ _MAX_COUNT = 2**53 - 1
 _DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
+class _Garbled(Exception):
+    """A count a usage object's reader takes that is not one (see usage_from_mapping)."""
+
+
 def _count(value: object) -> int:
+    """A count read (null is none: 0); _Garbled for anything but a whole number from 0 to
+    _MAX_COUNT."""
     if type(value) is int:
-        return value if 0 <= value <= _MAX_COUNT else 0
+        if 0 <= value <= _MAX_COUNT:
+            return value
+    elif value is None:
+        return 0
     # Some gateways serialise counts as 12.0; is_integer() is False for nan and inf.
-    if type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT:
+    elif type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT:
         return int(value)
-    return 0
+    raise _Garbled
 
 
 # The counts a usage object's readers below take, at its top level and in its detail objects
@@ -83,10 +92,11 @@ def unreadable(raw: dict[str, Any]) -> str | None:
 
 
 def _is_count(value: object) -> bool:
-    if type(value) is int:
-        return 0 <= value <= _MAX_COUNT
-    # Some gateways serialise counts as 12.0; is_integer() is False for nan and inf.
-    return type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT
+    try:
+        _count(value)
+    except _Garbled:
+        return False
+    return True
 
 
 def _mapping(value: object) -> dict[str, Any]:
@@ -170,7 +180,7 @@ def _from_anthropic(raw: dict[str, Any], model: str | None) -> Usage:
     write = _count(raw.get("cache_creation_input_tokens"))
     if not write:
         by_ttl = _mapping(raw.get("cache_creation"))
-        write = sum(_count(value) for value in by_ttl.values())
+        write = sum(_count(value) for name, value in by_ttl.items() if name.endswith("_tokens"))
     return _usage(
         input_tokens=uncached + read + write,
         cached=read,
@@ -182,32 +192,34 @@ def _from_anthropic(raw: dict[str, Any], model: str | None) -> Usage:
     )
 
 
-# An input or output count: a usage object without one readable tells nothing of either.
-_MAIN_COUNTS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
-
-
 def usage_from_mapping(kind: Kind, raw: dict[str, Any], model: str | None) -> Usage | None:
-    """The usage an object tells; None when it cannot be read: a count that is not one (a
-    string, a fraction, a negative, a number past 2**53; see `unreadable`), or no input or
-    output count at all (`{}`, a total alone). Such an answer is one whose usage is not known,
-    charged what it reserved and counted as unreported (Meter.charges), not a free one."""
-    if unreadable(raw) is not None or not any(raw.get(n) is not None for n in _MAIN_COUNTS):
+    """The usage an object tells; None when it cannot be read: a count its reader takes that
+    is not one (a string, a fraction, a negative, a number past 2**53), or no input or output
+    count at all (`{}`, a total alone). Such an answer is one whose usage is not known, charged
+    what it reserved and counted as unreported (Meter.charges), not a free one."""
+    if (
+        raw.get("prompt_tokens") is None
+        and raw.get("completion_tokens") is None
+        and raw.get("input_tokens") is None
+        and raw.get("output_tokens") is None
+    ):
         return None
     # The usage object's own keys decide its shape first: a gateway may answer an Anthropic-style
     # path with an OpenAI-shaped body or the reverse. The kind settles the ambiguous cases.
     chat_shaped = "prompt_tokens" in raw or "completion_tokens" in raw
     io_shaped = "input_tokens" in raw or "output_tokens" in raw
-    if chat_shaped and not io_shaped:
-        return _from_chat(raw, model)
-    if (
-        kind is Kind.MESSAGES
-        or "cache_read_input_tokens" in raw
-        or ("cache_creation_input_tokens" in raw)
-    ):
-        return _from_anthropic(raw, model)
-    if io_shaped:
+    try:
+        if chat_shaped and not io_shaped:
+            return _from_chat(raw, model)
+        if (
+            kind is Kind.MESSAGES
+            or "cache_read_input_tokens" in raw
+            or ("cache_creation_input_tokens" in raw)
+        ):
+            return _from_anthropic(raw, model)
         return _from_responses(raw, model)
-    return _from_chat(raw, model)
+    except _Garbled:
+        return None
 
 
 class _Body(msgspec.Struct):

@@ -43,7 +43,7 @@ UNREADABLE = [
     {"prompt_tokens": 10.5, "completion_tokens": 299.5},
     {"prompt_tokens": 10, "completion_tokens": 10**16},
     {"prompt_tokens": 10, "completion_tokens": -300},
-    {"prompt_tokens": 10, "completion_tokens": 300, "prompt_tokens_details": "cached"},
+    {"prompt_tokens": 10, "completion_tokens": 300, "prompt_tokens_details": {"cached_tokens": -1}},
 ]
 
 
