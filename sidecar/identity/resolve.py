@@ -228,9 +228,17 @@ def decode_header_id(value: str) -> str:
 
 
 def encode_header_id(external_id: str) -> str:
-    if external_id.isascii() and external_id.isprintable() and "%" not in external_id:
+    """The id as the identity header carries it: as it is when printable ASCII, else
+    percent-encoded (UTF-8), `%` itself included; and `,` too, which a server reading the
+    header as a list (RFC 9110 5.3) would split into two ids."""
+    if (
+        external_id.isascii()
+        and external_id.isprintable()
+        and "%" not in external_id
+        and "," not in external_id
+    ):
         return external_id
-    return quote(external_id, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    return quote(external_id, safe=" !\"#$&'()*+-./:;<=>?@[\\]^_`{|}~")
 
 
 def resolve(

@@ -266,9 +266,18 @@ def test_a_valid_id_round_trips_through_the_identity_header(external_id: str) ->
 
 @pytest.mark.slow
 @BOUNDED
-@given(external_id=IDS.filter(lambda s: s.isascii() and s.isprintable() and "%" not in s))
+@given(
+    external_id=IDS.filter(
+        lambda s: s.isascii() and s.isprintable() and "%" not in s and "," not in s
+    )
+)
 def test_a_printable_ascii_id_travels_as_it_is(external_id: str) -> None:
     assert encode_header_id(external_id) == external_id
+
+
+def test_a_comma_travels_encoded_so_that_no_server_splits_the_id() -> None:
+    assert encode_header_id("acme-1, tenant-beta") == "acme-1%2C tenant-beta"
+    assert decode_header_id("acme-1%2C tenant-beta") == "acme-1, tenant-beta"
 
 
 @pytest.mark.parametrize(
