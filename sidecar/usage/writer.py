@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -108,9 +108,7 @@ class UsageWriter:
             (future,) = line.send(packed)
             future.add_done_callback(_claimed)
             return
-        task = asyncio.ensure_future(
-            call(self.client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL))
-        )
+        task = asyncio.ensure_future(call(self.client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL)))
         self._claiming.add(task)
         task.add_done_callback(self._claiming.discard)
         task.add_done_callback(_claimed)
