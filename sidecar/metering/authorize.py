@@ -132,8 +132,6 @@ class Authorizer:
                 await self.quota.limiter.remember(request_id, admission)
             except StoreUnavailable as exc:
                 log.warning("subjects of %s not kept for its report: %s", request_id, exc)
-        # Its usage report counts for this identity only (writer.claim).
-        self.settlement.recorder.claim_ahead(request_id, resolved.external_id)
         # A proxy that copies response headers upstream (Envoy ext_authz) forwards these.
         header_id = encode_header_id(resolved.external_id).encode("latin-1")
         out += [(self.header, header_id), (b"x-sidecar-request-id", request_id.encode())]

@@ -103,10 +103,6 @@ class Recorder:
         writer = self.writer
         return await claim(writer.client, writer.keys, request_id, external_id)
 
-    def claim_ahead(self, request_id: str, external_id: str) -> None:
-        """See UsageWriter.claim_ahead."""
-        self.writer.claim_ahead(request_id, external_id)
-
     async def record(
         self,
         identity_id: str | None,

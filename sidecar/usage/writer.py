@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -21,7 +20,6 @@ from sidecar.usage.ranking import Rankings
 from sidecar.usage.spool import Entry
 
 Clock = Callable[[], float]
-log = logging.getLogger("sidecar.usage")
 
 IDEMPOTENCY_TTL = 7 * 86_400  # a usage report retried within a week is counted once
 WRITER_MARK_TTL = 7 * 86_400  # a writer's sequence mark outlives its last write this long
@@ -48,27 +46,15 @@ def writer_floor(now: float) -> str:
 
 
 async def claim(client: RedisClient, keys: Keys, request_id: str, external_id: str) -> bool:
-    """Whether a usage report of `request_id` may count for `external_id`: the request id is
-    claimed for the identity `/hooks/authorize` resolved (`UsageWriter.claim_ahead`), or else
-    for the one its first report names (for IDEMPOTENCY_TTL), and a report must name that one,
-    so that a request is counted once, under one identity, whatever its reports name. Raises
-    StoreUnavailable."""
+    """Whether a usage report of `request_id` may count for `external_id`: the first claims the
+    request id for its identity (for IDEMPOTENCY_TTL), and a later one must name the same (a
+    retry), so that a request is counted once, under one identity, whatever its reports name.
+    Raises StoreUnavailable."""
     key = keys.report_claim(request_id)
-    whose = _whose(external_id)
+    whose = hashlib.sha256(external_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
     if await call(client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL)):
         return True
     return bool(await call(client.get(key)) == whose.encode())
-
-
-def _whose(external_id: str) -> str:
-    return hashlib.sha256(external_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-# SET key value NX EX IDEMPOTENCY_TTL in RESP, packed here for the hot line: /hooks/authorize
-# makes one a decision, where redis-py's per-call path costs several times the write (see
-# store/hotline.py).
-_SET_NX_EX = b"*6\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$32\r\n%b\r\n$2\r\nNX\r\n$2\r\nEX\r\n$%d\r\n%b\r\n"
-_TTL = b"%d" % IDEMPOTENCY_TTL
 
 
 class UsageWriter:
@@ -90,33 +76,12 @@ class UsageWriter:
         # front of a limit check in this process.
         self.line = HotLine.for_client(client)
         rankings.line = self.line
-        self._claiming: set[asyncio.Future[Any]] = set()  # claim_ahead's, off the line
         self._record = Script(
             "sidecar.usage.lua", "record", prelude=prelude() + buckets.lua_model_constants()
         )
 
-    def claim_ahead(self, request_id: str, external_id: str) -> None:
-        """Claim `request_id` for `external_id` (see `claim`) as `/hooks/authorize` answers,
-        not waited for: a report of it naming another identity is then refused. On this
-        writer's line when it is open (written with the loop turn's other calls); elsewhere (a
-        cluster, Sentinel, TLS, or the line not yet open) by redis-py in the background."""
-        key = self.keys.report_claim(request_id)
-        whose = _whose(external_id)
-        line = self.line
-        if line is not None and line.ready:
-            packed = _SET_NX_EX % (len(key), key.encode(), whose.encode(), len(_TTL), _TTL)
-            (future,) = line.send(packed)
-            future.add_done_callback(_claimed)
-            return
-        task = asyncio.ensure_future(call(self.client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL)))
-        self._claiming.add(task)
-        task.add_done_callback(self._claiming.discard)
-        task.add_done_callback(_claimed)
-
     async def aclose(self) -> None:
         """Give the line's connection back to the pool (before the pool closes)."""
-        if self._claiming:
-            await asyncio.wait(self._claiming, timeout=1.0)
         if self.line is not None:
             await self.line.aclose()
 
@@ -188,12 +153,3 @@ class UsageWriter:
             if result == COUNTED and entry.identity is not None:
                 self.rankings.add(entry.identity, entry.at, entry.counters)
         return results
-
-
-def _claimed(future: asyncio.Future[Any]) -> None:
-    """The reply to a claim made ahead: a failure leaves the request id to its first report."""
-    if future.cancelled():
-        return
-    result = future.exception() or future.result()
-    if isinstance(result, Exception):
-        log.warning("a request id was not claimed for its identity: %s", result)
