@@ -45,17 +45,12 @@ class MissingIdentity(Exception):
 
 # The headers an API key travels in besides `Authorization: Bearer` (see api_key), and all of
 # them: a request that repeats one with different values is refused (asgi.lowered). Anthropic's,
-# Azure OpenAI's, Google AI Studio's, LiteLLM's own and Azure API Management's: LiteLLM's proxy
-# authenticates a caller by any of them, and a key the sidecar did not read there would be
-# billed to its owner and limited as no one's.
-_KEY_HEADERS = (
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "x-litellm-api-key",
-    "ocp-apim-subscription-key",
-)
-KEY_HEADERS = frozenset({"authorization", *_KEY_HEADERS})
+# Azure OpenAI's, Google AI Studio's and Azure API Management's, and LiteLLM's own: LiteLLM's
+# proxy authenticates a caller by any of them, and a key the sidecar did not read there would
+# be billed to its owner and limited as no one's.
+_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key", "ocp-apim-subscription-key")
+_LITELLM_KEY = "x-litellm-api-key"
+KEY_HEADERS = frozenset({"authorization", _LITELLM_KEY, *_KEY_HEADERS})
 
 
 class AmbiguousKey(Exception):
@@ -193,24 +188,32 @@ def _parsed(raw: dict[str, Any], param: str) -> Resolved:
 
 
 def api_key(headers: Mapping[str, str]) -> str | None:
-    """The API key a request carries: OpenAI's bearer token, or one of the other headers keys
-    travel in (`_KEY_HEADERS`), whose value may also begin `Bearer ` (LiteLLM strips it).
-    AmbiguousKey when two of them hold different keys: the upstream bills the one it reads, in
-    an order of its own, so the request could be billed to one key and attributed (and
-    limited) as the other's."""
+    """The API key a request carries: LiteLLM's own header when it is there (LiteLLM reads it
+    first, so that `Authorization` or `x-api-key` can carry the caller's own provider key past
+    it); else OpenAI's bearer token, or one of the other headers keys travel in
+    (`_KEY_HEADERS`), whose value may also begin `Bearer ` (LiteLLM strips it). AmbiguousKey
+    when two of those hold different keys: the upstream bills the one it reads, in an order of
+    its own, so the request could be billed to one key and attributed (and limited) as the
+    other's."""
+    litellm = headers.get(_LITELLM_KEY)
+    if litellm:
+        return _unbearer(litellm) or None
     authorization = headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
     key = token.strip() if scheme.lower() == "bearer" else ""
     for name in _KEY_HEADERS:
         other = headers.get(name)
         if other:
-            if other[:7].lower() == "bearer ":
-                other = other[7:].strip()
+            other = _unbearer(other)
             if not key:
                 key = other
             elif other != key:
                 raise AmbiguousKey(name)
     return key or None
+
+
+def _unbearer(value: str) -> str:
+    return value[7:].strip() if value[:7].lower() == "bearer " else value
 
 
 def key_digest(key: str) -> str:

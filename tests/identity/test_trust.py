@@ -243,9 +243,7 @@ def ambiguous(r: httpx.Response, code: str, param: str) -> None:
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
 
 
-@pytest.mark.parametrize(
-    "header", ["x-goog-api-key", "x-litellm-api-key", "Ocp-Apim-Subscription-Key"]
-)
+@pytest.mark.parametrize("header", ["x-goog-api-key", "Ocp-Apim-Subscription-Key"])
 async def test_a_key_in_any_header_litellm_authenticates_by_is_its_owners(
     make_env: MakeEnv, tmp_path: Path, header: str
 ) -> None:
@@ -266,6 +264,28 @@ async def test_a_key_in_any_header_litellm_authenticates_by_is_its_owners(
             r = await client.post("/v1/chat/completions", json=BODY, headers=headers)
             assert r.status_code == 429, r.text  # the owner's one request a minute, used
     assert len(env.mock.requests) == 1
+    assert (await env.metrics("tenant"))["total_requests"] == 1
+
+
+async def test_litellms_own_key_header_is_the_key_whatever_else_carries_one(
+    make_env: MakeEnv, tmp_path: Path
+) -> None:
+    """LiteLLM reads `x-litellm-api-key` first, so that `Authorization` or `x-api-key` can
+    carry the caller's own provider key past it (bring your own key): that pair is no
+    ambiguity, and the LiteLLM key is whose the request is."""
+    env: Env = await make_env(
+        identity={"trust": "keys"},
+        api_keys=listed(),
+        **policies(tmp_path, '[[policy]]\nname = "p"\nrequests = ["1/minute"]\n'),
+    )
+    async with httpx.AsyncClient(base_url=env.url) as client:
+        own = {"x-litellm-api-key": f"Bearer {KEY}", "x-api-key": "sk-ant-callers-own"}
+        first = await client.post("/v1/chat/completions", json=BODY, headers=own)
+        assert first.status_code == 200, first.text
+        again = {"x-litellm-api-key": KEY, "authorization": f"Bearer {OTHER_KEY}"}
+        r = await client.post("/v1/chat/completions", json=BODY, headers=again)
+        assert r.status_code == 429, r.text  # the owner's one request a minute, used
+    assert env.mock.requests[0].header("x-api-key") == "sk-ant-callers-own"  # passed on
     assert (await env.metrics("tenant"))["total_requests"] == 1
 
 
