@@ -500,6 +500,7 @@ class Settlement:
         identity_id: str | None = None
         owner: str | None = None
         subjects: list[Subject] = []
+        looked_up = False  # whom it counts against, learnt from the store
         try:
             async with asyncio.timeout(within_s):
                 if not await self.recorder.claim(request_id, resolved.external_id):
@@ -511,6 +512,7 @@ class Settlement:
                     )
                 identity_id = await self.identifier.identify(resolved)
                 subjects, owner = await self._admitted(resolved, identity_id, request_id)
+                looked_up = True
         except (StoreUnavailable, TimeoutError) as exc:
             # Kept in the backlog and counted when the store is back; a slot it held frees
             # when its lease expires, and its reservation is given back unsettled.
@@ -540,13 +542,16 @@ class Settlement:
                     )
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("limits of report %s not charged: %s", request_id, exc)
-        elif recorded.spooled and not failed and not no_usage:
-            # Counted when the store is back; what it used is charged to the limits the
-            # process knows apply once the store takes it (the reservation authorize took, if
-            # any, is given back when it expires).
+        elif (
+            not looked_up and (recorded.counted or recorded.spooled) and not failed and not no_usage
+        ):
+            # Counted (now, or when the store is back) without its subjects learnt: what it
+            # used is charged to the limits the process knows apply once the store takes it
+            # (the reservation authorize took, if any, is given back when it expires), once
+            # however often the report is retried here.
             owed = quota.charged_known(resolved)
             if owed:
-                quota.limiter.owe(owed, usage.total_tokens, nanos)
+                quota.limiter.owe(owed, usage.total_tokens, nanos, request_id)
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
             owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)

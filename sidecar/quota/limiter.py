@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
@@ -48,6 +48,16 @@ CHARGE_ONCE_S = 120
 # How long what requests admitted unchecked used is tried to be charged: within CHARGE_ONCE_S,
 # so that a retry after a lost reply is still known to be one.
 OWED_FOR_S = 100.0
+OWED_FOR_MAX = 65_536  # request ids remembered as owed for, at most
+
+
+class _Debt(NamedTuple):
+    """A batch of what requests admitted unchecked owe one identity's buckets."""
+
+    more: list[tuple[str, int, int]]  # (bucket, units, lifetime), as `Limiter.charge` takes
+    once: str  # its token: the same for each try
+    since: float  # monotonic time it was made
+
 
 Clock = Callable[[], float]
 
@@ -95,8 +105,12 @@ class Limiter:
         self._sweeper: asyncio.Task[None] | None = None
         self._giving: set[asyncio.Task[None]] = set()
         # What requests admitted unchecked used (see `owe`): per identity _id, bucket ->
-        # [units, lifetime], charged by one task while the store does not take it.
+        # [units, lifetime]; made into batches (`_debts`) charged by one task while the store
+        # does not take them; the request ids of reports owed for, so that one retried is owed
+        # once.
         self._owed: dict[str, dict[str, list[int]]] = {}
+        self._debts: list[_Debt] = []
+        self._owed_for: set[str] = set()
         self._paying: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -121,8 +135,14 @@ class Limiter:
             if self._giving:
                 await asyncio.wait(self._giving, timeout=self.timeout * 4)
         if self._paying is not None and not self._paying.done():
-            await asyncio.wait([self._paying], timeout=self.timeout * 4)
+            await asyncio.wait([self._paying], timeout=max(self.timeout * 4, 1.0))
             self._paying.cancel()
+            dropped = len(self._debts) + len(self._owed)
+            if dropped:
+                log.error(
+                    "%d identities' usage admitted unchecked not charged to limits: stopping",
+                    dropped,
+                )
         if self.line is not None:
             await self.line.aclose()
 
@@ -785,15 +805,28 @@ class Limiter:
             unchecked=unchecked,
         )
 
-    def owe(self, subjects: Sequence[Subject], tokens: int, nanos: int) -> None:
+    def owe(
+        self,
+        subjects: Sequence[Subject],
+        tokens: int,
+        nanos: int,
+        request_id: str | None = None,
+    ) -> None:
         """Charge the token and cost limits of `subjects` what a request admitted unchecked
-        (the store down, `on_error = "allow"`) used, in the buckets of now, once the store takes
-        it: let through unchecked, its usage still counts for every later admission, so that an
-        identity's limits hold again once the store is back rather than admitting its amount
-        again on top of what went through meanwhile. Tried for OWED_FOR_S at most (each batch
-        made once: a retry after a lost reply changes nothing). Its request count is not
-        charged: a check Redis ran late counted it already, and one never sent cannot be told
-        from it."""
+        (the store down, `on_error = "allow"`, or a usage report the store could not take) used,
+        in the buckets of now, once the store takes it: its usage still counts for every later
+        admission, so that an identity's limits hold again once the store is back rather than
+        admitting their amount again on top of what went through meanwhile. `request_id`: owed
+        once in this process however often it is given (a report retried). Tried for
+        OWED_FOR_S at most, each batch made once (a retry after a lost reply changes nothing).
+        Its request count is not charged: a check Redis ran late counted it already, and one
+        never sent cannot be told from it."""
+        if request_id is not None:
+            if request_id in self._owed_for:
+                return
+            if len(self._owed_for) >= OWED_FOR_MAX:
+                self._owed_for.clear()
+            self._owed_for.add(request_id)
         now_ms = int(self.clock() * 1000)
         for subject in subjects:
             owed = self._owed.setdefault(subject.identity_id, {})
@@ -821,25 +854,37 @@ class Limiter:
             self._paying = asyncio.ensure_future(self._pay())
 
     async def _pay(self) -> None:
-        """Charge what is owed, one identity at a time (its buckets share a cluster slot),
-        each batch under one token until the store takes it or OWED_FOR_S pass."""
-        while self._owed:
-            identity_id, owed = self._owed.popitem()
-            more = [(bucket, units, lifetime) for bucket, (units, lifetime) in owed.items()]
-            once = f"{{{identity_id}}}{ids.ulid()}"  # in the identity's slot
-            given_up = time.monotonic() + OWED_FOR_S
-            delay = 0.1
-            while True:
+        """Charge what is owed: each round, what was owed since the last becomes one batch per
+        identity (its buckets share a cluster slot) under a token of its own, and every batch
+        not yet taken is tried once; a batch owed over OWED_FOR_S ago is dropped (logged)."""
+        delay = 0.1
+        while self._owed or self._debts:
+            now = time.monotonic()
+            owed, self._owed = self._owed, {}
+            for identity_id, buckets in owed.items():
+                more = [(bucket, units, life) for bucket, (units, life) in buckets.items()]
+                # The token in the identity's slot, as the buckets (adjust.lua takes both).
+                self._debts.append(_Debt(more, f"{{{identity_id}}}{ids.ulid()}", now))
+            unpaid, self._debts = self._debts, []
+            for i, debt in enumerate(unpaid):
                 try:
                     async with self.deadline():
-                        await self.charge(more, once)
-                    break
-                except (StoreUnavailable, TimeoutError) as exc:
-                    if time.monotonic() + delay > given_up:
-                        log.error("usage admitted unchecked not charged to limits: %s", exc)
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(2 * delay, 2.0)
+                        await self.charge(debt.more, debt.once)
+                except (StoreUnavailable, TimeoutError):
+                    if now - debt.since < OWED_FOR_S:
+                        self._debts.append(debt)
+                    else:
+                        log.error("usage admitted unchecked not charged to limits: store away")
+                except Exception:  # not the store's absence: not tried again
+                    log.exception("usage admitted unchecked not charged to limits")
+                except asyncio.CancelledError:
+                    self._debts += unpaid[i:]
+                    raise
+            if self._debts:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+            else:
+                delay = 0.1
 
     def _settle_call(
         self,
