@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.usage import extract
 from sidecar.usage.extract import (
     StreamUsage,
     cost_from_header,
@@ -46,25 +47,9 @@ JSON = st.recursive(
     ),
     max_leaves=16,
 )
-USAGE_KEYS = [
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "prompt_cache_hit_tokens",
-    "cost",
-    "total_cost",
-]
-DETAIL_KEYS = [
-    "prompt_tokens_details",
-    "completion_tokens_details",
-    "input_tokens_details",
-    "output_tokens_details",
-    "cache_creation",
-]
+# The keys the readers take (the counts check_reported checks), and the costs.
+USAGE_KEYS = [*extract._TOP_COUNTS, "cost", "total_cost"]
+DETAIL_KEYS = list(extract._DETAILS)
 COUNT = (
     st.integers(min_value=-(2**64), max_value=2**64)
     | st.floats()
