@@ -1,15 +1,26 @@
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+
+_LINUX = sys.platform.startswith("linux")
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with_parent() -> None:
+    """In the child, before exec: killed when the process that started it ends, however it
+    ends (a test run killed, a timeout), so that no server outlives its run."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -65,7 +76,9 @@ class RedisServer:
             str(self.directory / "redis.log"),
             *self.extra,
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, preexec_fn=_dies_with_parent if _LINUX else None
+        )
         deadline = time.monotonic() + self.start_s
         while True:
             try:
