@@ -517,11 +517,19 @@ class Settlement:
             # Kept in the backlog and counted when the store is back; a slot it held frees
             # when its lease expires, and its reservation is given back unsettled.
             log.warning("usage report %s kept for later: %s", request_id, exc)
+        charges: dict[str, tuple[int, int]] = {}
+        if not looked_up and not failed and not no_usage:
+            # Whom it counts against not learnt: its identity's own token and cost limits, as
+            # far as the process knows them, are charged with its counters (now or when the
+            # store is back), in the same step that makes it counted once: a report counted
+            # before, or after by another try, charges nothing again (record.lua).
+            charges = self._own_charges(resolved, usage.total_tokens, nanos)
         recorded = await self.recorder.record(
             identity_id,
             counters,
             source=resolved.source.value,
             request_id=request_id,
+            charges=charges,
             external_id=resolved.external_id,
             profile=resolved.profile,
             within_s=within_s,
@@ -542,16 +550,6 @@ class Settlement:
                     )
             except (StoreUnavailable, TimeoutError) as exc:
                 log.warning("limits of report %s not charged: %s", request_id, exc)
-        elif (
-            not looked_up and (recorded.counted or recorded.spooled) and not failed and not no_usage
-        ):
-            # Counted (now, or when the store is back) without its subjects learnt: what it
-            # used is charged to the limits the process knows apply once the store takes it
-            # (the reservation authorize took, if any, is given back when it expires), once
-            # however often the report is retried here.
-            owed = quota.charged_known(resolved)
-            if owed:
-                quota.limiter.owe(owed, usage.total_tokens, nanos, request_id)
         if owner is not None and (recorded.counted or recorded.spooled):
             # A retried report counts once, for the owner too.
             owner_id = next((s.identity_id for s in subjects if s.external_id == owner), None)
@@ -568,6 +566,21 @@ class Settlement:
             policy = next((s.policy for s in subjects if s.identity_id == identity_id), None)
             self._trace(meter, status, usage, nanos, policy, spans.failure(status))
         return recorded
+
+    def _own_charges(
+        self, resolved: Resolved, tokens: int, nanos: int
+    ) -> dict[str, tuple[int, int]]:
+        """What a report charges its identity's own token and cost limits (those the process
+        knows without the store), by bucket: {} when it knows none. Not its key owner's nor its
+        budgets': their buckets are in other cluster slots than the identity's record."""
+        quota = self.quota
+        identity_id = self.identifier.known_id(resolved) if quota.active else None
+        out: dict[str, tuple[int, int]] = {}
+        for subject in quota.charged_known(resolved):
+            if subject.identity_id == identity_id:
+                for bucket, units, lifetime in quota.limiter.charges(subject, tokens, nanos):
+                    out[bucket] = (units, lifetime)
+        return out
 
     async def _admitted(
         self, resolved: Resolved, identity_id: str, request_id: str

@@ -450,13 +450,21 @@ def _normalized(path: str) -> str:
     # A `?` or `#` that arrived encoded ends the path for a server that decodes before it splits.
     decoded = decoded.split("?", 1)[0].split("#", 1)[0]
     folded = unicodedata.normalize("NFKC", decoded).casefold().replace("\\", "/")
-    segments = (segment.split(";", 1)[0].rstrip(_TRIMMED) for segment in folded.split("/"))
+    segments = (_trimmed(segment.split(";", 1)[0]) for segment in folded.split("/"))
     return "/" + "/".join(segment for segment in segments if segment)
 
 
-# Trimmed from the end of a segment by lenient servers: dots, spaces and the other whitespace
-# and control characters (`/v1/chat/completions%09`: a tab).
-_TRIMMED = ". " + "".join(map(chr, range(32))) + "\x7f"
+def _trimmed(segment: str) -> str:
+    """The segment without what lenient servers trim from its end: dots, and whitespace and
+    other characters that print nothing (a tab, `%09`; a C1 control, U+0085; a line or
+    paragraph separator, U+2028): Go's strings.TrimSpace, .NET's Trim and Python's strip
+    take most of them."""
+    end = len(segment)
+    while end and (
+        segment[end - 1] == "." or not segment[end - 1].isprintable() or segment[end - 1].isspace()
+    ):
+        end -= 1
+    return segment[:end]
 
 
 def _dot_segments(path: str) -> bool:

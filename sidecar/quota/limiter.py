@@ -48,7 +48,6 @@ CHARGE_ONCE_S = 120
 # How long what requests admitted unchecked used is tried to be charged: within CHARGE_ONCE_S,
 # so that a retry after a lost reply is still known to be one.
 OWED_FOR_S = 100.0
-OWED_FOR_MAX = 65_536  # request ids remembered as owed for, at most
 
 
 class _Debt(NamedTuple):
@@ -106,11 +105,9 @@ class Limiter:
         self._giving: set[asyncio.Task[None]] = set()
         # What requests admitted unchecked used (see `owe`): per identity _id, bucket ->
         # [units, lifetime]; made into batches (`_debts`) charged by one task while the store
-        # does not take them; the request ids of reports owed for, so that one retried is owed
-        # once.
+        # does not take them.
         self._owed: dict[str, dict[str, list[int]]] = {}
         self._debts: list[_Debt] = []
-        self._owed_for: set[str] = set()
         self._paying: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -805,51 +802,44 @@ class Limiter:
             unchecked=unchecked,
         )
 
-    def owe(
-        self,
-        subjects: Sequence[Subject],
-        tokens: int,
-        nanos: int,
-        request_id: str | None = None,
-    ) -> None:
-        """Charge the token and cost limits of `subjects` what a request admitted unchecked
-        (the store down, `on_error = "allow"`, or a usage report the store could not take) used,
-        in the buckets of now, once the store takes it: its usage still counts for every later
-        admission, so that an identity's limits hold again once the store is back rather than
-        admitting their amount again on top of what went through meanwhile. `request_id`: owed
-        once in this process however often it is given (a report retried). Tried for
-        OWED_FOR_S at most, each batch made once (a retry after a lost reply changes nothing).
-        Its request count is not charged: a check Redis ran late counted it already, and one
-        never sent cannot be told from it."""
-        if request_id is not None:
-            if request_id in self._owed_for:
-                return
-            if len(self._owed_for) >= OWED_FOR_MAX:
-                self._owed_for.clear()
-            self._owed_for.add(request_id)
+    def charges(self, subject: Subject, tokens: int, nanos: int) -> list[tuple[str, int, int]]:
+        """What `tokens` and `nanos` used charge the token and cost limits of `subject`, in the
+        buckets of now: (bucket, units, lifetime)."""
         now_ms = int(self.clock() * 1000)
-        for subject in subjects:
-            owed = self._owed.setdefault(subject.identity_id, {})
-            for limit in subject.policy.limits:
-                dimension = limit.dimension
-                units = (
-                    tokens
-                    if dimension is Dimension.TOKENS
-                    else nanos
-                    if dimension is Dimension.COST
-                    else 0
-                )
-                if units <= 0:
-                    continue
+        out = []
+        for limit in subject.policy.limits:
+            dimension = limit.dimension
+            if dimension is Dimension.TOKENS:
+                units = tokens
+            elif dimension is Dimension.COST:
+                units = nanos
+            else:
+                continue
+            if units > 0:
                 bucket, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
                 lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                out.append((bucket, units, lifetime))
+        return out
+
+    def owe(self, subjects: Sequence[Subject], tokens: int, nanos: int) -> None:
+        """Charge the token and cost limits of `subjects` what a request admitted unchecked
+        (the store down, `on_error = "allow"`) used, in the buckets of now, once the store takes
+        it: its usage still counts for every later admission, so that an identity's limits hold
+        again once the store is back rather than admitting their amount again on top of what
+        went through meanwhile. Tried for OWED_FOR_S at most, each batch made once (a retry
+        after a lost reply changes nothing). Its request count is not charged: a check Redis ran
+        late counted it already, and one never sent cannot be told from it."""
+        for subject in subjects:
+            more = self.charges(subject, tokens, nanos)
+            if not more:
+                continue
+            owed = self._owed.setdefault(subject.identity_id, {})
+            for bucket, units, lifetime in more:
                 entry = owed.get(bucket)
                 if entry is None:
                     owed[bucket] = [units, lifetime]
                 else:
                     entry[0] += units
-            if not owed:
-                del self._owed[subject.identity_id]
         if self._owed and (self._paying is None or self._paying.done()):
             self._paying = asyncio.ensure_future(self._pay())
 

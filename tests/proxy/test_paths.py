@@ -155,6 +155,11 @@ async def test_a_metered_path_in_another_spelling_is_refused_not_forwarded(
             "/v1/chat/completions%20%0D",
             "/v1/chat/completions%3Fx=1",  # a `?` to a server that decodes before it splits
             "/v1/chat/completions%23",
+            "/v1/chat/completions%C2%85",  # U+0085, a C1 control Python's strip takes
+            "/v1/chat/completions%C2%80",
+            "/v1/chat/completions%E1%9A%80",  # U+1680, an ogham space mark
+            "/v1/chat/completions%E2%80%A8",  # U+2028, a line separator
+            "/v1/chat/completions%E2%80%A9.",
         )
         await refused_as_not_normalized(conn, targets, headers, body)
         # A read in another case, a POST that is no metered path in any spelling, and a
