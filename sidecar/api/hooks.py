@@ -93,7 +93,10 @@ class HookController(Controller):
         if report.usage:
             check_reported(report.usage)
             # None for one without an input or output count (a total alone): as none given.
-            told = usage_from_mapping(kind, report.usage, report.model)
+            # An output count is asked of a path known to produce output; a report without its
+            # path may be an embedding's, whose usage has none.
+            output = metered is not None and metered is not Kind.EMBEDDINGS
+            told = usage_from_mapping(kind, report.usage, report.model, output=output)
         usage = told or Usage()
         upstream_cost = _cost(report.cost_usd)
         if upstream_cost is not None:

@@ -192,16 +192,18 @@ def _from_anthropic(raw: dict[str, Any], model: str | None) -> Usage:
     )
 
 
-def usage_from_mapping(kind: Kind, raw: dict[str, Any], model: str | None) -> Usage | None:
+def usage_from_mapping(
+    kind: Kind, raw: dict[str, Any], model: str | None, *, output: bool | None = None
+) -> Usage | None:
     """The usage an object tells; None when it cannot be read: a count its reader takes that
-    is not one (a string, a fraction, a negative, a number past 2**53), or no input or output
-    count at all (`{}`, a total alone). Such an answer is one whose usage is not known, charged
-    what it reserved and counted as unreported (Meter.charges), not a free one."""
-    if (
-        raw.get("prompt_tokens") is None
-        and raw.get("completion_tokens") is None
-        and raw.get("input_tokens") is None
-        and raw.get("output_tokens") is None
+    is not one (a string, a fraction, a negative, a number past 2**53), no input or output
+    count at all (`{}`, a total alone), or, where `output` (by default: for every kind but an
+    embedding, which produces none), no output count. Such an answer is one whose usage is not
+    known, charged what it reserved and counted as unreported (Meter.charges), not a free one."""
+    told_output = raw.get("completion_tokens") is not None or raw.get("output_tokens") is not None
+    if not told_output and (
+        (kind is not Kind.EMBEDDINGS if output is None else output)
+        or (raw.get("prompt_tokens") is None and raw.get("input_tokens") is None)
     ):
         return None
     # The usage object's own keys decide its shape first: a gateway may answer an Anthropic-style

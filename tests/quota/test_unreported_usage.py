@@ -39,6 +39,7 @@ WITH_USAGE = msgspec.json.encode(
 UNREADABLE = [
     {},
     {"total_tokens": 310},
+    {"prompt_tokens": 10, "total_tokens": 310},  # a chat's output untold (an embedding's has none)
     {"prompt_tokens": "10", "completion_tokens": "300"},
     {"prompt_tokens": 10.5, "completion_tokens": 299.5},
     {"prompt_tokens": 10, "completion_tokens": 10**16},
