@@ -102,6 +102,11 @@ class UsageWriter:
         ]
         if entry.request_id is not None:
             keys.append(self.keys.request(identity, entry.request_id))
+        tag = f"{{{identity}}}"
+        if any(tag not in key for key in entry.charges):
+            # Charges made for the _id the process knew, the identity erased and made again
+            # since: its limits' buckets are the old _id's (another cluster slot), dropped.
+            entry.charges = {key: c for key, c in entry.charges.items() if tag in key}
         keys += entry.charges.keys()
         args: list[Any] = [
             day,

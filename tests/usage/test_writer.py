@@ -123,3 +123,25 @@ async def test_a_script_lost_by_the_server_is_loaded_again_on_the_line(
     assert rec.write_errors == 0
     assert await requests_of(redis, ids["a"], clock) == {"requests": 3, "input": 30}
     await rec.close()
+
+
+async def test_charges_for_another_id_than_the_one_written_are_dropped(
+    redis: Redis, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A report spooled with charges for the _id the process knew, written under the _id the
+    identity has by then (erased and made again): the old _id's buckets are in another cluster
+    slot, where the script could not reach them; they are dropped, the counters written."""
+    ids = await identities(redis, clock, "a")
+    rec = recorder(redis, clock, tmp_path)
+    stale = KEYS.limit("01STALE0000000000000000000", "t:60") + "1"
+    mine = KEYS.limit(ids["a"], "t:60") + "1"
+    recorded = await rec.record(
+        ids["a"],
+        {"r": 1, "i": 10},
+        request_id="req-1",
+        charges={stale: (5, 120), mine: (7, 120)},
+        external_id="a",
+    )
+    assert recorded.counted
+    assert (await redis.get(mine), await redis.get(stale)) == (b"7", None)
+    assert await requests_of(redis, ids["a"], clock) == {"requests": 1, "input": 10}
