@@ -164,19 +164,18 @@ class Settlement:
         if isinstance(meter.identity, str) and decision is not None:
             if decision.leases:
                 self.background.spawn(self.quota.limiter.release(decision.leases))
-            if meter.charged and not meter.settled:
-                # Not settled before the response ended (it failed, or the client left): what
-                # upstream produced replaces the reservation now.
+            unsettled = meter.charged and not meter.settled
+            if unsettled or decision.unchecked:
                 usage = read(usage)
                 cost = self._cost(meter, usage, header_cost)
                 tokens, charged = meter.charges(usage, _known(usage, header_cost, cost))
-                self.background.spawn(self._settle_later(meter, tokens, charged))
-            elif decision.unchecked:
-                # Let through unchecked while the store was down: charged once it is back.
-                usage = read(usage)
-                cost = self._cost(meter, usage, header_cost)
-                tokens, charged = meter.charges(usage, _known(usage, header_cost, cost))
-                self.quota.limiter.owe(decision.unchecked, tokens, charged)
+                if unsettled:
+                    # Not settled before the response ended (it failed, or the client left):
+                    # what upstream produced replaces the reservation now.
+                    self.background.spawn(self._settle_later(meter, tokens, charged))
+                else:
+                    # Let through unchecked while the store was down: charged once it is back.
+                    self.quota.limiter.owe(decision.unchecked, tokens, charged)
         at = self.recorder.clock()
         if meter.span is not None:
             self._count(meter, failed, usage, header_cost, at, status, error)
@@ -523,7 +522,7 @@ class Settlement:
             # far as the process knows them, are charged with its counters (now or when the
             # store is back), in the same step that makes it counted once: a report counted
             # before, or after by another try, charges nothing again (record.lua).
-            charges = self._own_charges(resolved, usage.total_tokens, nanos)
+            charges = quota.own_charges(resolved, usage.total_tokens, nanos)
         recorded = await self.recorder.record(
             identity_id,
             counters,
@@ -566,21 +565,6 @@ class Settlement:
             policy = next((s.policy for s in subjects if s.identity_id == identity_id), None)
             self._trace(meter, status, usage, nanos, policy, spans.failure(status))
         return recorded
-
-    def _own_charges(
-        self, resolved: Resolved, tokens: int, nanos: int
-    ) -> dict[str, tuple[int, int]]:
-        """What a report charges its identity's own token and cost limits (those the process
-        knows without the store), by bucket: {} when it knows none. Not its key owner's nor its
-        budgets': their buckets are in other cluster slots than the identity's record."""
-        quota = self.quota
-        identity_id = self.identifier.known_id(resolved) if quota.active else None
-        out: dict[str, tuple[int, int]] = {}
-        for subject in quota.charged_known(resolved):
-            if subject.identity_id == identity_id:
-                for bucket, units, lifetime in quota.limiter.charges(subject, tokens, nanos):
-                    out[bucket] = (units, lifetime)
-        return out
 
     async def _admitted(
         self, resolved: Resolved, identity_id: str, request_id: str

@@ -50,6 +50,12 @@ CHARGE_ONCE_S = 120
 OWED_FOR_S = 100.0
 
 
+def _lifetime(limit: Limit, left_ms: int) -> int:
+    """How long (s) a bucket of `limit` is kept, `left_ms` before it ends: a sliding window's
+    two windows (the next one weighs it), a calendar window's end and an hour."""
+    return 2 * limit.window_s + 1 if not limit.calendar else left_ms // 1000 + 3600
+
+
 class _Debt(NamedTuple):
     """A batch of what requests admitted unchecked owe one identity's buckets."""
 
@@ -186,7 +192,7 @@ class Limiter:
                 current, previous, elapsed, left = self._buckets(subject.identity_id, limit, now_ms)
                 out.keys += [current, previous]
                 window = 0 if limit.calendar else limit.window_s * 1000
-                lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                lifetime = _lifetime(limit, left)
                 amount = reserved(limit, reserve)
                 paid = self._prepay(out, current, limit, amount)
                 out.packed.append(
@@ -817,7 +823,7 @@ class Limiter:
                 continue
             if units > 0:
                 bucket, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
-                lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+                lifetime = _lifetime(limit, left)
                 out.append((bucket, units, lifetime))
         return out
 
@@ -900,7 +906,7 @@ class Limiter:
                 continue
             amount = tokens if dimension is Dimension.TOKENS else nanos
             current, _, _, left = self._buckets(subject.identity_id, limit, now_ms)
-            lifetime = 2 * limit.window_s + 1 if not limit.calendar else left // 1000 + 3600
+            lifetime = _lifetime(limit, left)
             keys.append(current)
             parts.append(
                 f"{'=' if amount is None else amount} {lifetime} "

@@ -256,13 +256,19 @@ class Quota:
                 out.append(Subject(owner_id, owner.external_id, _UNLIMITED))
         return out + budgets
 
-    def charged_known(self, resolved: Resolved) -> list[Subject]:
-        """The subjects with token or cost limits that `resolved` counts against, as far as
-        the process knows them without a store read ([] when it does not know enough): what
-        a usage report the store could not take is charged later (Limiter.owe)."""
+    def own_charges(
+        self, resolved: Resolved, tokens: int, nanos: int
+    ) -> dict[str, tuple[int, int]]:
+        """What `tokens` and `nanos` used charge the identity's own token and cost limits, as
+        far as the process knows them without a store read, by bucket: (units, lifetime); {}
+        when it knows none. Not its key owner's nor its budgets': their buckets are in other
+        cluster slots than the identity's usage record these charges go with."""
         known = self.identifier.known_id(resolved) if self.active else None
         subjects = self._known_subjects(resolved, known) if known is not None else None
-        return [s for s in subjects or () if s.policy.charged]
+        own = next((s for s in subjects or () if s.identity_id == known and s.policy.charged), None)
+        if own is None:
+            return {}
+        return {bucket: (u, life) for bucket, u, life in self.limiter.charges(own, tokens, nanos)}
 
     def _known_subjects(self, resolved: Resolved, identity_id: str) -> list[Subject] | None:
         """`subjects`, when everything it needs is at hand without a store read."""

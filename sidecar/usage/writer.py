@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -12,7 +11,7 @@ from sidecar import ids
 from sidecar.store.connect import RedisClient
 from sidecar.store.errors import call
 from sidecar.store.hotline import HotLine
-from sidecar.store.keys import Keys
+from sidecar.store.keys import Keys, xid_digest
 from sidecar.store.scripts import Script, batch
 from sidecar.usage import buckets
 from sidecar.usage.counters import prelude
@@ -51,7 +50,7 @@ async def claim(client: RedisClient, keys: Keys, request_id: str, external_id: s
     retry), so that a request is counted once, under one identity, whatever its reports name.
     Raises StoreUnavailable."""
     key = keys.report_claim(request_id)
-    whose = hashlib.sha256(external_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    whose = xid_digest(external_id)
     if await call(client.set(key, whose, nx=True, ex=IDEMPOTENCY_TTL)):
         return True
     return bool(await call(client.get(key)) == whose.encode())
